@@ -1,0 +1,44 @@
+"""The ``spinepipe`` command line (click).
+
+Every command turns :class:`~data_prep.errors.SpinepipeInputError` (bad user input) into one line
+``error: <file>: <problem>`` on stderr and exit code 2 — never a traceback. Commands are thin: they
+parse options and call library functions, which hold the logic and are tested directly.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from data_prep.errors import SpinepipeInputError
+
+
+class _Group(click.Group):
+    """Click group that reports bad input as a one-line error with a non-zero exit."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SpinepipeInputError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """spinepipe: find, name and classify every vertebra in sagittal spine MRI."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+# Commands live next to the code they drive; importing registers them on ``main``.
+# (Each module below defines its commands with ``@main.command(...)``.)
+from pipeline import commands as _commands  # noqa: E402,F401
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

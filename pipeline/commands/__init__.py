@@ -1,0 +1,2 @@
+"""CLI command modules; each registers its commands on :data:`pipeline.cli.main` when imported."""
+from pipeline.commands import data  # noqa: F401
