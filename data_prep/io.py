@@ -20,7 +20,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from data_prep.errors import SpinepipeInputError
-from data_prep.scan import LEVEL_IDS, Points, Scan, from_sitk, level_id, to_sitk
+from data_prep.scan import LEVEL_IDS, VERSE_LEVELS as LEVEL_NAMES, Points, Scan, from_sitk, level_id, to_sitk
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 
@@ -137,6 +137,12 @@ def _geometry_mismatch(a: Scan, ref: Scan) -> str:
 # ---------------------------------------------------------------------------------------------
 # Writing (atomic)
 # ---------------------------------------------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
@@ -148,6 +154,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            # mkstemp creates 0600 files; give the result the usual permissions (umask applied).
+            os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, dest)
     finally:
         if tmp_path.exists():
@@ -180,12 +189,15 @@ def write_text(text: str, path: str | os.PathLike) -> Path:
 # ---------------------------------------------------------------------------------------------
 # CSV annotations
 # ---------------------------------------------------------------------------------------------
-def _read_csv(path: str | os.PathLike, required: list[str]) -> pd.DataFrame:
+def _read_csv(path: str | os.PathLike, required: list[str], as_text: bool = False) -> pd.DataFrame:
     p = Path(path)
     if not p.exists():
         raise SpinepipeInputError(p, "CSV file not found")
     try:
-        df = pd.read_csv(p, skipinitialspace=True)
+        if as_text:  # keep every cell as written ("007" stays "007"); empty cells are NaN
+            df = pd.read_csv(p, skipinitialspace=True, dtype=str, keep_default_na=False, na_values=[""])
+        else:
+            df = pd.read_csv(p, skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise SpinepipeInputError(p, f"cannot parse CSV: {_first_line(exc)}") from None
     df.columns = [str(c).strip().lower() for c in df.columns]
@@ -225,6 +237,12 @@ def _finite_columns(df: pd.DataFrame, path, cols: list[str]) -> np.ndarray:
     try:
         arr = df[cols].to_numpy(dtype=np.float64)
     except (TypeError, ValueError):
+        for row, rec in enumerate(df[cols].itertuples(index=False), start=2):
+            for col, v in zip(cols, rec):
+                try:
+                    float(v)
+                except (TypeError, ValueError):
+                    raise SpinepipeInputError(path, f"line {row}: {col} is {v!r}; expected a number") from None
         raise SpinepipeInputError(path, f"columns {', '.join(cols)} must be numbers") from None
     bad = ~np.all(np.isfinite(arr), axis=1)
     if bad.any():
@@ -236,8 +254,13 @@ def read_points_csv(path: str | os.PathLike) -> tuple[list[int], Points]:
     """``<id>_points.csv`` (``level,x_mm,y_mm,z_mm``, world LPS) -> (VerSe ids, world Points)."""
     df = _read_csv(path, ["level", "x_mm", "y_mm", "z_mm"])
     ids = _levels_column(df, path)
-    if len(set(ids)) != len(ids):
-        raise SpinepipeInputError(path, "the same level appears more than once")
+    first: dict[int, int] = {}
+    for row, vid in enumerate(ids, start=2):
+        if vid in first:
+            raise SpinepipeInputError(
+                path, f"line {row}: level {LEVEL_NAMES[vid]} appears more than once (first on line {first[vid]})"
+            )
+        first[vid] = row
     return ids, Points(_finite_columns(df, path, ["x_mm", "y_mm", "z_mm"]), "world")
 
 
@@ -260,8 +283,11 @@ def read_vertebra_labels_csv(path: str | os.PathLike, classes: list[str] | None 
     ``class`` may be an index or a class name (mapped through ``classes``). ``confidence`` defaults
     to 1 and must lie in [0, 1].
     """
-    df = _read_csv(path, ["id", "level", "class"])
-    df["id"] = df["id"].astype(str).str.strip()
+    df = _read_csv(path, ["id", "level", "class"], as_text=True)
+    ids = df["id"].fillna("").astype(str).str.strip()
+    if (ids == "").any():
+        raise SpinepipeInputError(path, f"line {int(np.argmax((ids == '').to_numpy())) + 2}: empty subject id")
+    df["id"] = ids
     df["label"] = _levels_column(df, path)
     cls_idx = []
     for row, v in enumerate(df["class"].tolist(), start=2):
@@ -279,13 +305,16 @@ def read_vertebra_labels_csv(path: str | os.PathLike, classes: list[str] | None 
     df["class"] = cls_idx
     if "confidence" in df.columns:
         conf = _finite_columns(df, path, ["confidence"])[:, 0]
-        if np.any((conf < 0) | (conf > 1)):
-            raise SpinepipeInputError(path, "confidence must lie in [0, 1]")
+        bad = (conf < 0) | (conf > 1)
+        if np.any(bad):
+            row = int(np.argmax(bad))
+            raise SpinepipeInputError(path, f"line {row + 2}: confidence {conf[row]:g} must lie in [0, 1]")
         df["confidence"] = conf
     else:
         df["confidence"] = 1.0
     dup = df.duplicated(["id", "label"])
     if dup.any():
-        r = df[dup].iloc[0]
-        raise SpinepipeInputError(path, f"duplicate row for subject {r['id']} level {r['level']}")
+        row = int(np.argmax(dup.to_numpy()))
+        r = df.iloc[row]
+        raise SpinepipeInputError(path, f"line {row + 2}: duplicate row for subject {r['id']} level {r['level']}")
     return df

@@ -1,0 +1,134 @@
+"""Typed hyper-parameters of stage 1 (saved with the checkpoint as JSON by ``data_prep.checkpoint``).
+
+Everything that changes what the network sees or predicts lives here, so a model folder
+(``model.safetensors`` + ``config.json``) is self-describing: ``Localizer`` rebuilds preprocessing,
+network and decoding from the JSON alone.
+
+* :class:`NetworkPlan` — the nnU-Net-style "plans": patch size, pooling / kernel topology, features per
+  stage. Filled by :func:`stage1_localize.plan.plan_network` from a dataset fingerprint (it calls
+  nnU-Net v2's own ``get_pool_and_conv_props``), or left at the defaults below.
+* :class:`AugmentConfig` — augmentation strengths (intensity remaps so the net copes with any contrast;
+  small rotations/scalings, thick-slice simulation, partial field of view, left-right flips only).
+* :class:`LabellingConfig` — the anatomical prior used by the pure labelling function.
+* :class:`Stage1Config` — all of the above plus spacing, target widths, loss weights and optimiser.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+#: Default level vocabulary of the level head (VerSe ids, head-to-foot): T8 .. T12, T13, L1 .. L5, L6, S1.
+#: Thoracic levels above T11 are included so a thoracolumbar field of view can be named; the
+#: transitional T13 (28) and L6 (25) are states the labeller may use (and flags).
+DEFAULT_LEVELS: tuple[int, ...] = (15, 16, 17, 18, 19, 28, 20, 21, 22, 23, 24, 25, 26)
+
+
+@dataclass
+class NetworkPlan:
+    """nnU-Net-style plans for a ``PlainConvUNet`` (dynamic_network_architectures), voxel axes (i, j, k).
+
+    After canonical reorientation to LPS: i = right->left, j = anterior->posterior, k = inferior->superior.
+    """
+
+    patch_size: tuple[int, int, int] = (32, 64, 96)
+    pool_kernels: tuple[tuple[int, int, int], ...] = (
+        (1, 1, 1), (2, 2, 2), (2, 2, 2), (1, 2, 2), (1, 2, 2))
+    conv_kernels: tuple[tuple[int, int, int], ...] = (
+        (3, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3))
+    base_features: int = 8
+    max_features: int = 64
+    n_conv_per_stage: int = 2
+    n_conv_per_stage_decoder: int = 1
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.pool_kernels)
+
+    @property
+    def features_per_stage(self) -> list[int]:
+        return [min(self.base_features * 2**s, self.max_features) for s in range(self.n_stages)]
+
+    @property
+    def divisor(self) -> tuple[int, int, int]:
+        """Input sizes must be multiples of this (product of the pooling strides per axis)."""
+        out = [1, 1, 1]
+        for pk in self.pool_kernels:
+            for a in range(3):
+                out[a] *= int(pk[a])
+        return tuple(out)  # type: ignore[return-value]
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentation strengths (probabilities ``p_*`` per sample). Never flips head-to-foot."""
+
+    p_rotate: float = 0.5
+    max_rotation_deg: float = 12.0
+    p_scale: float = 0.5
+    scale_range: tuple[float, float] = (0.85, 1.15)
+    p_flip_lr: float = 0.5
+    p_gamma: float = 0.4
+    gamma_range: tuple[float, float] = (0.6, 1.6)
+    p_remap: float = 0.4          # random monotone piecewise-linear intensity curve
+    p_invert: float = 0.15        # contrast inversion (T1 <-> T2-like)
+    p_bias: float = 0.3           # smooth multiplicative bias field
+    bias_strength: float = 0.35
+    p_noise: float = 0.3
+    noise_std: float = 0.05       # relative to the [0, 1] intensity range
+    p_blur: float = 0.2
+    blur_sigma_vox: tuple[float, float] = (0.5, 1.2)
+    p_thick_slices: float = 0.3   # simulate anisotropic acquisition: average k slices along one axis
+    thick_factor: tuple[int, int] = (2, 3)
+    p_partial_fov: float = 0.3    # blank a head or foot slab (points inside it are dropped)
+    p_foreground: float = 0.5     # share of patches centred near an annotated vertebra (nnU-Net style)
+
+
+@dataclass
+class LabellingConfig:
+    """Costs of the anatomical labelling (min-cost monotone path; see ``labelling.py``)."""
+
+    #: expected distance (mm) between neighbouring centroids, per level family (scaled per scan)
+    spacing_thoracic_mm: float = 28.0
+    spacing_lumbar_mm: float = 36.0
+    spacing_rel_sd: float = 0.3        # relative standard deviation of the spacing prior
+    spacing_weight: float = 1.0
+    skip_cost: float = 4.0             # one missing (undetected) level between two kept candidates
+    max_skip: int = 1                  # at most this many missing levels between kept candidates
+    drop_bias: float = 0.5             # extra cost of discarding a candidate
+    transitional_cost: float = 2.5     # prior cost of using T13 or L6 (about 5-10 % prevalence)
+    ambiguity_margin: float = 2.0      # cost gap under which an alternative labelling is flagged
+    min_prob: float = 1e-4             # floor on probabilities before taking logs
+
+
+@dataclass
+class Stage1Config:
+    """All stage-1 hyper-parameters (saved in ``config.json``)."""
+
+    target_spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    levels: tuple[int, ...] = DEFAULT_LEVELS
+    in_channels: int = 1
+    plan: NetworkPlan = field(default_factory=NetworkPlan)
+    # intensity normalisation: percentile clip then z-score (robust to any scaling / contrast)
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    # targets
+    sigma_mm: float = 6.0              # Gaussian width of the centre heatmap
+    level_radius_mm: float = 12.0      # level head supervised inside balls of this radius
+    heatmap_pos_weight: float = 20.0   # BCE weight multiplier on the Gaussian (foreground is tiny)
+    level_loss_weight: float = 0.5
+    # training
+    epochs: int = 30
+    steps_per_epoch: int = 20
+    batch_size: int = 2
+    lr: float = 3e-3
+    weight_decay: float = 1e-5
+    seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # decoding
+    peak_threshold: float = 0.25
+    nms_radius_mm: float = 15.0
+    max_candidates: int = 40
+    border_mm: float = 12.0            # centroid closer than this to the volume edge -> "cut_by_fov"
+    labelling: LabellingConfig = field(default_factory=LabellingConfig)
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.levels)

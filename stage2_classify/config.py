@@ -1,0 +1,145 @@
+"""Typed hyperparameters of stage 2 (saved as JSON next to the weights by :mod:`data_prep.checkpoint`).
+
+Everything a trained stage-2 model needs to rebuild its network and reproduce its patches lives in
+:class:`Stage2Config`; :func:`data_prep.checkpoint.save_model` writes it with ``kind="stage2"``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+#: Default per-vertebra classes (kept in sync with ``data_prep.lesions.CLASSES``).
+DEFAULT_CLASSES: tuple[str, ...] = ("normal", "inflammation", "fat")
+
+#: Segmentation classes predicted by the ``seg`` head (index = channel).
+SEG_CLASSES: tuple[str, ...] = ("background", "centre_body", "neighbour_bodies", "discs", "lesion")
+SEG_BG, SEG_CENTRE, SEG_NEIGHBOUR, SEG_DISC, SEG_LESION = range(5)
+
+
+@dataclass
+class PatchConfig:
+    """Fixed *physical* patch around a vertebra centroid.
+
+    ``size_mm`` is along the patch axes, which are the world LPS axes (x: right->left, y: anterior->
+    posterior, z: inferior->superior), so the default is 48 mm left-right x 64 mm antero-posterior x
+    64 mm head-foot: one lumbar body (about 45 x 35 x 28 mm) plus both discs and half of each
+    neighbour. ``spacing_mm`` is the isotropic output voxel size; the patch shape is
+    ``round(size_mm / spacing_mm)`` per axis.
+    """
+
+    size_mm: tuple[float, float, float] = (48.0, 64.0, 64.0)
+    spacing_mm: float = 2.0
+    #: Robust intensity window of the whole scan mapped to [0, 1] before cropping (percentiles).
+    intensity_percentiles: tuple[float, float] = (1.0, 99.0)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(max(1, int(round(s / self.spacing_mm))) for s in self.size_mm)  # type: ignore[return-value]
+
+
+@dataclass
+class HeadsConfig:
+    """Which heads exist. ``cls`` is the verdict; the others are auxiliary (shared encoder)."""
+
+    cls: bool = True
+    seg: bool = True
+    heatmap: bool = True
+    recon: bool = True
+
+    def enabled(self) -> list[str]:
+        return [h for h in ("cls", "seg", "heatmap", "recon") if getattr(self, h)]
+
+
+@dataclass
+class ModelConfig:
+    """Small 3D encoder-decoder (CPU-friendly)."""
+
+    base_channels: int = 8
+    levels: int = 3  # encoder resolutions; the input is padded to a multiple of 2**(levels-1)
+    dropout: float = 0.1  # before the class logits only
+
+
+@dataclass
+class LossConfig:
+    """How the head losses are combined and shaped."""
+
+    #: "uncertainty" (learned homoscedastic weights, Kendall et al. 2018) or "fixed" (``fixed_weights``).
+    weighting: str = "uncertainty"
+    fixed_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 0.5)  # cls, seg, heatmap, recon
+    #: Class weights for the soft-label cross entropy; empty = inverse class frequency of the training set.
+    class_weights: tuple[float, ...] = ()
+    #: Ignore band (mm) around loose outlines / coarse masks: interior eroded by this is positive,
+    #: exterior dilated by this is negative, the band in between is not supervised.
+    outline_band_mm: float = 4.0
+    coarse_band_mm: float = 2.0
+    #: Radius (mm) of the positive ball around a point annotation.
+    point_radius_mm: float = 6.0
+    #: Plausible vertebral-body volume (ml) for the size prior used with point labels.
+    body_volume_ml: tuple[float, float] = (8.0, 60.0)
+    heatmap_sigma_mm: float = 6.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    #: Augmentation: probability of each transform; rotation only about the left-right axis (in the
+    #: sagittal plane) plus small tilts; LR flips allowed, head-foot flips never.
+    aug_prob: float = 0.8
+    max_rotation_deg: float = 10.0
+    lr_flip: bool = True
+    num_threads: int = 0  # 0 = leave torch's default
+
+
+@dataclass
+class Stage2Config:
+    """All stage-2 hyperparameters (saved with the checkpoint)."""
+
+    classes: tuple[str, ...] = DEFAULT_CLASSES
+    patch: PatchConfig = field(default_factory=PatchConfig)
+    #: The classification path sees the vertebra mask dilated by this margin (mm) and nothing else.
+    margin_mm: float = 4.0
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    #: Evidence check: flag a verdict when less than this fraction of |IG| lies inside the body mask.
+    evidence_threshold: float = 0.9
+    ig_steps: int = 32
+    #: Typical body half-extents (mm, LPS) for the fallback region prior when no mask is predicted.
+    prior_half_extent_mm: tuple[float, float, float] = (22.0, 17.0, 14.0)
+
+    @property
+    def margin_vox(self) -> int:
+        return max(0, int(round(self.margin_mm / self.patch.spacing_mm)))
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` on inconsistent settings."""
+        if len(self.classes) < 2:
+            raise ValueError(f"need at least two classes, got {self.classes}")
+        if not any(getattr(self.heads, h) for h in ("cls", "seg", "heatmap", "recon")):
+            raise ValueError("all heads are switched off")
+        if self.loss.weighting not in ("uncertainty", "fixed"):
+            raise ValueError(f"loss.weighting must be 'uncertainty' or 'fixed', got {self.loss.weighting!r}")
+        if self.loss.class_weights and len(self.loss.class_weights) != len(self.classes):
+            raise ValueError("loss.class_weights must have one weight per class")
+        if self.patch.spacing_mm <= 0 or min(self.patch.size_mm) <= 0:
+            raise ValueError("patch size and spacing must be positive")
+        if self.margin_mm < 0:
+            raise ValueError("margin_mm must be >= 0")
+
+
+def tiny_config(**overrides) -> Stage2Config:
+    """A very small configuration for tests and smoke runs (4 mm voxels, 4 base channels)."""
+    cfg = Stage2Config(
+        patch=PatchConfig(size_mm=(48.0, 64.0, 64.0), spacing_mm=4.0),
+        margin_mm=4.0,
+        model=ModelConfig(base_channels=4, levels=3, dropout=0.0),
+        train=TrainConfig(epochs=2, batch_size=4, lr=3e-3, aug_prob=0.0),
+        ig_steps=8,
+    )
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
