@@ -253,8 +253,14 @@ def load_subject(subject: Subject) -> SubjectData:
 # ---------------------------------------------------------------------------------------------
 # Checking
 # ---------------------------------------------------------------------------------------------
-def _read_header(path: Path, kind: str) -> Scan:
-    """Geometry of an image file from its header only (the returned array is a zero-stride dummy)."""
+def read_header(path: str | os.PathLike, kind: str = "image") -> Scan:
+    """Geometry of an image from its header only, without reading the voxels.
+
+    The returned :class:`Scan` has the right shape, spacing, origin and direction but its ``array`` is a
+    read-only zero-stride dummy (all zeros): use it for geometry only. DICOM folders are read in full.
+    Raises :class:`SpinepipeInputError` like :func:`data_prep.io.read_image`.
+    """
+    path = Path(path)
     if path.is_dir():  # DICOM: no cheap header path; read it
         return io.read_image(path, kind=kind)
     if not path.exists():
@@ -332,7 +338,7 @@ class _Checker:
 
     def image(self, path: Path) -> Scan:
         if not self.voxels:
-            return _read_header(path, "image")
+            return read_header(path, "image")
         scan = io.read_image(path)
         a = scan.array
         if np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.complexfloating):
@@ -354,7 +360,7 @@ class _Checker:
     def labelmap(self, path: Path, kind: str, image: Scan | None) -> set[int] | None:
         what = f"{kind} label map"
         if not self.voxels:
-            lab = _read_header(path, what)
+            lab = read_header(path, what)
             if image is not None and not lab.same_geometry(image):
                 raise SpinepipeInputError(path, io._geometry_mismatch(lab, image))
             return None
@@ -582,4 +588,5 @@ __all__ = [
     "count_subjects",
     "check_dataset",
     "load_subject",
+    "read_header",
 ]

@@ -10,7 +10,9 @@ interrupted run never leaves a half-written file behind.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
+import zlib
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -94,6 +96,8 @@ def read_image(path: str | os.PathLike, *, kind: str = "image") -> Scan:
             img = sitk.ReadImage(str(p))
         except RuntimeError as exc:
             raise SpinepipeInputError(p, f"cannot read {kind} (corrupt or truncated file?): {_first_line(exc)}") from None
+    if image_suffix(p) in (".nii", ".nii.gz"):
+        _check_nifti_payload(p, img)
     if img.GetDimension() == 4 and img.GetSize()[3] == 1:
         img = img[:, :, :, 0]
     if img.GetDimension() != 3:
@@ -106,6 +110,39 @@ def read_image(path: str | os.PathLike, *, kind: str = "image") -> Scan:
         return from_sitk(img, name=strip_image_suffix(p))
     except ValueError as exc:
         raise SpinepipeInputError(p, str(exc)) from None
+
+
+def _check_nifti_payload(p: Path, img: sitk.Image) -> None:
+    """Catch what SimpleITK's NIfTI reader silently accepts: truncated data and NaN/Inf voxels.
+
+    ITK zero-fills a truncated ``.nii.gz`` and reads NaN voxels as 0, so both are checked on the raw
+    file (nibabel, already a dependency of nnunetv2) before the data is trusted.
+    """
+    import nibabel as nib
+
+    if p.name.lower().endswith(".gz"):
+        try:
+            with gzip.open(p, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+        except (EOFError, OSError, zlib.error) as exc:
+            raise SpinepipeInputError(p, f"truncated or corrupt compressed file ({exc})") from None
+    try:
+        nii = nib.load(str(p))
+        if not p.name.lower().endswith(".gz"):
+            hdr = nii.header
+            need = int(hdr.get_data_offset()) + int(np.prod(hdr.get_data_shape())) * hdr.get_data_dtype().itemsize
+            if p.stat().st_size < need:
+                raise SpinepipeInputError(p, f"truncated file: {p.stat().st_size} bytes, header needs {need}")
+        if img.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64) or nii.header.get_data_dtype().kind == "f":
+            raw = np.asanyarray(nii.dataobj)
+            bad = int(raw.size - np.count_nonzero(np.isfinite(raw)))
+            if bad:
+                raise SpinepipeInputError(p, f"image holds {bad} NaN/Inf voxels")
+    except SpinepipeInputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for broken files
+        raise SpinepipeInputError(p, f"cannot read image data: {str(exc).splitlines()[0][:200]}") from None
 
 
 def read_labelmap(path: str | os.PathLike, reference: Scan | None = None) -> Scan:

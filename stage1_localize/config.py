@@ -91,7 +91,7 @@ class LabellingConfig:
     spacing_lumbar_mm: float = 36.0
     spacing_rel_sd: float = 0.3        # relative standard deviation of the spacing prior
     spacing_weight: float = 1.0
-    skip_cost: float = 4.0             # one missing (undetected) level between two kept candidates
+    skip_cost: float = 1.5             # one missing (undetected) level between two kept candidates
     max_skip: int = 1                  # at most this many missing levels between kept candidates
     drop_bias: float = 0.5             # extra cost of discarding a candidate
     transitional_cost: float = 2.5     # prior cost of using T13 or L6 (about 5-10 % prevalence)

@@ -1,0 +1,312 @@
+"""Anatomical labelling of detected vertebra candidates: a PURE function (numpy in, records out).
+
+The network proposes candidates (heatmap peaks) with a detection score and a probability vector over
+levels. Naming them one by one ("argmax per peak") breaks in exactly the cases that matter: two peaks
+voting for the same level, a missed vertebra shifting everything below it, a spurious peak between two
+bodies, or a transitional spine (L6 / T13). Here the naming is a **minimum-cost monotone path**:
+
+* candidates are sorted head to foot (along world superior, LPS +z);
+* each candidate is either *dropped* (cost ``-log(1 - score) + drop_bias``) or *kept* with a level state
+  (cost ``-log score - log p(level) [+ transitional_cost for T13/L6]``);
+* consecutive kept candidates must have strictly increasing anatomical rank (no duplicates, head-to-foot
+  order); the step may skip at most ``max_skip`` *standard* levels (a missed detection) at
+  ``skip_cost`` each. T13 / L6 are optional states: T12 -> L1 is a normal step, T12 -> T13 -> L1 too;
+* a spacing prior scores the 3D distance between consecutive kept centroids against the expected
+  distance for the number of anatomical steps (log-normal: ``(log(d / d_expected))^2 / 2 sd^2``), so a
+  doubled gap prefers "one level missing" and a half gap prefers "one candidate is spurious";
+* the first and last kept candidates may be any level, so any contiguous run of levels (partial field
+  of view; no sacrum, no thoracic spine) is equally acceptable a priori — the level probabilities anchor
+  the run.
+
+The dynamic programme keeps one extra bit per state ("a transitional level was used"), so one pass gives
+the best standard path *and* the best path with T13/L6. When they are within ``ambiguity_margin`` the
+vertebrae whose names differ are flagged ``"transitional?"`` instead of silently shifting every label.
+The best path's labels shifted by one level up/down (same kept candidates) are also scored; if either is
+within the margin every vertebra is flagged ``"level_ambiguous"``. Confidence combines the detection
+score, the level probability and the posterior of the chosen path against those alternatives.
+
+Complexity ``O(N^2 S^2)`` with N candidates (<= ~40) and S level states (~13): milliseconds in numpy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from data_prep.scan import TRANSITIONAL_IDS, VERSE_LEVELS, anatomical_rank, level_name
+from stage1_localize.config import LabellingConfig
+
+TRANSITIONAL_FLAG = "transitional?"
+AMBIGUOUS_FLAG = "level_ambiguous"
+
+_STANDARD_RANKS = np.array(sorted(anatomical_rank(v) for v in VERSE_LEVELS if v not in TRANSITIONAL_IDS))
+
+
+@dataclass
+class Assignment:
+    """One named candidate: ``index`` into the input arrays, VerSe ``label``, confidence and flags."""
+
+    index: int
+    label: int
+    confidence: float
+    flags: list[str] = field(default_factory=list)
+
+    @property
+    def level(self) -> str:
+        return level_name(self.label)
+
+
+@dataclass
+class LabellingResult:
+    """Assignments head to foot, the path cost and the costs of the alternatives that were compared."""
+
+    assignments: list[Assignment]
+    cost: float
+    alternatives: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prior tables over level states
+# ---------------------------------------------------------------------------------------------------
+def _standard_between(ra: int, rb: int) -> int:
+    """Number of standard (non-transitional) levels with rank strictly between ``ra`` and ``rb``."""
+    return int(np.sum((_STANDARD_RANKS > ra) & (_STANDARD_RANKS < rb)))
+
+
+def _step_spacing_mm(vid: int, cfg: LabellingConfig) -> float:
+    """Expected centroid distance of the step that *arrives* at level ``vid``."""
+    r = anatomical_rank(vid)
+    if r <= anatomical_rank(7):  # cervical
+        return cfg.spacing_thoracic_mm * 0.65
+    if r <= anatomical_rank(28):  # thoracic incl. T13
+        return cfg.spacing_thoracic_mm
+    return cfg.spacing_lumbar_mm
+
+
+def _state_tables(states: Sequence[int], cfg: LabellingConfig):
+    """``allowed (S,S)``, ``skip (S,S)`` standard levels skipped, ``expected (S,S)`` mm for a -> b."""
+    S = len(states)
+    ranks = [anatomical_rank(v) for v in states]
+    allowed = np.zeros((S, S), dtype=bool)
+    skip = np.zeros((S, S), dtype=np.int64)
+    expected = np.ones((S, S), dtype=np.float64)
+    all_by_rank = sorted(VERSE_LEVELS, key=anatomical_rank)
+    for a in range(S):
+        for b in range(S):
+            if ranks[b] <= ranks[a]:
+                continue
+            gap = _standard_between(ranks[a], ranks[b])
+            if gap > cfg.max_skip:
+                continue
+            allowed[a, b] = True
+            skip[a, b] = gap
+            # expected distance: sum of step spacings over the levels walked through (transitional
+            # levels in between are not walked unless they are the endpoint)
+            walked = [v for v in all_by_rank if ranks[a] < anatomical_rank(v) <= ranks[b]
+                      and (v not in TRANSITIONAL_IDS or v == states[b])]
+            expected[a, b] = sum(_step_spacing_mm(v, cfg) for v in walked)
+    return allowed, skip, expected
+
+
+def _spacing_cost(dist_mm: np.ndarray | float, expected_mm: np.ndarray, cfg: LabellingConfig) -> np.ndarray:
+    d = np.maximum(np.asarray(dist_mm, dtype=np.float64), 1e-3)
+    return cfg.spacing_weight * np.log(d / expected_mm) ** 2 / (2.0 * cfg.spacing_rel_sd**2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------
+def assign_levels(
+    positions_mm: np.ndarray,
+    scores: np.ndarray,
+    level_logprobs: np.ndarray,
+    levels: Sequence[int],
+    config: LabellingConfig | None = None,
+    *,
+    superior: Sequence[float] = (0.0, 0.0, 1.0),
+) -> LabellingResult:
+    """Name candidates with an anatomically consistent, ordered set of levels.
+
+    Parameters
+    ----------
+    positions_mm: ``(N, 3)`` world LPS centroids of the candidates.
+    scores: ``(N,)`` detection scores in (0, 1] (heatmap peak heights).
+    level_logprobs: ``(N, L)`` log-probabilities over ``levels`` (the level head's vocabulary).
+    levels: ``L`` VerSe ids (any order; these are the only names that can be assigned).
+    config: costs (:class:`LabellingConfig`).
+    superior: world direction pointing to the head (LPS +z by default).
+
+    Returns a :class:`LabellingResult`; ``assignments`` are sorted head to foot and reference the input
+    rows through ``Assignment.index``. Dropped candidates do not appear.
+    """
+    cfg = config or LabellingConfig()
+    pos = np.asarray(positions_mm, dtype=np.float64).reshape(-1, 3)
+    n = len(pos)
+    sc = np.clip(np.asarray(scores, dtype=np.float64).reshape(-1), 0.01, 0.99)
+    lp = np.asarray(level_logprobs, dtype=np.float64).reshape(n, -1)
+    if sc.shape[0] != n or lp.shape[1] != len(levels):
+        raise ValueError(f"got {n} positions, {sc.shape[0]} scores, logprobs {lp.shape} for {len(levels)} levels")
+    if n == 0:
+        return LabellingResult([], 0.0)
+    lp = np.maximum(lp, np.log(cfg.min_prob))
+
+    # states in anatomical order
+    perm = np.argsort([anatomical_rank(v) for v in levels], kind="stable")
+    states = [int(levels[i]) for i in perm]
+    lp = lp[:, perm]
+    S = len(states)
+    trans = np.array([v in TRANSITIONAL_IDS for v in states])
+
+    # candidates head to foot
+    sup = np.asarray(superior, dtype=np.float64)
+    order = np.argsort(-(pos @ sup), kind="stable")
+    pos, sc, lp = pos[order], sc[order], lp[order]
+
+    node = -np.log(sc)[:, None] - lp + cfg.transitional_cost * trans[None, :]  # (N, S)
+    drop = -np.log(1.0 - sc) + cfg.drop_bias  # (N,)
+    drop_prefix = np.concatenate([[0.0], np.cumsum(drop)])  # sum of drop[0:c] = drop_prefix[c]
+    allowed, skip, expected = _state_tables(states, cfg)
+    step_fixed = np.where(allowed, cfg.skip_cost * skip, np.inf)  # (S, S)
+
+    INF = np.inf
+    best = np.full((n, S, 2), INF)
+    back = np.full((n, S, 2, 3), -1, dtype=np.int64)  # (prev candidate, prev state, prev bit)
+    tbit = trans.astype(np.int64)
+    for c in range(n):
+        # start a path at c (all earlier candidates dropped)
+        for s in range(S):
+            best[c, s, tbit[s]] = drop_prefix[c] + node[c, s]
+        for a in range(c):
+            d = float(np.linalg.norm(pos[c] - pos[a]))
+            tr = step_fixed + _spacing_cost(d, expected, cfg)  # (S', S)
+            between = drop_prefix[c] - drop_prefix[a + 1]
+            for bit in (0, 1):
+                prev = best[a, :, bit]
+                if not np.any(np.isfinite(prev)):
+                    continue
+                tot = prev[:, None] + tr + between  # (S', S)
+                arg = np.argmin(tot, axis=0)
+                val = tot[arg, np.arange(S)] + node[c]
+                for s in range(S):
+                    nb = bit | tbit[s]
+                    if val[s] < best[c, s, nb]:
+                        best[c, s, nb] = val[s]
+                        back[c, s, nb] = (a, arg[s], bit)
+    tail = drop_prefix[n] - drop_prefix[1:]  # cost of dropping everything after c
+    totals = best + tail[:, None, None]  # (N, S, 2)
+
+    def _trace(bit: int) -> tuple[float, list[tuple[int, int]]]:
+        t = totals[:, :, bit]
+        if not np.any(np.isfinite(t)):
+            return INF, []
+        c, s = np.unravel_index(int(np.argmin(t)), t.shape)
+        cost = float(t[c, s])
+        path, b = [], bit
+        while c >= 0:
+            path.append((int(c), int(s)))
+            c, s, b = back[c, s, b]
+        return cost, path[::-1]
+
+    cost_std, path_std = _trace(0)
+    cost_tr, path_tr = _trace(1)
+    empty_cost = float(drop_prefix[n])
+    candidates = [(cost_std, path_std, "standard"), (cost_tr, path_tr, "transitional"), (empty_cost, [], "empty")]
+    cost, path, kind = min(candidates, key=lambda t: t[0])
+    alternatives = {"standard": cost_std, "transitional": cost_tr, "none_kept": empty_cost}
+    if not path:
+        return LabellingResult([], cost, alternatives)
+
+    # alternatives: same kept candidates, every level shifted by one standard step up / down
+    alt_costs = []
+    for shift in (-1, 1):
+        shifted = _shift_states(path, states, shift)
+        if shifted is not None:
+            c_alt = _path_cost(shifted, node, drop, pos, allowed, step_fixed, expected, cfg)
+            alternatives[f"shift{shift:+d}"] = c_alt
+            alt_costs.append(c_alt)
+    other = cost_tr if kind == "standard" else cost_std
+    alt_costs.append(other)
+    posterior = 1.0 / (1.0 + sum(np.exp(-(c_alt - cost)) for c_alt in alt_costs if np.isfinite(c_alt)))
+
+    ambiguous_shift = any(np.isfinite(c) and c - cost < cfg.ambiguity_margin
+                          for k, c in alternatives.items() if k.startswith("shift"))
+    other_path = path_tr if kind == "standard" else path_std
+    differs: set[int] = set()
+    if np.isfinite(other) and other - cost < cfg.ambiguity_margin:
+        other_lab = {c: states[s] for c, s in other_path}
+        differs = {c for c, s in path if other_lab.get(c) != states[s]}
+
+    out = []
+    for c, s in path:
+        flags = []
+        if trans[s] or c in differs:
+            flags.append(TRANSITIONAL_FLAG)
+        if ambiguous_shift:
+            flags.append(AMBIGUOUS_FLAG)
+        conf = float(sc[c] * np.exp(lp[c, s]) * posterior)
+        out.append(Assignment(int(order[c]), states[s], conf, flags))
+    return LabellingResult(out, cost, alternatives)
+
+
+def _shift_states(path: list[tuple[int, int]], states: list[int], shift: int) -> list[tuple[int, int]] | None:
+    """Shift every kept label by one *standard* level (transitional states map like their neighbour)."""
+    std_idx = [i for i, v in enumerate(states) if v not in TRANSITIONAL_IDS]
+    out = []
+    for c, s in path:
+        if states[s] in TRANSITIONAL_IDS:
+            return None
+        k = std_idx.index(s) + shift
+        if k < 0 or k >= len(std_idx):
+            return None
+        out.append((c, std_idx[k]))
+    return out
+
+
+def _path_cost(path, node, drop, pos, allowed, step_fixed, expected, cfg) -> float:
+    """Cost of a fixed path (kept candidates with states); ``inf`` if it breaks the order rules."""
+    kept = {c for c, _ in path}
+    total = float(sum(drop[c] for c in range(len(drop)) if c not in kept))
+    for i, (c, s) in enumerate(path):
+        total += float(node[c, s])
+        if i:
+            a, sa = path[i - 1]
+            if not allowed[sa, s]:
+                return float("inf")
+            d = float(np.linalg.norm(pos[c] - pos[a]))
+            total += float(step_fixed[sa, s] + _spacing_cost(d, expected[sa, s], cfg))
+    return total
+
+
+def path_cost(
+    positions_mm: np.ndarray,
+    scores: np.ndarray,
+    level_logprobs: np.ndarray,
+    levels: Sequence[int],
+    labels: dict[int, int],
+    config: LabellingConfig | None = None,
+    *,
+    superior: Sequence[float] = (0.0, 0.0, 1.0),
+) -> float:
+    """Cost :func:`assign_levels` gives to a fixed naming ``labels`` ({input row: VerSe id}; others dropped).
+
+    For tests and diagnostics: the optimum returned by :func:`assign_levels` is never above this.
+    """
+    cfg = config or LabellingConfig()
+    pos = np.asarray(positions_mm, dtype=np.float64).reshape(-1, 3)
+    sc = np.clip(np.asarray(scores, dtype=np.float64).reshape(-1), 0.01, 0.99)
+    lp = np.maximum(np.asarray(level_logprobs, dtype=np.float64).reshape(len(pos), -1), np.log(cfg.min_prob))
+    perm = np.argsort([anatomical_rank(v) for v in levels], kind="stable")
+    states = [int(levels[i]) for i in perm]
+    lp = lp[:, perm]
+    trans = np.array([v in TRANSITIONAL_IDS for v in states])
+    order = np.argsort(-(pos @ np.asarray(superior, dtype=np.float64)), kind="stable")
+    inv = np.empty_like(order)
+    inv[order] = np.arange(len(order))
+    pos, sc, lp = pos[order], sc[order], lp[order]
+    node = -np.log(sc)[:, None] - lp + cfg.transitional_cost * trans[None, :]
+    drop = -np.log(1.0 - sc) + cfg.drop_bias
+    allowed, skip, expected = _state_tables(states, cfg)
+    step_fixed = np.where(allowed, cfg.skip_cost * skip, np.inf)
+    path = sorted((int(inv[r]), states.index(int(v))) for r, v in labels.items())
+    return _path_cost(path, node, drop, pos, allowed, step_fixed, expected, cfg)

@@ -1,0 +1,117 @@
+"""Training targets from points alone (centroid + level name): pure functions on voxel grids.
+
+Design: **one level-agnostic centre heatmap + a per-voxel level map**, not one Gaussian channel per level.
+
+* ``heatmap`` ``(I, J, K)`` float in [0, 1]: the maximum over vertebrae of an isotropic Gaussian (sigma in
+  **mm**, so the target does not change with the voxel size) centred on each annotated centroid.
+  Finding "a vertebral body centre" is local and translation-equivariant: every annotated vertebra of
+  every level is a positive example for the same channel, so the detector learns from all the data
+  (important with few scans and with points-only labels).
+* ``levels`` ``(I, J, K)`` int: index into ``config.levels`` inside a ball of ``level_radius_mm`` around
+  each centroid (nearest centroid wins where balls overlap), ``IGNORE`` (-1) elsewhere. Trained with
+  softmax cross-entropy, it gives every detected peak a *probability vector over levels*, which is
+  exactly the input the anatomical labeller (``labelling.py``) needs to pick a globally consistent,
+  ordered naming. With one-Gaussian-per-level channels, by contrast, each channel sees only one
+  example per scan, an unseen level (T13 / L6) is just a dead channel, and the network alone would
+  have to solve ordering and duplicates; here the labeller does that with explicit anatomy.
+
+Both targets need only centroids, so spatial augmentation can move points and rebuild targets on the
+augmented grid (no label-map interpolation). Masks, when present, are only used to compute centroids.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+IGNORE = -1
+
+
+def _box(center: np.ndarray, radius_vox: np.ndarray, shape: Sequence[int]) -> tuple[slice, slice, slice] | None:
+    lo = np.maximum(np.floor(center - radius_vox).astype(int), 0)
+    hi = np.minimum(np.ceil(center + radius_vox).astype(int) + 1, np.asarray(shape))
+    if np.any(hi <= lo):
+        return None
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))  # type: ignore[return-value]
+
+
+def _sq_dist_mm(box: tuple[slice, slice, slice], center: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    axes = [(np.arange(s.start, s.stop) - c) * sp for s, c, sp in zip(box, center, spacing)]
+    return axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
+
+
+def centre_heatmap(
+    shape: Sequence[int], points_ijk: np.ndarray, spacing: Sequence[float], sigma_mm: float
+) -> np.ndarray:
+    """``(I, J, K)`` float32: max over points of ``exp(-d^2 / 2 sigma^2)`` (d in mm; peak 1 at a point).
+
+    ``points_ijk`` ``(N, 3)`` are continuous voxel indices; points outside the grid still contribute
+    their visible tail (a vertebra cut by the field of view).
+    """
+    shape = tuple(int(s) for s in shape)
+    spacing = np.asarray(spacing, dtype=np.float64).reshape(3)
+    out = np.zeros(shape, dtype=np.float32)
+    radius_vox = 3.0 * sigma_mm / spacing
+    for p in np.asarray(points_ijk, dtype=np.float64).reshape(-1, 3):
+        box = _box(p, radius_vox, shape)
+        if box is None:
+            continue
+        g = np.exp(-_sq_dist_mm(box, p, spacing) / (2.0 * sigma_mm**2)).astype(np.float32)
+        np.maximum(out[box], g, out=out[box])
+    return out
+
+
+def level_map(
+    shape: Sequence[int],
+    points_ijk: np.ndarray,
+    class_index: Sequence[int],
+    spacing: Sequence[float],
+    radius_mm: float,
+) -> np.ndarray:
+    """``(I, J, K)`` int64: ``class_index[n]`` within ``radius_mm`` of point n (nearest wins), else ``IGNORE``."""
+    shape = tuple(int(s) for s in shape)
+    spacing = np.asarray(spacing, dtype=np.float64).reshape(3)
+    pts = np.asarray(points_ijk, dtype=np.float64).reshape(-1, 3)
+    if len(pts) != len(class_index):
+        raise ValueError(f"{len(pts)} points but {len(class_index)} class indices")
+    out = np.full(shape, IGNORE, dtype=np.int64)
+    best = np.full(shape, np.inf, dtype=np.float64)
+    radius_vox = radius_mm / spacing
+    for p, c in zip(pts, class_index):
+        box = _box(p, radius_vox, shape)
+        if box is None:
+            continue
+        d2 = _sq_dist_mm(box, p, spacing)
+        win = (d2 <= radius_mm**2) & (d2 < best[box])
+        best[box][win] = d2[win]
+        out[box][win] = int(c)
+    return out
+
+
+def level_indices(level_ids: Sequence[int], levels: Sequence[int]) -> np.ndarray:
+    """VerSe ids -> indices into ``levels`` (the level head's vocabulary); unknown ids -> ``IGNORE``."""
+    lut = {int(v): i for i, v in enumerate(levels)}
+    return np.array([lut.get(int(v), IGNORE) for v in level_ids], dtype=np.int64)
+
+
+def make_targets(
+    shape: Sequence[int],
+    points_ijk: np.ndarray,
+    level_ids: Sequence[int],
+    spacing: Sequence[float],
+    *,
+    levels: Sequence[int],
+    sigma_mm: float,
+    level_radius_mm: float,
+) -> dict[str, np.ndarray]:
+    """``{"heatmap": (I,J,K) float32, "levels": (I,J,K) int64}`` for one grid.
+
+    Vertebrae whose level is not in ``levels`` still appear in the heatmap (they are vertebrae) but
+    leave the level map at ``IGNORE``.
+    """
+    pts = np.asarray(points_ijk, dtype=np.float64).reshape(-1, 3)
+    idx = level_indices(level_ids, levels)
+    return {
+        "heatmap": centre_heatmap(shape, pts, spacing, sigma_mm),
+        "levels": level_map(shape, pts, idx, spacing, level_radius_mm),
+    }
