@@ -249,6 +249,7 @@ class _Body:
     tilt_deg: float
     slices: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # crop slice indices with mask
     central: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # central slices (large area)
+    soft: np.ndarray | None = None  # soft version of the mask (0 outside), fades lesions at the cortex
 
 
 def _crop_box(mask: np.ndarray, pad_vox: np.ndarray) -> tuple[slice, slice, slice]:
@@ -275,7 +276,8 @@ def _neighbour_axis(cents: dict[int, np.ndarray], vid: int) -> np.ndarray | None
     return None if np.linalg.norm(d) < 1e-6 else d / np.linalg.norm(d)
 
 
-def _build_bodies(image: Scan, vertebrae: Scan, pad_mm: float, min_voxels: int) -> dict[int, _Body]:
+def _build_bodies(image: Scan, vertebrae: Scan, pad_mm: float, min_voxels: int, pv_sigma_mm: float = 1.0
+                  ) -> dict[int, _Body]:
     lab = np.asarray(vertebrae.array)
     img = np.asarray(image.array, dtype=np.float32)
     lr_axis, n, si0, ap0 = _sagittal_frame(image)
@@ -331,8 +333,13 @@ def _build_bodies(image: Scan, vertebrae: Scan, pad_mm: float, min_voxels: int) 
         depth = float(np.percentile(uu, 99) - np.percentile(uu, 1)) if uu.size else 0.0
         height = float(np.percentile(vv, 99) - np.percentile(vv, 1)) if vv.size else 0.0
         marrow = float(np.median(img[crop][mc])) if mc.any() else 0.0
+        if pv_sigma_mm > 0:
+            inner = ndi.binary_erosion(mc)
+            soft = np.clip(2.0 * ndi.gaussian_filter(inner.astype(np.float32), pv_sigma_mm / image.spacing), 0, 1) * mc
+        else:
+            soft = mc.astype(np.float32)
         bodies[vid] = _Body(vid, crop, mc, u, v, x, lr_axis, marrow, max(depth, 1e-3), max(height, 1e-3), tilt,
-                            slices, central)
+                            slices, central, soft.astype(np.float32))
     return bodies
 
 
@@ -432,7 +439,7 @@ def _corner_weight(b: _Body, rng: np.random.Generator, cfg: LesionConfig, spacin
         w[sl] = ((f <= 1.0) & (aa >= -A) & (bb >= -B)).astype(np.float32)
     if cfg.pv_sigma_mm > 0:
         w = ndi.gaussian_filter(w, sigma=cfg.pv_sigma_mm / spacing, mode="constant")
-    w *= b.mask
+    w *= b.soft if b.soft is not None else b.mask
     lab = w >= 0.5
     counts = lab.sum(axis=tuple(a for a in range(3) if a != b.lr_axis))
     if _runs(counts, cfg.min_voxels_per_slice) < cfg.min_slices:
@@ -471,7 +478,7 @@ def _spot_weight(b: _Body, rng: np.random.Generator, cfg: LesionConfig, spacing:
         sig = cfg.pv_sigma_mm / spacing
         sig[b.lr_axis] = 0.0
         w = ndi.gaussian_filter(w, sigma=sig, mode="constant")
-    w *= b.mask
+    w *= b.soft if b.soft is not None else b.mask
     return w if (w >= 0.5).any() else None
 
 
@@ -518,12 +525,12 @@ def _distractor_weight(b: _Body, rng: np.random.Generator, cfg: LesionConfig, sp
 # ---------------------------------------------------------------------------------------------
 def _blend(out: np.ndarray, b: _Body, w: np.ndarray, ratio: float, rng: np.random.Generator, cfg: LesionConfig,
            spacing: np.ndarray) -> None:
-    """In place: ``out[crop] = (1-w) img + w * ratio * texture * local_marrow``."""
+    """In place: ``out[crop] = (1-w) img + w * ratio * texture * (0.75 img + 0.25 marrow median)``."""
     region = out[b.crop]
     tex_sd = _draw(rng, cfg.texture_strength)
     tex = 1.0 + tex_sd * _smooth_noise(region.shape, cfg.texture_sigma_mm / spacing, rng)
     tex = np.clip(tex, 0.5, 1.5)
-    target = ratio * tex * (0.5 * region + 0.5 * b.marrow)
+    target = ratio * tex * (0.75 * region + 0.25 * b.marrow)
     region[...] = (1.0 - w) * region + w * target
     np.maximum(region, 0.0, out=region)
 
@@ -584,7 +591,7 @@ def insert_lesions(
     lesion_map = np.zeros(lab.shape, dtype=np.uint8)
     spacing = np.asarray(image.spacing, dtype=float)
     pad = 4.0 * max(config.distractor_radius_mm[1], 2.0) + 4.0 * float(spacing.max())
-    bodies = _build_bodies(image, vertebrae.with_array(lab), pad, config.min_body_voxels)
+    bodies = _build_bodies(image, vertebrae.with_array(lab), pad, config.min_body_voxels, config.pv_sigma_mm)
     ids = sort_head_to_foot(bodies)
     drawn = assign_classes(ids, rng, config)
     if classes:

@@ -7,7 +7,8 @@ bodies, or a transitional spine (L6 / T13). Here the naming is a **minimum-cost 
 
 * candidates are sorted head to foot (along world superior, LPS +z);
 * each candidate is either *dropped* (cost ``-log(1 - score) + drop_bias``) or *kept* with a level state
-  (cost ``-log score - log p(level) [+ transitional_cost for T13/L6]``);
+  (cost ``-log score + log(p_max / p(level)) [+ transitional_cost for T13/L6]``; the level term is
+  relative to the candidate's favourite level so a flat, uninformative level vector costs nothing);
 * consecutive kept candidates must have strictly increasing anatomical rank (no duplicates, head-to-foot
   order); the step may skip at most ``max_skip`` *standard* levels (a missed detection) at
   ``skip_cost`` each. T13 / L6 are optional states: T12 -> L1 is a normal step, T12 -> T13 -> L1 too;
@@ -144,24 +145,25 @@ def assign_levels(
     pos = np.asarray(positions_mm, dtype=np.float64).reshape(-1, 3)
     n = len(pos)
     sc = np.clip(np.asarray(scores, dtype=np.float64).reshape(-1), 0.01, 0.99)
-    lp = np.asarray(level_logprobs, dtype=np.float64).reshape(n, -1)
-    if sc.shape[0] != n or lp.shape[1] != len(levels):
+    lp = np.asarray(level_logprobs, dtype=np.float64).reshape(n, len(levels))
+    if sc.shape[0] != n:
         raise ValueError(f"got {n} positions, {sc.shape[0]} scores, logprobs {lp.shape} for {len(levels)} levels")
     if n == 0:
         return LabellingResult([], 0.0)
-    lp = np.maximum(lp, np.log(cfg.min_prob))
+    p_abs = np.exp(np.maximum(lp, np.log(cfg.min_prob)))
+    lp = _relative_logprobs(lp, cfg)
 
     # states in anatomical order
     perm = np.argsort([anatomical_rank(v) for v in levels], kind="stable")
     states = [int(levels[i]) for i in perm]
-    lp = lp[:, perm]
+    lp, p_abs = lp[:, perm], p_abs[:, perm]
     S = len(states)
     trans = np.array([v in TRANSITIONAL_IDS for v in states])
 
     # candidates head to foot
     sup = np.asarray(superior, dtype=np.float64)
     order = np.argsort(-(pos @ sup), kind="stable")
-    pos, sc, lp = pos[order], sc[order], lp[order]
+    pos, sc, lp, p_abs = pos[order], sc[order], lp[order], p_abs[order]
 
     node = -np.log(sc)[:, None] - lp + cfg.transitional_cost * trans[None, :]  # (N, S)
     drop = -np.log(1.0 - sc) + cfg.drop_bias  # (N,)
@@ -244,9 +246,17 @@ def assign_levels(
             flags.append(TRANSITIONAL_FLAG)
         if ambiguous_shift:
             flags.append(AMBIGUOUS_FLAG)
-        conf = float(sc[c] * np.exp(lp[c, s]) * posterior)
+        conf = float(sc[c] * min(1.0, p_abs[c, s]) * posterior)
         out.append(Assignment(int(order[c]), states[s], conf, flags))
     return LabellingResult(out, cost, alternatives)
+
+
+def _relative_logprobs(lp: np.ndarray, cfg: LabellingConfig) -> np.ndarray:
+    """Floor at ``min_prob`` and subtract each row's maximum: the level term costs 0 for the candidate's
+    favourite level and ``log(p_best / p)`` otherwise. Detection evidence comes from the score alone, so
+    an uninformative level vector (flat) costs nothing and a candidate is not dropped for it."""
+    lp = np.maximum(lp, np.log(cfg.min_prob))
+    return lp - lp.max(axis=1, keepdims=True)
 
 
 def _shift_states(path: list[tuple[int, int]], states: list[int], shift: int) -> list[tuple[int, int]] | None:
@@ -295,7 +305,7 @@ def path_cost(
     cfg = config or LabellingConfig()
     pos = np.asarray(positions_mm, dtype=np.float64).reshape(-1, 3)
     sc = np.clip(np.asarray(scores, dtype=np.float64).reshape(-1), 0.01, 0.99)
-    lp = np.maximum(np.asarray(level_logprobs, dtype=np.float64).reshape(len(pos), -1), np.log(cfg.min_prob))
+    lp = _relative_logprobs(np.asarray(level_logprobs, dtype=np.float64).reshape(len(pos), len(levels)), cfg)
     perm = np.argsort([anatomical_rank(v) for v in levels], kind="stable")
     states = [int(levels[i]) for i in perm]
     lp = lp[:, perm]

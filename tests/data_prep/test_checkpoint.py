@@ -1,0 +1,127 @@
+"""Safe model files: round trip, and every kind of tampering or mismatch fails with a clear error."""
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from data_prep.checkpoint import (
+    CONFIG,
+    TRAIN_STATE,
+    WEIGHTS,
+    load_model,
+    load_state_into,
+    load_train_state,
+    save_model,
+    save_train_state,
+)
+from data_prep.errors import SpinepipeInputError
+
+
+@dataclass
+class Inner:
+    width: int = 4
+
+
+@dataclass
+class Cfg:
+    features: int = 3
+    classes: tuple[str, ...] = ("normal", "inflammation", "fat")
+    inner: Inner = field(default_factory=Inner)
+
+
+def _net(features=3):
+    return torch.nn.Sequential(torch.nn.Linear(2, features), torch.nn.Linear(features, 1))
+
+
+def test_round_trip(tmp_path):
+    net = _net()
+    save_model(tmp_path, net.state_dict(), Cfg(inner=Inner(7)), kind="stage2", extra={"epochs": 3})
+    state, cfg, extra = load_model(tmp_path, Cfg, kind="stage2")
+    assert cfg == Cfg(inner=Inner(7)) and isinstance(cfg.classes, tuple)
+    assert extra == {"epochs": 3}
+    other = _net()
+    load_state_into(other, state, tmp_path)
+    for a, b in zip(net.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    save_model(tmp_path, _net().state_dict(), Cfg(), kind="stage2")
+    return tmp_path
+
+
+def test_tampered_weights(saved):
+    w = saved / WEIGHTS
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(SpinepipeInputError, match="checksum"):
+        load_model(saved, Cfg, kind="stage2")
+
+
+def test_pickle_instead_of_safetensors_is_refused(saved):
+    """A pickled payload (which could run code) in place of the weights never gets unpickled."""
+    (saved / WEIGHTS).write_bytes(pickle.dumps({"x": 1}))
+    meta = json.loads((saved / CONFIG).read_text())
+    import hashlib
+
+    meta["weights_sha256"] = hashlib.sha256((saved / WEIGHTS).read_bytes()).hexdigest()
+    (saved / CONFIG).write_text(json.dumps(meta))
+    with pytest.raises(SpinepipeInputError, match="unreadable weights"):
+        load_model(saved, Cfg, kind="stage2")
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda m: m.update(kind="stage1"), "expected a stage2 model"),
+        (lambda m: m.update(format="other"), "not a spinepipe model"),
+        (lambda m: m.update(version=99), "version"),
+        (lambda m: m["config"].update(bogus=1), "unknown Cfg field"),
+        (lambda m: m.update(config_class="Other"), "expected config Cfg"),
+    ],
+)
+def test_mismatched_config(saved, edit, match):
+    meta = json.loads((saved / CONFIG).read_text())
+    edit(meta)
+    (saved / CONFIG).write_text(json.dumps(meta))
+    with pytest.raises(SpinepipeInputError, match=match):
+        load_model(saved, Cfg, kind="stage2")
+
+
+def test_corrupt_json(saved):
+    (saved / CONFIG).write_text("{not json")
+    with pytest.raises(SpinepipeInputError, match="JSON"):
+        load_model(saved, Cfg, kind="stage2")
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(SpinepipeInputError, match="not found"):
+        load_model(tmp_path, Cfg, kind="stage2")
+
+
+def test_shape_mismatch(saved):
+    state, _, _ = load_model(saved, Cfg, kind="stage2")
+    with pytest.raises(SpinepipeInputError, match="shape"):
+        load_state_into(_net(features=5), state, saved)
+
+
+def test_train_state_round_trip_and_restricted_loading(tmp_path):
+    state = {"epoch": 3, "model": _net().state_dict(), "rng": torch.get_rng_state()}
+    save_train_state(tmp_path, state)
+    back = load_train_state(tmp_path)
+    assert back["epoch"] == 3 and torch.equal(back["rng"], state["rng"])
+    assert load_train_state(tmp_path / "nothing") is None
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    torch.save({"x": Evil()}, tmp_path / TRAIN_STATE)
+    with pytest.raises(SpinepipeInputError, match="cannot resume"):
+        load_train_state(tmp_path)

@@ -1,0 +1,141 @@
+"""Hand-made candidate sets for the pure anatomical labeller."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from data_prep.scan import level_id
+from stage1_localize.config import DEFAULT_LEVELS, LabellingConfig
+from stage1_localize.labelling import AMBIGUOUS_FLAG, TRANSITIONAL_FLAG, assign_levels, path_cost
+
+LEVELS = list(DEFAULT_LEVELS)
+
+
+def _probs(true_id: int | None, p_true: float = 0.7, p_nb: float = 0.1) -> np.ndarray:
+    """Level log-probabilities peaked at ``true_id`` (neighbours in the vocabulary get ``p_nb``)."""
+    p = np.full(len(LEVELS), 1e-3)
+    if true_id is None:
+        p[:] = 1.0
+    else:
+        order = sorted(range(len(LEVELS)), key=lambda i: __import__("data_prep.scan", fromlist=["x"]).anatomical_rank(LEVELS[i]))
+        pos = order.index(LEVELS.index(true_id))
+        p[order[pos]] = p_true
+        for d in (-1, 1):
+            if 0 <= pos + d < len(order):
+                p[order[pos + d]] = p_nb
+    return np.log(p / p.sum())
+
+
+def _column(names, spacing=35.0, z0=0.0, score=0.9):
+    ids = [level_id(n) for n in names]
+    pos = np.array([[1.0, 30.0 + 2.0 * i, z0 - spacing * i] for i in range(len(ids))])
+    scores = np.full(len(ids), score)
+    lps = np.stack([_probs(v) for v in ids])
+    return ids, pos, scores, lps
+
+
+def _labels(res):
+    return [a.level for a in res.assignments]
+
+
+def test_clean_sequence_in_order_without_flags():
+    names = ["T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1"]
+    ids, pos, sc, lp = _column(names)
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(len(ids))  # input order must not matter
+    res = assign_levels(pos[perm], sc[perm], lp[perm], LEVELS, LabellingConfig())
+    assert _labels(res) == names
+    assert [perm[a.index] for a in res.assignments] == list(range(len(ids)))
+    assert all(a.flags == [] for a in res.assignments)
+    assert all(0.3 < a.confidence <= 1.0 for a in res.assignments)
+    # the optimum is never worse than the ground-truth naming
+    truth = {int(np.where(perm == i)[0][0]): v for i, v in enumerate(ids)}
+    assert res.cost <= path_cost(pos[perm], sc[perm], lp[perm], LEVELS, truth) + 1e-9
+
+
+def test_missing_level_keeps_names_below_the_gap():
+    names = ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]
+    ids, pos, sc, lp = _column(names)
+    keep = [i for i, n in enumerate(names) if n != "L3"]
+    res = assign_levels(pos[keep], sc[keep], lp[keep], LEVELS)
+    assert _labels(res) == ["T12", "L1", "L2", "L4", "L5", "S1"]
+
+
+def test_missing_level_with_uninformative_probs_uses_the_gap():
+    # Level head only sure about the top (T12); geometry (a doubled gap) must place the skip.
+    names = ["T12", "L1", "L2", "L3", "L4"]
+    ids, pos, sc, lp = _column(names)
+    flat = _probs(None)
+    lp = np.stack([lp[0]] + [flat] * 4)
+    keep = [0, 1, 3, 4]  # L2 missing
+    res = assign_levels(pos[keep], sc[keep], lp[keep], LEVELS)
+    assert _labels(res) == ["T12", "L1", "L3", "L4"]
+
+
+def test_spurious_candidate_is_dropped():
+    names = ["L1", "L2", "L3", "L4", "L5", "S1"]
+    ids, pos, sc, lp = _column(names)
+    extra = (pos[1] + pos[2]) / 2 + np.array([0.0, 5.0, 0.0])  # between L2 and L3 (a disc)
+    pos2 = np.vstack([pos, extra])
+    sc2 = np.append(sc, 0.4)
+    lp2 = np.vstack([lp, _probs(None)])
+    res = assign_levels(pos2, sc2, lp2, LEVELS)
+    assert _labels(res) == names
+    assert len(pos2) - 1 not in [a.index for a in res.assignments]
+
+
+@pytest.mark.parametrize("names", [["L2", "L3", "L4", "L5"], ["T10", "T11", "T12", "L1", "L2"]])
+def test_partial_field_of_view(names):
+    ids, pos, sc, lp = _column(names, z0=100.0)
+    res = assign_levels(pos, sc, lp, LEVELS)
+    assert _labels(res) == names
+    assert all(TRANSITIONAL_FLAG not in a.flags for a in res.assignments)
+
+
+def test_l6_is_named_and_flagged_not_silently_shifted():
+    # Six free lumbar bodies: the 6th votes mostly "L5-ish" but the sacrum is unmistakable below it.
+    names = ["T12", "L1", "L2", "L3", "L4", "L5", "L6", "S1"]
+    ids, pos, sc, lp = _column(names)
+    p = np.full(len(LEVELS), 1e-3)
+    p[LEVELS.index(24)], p[LEVELS.index(25)], p[LEVELS.index(26)] = 0.45, 0.3, 0.1
+    lp[6] = np.log(p / p.sum())
+    res = assign_levels(pos, sc, lp, LEVELS)
+    labels = _labels(res)
+    assert labels[:6] == ["T12", "L1", "L2", "L3", "L4", "L5"]
+    assert labels[-1] == "S1"
+    flagged = [a.level for a in res.assignments if TRANSITIONAL_FLAG in a.flags]
+    assert flagged, "a transitional spine must be flagged"
+    assert "L6" in labels or "L5" in flagged
+
+
+def test_ambiguous_shift_is_flagged():
+    # Four evenly spaced bodies, level head uninformative: any contiguous naming fits equally well.
+    names = ["L1", "L2", "L3", "L4"]
+    ids, pos, sc, lp = _column(names)
+    flat = np.stack([_probs(None)] * 4)
+    res = assign_levels(pos, sc, flat, LEVELS)
+    assert len(res.assignments) == 4
+    assert all(AMBIGUOUS_FLAG in a.flags for a in res.assignments)
+    ranks = [LEVELS.index(a.label) for a in res.assignments]
+    assert ranks == sorted(ranks) and len(set(ranks)) == 4
+    # ... whereas a confident level head is not ambiguous
+    _, _, _, lp = _column(names)
+    res2 = assign_levels(pos, sc, lp, LEVELS)
+    assert all(AMBIGUOUS_FLAG not in a.flags for a in res2.assignments)
+
+
+def test_no_duplicates_even_when_two_peaks_vote_the_same_level():
+    names = ["L2", "L3", "L4"]
+    ids, pos, sc, lp = _column(names)
+    lp[1] = _probs(level_id("L2"))  # L3 candidate also says L2
+    res = assign_levels(pos, sc, lp, LEVELS)
+    labels = _labels(res)
+    assert len(labels) == len(set(labels))
+    assert labels == ["L2", "L3", "L4"]
+
+
+def test_empty_and_bad_shapes():
+    res = assign_levels(np.zeros((0, 3)), np.zeros(0), np.zeros((0, len(LEVELS))), LEVELS)
+    assert res.assignments == []
+    with pytest.raises(ValueError):
+        assign_levels(np.zeros((2, 3)), np.ones(3), np.zeros((2, len(LEVELS))), LEVELS)
