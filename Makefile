@@ -31,5 +31,27 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m pipeline.demo --out $(OUT)
 
+## Train stage 1 (centroids + levels) on DATA (default: a built-in synthetic cohort) -> models/stage1/
+train-stage1: $(STAMP)
+	$(VENV)/bin/spinepipe train-stage1 $(if $(DATA),--data $(DATA)) --out models/stage1 $(if $(EPOCHS),--epochs $(EPOCHS))
+
+## Train stage 2 (per-vertebra multitask classifier) on DATA -> models/stage2/  (`make train-stage1 stage2` trains both)
+train-stage2: $(STAMP)
+	$(VENV)/bin/spinepipe train-stage2 $(if $(DATA),--data $(DATA)) --out models/stage2 $(if $(EPOCHS),--epochs $(EPOCHS))
+
+stage2: train-stage2
+
+## Benchmarks: JSON + markdown under bench/results/ (real-data parts need ../shared/data).
+bench: bench-stage1 bench-stage2 bench-pipeline
+
+bench-stage1: $(STAMP)
+	$(PY) bench/bench_stage1.py $(BENCH_ARGS)
+
+bench-stage2: $(STAMP)
+	$(PY) bench/bench_stage2.py $(BENCH_ARGS)
+
+bench-pipeline: $(STAMP)
+	$(PY) bench/bench_pipeline.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo_out

@@ -39,6 +39,3 @@ def main(verbose: int) -> None:
 # Commands live next to the code they drive; importing registers them on ``main``.
 # (Each module below defines its commands with ``@main.command(...)``.)
 from pipeline import commands as _commands  # noqa: E402,F401
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

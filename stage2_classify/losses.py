@@ -1,0 +1,258 @@
+"""Losses: automatic multitask balancing, soft-label classification and weak-label segmentation.
+
+All weak-label losses take probabilities/logits on the patch grid and masks of the same spatial shape
+``(B, 1, I, J, K)`` (or ``(B, I, J, K)``), and return a scalar that is exactly zero when the prediction
+satisfies the annotation (tests in ``tests/stage2_classify/test_losses.py``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_EPS = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Multitask balancing
+# ---------------------------------------------------------------------------------------------
+class UncertaintyWeighting(nn.Module):
+    """Learned homoscedastic-uncertainty task weighting (Kendall, Gal & Cipolla, CVPR 2018).
+
+    ``total = sum_t exp(-s_t) * L_t + s_t`` with ``s_t = log sigma_t^2`` learned per task (initialised at
+    0, i.e. weight 1). A task whose loss stays large gets down-weighted, at the price of the ``+ s_t``
+    regulariser. With ``mode="fixed"`` the weights are the given constants and nothing is learned.
+    """
+
+    def __init__(self, tasks: list[str], mode: str = "uncertainty", fixed: dict[str, float] | None = None):
+        super().__init__()
+        if mode not in ("uncertainty", "fixed"):
+            raise ValueError(f"unknown loss weighting {mode!r}")
+        self.tasks = list(tasks)
+        self.mode = mode
+        self.log_vars = nn.Parameter(torch.zeros(len(self.tasks)), requires_grad=(mode == "uncertainty"))
+        self.fixed = {t: float((fixed or {}).get(t, 1.0)) for t in self.tasks}
+
+    def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Weighted sum over the tasks present in ``losses`` (scalar)."""
+        total = self.log_vars.sum() * 0.0  # keeps the parameter in the graph (DDP)
+        for i, t in enumerate(self.tasks):
+            if t not in losses:
+                continue
+            if self.mode == "uncertainty":
+                total = total + torch.exp(-self.log_vars[i]) * losses[t] + self.log_vars[i]
+            else:
+                total = total + self.fixed[t] * losses[t]
+        return total
+
+    def weights(self) -> dict[str, float]:
+        if self.mode == "fixed":
+            return dict(self.fixed)
+        return {t: float(torch.exp(-self.log_vars[i]).detach()) for i, t in enumerate(self.tasks)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Classification
+# ---------------------------------------------------------------------------------------------
+def soft_targets(labels: torch.Tensor, confidence: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """``(B,)`` class indices + ``(B,)`` confidences -> ``(B, K)`` target distributions.
+
+    Confidence ``c`` on class ``k`` puts ``c`` on ``k`` and ``(1 - c) / (K - 1)`` on every other class.
+    """
+    labels = labels.long().view(-1)
+    c = confidence.to(torch.float32).view(-1, 1)
+    other = (1.0 - c) / (n_classes - 1)
+    t = other.expand(-1, n_classes).clone()
+    t.scatter_(1, labels.view(-1, 1), c)
+    return t
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross entropy against target distributions ``(B, K)``; optional per-class weights ``(K,)``.
+
+    With weights, each sample is weighted by ``sum_k w_k t_k`` and the loss is normalised by the sum of
+    sample weights (reduces to the usual weighted CE for one-hot targets).
+    """
+    logp = F.log_softmax(logits, dim=1)
+    per = -(targets * logp).sum(1)
+    if class_weights is None:
+        return per.mean()
+    w = (targets * class_weights.to(logits).view(1, -1)).sum(1)
+    return (w * per).sum() / w.sum().clamp_min(_EPS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmentation with partial / set-valued labels
+# ---------------------------------------------------------------------------------------------
+def partial_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Cross entropy over labelled voxels only (``target == ignore_index`` is skipped).
+
+    ``logits`` ``(B, C, I, J, K)``, ``target`` ``(B, I, J, K)`` int. Returns 0 (with a graph) when every
+    voxel is ignored.
+    """
+    valid = target != ignore_index
+    if not bool(valid.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, target.long(), ignore_index=ignore_index)
+
+
+def set_cross_entropy(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Set-valued ("partial label") cross entropy: ``-log sum_{c in allowed} p_c``, averaged over
+    supervised voxels.
+
+    ``allowed`` ``(B, C, I, J, K)`` bool: the classes compatible with the annotation at each voxel. One
+    class = ordinary CE; all classes = unsupervised (contributes exactly 0 and is not counted); e.g.
+    ``{background, disc}`` where discs are not annotated, ``{centre body, lesion}`` where lesions are not.
+    """
+    allowed = allowed.bool()
+    logp = F.log_softmax(logits, dim=1)
+    masked = logp.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(masked, dim=1)  # (B, I, J, K)
+    supervised = ~allowed.all(dim=1) & allowed.any(dim=1)
+    if not bool(supervised.any()):
+        return logits.sum() * 0.0
+    return -(lse[supervised]).mean()
+
+
+def band_targets(mask: torch.Tensor, inner_vox: int, outer_vox: int, ignore_index: int = 255) -> torch.Tensor:
+    """Loose mask -> partial target: 1 inside the mask eroded by ``inner_vox``, 0 outside it dilated by
+    ``outer_vox``, ``ignore_index`` in the band between (the annotation's uncertain boundary).
+
+    ``mask`` ``(B, 1, I, J, K)`` (or ``(B, I, J, K)``) -> ``(B, I, J, K)`` long. Used for filled loose outlines
+    (wide band) and coarse / biased masks (narrow band). Erosion/dilation use a cube of side ``2r + 1``.
+    """
+    m = mask.float()
+    if m.ndim == 4:
+        m = m[:, None]
+    inner = m
+    if inner_vox > 0:
+        inner = 1.0 - F.max_pool3d(1.0 - m, 2 * inner_vox + 1, stride=1, padding=inner_vox)
+    outer = m
+    if outer_vox > 0:
+        outer = F.max_pool3d(m, 2 * outer_vox + 1, stride=1, padding=outer_vox)
+    t = torch.full_like(m, float(ignore_index))
+    t[outer < 0.5] = 0
+    t[inner > 0.5] = 1
+    return t[:, 0].long()
+
+
+def binary_partial_bce(prob: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Binary cross entropy of foreground probability ``prob`` against a 0/1/ignore target
+    (:func:`band_targets`). Exactly 0 when ``prob`` is 1 on every positive and 0 on every negative."""
+    p = prob.reshape(target.shape) if prob.shape != target.shape else prob
+    pos, neg = target == 1, target == 0
+    n = int(pos.sum()) + int(neg.sum())
+    if n == 0:
+        return prob.sum() * 0.0
+    lp = -torch.log(p[pos].clamp_min(_EPS)).sum()
+    ln = -torch.log1p(-p[neg].clamp_max(1 - _EPS)).sum()
+    return (lp + ln) / n
+
+
+# ---------------------------------------------------------------------------------------------
+# Boxes, points, sizes
+# ---------------------------------------------------------------------------------------------
+def box_tightness_loss(prob: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """Tightness prior of a bounding box (Lempitsky et al. 2009; Kervadec et al. 2020).
+
+    A tight box is crossed by the object on every line through it parallel to an axis, so the maximum
+    foreground probability along each such line should be 1: loss = mean over all box lines (all three
+    axes) of ``-log max_line p``. Exactly 0 when every line contains a voxel with ``p == 1``.
+
+    ``prob`` ``(B, 1, I, J, K)`` foreground probability, ``box`` same shape, bool (one box per sample;
+    samples with an empty box are skipped).
+    """
+    p = prob.reshape(prob.shape[0], *prob.shape[-3:])
+    b = box.reshape(box.shape[0], *box.shape[-3:]).bool()
+    terms = []
+    for axis in (1, 2, 3):
+        inside = p.masked_fill(~b, 0.0)
+        line_max = inside.amax(dim=axis)
+        line_in_box = b.any(dim=axis)
+        if bool(line_in_box.any()):
+            terms.append(-torch.log(line_max[line_in_box].clamp_min(_EPS)))
+    if not terms:
+        return prob.sum() * 0.0
+    return torch.cat(terms).mean()
+
+
+def box_emptiness_loss(prob: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """Nothing of the object outside its box: mean over voxels outside the box of ``-log(1 - p)``.
+
+    Exactly 0 when ``p == 0`` everywhere outside. Shapes as :func:`box_tightness_loss`.
+    """
+    p = prob.reshape(prob.shape[0], -1)
+    out = ~box.reshape(box.shape[0], -1).bool()
+    if not bool(out.any()):
+        return prob.sum() * 0.0
+    return -torch.log1p(-p[out].clamp_max(1 - _EPS)).mean()
+
+
+def point_loss(prob: torch.Tensor, ball: torch.Tensor) -> torch.Tensor:
+    """Point annotation: the ball around the point is foreground: mean over ball voxels of ``-log p``.
+
+    Exactly 0 when ``p == 1`` on the ball.
+    """
+    b = ball.reshape(ball.shape[0], -1).bool()
+    if not bool(b.any()):
+        return prob.sum() * 0.0
+    return -torch.log(prob.reshape(prob.shape[0], -1)[b].clamp_min(_EPS)).mean()
+
+
+def size_prior_loss(prob: torch.Tensor, voxel_volume_ml: float, volume_range_ml: tuple[float, float],
+                    valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Soft size constraint: predicted volume ``V = sum p * voxel_volume`` should lie in ``[lo, hi]`` ml.
+
+    Loss per sample ``(relu(lo - V) + relu(V - hi))^2 / hi^2`` (0 inside the range), mean over samples
+    (``valid`` ``(B,)`` bool selects the samples it applies to).
+    """
+    lo, hi = volume_range_ml
+    v = prob.reshape(prob.shape[0], -1).sum(1) * float(voxel_volume_ml)
+    pen = (F.relu(lo - v) + F.relu(v - hi)) ** 2 / (hi * hi)
+    if valid is not None:
+        valid = valid.bool().view(-1)
+        if not bool(valid.any()):
+            return prob.sum() * 0.0
+        pen = pen[valid]
+    return pen.mean()
+
+
+def heatmap_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits against a Gaussian heatmap (``(B, 1, I, J, K)``)."""
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+def recon_loss(recon: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """Mean squared reconstruction error."""
+    return F.mse_loss(recon, image)
+
+
+def inverse_frequency_weights(counts: list[int] | torch.Tensor) -> torch.Tensor:
+    """``K`` class counts -> weights ``N / (K * n_k)`` (classes absent from training get weight 0)."""
+    c = torch.as_tensor(counts, dtype=torch.float32)
+    k = int((c > 0).sum()) or 1
+    w = torch.where(c > 0, c.sum() / (k * c.clamp_min(1)), torch.zeros_like(c))
+    return w
+
+
+def voxel_volume_ml(spacing_mm: float) -> float:
+    return float(spacing_mm) ** 3 / 1000.0
+
+
+__all__ = [
+    "UncertaintyWeighting",
+    "soft_targets",
+    "soft_cross_entropy",
+    "partial_cross_entropy",
+    "set_cross_entropy",
+    "band_targets",
+    "binary_partial_bce",
+    "box_tightness_loss",
+    "box_emptiness_loss",
+    "point_loss",
+    "size_prior_loss",
+    "heatmap_loss",
+    "recon_loss",
+    "inverse_frequency_weights",
+    "voxel_volume_ml",
+]
