@@ -535,7 +535,8 @@ def check_dataset(
 
     Each file is read once. ``voxels=False`` reads image headers only (geometry checks, fast for big
     cohorts) and skips the voxel checks (NaN/Inf, constant images, label values, mask levels).
-    ``progress`` is called with each subject before it is checked (for progress bars).
+    ``progress`` is called with each subject before it is checked (for progress bars). Problems are
+    returned grouped by file path.
 
     Raises :class:`SpinepipeInputError` only when ``dataset_dir`` is missing or not a folder; every
     problem inside the folder is returned, never raised.
@@ -574,7 +575,8 @@ def check_dataset(
         if not voxels:
             chk.vertebra_levels = {}  # mask levels unknown in header-only mode
         chk.vertebra_labels(layout.vertebra_labels, set(ids))
-    return chk.problems
+    # grouped by file (stable: a file's problems keep their order)
+    return sorted(chk.problems, key=lambda p: str(p.path))
 
 
 __all__ = [

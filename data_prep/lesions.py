@@ -168,7 +168,9 @@ class LesionConfig:
                 raise SpinepipeInputError(None, f"LesionConfig.{name} must be a (low, high) range, got {(lo, hi)}")
         bad = [s for s in self.distractor_sites if s not in DISTRACTOR_SITES]
         if bad or not self.distractor_sites:
-            raise SpinepipeInputError(None, f"LesionConfig.distractor_sites must come from {DISTRACTOR_SITES}, got {bad}")
+            raise SpinepipeInputError(
+                None, f"LesionConfig.distractor_sites must come from {DISTRACTOR_SITES}, got {bad}"
+            )
         if self.min_slices < 1 or self.distractor_gap_vox < 1 or self.max_tries < 1:
             raise SpinepipeInputError(None, "LesionConfig: min_slices, distractor_gap_vox and max_tries must be >= 1")
 
@@ -206,7 +208,9 @@ def class_index(cls: int | str) -> int:
     raise SpinepipeInputError(None, f"unknown lesion class {cls!r}; expected one of {CLASSES} or an index")
 
 
-def assign_classes(labels: Sequence[int], rng: np.random.Generator, config: LesionConfig | None = None) -> dict[int, int]:
+def assign_classes(
+    labels: Sequence[int], rng: np.random.Generator, config: LesionConfig | None = None
+) -> dict[int, int]:
     """Draw a class index per vertebra (``{verse_id: class}``) from ``config.class_probs``, head to foot."""
     config = config or LesionConfig()
     p = np.asarray(config.class_probs, dtype=float)
@@ -405,7 +409,7 @@ def _corner_edges(b: _Body, s: int, anterior: bool, superior: bool) -> tuple[flo
     return u_edge, v_edge
 
 
-def _corner_weight(b: _Body, rng: np.random.Generator, cfg: LesionConfig, spacing: np.ndarray, kind_label: int
+def _corner_weight(b: _Body, rng: np.random.Generator, cfg: LesionConfig, spacing: np.ndarray
                    ) -> tuple[np.ndarray, dict] | None:
     """Soft weight map (crop grid, 0..1, zero outside the body) of one corner lesion, or None."""
     anterior = bool(rng.random() < cfg.anterior_prob)
@@ -524,13 +528,19 @@ def _distractor_weight(b: _Body, rng: np.random.Generator, cfg: LesionConfig, sp
 # Blending
 # ---------------------------------------------------------------------------------------------
 def _blend(out: np.ndarray, b: _Body, w: np.ndarray, ratio: float, rng: np.random.Generator, cfg: LesionConfig,
-           spacing: np.ndarray) -> None:
-    """In place: ``out[crop] = (1-w) img + w * ratio * texture * (0.75 img + 0.25 marrow median)``."""
+           spacing: np.ndarray, local: float = 0.75) -> None:
+    """In place: ``out[crop] = (1-w) img + w * ratio * texture * (marrow median + local * fine detail)``.
+
+    The lesion level is ``ratio`` times the vertebra's marrow median; ``fine detail`` (the image minus its
+    2 mm Gaussian blur) keeps the trabecular texture underneath a marrow lesion. Distractors outside the
+    body use ``local=0`` so they look like a lesion of *this* vertebra's marrow whatever tissue they sit in.
+    """
     region = out[b.crop]
     tex_sd = _draw(rng, cfg.texture_strength)
     tex = 1.0 + tex_sd * _smooth_noise(region.shape, cfg.texture_sigma_mm / spacing, rng)
     tex = np.clip(tex, 0.5, 1.5)
-    target = ratio * tex * (0.75 * region + 0.25 * b.marrow)
+    detail = region - ndi.gaussian_filter(region, 2.0 / spacing, mode="nearest") if local > 0 else 0.0
+    target = ratio * tex * (b.marrow + local * detail)
     region[...] = (1.0 - w) * region + w * target
     np.maximum(region, 0.0, out=region)
 
@@ -597,7 +607,9 @@ def insert_lesions(
     if classes:
         for vid, c in classes.items():
             if int(vid) not in bodies:
-                raise SpinepipeInputError(vertebrae.name or None, f"forced class for {vid}: vertebra not in the label map")
+                raise SpinepipeInputError(
+                    vertebrae.name or None, f"forced class for {vid}: vertebra not in the label map"
+                )
             drawn[int(vid)] = class_index(c)
     forbidden = None
     rows = []
@@ -622,7 +634,7 @@ def insert_lesions(
             ratio, subtle = _draw_ratio(kind, contrast, config, rng)
             for _ in range(n_wanted):
                 for _try in range(config.max_tries):
-                    res = _corner_weight(b, rng, config, spacing, code)
+                    res = _corner_weight(b, rng, config, spacing)
                     if res is not None:
                         break
                 if res is None:
@@ -673,15 +685,16 @@ def insert_lesions(
                     break
             if res2 is not None:
                 w, site = res2
-                kind = "inflammation" if rng.random() < 0.5 else "fat"
+                # bright on every contrast (T1: fat-like), sometimes dark on T1 (oedema-like)
+                dark = contrast == "t1" and rng.random() < 0.5
                 r = _draw(rng, config.distractor_ratio)
-                _blend(out, b, w, r if POLARITY[(kind, contrast)] > 0 else 1.0 / r, rng, config, spacing)
+                _blend(out, b, w, 1.0 / r if dark else r, rng, config, spacing, local=0.0)
                 region = lesion_map[b.crop]
                 region[(w >= 0.5) & (region == 0)] = DISTRACTOR
                 row["distractor"] = site
         rows.append(row)
     table = pd.DataFrame(rows, columns=None if rows else ["label", "level", "class", "class_name"])
-    log.info("inserted lesions (%s): %s", contrast,
+    log.debug("inserted lesions (%s): %s", contrast,
              ", ".join(f"{r['level']}={r['class_name']}" for r in rows) or "no vertebrae")
     return LesionResult(image.with_array(out.astype(np.float32)), image.with_array(lesion_map), table)
 
@@ -705,7 +718,9 @@ def plant_in_neighbour(
     lab = np.asarray(vertebrae.array)
     present = [int(v) for v in np.unique(lab[lab > 0]) if int(v) in VERSE_LEVELS]
     if int(target) not in present:
-        raise SpinepipeInputError(vertebrae.name or None, f"vertebra {target} is not in the label map (present: {present})")
+        raise SpinepipeInputError(
+            vertebrae.name or None, f"vertebra {target} is not in the label map (present: {present})"
+        )
     forced = {v: 0 for v in present}
     forced[int(target)] = class_index(cls)
     return insert_lesions(image, vertebrae, contrast, rng, config, classes=forced)
@@ -756,8 +771,10 @@ def make_semisynthetic(
     Reads ``<id>_image.nii.gz`` + ``<id>_vertebrae.nii.gz`` from ``src_dir`` and writes to ``out_dir``:
     ``<id>_image.nii.gz`` (float32), ``<id>_vertebrae.nii.gz`` (copy), ``<id>_lesions.nii.gz``,
     ``<id>_outlines.nii.gz`` (copied when present), ``vertebra_labels.csv`` (``id,level,class,confidence``),
-    ``lesion_table.csv`` (all per-vertebra details) and ``semisynthetic.json`` (provenance). Returns the
-    concatenated table (with an ``id`` column).
+    ``subjects.csv`` (rows of the processed subjects, when the source has one), ``README_lesion_table.csv``
+    (all per-vertebra lesion details) and ``README_semisynthetic.md`` (provenance: semi-synthetic, seed,
+    contrasts, configuration). The ``README*`` names are ignored by ``check-data``. Returns the
+    concatenated table (with ``id`` and ``contrast`` columns).
     """
     config = config or LesionConfig()
     src, dst = Path(src_dir), Path(out_dir)
@@ -801,12 +818,22 @@ def make_semisynthetic(
         log.info("%s: %s (semi-synthetic)", sid, ", ".join(f"{r.level}={r.class_name}" for r in res.table.itertuples()))
     full = pd.concat(tables, ignore_index=True)
     write_csv(pd.DataFrame(label_rows, columns=["id", "level", "class", "confidence"]), dst / "vertebra_labels.csv")
-    write_csv(full, dst / "lesion_table.csv")
+    write_csv(full, dst / "README_lesion_table.csv")
     if (src / "subjects.csv").exists():
-        _copy(src / "subjects.csv", dst / "subjects.csv")
-    write_text(json.dumps({"semi_synthetic": True, "source": str(src), "seed": int(seed), "classes": list(CLASSES),
-                           "contrast": contrasts, "config": asdict(config)}, indent=2, default=list),
-               dst / "semisynthetic.json")
+        subjects = pd.read_csv(src / "subjects.csv", dtype=str)
+        if "id" in subjects.columns:
+            subjects = subjects[subjects["id"].str.strip().isin(all_ids)]
+        write_csv(subjects, dst / "subjects.csv")
+    prov = json.dumps({"semi_synthetic": True, "source": str(src), "seed": int(seed), "classes": list(CLASSES),
+                       "contrast": contrasts, "config": asdict(config)}, indent=2, default=list)
+    write_text(
+        "# SEMI-SYNTHETIC dataset\n\nReal scans with lesions inserted by `data_prep.lesions.make_semisynthetic`. "
+        "Class labels (`vertebra_labels.csv`) and `<id>_lesions` maps come from the simulator, not from "
+        "radiologists: report every result on this folder as **semi-synthetic**.\n\n"
+        "Lesion map values: " + ", ".join(f"{k} {v}" for k, v in LESION_LABEL_NAMES.items()) + ".\n\n"
+        "```json\n" + prov + "\n```\n",
+        dst / "README_semisynthetic.md",
+    )
     return full
 
 

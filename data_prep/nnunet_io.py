@@ -190,7 +190,7 @@ def export_nnunet_raw(
         levels.update(int(v) for v in np.unique(arr) if v != 0)
         cases.append((s, source))
     if not cases:
-        raise SpinepipeInputError(Path(dataset_dir), f"no subject has a {label_source} label map"
+        raise SpinepipeInputError(Path(dataset_dir), f"no subject has a <id>_{label_source} label map"
                                   + (" or points" if labels_from_points is not None else "")
                                   + "; nothing to export")
     ordered = sort_head_to_foot(levels)

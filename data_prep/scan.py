@@ -212,13 +212,14 @@ class Scan:
         return col, int(np.sign(self.direction[world_axis, col]))
 
     def orientation_code(self) -> str:
-        """DICOM/ITK 3-letter code: the direction each voxel axis points *towards* (identity = ``"LPS"``)."""
-        letters = {0: "RL", 1: "AP", 2: "IS"}
-        out = []
-        for c in range(3):
-            w = int(np.argmax(np.abs(self.direction[:, c])))
-            out.append(letters[w][1] if self.direction[w, c] > 0 else letters[w][0])
-        return "".join(out)
+        """DICOM/ITK 3-letter code: the direction each voxel axis points *towards* (identity = ``"LPS"``).
+
+        Computed by SimpleITK (the same rule :func:`reorient` uses), so oblique directions always get a
+        valid code (each of L/R, A/P, S/I exactly once), never e.g. ``"LPR"``.
+        """
+        return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
+            tuple(float(d) for d in self.direction.ravel())
+        )
 
 
 # ---------------------------------------------------------------------------------------------

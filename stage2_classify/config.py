@@ -65,6 +65,8 @@ class LossConfig:
     #: "uncertainty" (learned homoscedastic weights, Kendall et al. 2018) or "fixed" (``fixed_weights``).
     weighting: str = "uncertainty"
     fixed_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 0.5)  # cls, seg, heatmap, recon
+    #: Learning-rate multiplier of the uncertainty weights (slow, so no head is abandoned early).
+    weighting_lr_scale: float = 0.1
     #: Class weights for the soft-label cross entropy; empty = inverse class frequency of the training set.
     class_weights: tuple[float, ...] = ()
     #: Ignore band (mm) around loose outlines / coarse masks: interior eroded by this is positive,

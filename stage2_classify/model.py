@@ -14,8 +14,8 @@ Evidence guarantee (by construction)
 ------------------------------------
 The encoder takes two channels ``(x, m)``: intensities and a *visibility* mask. The auxiliary path runs it
 on ``(image, 1)`` (everything visible). The classification path runs the **same** encoder on
-``(image * region, region)`` and pools the bottleneck features only inside ``region`` (max-pooled down to
-the bottleneck resolution) with masked average + masked attention pooling. Every operation on that path
+``(image * region, region)`` and pools the features of the two coarsest levels only inside ``region`` (max-pooled down
+to each resolution) with masked average, attention and max pooling. Every operation on that path
 (convolutions, InstanceNorm -- statistics per sample and channel over a tensor that is itself a function
 of ``image * region`` and ``region`` --, LeakyReLU, zero padding, pooling) is a function of
 ``image * region`` and ``region`` only, so changing any voxel outside ``region`` cannot change the logits.
@@ -110,31 +110,41 @@ class Decoder(nn.Module):
 
 
 class MaskedPoolClassifier(nn.Module):
-    """Masked average + masked attention pooling of ``(B, C, i, j, k)`` features inside a mask -> logits."""
+    """Multi-scale masked pooling -> logits.
 
-    def __init__(self, channels: int, n_classes: int, dropout: float):
+    For each used encoder level: masked average, masked attention and masked max pooling of the
+    ``(B, C_l, i_l, j_l, k_l)`` features over the region mask at that resolution; concatenated -> MLP.
+    """
+
+    def __init__(self, channels: list[int], n_classes: int, dropout: float):
         super().__init__()
-        self.score = nn.Conv3d(channels, 1, 1)
+        self.scores = nn.ModuleList([nn.Conv3d(c, 1, 1) for c in channels])
+        total = 3 * sum(channels)
+        hidden = max(channels)
         self.mlp = nn.Sequential(
-            nn.Linear(2 * channels, channels),
+            nn.Linear(total, hidden),
             nn.LeakyReLU(0.01),
             nn.Dropout(dropout),
-            nn.Linear(channels, n_classes),
+            nn.Linear(hidden, n_classes),
         )
 
-    def forward(self, feat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``feat`` ``(B, C, i, j, k)``, ``mask`` ``(B, 1, i, j, k)`` in {0, 1} -> logits ``(B, n_classes)``."""
+    @staticmethod
+    def _pool(feat: torch.Tensor, mask: torch.Tensor, score: nn.Module) -> torch.Tensor:
         m = mask.flatten(2)  # (B, 1, N)
         f = feat.flatten(2)  # (B, C, N)
-        denom = m.sum(-1).clamp_min(1.0)
-        avg = (f * m).sum(-1) / denom
-        s = self.score(feat).flatten(2)
-        s = s.masked_fill(m < 0.5, float("-inf"))
-        empty = (m.sum(-1, keepdim=True) < 0.5)
+        empty = m.sum(-1, keepdim=True) < 0.5  # (B, 1, 1)
+        avg = (f * m).sum(-1) / m.sum(-1).clamp_min(1.0)
+        s = score(feat).flatten(2).masked_fill(m < 0.5, float("-inf"))
         s = torch.where(empty.expand_as(s), torch.zeros_like(s), s)
-        w = torch.softmax(s, dim=-1) * m
-        att = (f * w).sum(-1)
-        return self.mlp(torch.cat([avg, att], dim=1))
+        att = (f * (torch.softmax(s, dim=-1) * m)).sum(-1)
+        mx = f.masked_fill(m < 0.5, float("-inf")).amax(-1)
+        mx = torch.where(empty.squeeze(-1).expand_as(mx), torch.zeros_like(mx), mx)
+        return torch.cat([avg, att, mx], dim=1)
+
+    def forward(self, feats: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
+        """``feats[l]`` ``(B, C_l, i_l, j_l, k_l)``, ``masks[l]`` ``(B, 1, i_l, j_l, k_l)`` in {0, 1} -> ``(B, n_classes)``."""
+        pooled = [self._pool(f, m, sc) for f, m, sc in zip(feats, masks, self.scores)]
+        return self.mlp(torch.cat(pooled, dim=1))
 
 
 class Stage2Net(nn.Module):
@@ -153,7 +163,8 @@ class Stage2Net(nn.Module):
         self.decoder = Decoder(chans) if self.dense_heads else None
         mods: dict[str, nn.Module] = {}
         if heads.cls:
-            mods["cls"] = MaskedPoolClassifier(chans[-1], len(cfg.classes), cfg.model.dropout)
+            self.cls_levels = list(range(max(0, len(chans) - 2), len(chans)))  # the two coarsest levels
+            mods["cls"] = MaskedPoolClassifier([chans[i] for i in self.cls_levels], len(cfg.classes), cfg.model.dropout)
         if heads.seg:
             mods["seg"] = nn.Conv3d(chans[0], len(SEG_CLASSES), 1)
         if heads.heatmap:
@@ -200,10 +211,10 @@ class Stage2Net(nn.Module):
         r = (region > 0.5).to(image.dtype)
         x, _ = self._pad(torch.cat([image * r, r], dim=1))
         feats = self.encoder(x)
-        m = x[:, 1:2]
+        masks = [x[:, 1:2]]
         for _ in range(self.levels - 1):
-            m = F.max_pool3d(m, 2)
-        return self.heads["cls"](feats[-1], m)
+            masks.append(F.max_pool3d(masks[-1], 2))
+        return self.heads["cls"]([feats[i] for i in self.cls_levels], [masks[i] for i in self.cls_levels])
 
     def predicted_region(self, seg_logits: torch.Tensor) -> torch.Tensor:
         """Region from the seg head: centre-body probability > 0.5, dilated by ``margin_vox`` ``(B, 1, I, J, K)``."""

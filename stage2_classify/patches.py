@@ -265,6 +265,8 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
     * ``"outline"``: ``labels["outlines"]`` (filled loose outlines on a few sagittal slices, VerSe ids):
       interior eroded by ``loss.outline_band_mm`` = body, exterior dilated by it = not this body, band and
       un-annotated slices = unsupervised.
+    * ``"coarse"``: ``labels["coarse"]`` (coarse / biased masks, VerSe ids): like ``"outline"`` in 3D
+      with the narrower ``loss.coarse_band_mm`` ignore band around the boundary.
     * ``"box"``: ``box_mm`` ``(2, 3)`` world LPS min/max corners: outside = not this body; the box
       tightness prior is applied by the loss.
     * ``"point"``: ``point_mm`` world point: a ball of ``loss.point_radius_mm`` = body, + size prior.
@@ -307,6 +309,21 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
         if body.any():
             centre_ijk = np.argwhere(body).mean(0) if centroid_mm is None else centre_ijk
         region_src = body
+    elif kind == "coarse":
+        coarse = patch.labels.get("coarse")
+        if coarse is None:
+            raise ValueError("kind='coarse' needs a 'coarse' label crop")
+        band = cfg.loss.coarse_band_mm / sp
+        this = coarse == label
+        oth = (coarse > 0) & ~this
+        not_this = ~dilate(this, band)
+        _set(allowed, erode(this, band), (SEG_CENTRE, SEG_LESION))
+        _set(allowed, not_this & ~oth, (SEG_BG, SEG_NEIGHBOUR, SEG_DISC, SEG_LESION))
+        _set(allowed, erode(oth, band) & not_this, (SEG_NEIGHBOUR, SEG_LESION))
+        body = this
+        if body.any() and centroid_mm is None:
+            centre_ijk = np.argwhere(body).mean(0)
+        region_src = dilate(this, band) if this.any() else ellipsoid_prior(shape, centre_ijk, half)
     elif kind == "outline":
         outl = patch.labels.get("outlines")
         if outl is None:

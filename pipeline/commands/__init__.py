@@ -1,2 +1,3 @@
 """CLI command modules; each registers its commands on :data:`pipeline.cli.main` when imported."""
 from pipeline.commands import data  # noqa: F401
+from pipeline.commands import synth  # noqa: F401

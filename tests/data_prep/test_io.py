@@ -219,6 +219,8 @@ def test_reorient_keeps_world_positions(direction):
     for ijk, v in marks.items():
         arr[ijk] = v
     scan = Scan(arr, SPACING, ORIGIN, direction)
+    code = scan.orientation_code()  # valid even for oblique directions: each world axis exactly once
+    assert sorted(len(set(pair) & set(code)) for pair in ("LR", "PA", "SI")) == [1, 1, 1]
     out = reorient(scan, "LPS")
     assert out.orientation_code() == "LPS"
     assert sorted(out.array.shape) == sorted(scan.shape)
@@ -287,7 +289,7 @@ def _bad_vector(d: Path) -> Path:
     [
         (_bad_missing, "not found"),
         (_bad_empty, "empty"),
-        (_bad_truncated, "cannot read"),
+        (_bad_truncated, "truncated"),
         (_bad_garbage, "cannot read"),
         (_bad_extension, "unsupported image format"),
         (_bad_2d, "expected a 3D image, got 2D"),

@@ -1,0 +1,144 @@
+"""Patch sampling + augmentation for points-only training (numpy / torch, CPU-friendly).
+
+Spatial transforms move the *points* with the image and targets are rebuilt on the patch grid
+(``targets.make_targets``), so no label map is ever interpolated.
+
+* spatial: small rotations about all axes (mostly sagittal tilt), isotropic scaling, **left-right flips
+  only** (axis i after canonical LPS reorientation; levels unchanged). Head-to-foot is never flipped.
+* thick-slice simulation: average ``f`` consecutive slices along one axis and stretch back (what a
+  0.8 x 0.8 x 4 mm sagittal acquisition looks like on the 3 mm grid).
+* partial field of view: blank a head or foot slab of the patch (points inside are dropped; a vertebra
+  cut by the new border keeps its visible tail in the heatmap only if its centre is visible).
+* intensity, on the [0, 1] image before the z-score: gamma, random monotone piecewise-linear remaps,
+  contrast inversion of the foreground, smooth multiplicative bias field, Gaussian blur, noise.
+  Together they make the absolute contrast (T1 vs T2 vs STIR vs Dixon) uninformative, so the network
+  has to rely on shape and layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from stage1_localize.config import AugmentConfig
+
+
+@dataclass
+class Patch:
+    """One training sample: ``image (I, J, K)`` float32 in [0, 1], points ``(M, 3)`` patch voxels, ids."""
+
+    image: np.ndarray
+    points_ijk: np.ndarray
+    level_ids: list[int]
+
+
+def _rotation(angles_rad: np.ndarray) -> np.ndarray:
+    ax, ay, az = angles_rad
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def sample_patch(
+    image: np.ndarray,
+    points_ijk: np.ndarray,
+    level_ids: list[int],
+    patch_size: tuple[int, int, int],
+    spacing: np.ndarray,
+    rng: np.random.Generator,
+    aug: AugmentConfig | None,
+) -> Patch:
+    """Cut an augmented patch from a prepared ``(I, J, K)`` [0, 1] image (``aug=None``: plain crop)."""
+    shape = np.asarray(image.shape, dtype=np.float64)
+    P = np.asarray(patch_size, dtype=np.float64)
+    pts = np.asarray(points_ijk, dtype=np.float64).reshape(-1, 3)
+    use_aug = aug is not None
+    p_fg = aug.p_foreground if use_aug else 0.5
+    # --- centre in the input volume (foreground oversampling as in nnU-Net)
+    if len(pts) and rng.random() < p_fg:
+        c_in = pts[rng.integers(len(pts))] + rng.uniform(-0.25, 0.25, 3) * P
+    else:
+        c_in = np.array([rng.uniform(min(p / 2, s / 2), max(s - p / 2, s / 2)) for s, p in zip(shape, P)])
+    c_in = np.clip(c_in, 0, shape - 1)
+    # --- affine (in mm, converted to voxel units of the input grid)
+    m = np.eye(3)
+    if use_aug:
+        if rng.random() < aug.p_rotate:
+            lim = np.deg2rad(aug.max_rotation_deg)
+            # sagittal tilt (about the left-right axis i) is the common one; others smaller
+            m = _rotation(rng.uniform(-lim, lim, 3) * np.array([1.0, 0.4, 0.4])) @ m
+        if rng.random() < aug.p_scale:
+            m = m * rng.uniform(*aug.scale_range)
+        if rng.random() < aug.p_flip_lr:
+            m = m @ np.diag([-1.0, 1.0, 1.0])
+    sp = np.asarray(spacing, dtype=np.float64)
+    a = np.diag(1.0 / sp) @ m @ np.diag(sp)  # patch voxel offset -> input voxel offset
+    c_out = (P - 1) / 2
+    # --- resample the image through the affine with grid_sample
+    axes = [np.arange(int(p), dtype=np.float64) - c for p, c in zip(P, c_out)]
+    u = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)  # (PI, PJ, PK, 3)
+    v = u @ a.T + c_in
+    norm = 2.0 * v / np.maximum(shape - 1, 1) - 1.0
+    grid = torch.from_numpy(norm[..., ::-1].copy()).float()[None]  # (1, PI, PJ, PK, 3) as (k, j, i)
+    img = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    out = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0, 0].numpy()
+    # --- points into patch voxels
+    new_pts = (pts - c_in) @ np.linalg.inv(a).T + c_out if len(pts) else pts
+    ids = list(level_ids)
+    if use_aug:
+        out, new_pts, ids = _thick_and_fov(out, new_pts, ids, rng, aug)
+        out = _intensity(out, rng, aug)
+    return Patch(out.astype(np.float32), new_pts, ids)
+
+
+def _thick_and_fov(img, pts, ids, rng, aug: AugmentConfig):
+    if rng.random() < aug.p_thick_slices:
+        axis = 0 if rng.random() < 0.6 else int(rng.integers(3))
+        f = int(rng.integers(aug.thick_factor[0], aug.thick_factor[1] + 1))
+        t = torch.from_numpy(np.ascontiguousarray(img))[None, None]
+        k = [1, 1, 1]
+        k[axis] = f
+        small = F.avg_pool3d(t, kernel_size=k, stride=k, ceil_mode=True)
+        img = F.interpolate(small, size=img.shape, mode="trilinear", align_corners=False)[0, 0].numpy()
+    if rng.random() < aug.p_partial_fov and len(pts):
+        n = img.shape[2]
+        cut = int(rng.uniform(0.15, 0.4) * n)
+        img = img.copy()
+        if rng.random() < 0.5:  # blank the head end (high k = superior)
+            img[:, :, n - cut:] = 0.0
+            keep = pts[:, 2] < n - cut - 0.5
+        else:
+            img[:, :, :cut] = 0.0
+            keep = pts[:, 2] > cut - 0.5
+        pts = pts[keep]
+        ids = [i for i, k in zip(ids, keep) if k]
+    return img, pts, ids
+
+
+def _intensity(img: np.ndarray, rng: np.random.Generator, aug: AugmentConfig) -> np.ndarray:
+    x = np.clip(img, 0.0, 1.0)
+    fg = x > 0.02
+    if rng.random() < aug.p_gamma:
+        x = x ** rng.uniform(*aug.gamma_range)
+    if rng.random() < aug.p_remap:
+        knots_x = np.linspace(0, 1, 6)
+        knots_y = np.sort(rng.uniform(0, 1, 6))
+        knots_y = (knots_y - knots_y[0]) / max(knots_y[-1] - knots_y[0], 1e-3)
+        x = np.interp(x, knots_x, knots_y)
+    if rng.random() < aug.p_invert:
+        x = np.where(fg, 1.0 - x, x)
+    if rng.random() < aug.p_bias:
+        axes = [np.linspace(-1, 1, s) for s in x.shape]
+        g = np.meshgrid(*axes, indexing="ij")
+        field = sum(rng.normal() * gi for gi in g) + sum(0.5 * rng.normal() * gi**2 for gi in g)
+        field = field / (np.abs(field).max() + 1e-6)
+        x = x * np.exp(aug.bias_strength * field)
+    if rng.random() < aug.p_blur:
+        x = ndimage.gaussian_filter(x, sigma=rng.uniform(*aug.blur_sigma_vox))
+    if rng.random() < aug.p_noise:
+        x = x + rng.normal(0.0, aug.noise_std * rng.uniform(0.3, 1.0), x.shape)
+    return x.astype(np.float32)

@@ -1,0 +1,168 @@
+"""Stage-1 inference: ``localize(scan, model_dir) -> list[Vertebra]`` and the centroid CSV writer.
+
+Pipeline per scan (whole volume at once; no sliding window is needed at 3 mm on a CPU):
+
+1. ``preprocess.prepare`` (canonical LPS, 3 mm grid, [0, 1] intensities) then z-score;
+2. the network (padded at the high end to the pooling divisor, cropped back) -> sigmoid heatmap and
+   softmax level map;
+3. peaks: local maxima of the heatmap within ``nms_radius_mm`` (ellipsoidal footprint in voxels, so the
+   suppression radius is in mm whatever the spacing), above ``peak_threshold``, at most
+   ``max_candidates``; sub-voxel refinement by the heatmap-weighted mean of the 3x3x3 neighbourhood;
+   level probabilities averaged over the same neighbourhood;
+4. peak voxel -> world LPS mm through the prepared grid's own geometry (``Scan.voxel_to_world``), which
+   is exact for any orientation and spacing of the input;
+5. ``labelling.assign_levels`` names the candidates (anatomical order, spacing prior, transitional
+   flags); centroids within ``border_mm`` of the input volume's edge get ``"cut_by_fov"``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import ndimage
+
+from data_prep import checkpoint
+from data_prep.errors import SpinepipeInputError
+from data_prep.io import write_csv
+from data_prep.scan import Scan, Vertebra, sort_head_to_foot
+from stage1_localize.config import Stage1Config
+from stage1_localize.labelling import assign_levels
+from stage1_localize.model import LocalizerNet, predict_volume
+from stage1_localize.preprocess import prepare, zscore
+
+log = logging.getLogger(__name__)
+
+CENTROID_COLUMNS = ["level", "label", "x_mm", "y_mm", "z_mm", "confidence", "flags"]
+CUT_FLAG = "cut_by_fov"
+
+
+def find_peaks(heatmap: np.ndarray, spacing, threshold: float, radius_mm: float, max_peaks: int):
+    """Local maxima of ``heatmap (I, J, K)``: ``(ijk (M, 3) float sub-voxel, values (M,))``, best first."""
+    spacing = np.asarray(spacing, dtype=np.float64)
+    r = np.maximum(np.floor(radius_mm / spacing), 1).astype(int)
+    grids = np.meshgrid(*[np.arange(-k, k + 1) * s for k, s in zip(r, spacing)], indexing="ij")
+    footprint = sum(g**2 for g in grids) <= radius_mm**2
+    maxf = ndimage.maximum_filter(heatmap, footprint=footprint, mode="constant", cval=-np.inf)
+    idx = np.argwhere((heatmap >= maxf) & (heatmap >= threshold))
+    if len(idx) == 0:
+        return np.zeros((0, 3)), np.zeros(0)
+    vals = heatmap[tuple(idx.T)]
+    order = np.argsort(-vals, kind="stable")
+    idx, vals = idx[order], vals[order]
+    # greedy suppression in mm: plateaus (e.g. a saturated sigmoid) leave several equal maxima
+    kept: list[int] = []
+    for n in range(len(idx)):
+        if len(kept) >= max_peaks:
+            break
+        if kept and np.min(np.linalg.norm((idx[kept] - idx[n]) * spacing, axis=1)) <= radius_mm:
+            continue
+        kept.append(n)
+    idx, vals = idx[kept], vals[kept]
+    refined = np.array([_refine(heatmap, p) for p in idx])
+    return refined, vals
+
+
+def _neighbourhood(shape, p):
+    return tuple(slice(max(0, int(c) - 1), min(int(s), int(c) + 2)) for c, s in zip(p, shape))
+
+
+def _refine(heatmap: np.ndarray, p: np.ndarray) -> np.ndarray:
+    box = _neighbourhood(heatmap.shape, p)
+    w = np.clip(heatmap[box], 0, None).astype(np.float64)
+    if w.sum() <= 0:
+        return p.astype(np.float64)
+    coords = np.meshgrid(*[np.arange(s.start, s.stop) for s in box], indexing="ij")
+    return np.array([(c * w).sum() / w.sum() for c in coords])
+
+
+def cut_by_fov(scan: Scan, world_mm: np.ndarray, border_mm: float) -> bool:
+    """True when the centroid lies within ``border_mm`` of the edge of ``scan``'s field of view."""
+    ijk = scan.world_to_voxel(np.asarray(world_mm).reshape(1, 3)).coords[0]
+    shape = np.asarray(scan.shape, dtype=np.float64)
+    dist = np.minimum(ijk + 0.5, shape - 0.5 - ijk) * scan.spacing
+    return bool(np.any(dist < border_mm))
+
+
+class Localizer:
+    """Loads a stage-1 model once and localises many scans (``Localizer(model_dir).localize(scan)``)."""
+
+    def __init__(self, model_dir: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
+                 net: torch.nn.Module | None = None, config: Stage1Config | None = None):
+        self.device = torch.device(device) if device is not None else (
+            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        if net is not None:
+            if config is None:
+                raise ValueError("Localizer(net=...) also needs config=")
+            self.config, self.net, self.extra = config, net, {}
+        else:
+            if model_dir is None:
+                raise ValueError("Localizer needs model_dir (or net= and config=)")
+            model_dir = Path(model_dir)
+            if not (model_dir / checkpoint.CONFIG).is_file():
+                raise SpinepipeInputError(model_dir, "no stage-1 model here (config.json missing); run `make train-stage1`")
+            state, self.config, self.extra = checkpoint.load_model(model_dir, Stage1Config, kind="stage1")
+            self.net = LocalizerNet(self.config)
+            checkpoint.load_state_into(self.net, state, model_dir / checkpoint.WEIGHTS)
+        self.net = self.net.to(self.device).eval()
+        self.divisor = tuple(getattr(self.net, "divisor", self.config.plan.divisor))
+
+    @torch.no_grad()
+    def predict_maps(self, grid: Scan) -> tuple[np.ndarray, np.ndarray]:
+        """Heatmap ``(I, J, K)`` in [0, 1] and level probabilities ``(L, I, J, K)`` on a prepared grid."""
+        x = torch.from_numpy(zscore(np.asarray(grid.array, dtype=np.float32)))[None, None].to(self.device)
+        out = predict_volume(self.net, x, self.divisor)  # type: ignore[arg-type]
+        heat = torch.sigmoid(out["heatmap"][0, 0]).float().cpu().numpy()
+        levels = torch.softmax(out["levels"][0].float(), dim=0).cpu().numpy()
+        return heat, levels
+
+    def candidates(self, scan: Scan):
+        """``(world (M, 3), scores (M,), level_logprobs (M, L), grid)`` before labelling."""
+        grid = prepare(scan, self.config)
+        heat, levels = self.predict_maps(grid)
+        ijk, scores = find_peaks(heat, grid.spacing, self.config.peak_threshold, self.config.nms_radius_mm,
+                                 self.config.max_candidates)
+        if len(ijk) == 0:
+            return np.zeros((0, 3)), np.zeros(0), np.zeros((0, len(self.config.levels))), grid
+        probs = np.stack([levels[(slice(None),) + _neighbourhood(heat.shape, np.round(p))].reshape(len(levels), -1).mean(1)
+                          for p in ijk])
+        world = grid.voxel_to_world(ijk).coords
+        return world, scores, np.log(np.clip(probs, 1e-6, 1.0)), grid
+
+    def localize(self, scan: Scan) -> list[Vertebra]:
+        """Every vertebra in view, head to foot (see module docstring)."""
+        world, scores, logprobs, _ = self.candidates(scan)
+        res = assign_levels(world, scores, logprobs, self.config.levels, self.config.labelling)
+        out = []
+        for a in res.assignments:
+            flags = list(a.flags)
+            if cut_by_fov(scan, world[a.index], self.config.border_mm):
+                flags.append(CUT_FLAG)
+            out.append(Vertebra(a.label, world[a.index], confidence=a.confidence, flags=flags))
+        log.info("%s: %d candidates, %d vertebrae named", scan.name or "scan", len(world), len(out))
+        return out
+
+
+def localize(scan: Scan, model_dir: str | os.PathLike) -> list[Vertebra]:
+    """One-off convenience wrapper: ``Localizer(model_dir).localize(scan)``."""
+    return Localizer(model_dir).localize(scan)
+
+
+def centroids_table(vertebrae: Iterable[Vertebra]) -> pd.DataFrame:
+    """DataFrame with columns exactly ``level,label,x_mm,y_mm,z_mm,confidence,flags`` (flags ``;``-joined)."""
+    verts = list(vertebrae)
+    by_id = {v.label: v for v in verts}
+    ordered = [by_id[i] for i in sort_head_to_foot(by_id)] if len(by_id) == len(verts) else verts
+    rows = [{"level": v.level, "label": v.label, "x_mm": round(float(v.centroid_world[0]), 3),
+             "y_mm": round(float(v.centroid_world[1]), 3), "z_mm": round(float(v.centroid_world[2]), 3),
+             "confidence": round(float(v.confidence), 4), "flags": ";".join(v.flags)} for v in ordered]
+    return pd.DataFrame(rows, columns=CENTROID_COLUMNS)
+
+
+def write_centroids_csv(vertebrae: Iterable[Vertebra], path: str | os.PathLike) -> Path:
+    """Write ``<name>_centroids.csv`` atomically (columns ``level,label,x_mm,y_mm,z_mm,confidence,flags``)."""
+    return write_csv(centroids_table(vertebrae), path)

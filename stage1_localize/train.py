@@ -1,0 +1,229 @@
+"""Stage-1 training loop (points-only supervision): ``train_stage1(data_dir, out_dir, config, resume)``.
+
+* Data: a canonical dataset folder (``data_prep.dataset.discover``). Per subject the targets are the
+  centroids of ``<id>_points.csv`` (world LPS) or, when absent, the centroids of the
+  ``<id>_vertebrae`` label map. Masks are never needed. Every scan is prepared once
+  (``preprocess.prepare``: canonical LPS, 3 mm grid, [0, 1] intensities) and kept in memory (a 3 mm
+  lumbar scan is ~0.4 M voxels).
+* Each step draws ``batch_size`` augmented patches (``augment.sample_patch``) and builds targets on the
+  patch grid. Loss = weighted BCE on the centre heatmap (weight ``1 + pos_weight * target``, the centres
+  are <1 % of voxels) + ``level_loss_weight`` x cross-entropy of the level head inside the balls.
+* AdamW with nnU-Net's polynomial decay ``lr * (1 - epoch / epochs) ** 0.9``.
+* Deterministic: the sampling RNG of epoch ``e`` on rank ``r`` is ``default_rng([seed, e, r])`` and torch
+  is seeded per epoch, so a resumed run replays exactly the epochs an uninterrupted run would.
+* ``torchrun``: ``data_prep.distributed.init_distributed`` joins the group (gloo on CPU, NCCL on GPU);
+  the network is wrapped in DistributedDataParallel; rank 0 writes files. GPU used when present.
+* Outputs in ``out_dir``: ``model.safetensors`` + ``config.json`` (``data_prep.checkpoint.save_model``,
+  kind ``"stage1"``; the config holds the plans) and ``train_state.pt`` + ``train_log.csv`` rewritten at
+  the end of every epoch, so ``--resume`` continues from the last finished epoch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from data_prep import checkpoint
+from data_prep.distributed import DistInfo, cleanup_distributed, init_distributed, seed_everything
+from data_prep.errors import SpinepipeInputError
+from data_prep.io import read_image, read_labelmap, read_points_csv, write_csv
+from data_prep.scan import Scan, centroids_from_labelmap
+from stage1_localize.augment import sample_patch
+from stage1_localize.config import Stage1Config
+from stage1_localize.model import LocalizerNet
+from stage1_localize.plan import plan_network
+from stage1_localize.preprocess import prepare, zscore
+from stage1_localize.targets import IGNORE, make_targets
+
+log = logging.getLogger(__name__)
+LOG_FILE = "train_log.csv"
+
+
+@dataclass
+class TrainSubject:
+    """A prepared training scan: the coarse [0, 1] grid and its annotated centroids (grid voxels)."""
+
+    id: str
+    grid: Scan
+    points_ijk: np.ndarray
+    level_ids: list[int]
+
+
+def list_subjects(data_dir: str | os.PathLike) -> list[tuple[str, Path, Path | None, Path | None]]:
+    """``(id, image, points_csv or None, vertebrae_map or None)`` for each subject of a dataset folder."""
+    from data_prep.dataset import discover
+
+    return [(s.id, s.image, s.points, s.vertebrae) for s in discover(data_dir)]
+
+
+def subject_points(image: Scan, points_csv: Path | None, vertebrae: Path | None) -> tuple[list[int], np.ndarray]:
+    """VerSe ids and ``(N, 3)`` world LPS centroids: from the points CSV, else the label map's centroids."""
+    if points_csv is not None:
+        ids, pts = read_points_csv(points_csv)
+        return list(ids), pts.require("world")
+    if vertebrae is not None:
+        cents = centroids_from_labelmap(read_labelmap(vertebrae, reference=image))
+        ids = sorted(cents)
+        return ids, np.array([cents[i] for i in ids]).reshape(-1, 3)
+    return [], np.zeros((0, 3))
+
+
+def load_subjects(data_dir: str | os.PathLike, config: Stage1Config) -> list[TrainSubject]:
+    """Read and prepare every subject that has point or mask annotations."""
+    out = []
+    for sid, img_path, pts_path, vert_path in list_subjects(data_dir):
+        if pts_path is None and vert_path is None:
+            log.warning("%s: no <id>_points.csv or <id>_vertebrae map; skipped for stage-1 training", sid)
+            continue
+        image = read_image(img_path)
+        ids, world = subject_points(image, pts_path, vert_path)
+        grid = prepare(image, config)
+        ijk = grid.world_to_voxel(world).coords if len(world) else np.zeros((0, 3))
+        out.append(TrainSubject(sid, grid, np.asarray(ijk), ids))
+    if not out:
+        raise SpinepipeInputError(data_dir, "no subject with <id>_points.csv or <id>_vertebrae labels to train stage 1 on")
+    return out
+
+
+def make_batch(subjects: list[TrainSubject], config: Stage1Config, rng: np.random.Generator,
+               augment: bool = True) -> dict[str, torch.Tensor]:
+    """``{"image": (B,1,I,J,K) z-scored, "heatmap": (B,1,I,J,K), "levels": (B,I,J,K) int64}``."""
+    spacing = np.asarray(config.target_spacing, dtype=np.float64)
+    imgs, heats, levs = [], [], []
+    for _ in range(config.batch_size):
+        s = subjects[int(rng.integers(len(subjects)))]
+        p = sample_patch(s.grid.array, s.points_ijk, s.level_ids, config.plan.patch_size, spacing, rng,
+                         config.augment if augment else None)
+        t = make_targets(p.image.shape, p.points_ijk, p.level_ids, spacing, levels=config.levels,
+                         sigma_mm=config.sigma_mm, level_radius_mm=config.level_radius_mm)
+        imgs.append(zscore(p.image))
+        heats.append(t["heatmap"])
+        levs.append(t["levels"])
+    return {
+        "image": torch.from_numpy(np.stack(imgs))[:, None].float(),
+        "heatmap": torch.from_numpy(np.stack(heats))[:, None].float(),
+        "levels": torch.from_numpy(np.stack(levs)).long(),
+    }
+
+
+def stage1_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], config: Stage1Config) -> dict[str, torch.Tensor]:
+    """Weighted BCE on the heatmap + level cross-entropy (ignore outside the balls)."""
+    target = batch["heatmap"]
+    weight = 1.0 + config.heatmap_pos_weight * target
+    heat = F.binary_cross_entropy_with_logits(out["heatmap"], target, weight=weight)
+    lv = batch["levels"]
+    if bool((lv != IGNORE).any()):
+        level = F.cross_entropy(out["levels"], lv, ignore_index=IGNORE)
+    else:
+        level = out["levels"].sum() * 0.0
+    return {"loss": heat + config.level_loss_weight * level, "heatmap": heat, "levels": level}
+
+
+def _config_matches_for_resume(a: Stage1Config, b: Stage1Config) -> bool:
+    da, db = checkpoint.config_to_dict(a), checkpoint.config_to_dict(b)
+    da.pop("epochs"), db.pop("epochs")
+    return da == db
+
+
+def train_stage1(
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: Stage1Config | None = None,
+    resume: bool = False,
+    *,
+    auto_plan: bool = True,
+    subjects: list[TrainSubject] | None = None,
+) -> Path:
+    """Train the stage-1 localiser on ``data_dir`` and write ``out_dir`` (see module docstring).
+
+    ``auto_plan`` replaces ``config.plan`` by the planner's choice for this dataset (ignored on resume,
+    where the saved plans are kept). ``subjects`` (already prepared) skips reading ``data_dir``.
+    Returns ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    config = dataclasses.replace(config) if config is not None else Stage1Config()
+    dist_info: DistInfo = init_distributed()
+    device = dist_info.device
+    state = checkpoint.load_train_state(out_dir) if resume else None
+    if state is not None:
+        _, saved_cfg, _ = checkpoint.load_model(out_dir, Stage1Config, kind="stage1")
+        if auto_plan:
+            config = dataclasses.replace(config, plan=saved_cfg.plan)
+        if not _config_matches_for_resume(saved_cfg, config):
+            raise SpinepipeInputError(out_dir / checkpoint.CONFIG,
+                                      "cannot resume: the saved config differs from the requested one (other than epochs)")
+    if subjects is None:
+        subjects = load_subjects(data_dir, config)
+    if auto_plan and state is None:
+        extents = [np.asarray(s.grid.shape) * s.grid.spacing for s in subjects]
+        config.plan = plan_network(extents, config.target_spacing, base_features=config.plan.base_features,
+                                   max_features=config.plan.max_features)
+
+    seed_everything(config.seed)
+    net = LocalizerNet(config).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    start_epoch, rows = 0, []
+    if state is not None:
+        checkpoint.load_state_into(net, state["model"], out_dir / checkpoint.TRAIN_STATE)
+        opt.load_state_dict(state["optimizer"])
+        start_epoch = int(state["epoch"])
+        if (out_dir / LOG_FILE).is_file():
+            rows = pd.read_csv(out_dir / LOG_FILE).to_dict("records")[:start_epoch]
+        log.info("resuming stage-1 training at epoch %d", start_epoch)
+    model = net
+    if dist_info.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            t0 = time.perf_counter()
+            lr = config.lr * (1.0 - epoch / config.epochs) ** 0.9
+            for g in opt.param_groups:
+                g["lr"] = lr
+            rng = np.random.default_rng([config.seed, epoch, dist_info.rank])
+            torch.manual_seed(config.seed * 100_003 + epoch)
+            model.train()
+            sums = torch.zeros(3, dtype=torch.float64)
+            for _ in range(config.steps_per_epoch):
+                batch = {k: v.to(device) for k, v in make_batch(subjects, config, rng).items()}
+                losses = stage1_loss(model(batch["image"]), batch, config)
+                opt.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
+                opt.step()
+                sums += torch.tensor([float(losses[k]) for k in ("loss", "heatmap", "levels")], dtype=torch.float64)
+            if dist_info.distributed:
+                torch.distributed.all_reduce(sums)
+                sums /= dist_info.world_size
+            means = (sums / config.steps_per_epoch).tolist()
+            row = {"epoch": epoch + 1, "loss": means[0], "heatmap_loss": means[1], "level_loss": means[2],
+                   "lr": lr, "seconds": round(time.perf_counter() - t0, 2)}
+            rows.append(row)
+            if dist_info.is_main:
+                _save(out_dir, net, opt, config, epoch + 1, rows, subjects)
+            log.info("epoch %d/%d loss %.4f (heatmap %.4f, levels %.4f) %.1fs", epoch + 1, config.epochs,
+                     *means, row["seconds"])
+    finally:
+        cleanup_distributed()
+    return out_dir
+
+
+def _save(out_dir: Path, net: torch.nn.Module, opt, config: Stage1Config, epoch: int, rows: list[dict],
+          subjects: list[TrainSubject]) -> None:
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    extra = {"epochs_done": epoch, "n_train_subjects": len(subjects),
+             "train_subjects": [s.id for s in subjects][:1000], "torch": torch.__version__}
+    checkpoint.save_model(out_dir, state, config, kind="stage1", extra=extra)
+    checkpoint.save_train_state(out_dir, {"epoch": epoch, "model": state, "optimizer": opt.state_dict(),
+                                          "config": json.dumps(checkpoint.config_to_dict(config))})
+    write_csv(pd.DataFrame(rows), out_dir / LOG_FILE)

@@ -1,0 +1,218 @@
+"""Stage-2 inference: per-vertebra class, probabilities, evidence fraction and flags.
+
+:class:`Classifier` loads a model folder once (``data_prep.checkpoint``; safetensors + JSON, never
+unpickled) and classifies every given vertebra of a scan. The region the classification path sees is,
+in order of preference: the vertebra's given mask (``masks`` label map or ``Vertebra.mask``), the seg
+head's centre-body prediction (largest component near the centroid), or a typical-size ellipsoid around
+the centroid (flag ``region_prior``); always dilated by ``margin_mm``.
+
+Flags per vertebra: ``region_prior`` (no body found, fallback region), ``mask_missing`` (a label map was
+given but this vertebra is not in it), ``patch_outside_fov`` (less than 90 % of the patch inside the
+image), ``evidence_outside_body`` (less than ``evidence_threshold`` of |IG| inside the body mask).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from data_prep.checkpoint import load_model, load_state_into
+from data_prep.errors import SpinepipeInputError
+from data_prep.scan import Scan, Vertebra
+from stage2_classify.config import Stage2Config
+from stage2_classify.evidence import EVIDENCE_FLAG, explain, merge_evidence
+from stage2_classify.model import Stage2Net
+from stage2_classify.patches import Patch, PatchSampler, dilate, ellipsoid_prior, paste_to_reference
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = Path("models") / "stage2"
+MISSING_MODEL_HINT = "no trained stage-2 model here; run `make train-stage2` (or `spinepipe train-stage2`) first"
+
+
+@dataclass
+class Verdict:
+    """Stage-2 result for one vertebra (duck-compatible with ``pipeline.report.VertebraVerdict``)."""
+
+    label: int
+    probabilities: np.ndarray
+    evidence_inside: float = float("nan")
+    flags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ScanClassification:
+    """What :meth:`Classifier.classify_scan` returns (fields of ``pipeline.predict.Classification``)."""
+
+    verdicts: list[Verdict]
+    body_labels: Scan | None = None
+    evidence: Scan | None = None
+
+
+def _largest_near(mask: np.ndarray, centre_ijk: np.ndarray) -> np.ndarray:
+    """The connected component containing the centre voxel, else the one closest to it."""
+    lab, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    c = tuple(int(round(x)) for x in np.clip(centre_ijk, 0, np.array(mask.shape) - 1))
+    if lab[c] > 0:
+        return lab == lab[c]
+    coms = np.array(ndimage.center_of_mass(mask, lab, range(1, n + 1)))
+    sizes = ndimage.sum(mask, lab, range(1, n + 1))
+    d = np.linalg.norm(coms - np.asarray(centre_ijk), axis=1) - 0.01 * np.asarray(sizes)
+    return lab == (int(np.argmin(d)) + 1)
+
+
+class Classifier:
+    """Loads a stage-2 model folder once; classifies vertebrae of any scan.
+
+    Raises :class:`SpinepipeInputError` when the folder holds no model (telling to run
+    ``make train-stage2``) or a tampered/mismatched one.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, device: str | torch.device = "cpu"):
+        folder = Path(model_dir)
+        if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+            raise SpinepipeInputError(folder, MISSING_MODEL_HINT)
+        state, cfg, extra = load_model(folder, Stage2Config, kind="stage2")
+        self.config: Stage2Config = cfg
+        self.extra = extra
+        self.device = torch.device(device)
+        self.net = Stage2Net(cfg)
+        load_state_into(self.net, state, folder / "model.safetensors")
+        self.net.to(self.device).eval()
+        if "cls" not in self.net.heads:
+            raise SpinepipeInputError(folder / "config.json", "this stage-2 model has no classification head")
+
+    @classmethod
+    def from_network(cls, net: Stage2Net) -> "Classifier":
+        """Wrap an in-memory network (tests, benchmarks) without files."""
+        self = cls.__new__(cls)
+        self.config, self.extra, self.device = net.cfg, {}, torch.device("cpu")
+        self.net = net.eval()
+        return self
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.config.classes)
+
+    # -- regions --------------------------------------------------------------------------------
+    def _body_mask(self, patch: Patch, vert: Vertebra, use_mask: bool, img: torch.Tensor) -> tuple[np.ndarray, str, list[str]]:
+        cfg = self.config
+        flags: list[str] = []
+        shape = patch.image.shape
+        centre_ijk = (np.array(shape) - 1) / 2.0
+        if use_mask:
+            body = patch.labels.get("vertebrae", np.zeros(shape)) == vert.label
+            if body.any():
+                return body, "mask", flags
+            flags.append("mask_missing")
+        if "seg" in self.net.heads:
+            with torch.no_grad():
+                seg = self.net.forward_dense(img)["seg"]
+                pb = self.net.body_probability(seg)[0, 0].cpu().numpy()
+            body = pb > 0.5
+            if body.any():
+                return _largest_near(body, centre_ijk), "predicted", flags
+        flags.append("region_prior")
+        half = np.asarray(cfg.prior_half_extent_mm) / cfg.patch.spacing_mm
+        return ellipsoid_prior(shape, centre_ijk, half), "prior", flags
+
+    # -- main API -------------------------------------------------------------------------------
+    def classify(self, scan: Scan, vertebrae: list[Vertebra], masks: Scan | None = None, with_evidence: bool = True,
+                 keep_evidence_maps: bool = False) -> list[dict]:
+        """Classify each vertebra of ``scan``.
+
+        Parameters
+        ----------
+        scan: the image (any orientation/spacing).
+        vertebrae: records with world LPS centroids and VerSe labels (e.g. from stage 1). A vertebra's
+            own ``mask`` (bool, on ``scan``'s grid) is used when ``masks`` is None.
+        masks: optional VerSe label map on any grid (vertebral bodies).
+        with_evidence: run Integrated Gradients and report ``evidence_inside``.
+        keep_evidence_maps: include the patch attribution (Scan, patch grid) as ``"evidence"``.
+
+        Returns
+        -------
+        One dict per vertebra (input order): ``label``, ``level``, ``class`` (name), ``class_index``,
+        ``probabilities`` (``{class: p}``), ``evidence_inside`` (NaN without evidence), ``flags`` (list),
+        ``region_source`` (``"mask"``/``"predicted"``/``"prior"``), ``body_patch`` (bool array) and
+        ``geometry`` (patch Scan); ``evidence`` when asked.
+        """
+        cfg = self.config
+        if masks is None and any(v.mask is not None for v in vertebrae):
+            lab = np.zeros(scan.shape, np.int16)
+            for v in vertebrae:
+                if v.mask is not None:
+                    if np.shape(v.mask) != scan.shape:
+                        raise SpinepipeInputError(None, f"vertebra {v.level}: mask shape {np.shape(v.mask)} != scan {scan.shape}")
+                    lab[np.asarray(v.mask, bool)] = v.label
+            masks = scan.with_array(lab)
+        sampler = PatchSampler(scan, cfg.patch, {"vertebrae": masks} if masks is not None else None)
+        results = []
+        for v in vertebrae:
+            patch = sampler.crop(v.centroid_world)
+            img = torch.from_numpy(patch.image)[None, None].to(self.device)
+            body, source, flags = self._body_mask(patch, v, masks is not None, img)
+            region_np = dilate(body, cfg.margin_vox)
+            region = torch.from_numpy(region_np.astype(np.float32))[None, None].to(self.device)
+            with torch.no_grad():
+                probs = torch.softmax(self.net.forward_cls(img, region), 1)[0].cpu().numpy()
+            if patch.fov < 0.9:
+                flags.append("patch_outside_fov")
+            k = int(np.argmax(probs))
+            rec = {
+                "label": v.label,
+                "level": v.level,
+                "class": cfg.classes[k],
+                "class_index": k,
+                "probabilities": {c: float(p) for c, p in zip(cfg.classes, probs)},
+                "evidence_inside": float("nan"),
+                "flags": flags,
+                "region_source": source,
+                "body_patch": body,
+                "geometry": patch.geometry,
+            }
+            if with_evidence:
+                ev = explain(self.net, img, region, body, patch.geometry, cfg.evidence_threshold, cfg.ig_steps, target=k)
+                rec["evidence_inside"] = ev.inside
+                if ev.flagged:
+                    flags.append(EVIDENCE_FLAG)
+                if keep_evidence_maps:
+                    rec["evidence"] = ev.attribution
+            results.append(rec)
+        return results
+
+    def classify_scan(self, scan: Scan, vertebrae: list[Vertebra], with_evidence: bool = False) -> ScanClassification:
+        """Pipeline entry point (``pipeline.predict.Classifier`` protocol): verdicts, body label map and
+        evidence map on ``scan``'s grid."""
+        recs = self.classify(scan, vertebrae, with_evidence=with_evidence, keep_evidence_maps=with_evidence)
+        verdicts = [Verdict(r["label"], np.array([r["probabilities"][c] for c in self.classes]),
+                            r["evidence_inside"], list(r["flags"])) for r in recs]
+        return ScanClassification(verdicts, body_label_map(recs, scan),
+                                  evidence_map(recs, scan) if with_evidence else None)
+
+
+def body_label_map(records: list[dict], reference: Scan) -> Scan:
+    """Paste each vertebra's body mask (patch grid) onto ``reference`` as a VerSe label map (int16)."""
+    out = np.zeros(reference.shape, np.int16)
+    for r in records:
+        if r.get("region_source") == "prior":
+            continue
+        m = paste_to_reference(r["geometry"].with_array(r["body_patch"].astype(np.float32)), reference, is_label=True)
+        out[(m.array > 0.5) & (out == 0)] = int(r["label"])
+    return reference.with_array(out, name="labels")
+
+
+def evidence_map(records: list[dict], reference: Scan) -> Scan | None:
+    """All vertebrae's attribution maps on ``reference``'s grid (None when no record kept one)."""
+    maps = [r["evidence"] for r in records if "evidence" in r]
+    return merge_evidence(maps, reference) if maps else None
+
+
+__all__ = ["Classifier", "Verdict", "ScanClassification", "body_label_map", "evidence_map", "MISSING_MODEL_HINT"]

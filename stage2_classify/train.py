@@ -1,0 +1,492 @@
+"""Stage-2 training: per-vertebra patches from a canonical dataset folder, multitask loss, DDP, resume.
+
+Usage::
+
+    python -m stage2_classify.train --data DIR --out models/stage2 [--epochs N] [--resume] [--seed S]
+    torchrun --nproc_per_node=2 -m stage2_classify.train --data DIR --out models/stage2
+
+Determinism: every random choice of epoch ``e`` (batch order, augmentation, dropout) is drawn from
+generators seeded by ``(seed, e, rank)``, never from state carried over from earlier epochs, so a run
+killed during epoch ``e`` and resumed from ``train_state.pt`` (written atomically after every epoch)
+reproduces the uninterrupted run exactly, losing at most the interrupted epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data_prep.checkpoint import (
+    config_from_dict,
+    config_to_dict,
+    load_train_state,
+    save_model,
+    save_train_state,
+)
+from data_prep.distributed import DistInfo, cleanup_distributed, init_distributed, seed_everything
+from data_prep.errors import SpinepipeInputError
+from data_prep.io import write_csv
+from stage2_classify.config import SEG_CENTRE, Stage2Config
+from stage2_classify.losses import (
+    UncertaintyWeighting,
+    box_emptiness_loss,
+    box_tightness_loss,
+    heatmap_loss,
+    inverse_frequency_weights,
+    point_loss,
+    recon_loss,
+    set_cross_entropy,
+    size_prior_loss,
+    soft_cross_entropy,
+    soft_targets,
+    voxel_volume_ml,
+)
+from stage2_classify.model import Stage2Net
+from stage2_classify.patches import Patch, PatchSampler, PatchTargets, build_targets
+
+log = logging.getLogger(__name__)
+
+LOG_FILE = "train_log.csv"
+ANNOTATION_KINDS = ("auto", "full", "coarse", "outline", "box", "point", "none")
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Sample:
+    """One vertebra ready for training (all arrays on the patch grid ``(I, J, K)``)."""
+
+    image: np.ndarray
+    targets: PatchTargets
+    cls: int
+    confidence: float = 1.0
+    subject: str = ""
+    label: int = 0
+
+
+def sample_from_patch(patch: Patch, label: int, cls: int, cfg: Stage2Config, *, confidence: float = 1.0,
+                      subject: str = "", kind: str = "full", **target_kwargs) -> Sample:
+    """Build a :class:`Sample` from a cropped patch (see :func:`~stage2_classify.patches.build_targets`)."""
+    t = build_targets(patch, label, cfg, kind=kind, **target_kwargs)
+    return Sample(patch.image.astype(np.float32), t, int(cls), float(confidence), subject, int(label))
+
+
+def _choose_kind(annotation: str, data) -> str:
+    if annotation != "auto":
+        return annotation
+    if data.vertebrae is not None:
+        return "full"
+    if data.coarse is not None:
+        return "coarse"
+    if data.outlines is not None:
+        return "outline"
+    if data.boxes is not None:
+        return "box"
+    if data.points is not None:
+        return "point"
+    return "none"
+
+
+def _centroid_of(vid: int, data) -> np.ndarray | None:
+    from data_prep.scan import centroids_from_labelmap
+
+    for lab in (data.vertebrae, data.coarse, data.outlines):
+        if lab is not None:
+            c = centroids_from_labelmap(lab, [vid])
+            if vid in c:
+                return c[vid]
+    if data.boxes is not None:
+        ids, arr = data.boxes
+        if vid in ids:
+            return arr[ids.index(vid)].mean(0)
+    if data.points is not None:
+        ids, pts = data.points
+        if vid in ids:
+            return pts.coords[ids.index(vid)]
+    return None
+
+
+def build_samples(data_dir: str | Path, cfg: Stage2Config, *, annotation: str = "auto",
+                  ids: list[str] | None = None) -> list[Sample]:
+    """Patches + targets for every labelled vertebra of a canonical dataset folder (cached in memory).
+
+    ``annotation`` forces which body annotation is used (``"full"``, ``"coarse"``, ``"outline"``,
+    ``"box"``, ``"point"``, ``"none"``; ``"auto"`` = the strongest available per subject). Lesion maps
+    (``<id>_lesions``) are used when present.
+    """
+    from data_prep.dataset import VERTEBRA_LABELS_FILE, discover, load_subject
+    from data_prep.io import read_vertebra_labels_csv
+
+    if annotation not in ANNOTATION_KINDS:
+        raise ValueError(f"annotation must be one of {ANNOTATION_KINDS}, got {annotation!r}")
+    data_dir = Path(data_dir)
+    subjects = discover(data_dir)
+    labels_path = data_dir / VERTEBRA_LABELS_FILE
+    if not labels_path.is_file():
+        raise SpinepipeInputError(labels_path, "per-vertebra class labels not found (columns id,level,class[,confidence])")
+    table = read_vertebra_labels_csv(labels_path, list(cfg.classes))
+    wanted = set(ids) if ids is not None else None
+    samples: list[Sample] = []
+    for s in subjects:
+        if wanted is not None and s.id not in wanted:
+            continue
+        rows = table[table["id"] == s.id]
+        if rows.empty:
+            continue
+        data = load_subject(s)
+        kind = _choose_kind(annotation, data)
+        maps = {"vertebrae": data.vertebrae, "lesions": data.lesions, "outlines": data.outlines, "coarse": data.coarse}
+        sampler = PatchSampler(data.image, cfg.patch, {k: v for k, v in maps.items() if v is not None})
+        for r in rows.to_dict("records"):
+            vid = int(r["label"])
+            centre = _centroid_of(vid, data)
+            if centre is None:
+                log.warning("%s %s: no annotation locates this vertebra; skipped", s.id, r["level"])
+                continue
+            kw = {}
+            if kind == "box":
+                if data.boxes is None or vid not in data.boxes[0]:
+                    log.warning("%s %s: no box; skipped", s.id, r["level"])
+                    continue
+                kw["box_mm"] = data.boxes[1][data.boxes[0].index(vid)]
+            if kind == "point":
+                kw["point_mm"] = centre
+            if kind == "full" and data.vertebrae is None:
+                raise SpinepipeInputError(s.image, "annotation 'full' requested but no <id>_vertebrae file")
+            patch = sampler.crop(centre)
+            samples.append(sample_from_patch(patch, vid, int(r["class"]), cfg, confidence=float(r["confidence"]),
+                                             subject=s.id, kind=kind, **kw))
+        log.info("%s: %d vertebra patches (%s)", s.id, len(rows), kind)
+    if not samples:
+        raise SpinepipeInputError(data_dir, "no labelled vertebra could be cropped (check vertebra_labels.csv ids/levels)")
+    return samples
+
+
+def collate(samples: list[Sample]) -> dict[str, torch.Tensor]:
+    """Stack samples into ``(B, 1, I, J, K)`` tensors (``seg_allowed``: ``(B, 5, I, J, K)``)."""
+    def stack(fn, dtype=torch.float32):
+        return torch.from_numpy(np.stack([fn(s) for s in samples])).to(dtype)[:, None]
+
+    shape = samples[0].image.shape
+    zeros = np.zeros(shape, bool)
+    batch = {
+        "image": stack(lambda s: s.image),
+        "region": stack(lambda s: s.targets.region),
+        "body": stack(lambda s: s.targets.body),
+        "lesion": stack(lambda s: s.targets.lesion),
+        "heatmap": stack(lambda s: s.targets.heatmap),
+        "box": stack(lambda s: s.targets.box if s.targets.box is not None else zeros),
+        "ball": stack(lambda s: s.targets.point_ball if s.targets.point_ball is not None else zeros),
+        "seg_allowed": torch.from_numpy(np.stack([s.targets.seg_allowed for s in samples])).float(),
+        "cls": torch.tensor([s.cls for s in samples], dtype=torch.long),
+        "confidence": torch.tensor([s.confidence for s in samples], dtype=torch.float32),
+        "has_box": torch.tensor([s.targets.box is not None for s in samples]),
+        "has_ball": torch.tensor([s.targets.point_ball is not None for s in samples]),
+    }
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation
+# ---------------------------------------------------------------------------------------------
+def _rotation(ax: float, ay: float, az: float) -> torch.Tensor:
+    cx, sx, cy, sy, cz, sz = math.cos(ax), math.sin(ax), math.cos(ay), math.sin(ay), math.cos(az), math.sin(az)
+    rx = torch.tensor([[1, 0, 0], [0, cx, -sx], [0, sx, cx]], dtype=torch.float32)
+    ry = torch.tensor([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]], dtype=torch.float32)
+    rz = torch.tensor([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]], dtype=torch.float32)
+    return rz @ ry @ rx
+
+
+def augment(batch: dict[str, torch.Tensor], cfg: Stage2Config, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random spatial + intensity augmentation of a collated batch (new dict; inputs untouched).
+
+    Spatial (patch axes = world L, P, S): rotation mostly about the left-right axis (sagittal plane,
+    +-``max_rotation_deg``; +-3 deg about the others), translation +-4 mm, left-right flip. Never a
+    head-foot flip. Boxes stay axis-aligned: box samples get translation/flip only.
+    Intensity (pivot-based, no patch statistics): gamma, contrast about 0.5, smooth multiplicative bias
+    field, Gaussian noise.
+    """
+    tc = cfg.train
+    out = dict(batch)
+    img = batch["image"]
+    b = img.shape[0]
+    size = img.shape[-3:]
+    sp = cfg.patch.spacing_mm
+
+    def u(lo, hi, n=()):
+        return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+    thetas = []
+    flips = []
+    for i in range(b):
+        if float(u(0, 1)) > tc.aug_prob:
+            thetas.append(torch.cat([torch.eye(3), torch.zeros(3, 1)], 1))
+            flips.append(False)
+            continue
+        deg = math.radians(tc.max_rotation_deg)
+        small = math.radians(3.0)
+        if bool(batch["has_box"][i]):
+            r = torch.eye(3)
+        else:
+            r = _rotation(float(u(-deg, deg)), float(u(-small, small)), float(u(-small, small)))
+        t_mm = u(-4.0, 4.0, (3,))
+        # (i, j, k) physical -> grid_sample's (x=k, y=j, z=i) normalised coordinates
+        half = torch.tensor([(size[2] - 1) / 2 * sp, (size[1] - 1) / 2 * sp, (size[0] - 1) / 2 * sp]).clamp_min(1e-6)
+        perm = torch.tensor([[0, 0, 1], [0, 1, 0], [1, 0, 0]], dtype=torch.float32)  # ijk <-> xyz
+        rg = perm @ r @ perm
+        a = torch.diag(1 / half) @ rg @ torch.diag(half)
+        t = (perm @ t_mm) / half
+        thetas.append(torch.cat([a, t[:, None]], 1))
+        flips.append(bool(tc.lr_flip) and float(u(0, 1)) < 0.5)
+    theta = torch.stack(thetas)
+    grid = F.affine_grid(theta, (b, 1, *size), align_corners=True)
+
+    def warp(x, mode):
+        return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=True)
+
+    for k in ("image", "heatmap"):
+        out[k] = warp(batch[k], "bilinear")
+    for k in ("region", "body", "lesion", "box", "ball", "seg_allowed"):
+        out[k] = warp(batch[k], "nearest")
+    flip = torch.tensor(flips)
+    if flip.any():
+        for k in ("image", "heatmap", "region", "body", "lesion", "box", "ball", "seg_allowed"):
+            x = out[k].clone()
+            x[flip] = torch.flip(x[flip], dims=[2])  # axis 0 of (I, J, K) = left-right
+            out[k] = x
+
+    x = out["image"]
+    gam = torch.exp(u(-0.3, 0.3, (b, 1, 1, 1, 1)))
+    x = torch.sign(x) * x.abs().pow(gam)
+    x = (x - 0.5) * u(0.8, 1.25, (b, 1, 1, 1, 1)) + 0.5
+    coords = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, s) for s in size], indexing="ij"))  # (3, I, J, K)
+    coef = u(-0.15, 0.15, (b, 3, 1, 1, 1))
+    x = x * torch.exp((coef * coords[None]).sum(1, keepdim=True))
+    x = x + u(0.0, 0.05, (b, 1, 1, 1, 1)) * torch.randn(x.shape, generator=gen)
+    out["image"] = x
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------
+class Stage2Trainable(nn.Module):
+    """Network + loss balancing in one module (so DDP synchronises both)."""
+
+    def __init__(self, cfg: Stage2Config, class_weights: torch.Tensor | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.net = Stage2Net(cfg)
+        tasks = cfg.heads.enabled()
+        fixed = dict(zip(("cls", "seg", "heatmap", "recon"), cfg.loss.fixed_weights))
+        self.weighting = UncertaintyWeighting(tasks, cfg.loss.weighting, fixed)
+        self.register_buffer("class_weights", class_weights if class_weights is not None
+                             else torch.ones(len(cfg.classes)))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        """``(total loss, per-head losses, class logits (B, K) or None)``."""
+        cfg = self.cfg
+        out = self.net(batch["image"], batch["region"] if "cls" in self.net.heads else None)
+        parts: dict[str, torch.Tensor] = {}
+        if "cls" in out:
+            t = soft_targets(batch["cls"], batch["confidence"], len(cfg.classes))
+            parts["cls"] = soft_cross_entropy(out["cls"], t, self.class_weights)
+        if "seg" in out:
+            seg = set_cross_entropy(out["seg"], batch["seg_allowed"] > 0.5)
+            pbody = self.net.body_probability(out["seg"])
+            if bool(batch["has_box"].any()):
+                sel = batch["has_box"]
+                seg = seg + box_tightness_loss(pbody[sel], batch["box"][sel] > 0.5)
+                pc = torch.softmax(out["seg"][sel], 1)[:, SEG_CENTRE:SEG_CENTRE + 1]
+                seg = seg + box_emptiness_loss(pc, batch["box"][sel] > 0.5)
+            if bool(batch["has_ball"].any()):
+                sel = batch["has_ball"]
+                seg = seg + point_loss(pbody[sel], batch["ball"][sel] > 0.5)
+                seg = seg + size_prior_loss(pbody[sel], voxel_volume_ml(cfg.patch.spacing_mm), cfg.loss.body_volume_ml)
+            parts["seg"] = seg
+        if "heatmap" in out:
+            parts["heatmap"] = heatmap_loss(out["heatmap"], batch["heatmap"])
+        if "recon" in out:
+            parts["recon"] = recon_loss(out["recon"], batch["image"])
+        return self.weighting(parts), parts, out.get("cls")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training loop
+# ---------------------------------------------------------------------------------------------
+def _epoch_order(n: int, seed: int, epoch: int, world: int, rank: int, batch_size: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    per_rank = math.ceil(n / world)
+    full = (perm * (world + 1))[: per_rank * world]
+    mine = full[rank::world]
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def _lr(cfg: Stage2Config, epoch: int) -> float:
+    """Cosine decay over ``train.epochs`` with one warm epoch at full rate."""
+    e, n = epoch, max(1, cfg.train.epochs)
+    return cfg.train.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(e, n) / n)))
+
+
+def train_on_samples(samples: list[Sample], cfg: Stage2Config, out_dir: str | Path, *, resume: bool = False,
+                     stop_after_epoch: int | None = None, dist_info: DistInfo | None = None,
+                     callback: Callable[[int, "Stage2Trainable", dict], None] | None = None) -> Path:
+    """Train on in-memory samples; write ``out_dir`` (model, ``train_state.pt``, ``train_log.csv``).
+
+    ``stop_after_epoch`` ends the run after that many epochs in total (simulates an interruption; the
+    state written is exactly what a killed run leaves). Under ``torchrun`` pass ``dist_info`` (or let it
+    be initialised here): the model is wrapped in ``DistributedDataParallel``, each rank trains on its
+    shard of every epoch, rank 0 writes the files. ``callback(epoch, module, log_row)`` runs on every
+    rank after each epoch (benchmarks, tests).
+    """
+    cfg.validate()
+    out_dir = Path(out_dir)
+    di = dist_info or init_distributed()
+    tc = cfg.train
+    if tc.num_threads > 0:
+        torch.set_num_threads(tc.num_threads)
+    seed_everything(tc.seed)
+    counts = np.bincount([s.cls for s in samples], minlength=len(cfg.classes))
+    cw = (torch.tensor(cfg.loss.class_weights, dtype=torch.float32) if cfg.loss.class_weights
+          else inverse_frequency_weights(counts.tolist()))
+    module = Stage2Trainable(cfg, cw).to(di.device)
+    # loss-balancing weights learn slowly and without decay (a fast learner collapses onto the easiest head)
+    groups = [{"params": list(module.net.parameters()), "lr_scale": 1.0, "weight_decay": tc.weight_decay},
+              {"params": list(module.weighting.parameters()), "lr_scale": cfg.loss.weighting_lr_scale, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=tc.lr)
+    start, rows = 0, []
+    if resume:
+        state = load_train_state(out_dir)
+        if state is None:
+            log.warning("%s: no train_state.pt to resume from; starting from scratch", out_dir)
+        else:
+            saved = state.get("config")
+            if saved != config_to_dict(cfg):
+                raise SpinepipeInputError(out_dir / "train_state.pt",
+                                          "cannot resume: the saved training configuration differs from this run's")
+            module.load_state_dict(state["module"])
+            opt.load_state_dict(state["optimizer"])
+            start = int(state["epoch"])
+            rows = list(state.get("log", []))
+            log.info("resuming at epoch %d", start + 1)
+    train_mod: nn.Module = module
+    if di.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_mod = DDP(module, device_ids=[di.device.index] if di.device.type == "cuda" else None)
+    end = tc.epochs if stop_after_epoch is None else min(tc.epochs, stop_after_epoch)
+    for epoch in range(start, end):
+        t0 = time.time()
+        torch.manual_seed(tc.seed * 7919 + epoch * 131 + di.rank)  # dropout etc.
+        gen = torch.Generator().manual_seed(tc.seed * 1000003 + epoch * 1009 + di.rank)
+        for grp in opt.param_groups:
+            grp["lr"] = _lr(cfg, epoch) * grp["lr_scale"]
+        module.train()
+        sums: dict[str, float] = {}
+        n_seen, n_correct, n_batches = 0, 0, 0
+        for idx in _epoch_order(len(samples), tc.seed, epoch, di.world_size, di.rank, tc.batch_size):
+            batch = collate([samples[i] for i in idx])
+            if tc.aug_prob > 0:
+                batch = augment(batch, cfg, gen)
+            batch = {k: v.to(di.device) for k, v in batch.items()}
+            opt.zero_grad(set_to_none=True)
+            total, parts, logits = train_mod(batch)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(module.parameters(), 5.0)
+            opt.step()
+            n_batches += 1
+            sums["loss"] = sums.get("loss", 0.0) + float(total.detach())
+            for k, v in parts.items():
+                sums[f"loss_{k}"] = sums.get(f"loss_{k}", 0.0) + float(v.detach())
+            if logits is not None:
+                n_correct += int((logits.argmax(1) == batch["cls"]).sum())
+            n_seen += len(idx)
+        row = {"epoch": epoch + 1, **{k: v / max(n_batches, 1) for k, v in sums.items()},
+               "train_acc": n_correct / max(n_seen, 1), "lr": _lr(cfg, epoch), "seconds": time.time() - t0,
+               **{f"w_{k}": v for k, v in module.weighting.weights().items()}}
+        rows.append(row)
+        if di.is_main:
+            _write_epoch(out_dir, module, opt, cfg, epoch + 1, rows, len(samples))
+        log.info("epoch %d/%d loss %.4f acc %.3f (%.1fs)", epoch + 1, tc.epochs, row["loss"], row["train_acc"], row["seconds"])
+        if callback is not None:
+            callback(epoch + 1, module, row)
+        if di.distributed:
+            torch.distributed.barrier()
+    if di.is_main and start >= end and not (out_dir / "config.json").exists():
+        _write_epoch(out_dir, module, opt, cfg, end, rows, len(samples))
+    return out_dir
+
+
+def _write_epoch(out_dir: Path, module: Stage2Trainable, opt, cfg: Stage2Config, epoch: int, rows: list[dict],
+                 n_samples: int) -> None:
+    save_model(out_dir, module.net.state_dict(), cfg, kind="stage2",
+               extra={"epoch": epoch, "n_samples": n_samples, "loss_weights": module.weighting.weights()})
+    save_train_state(out_dir, {"epoch": epoch, "module": module.state_dict(), "optimizer": opt.state_dict(),
+                               "config": config_to_dict(cfg), "log": rows})
+    write_csv(pd.DataFrame(rows), out_dir / LOG_FILE)
+
+
+def train_stage2(data_dir: str | Path, out_dir: str | Path, config: Stage2Config | None = None,
+                 resume: bool = False, *, annotation: str = "auto", ids: list[str] | None = None) -> Path:
+    """Train stage 2 on a canonical dataset folder; returns ``out_dir`` (a loadable model folder)."""
+    cfg = config or Stage2Config()
+    cfg.validate()
+    di = init_distributed()
+    try:
+        samples = build_samples(data_dir, cfg, annotation=annotation, ids=ids)
+        log.info("%d vertebra patches; classes %s", len(samples),
+                 np.bincount([s.cls for s in samples], minlength=len(cfg.classes)).tolist())
+        return train_on_samples(samples, cfg, out_dir, resume=resume, dist_info=di)
+    finally:
+        cleanup_distributed()
+
+
+def load_config_json(path: str | Path) -> Stage2Config:
+    import json
+
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SpinepipeInputError(p, f"cannot read config JSON: {exc}") from None
+    return config_from_dict(Stage2Config, data, source=p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="stage2_classify.train", description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", default="models/stage2")
+    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--config", help="Stage2Config JSON (fields of the dataclass)")
+    ap.add_argument("--annotation", default="auto", choices=ANNOTATION_KINDS)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_config_json(args.config) if args.config else Stage2Config()
+    if args.epochs is not None:
+        cfg.train.epochs = args.epochs
+    if args.seed is not None:
+        cfg.train.seed = args.seed
+    try:
+        train_stage2(args.data, args.out, cfg, resume=args.resume, annotation=args.annotation)
+    except SpinepipeInputError as exc:
+        logging.getLogger(__name__).error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,146 @@
+"""Inference geometry and outputs, with stand-in networks that output known maps."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from data_prep import checkpoint
+from data_prep.errors import SpinepipeInputError
+from data_prep.scan import Scan, Vertebra, level_id
+from stage1_localize.config import NetworkPlan, Stage1Config
+from stage1_localize.infer import CENTROID_COLUMNS, CUT_FLAG, Localizer, find_peaks, write_centroids_csv
+from stage1_localize.model import LocalizerNet
+from stage1_localize.preprocess import prepare
+from stage1_localize.targets import centre_heatmap, level_indices, level_map
+
+# Sagittal acquisition, anisotropic 0.8 x 0.8 x 4 mm: voxel i runs head->foot (world -z), j anterior->
+# posterior (+y), k right->left (+x, the 4 mm slice direction). Oblique-free but fully permuted/flipped.
+DIRECTION = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])
+SPACING = np.array([0.8, 0.8, 4.0])
+ORIGIN = np.array([-30.0, -50.0, 120.0])
+NAMES = ["L1", "L2", "L3", "L4"]
+
+
+def _truth_world() -> np.ndarray:
+    # x off the slice centres on purpose; bodies 35 mm apart head to foot, slight lordosis in y
+    return np.array([[-7.3, 10.0 + 3 * i, 85.0 - 35.0 * i] for i in range(len(NAMES))])
+
+
+def _scan_with_blobs(world: np.ndarray, shape=(250, 150, 14), sigma_mm=6.0) -> Scan:
+    scan = Scan(np.zeros(shape, np.float32), SPACING, ORIGIN, DIRECTION, name="synthetic")
+    ijk = scan.world_to_voxel(world).coords
+    grids = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    arr = np.zeros(shape, np.float64)
+    for p in ijk:
+        d2 = sum(((g - c) * sp) ** 2 for g, c, sp in zip(grids, p, SPACING))
+        arr = np.maximum(arr, np.exp(-d2 / (2 * sigma_mm**2)))
+    return scan.with_array((arr * 200 + 10).astype(np.float32))
+
+
+class StandIn(torch.nn.Module):
+    """Ignores its input; returns fixed heatmap / level logits (on the prepared grid)."""
+
+    divisor = (1, 1, 1)
+
+    def __init__(self, heat: np.ndarray, level_logits: torch.Tensor):
+        super().__init__()
+        h = np.clip(heat, 1e-4, 1 - 1e-4)
+        self.heat_logits = torch.from_numpy(np.log(h / (1 - h))).float()
+        self.level_logits = level_logits
+
+    def forward(self, x):
+        assert tuple(x.shape[-3:]) == tuple(self.heat_logits.shape)
+        return {"heatmap": self.heat_logits[None, None], "levels": self.level_logits[None]}
+
+
+def _config():
+    return Stage1Config(target_spacing=(3.0, 3.0, 3.0), border_mm=12.0)
+
+
+def test_peak_world_coordinates_survive_reorientation_and_anisotropy():
+    cfg = _config()
+    truth = _truth_world()
+    scan = _scan_with_blobs(truth)
+    assert scan.orientation_code() != "LPS"
+    grid = prepare(scan, cfg)
+    idx = level_indices([level_id(n) for n in NAMES], cfg.levels)
+    lmap = level_map(grid.shape, grid.world_to_voxel(truth).coords, idx, grid.spacing, 15.0)
+    logits = torch.zeros((len(cfg.levels),) + grid.shape)
+    for c in range(len(cfg.levels)):
+        logits[c][torch.from_numpy(lmap == c)] = 8.0
+    heat = centre_heatmap(grid.shape, grid.world_to_voxel(truth).coords, grid.spacing, 6.0)
+    verts = Localizer(net=StandIn(heat, logits), config=cfg).localize(scan)
+    assert [v.level for v in verts] == NAMES
+    got = np.array([v.centroid_world for v in verts])
+    err = np.linalg.norm(got - truth, axis=1)
+    assert err.max() < 1.5, err  # half a 3 mm voxel
+    assert all(0.0 < v.confidence <= 1.0 for v in verts)
+    # L1 sits 35 mm below the top of a 200 mm FOV -> not cut; all are inside the LR slab (56 mm wide)
+    assert all(CUT_FLAG not in v.flags for v in verts)
+
+
+def test_preprocessing_keeps_image_content_at_its_world_position():
+    # one blob in a permuted/flipped anisotropic scan: its centre of mass after reorientation,
+    # anti-aliasing, resampling and intensity clipping is where it was in world mm
+    truth = _truth_world()[1:2]
+    scan = _scan_with_blobs(truth)
+    grid = prepare(scan, _config())
+    a = grid.array.astype(np.float64)
+    a = np.where(a > 0.3 * a.max(), a, 0.0)
+    com_ijk = (np.indices(a.shape).reshape(3, -1) * a.reshape(-1)).sum(1) / a.sum()
+    assert np.linalg.norm(grid.voxel_to_world(com_ijk).coords[0] - truth[0]) < 0.5
+    assert np.allclose(grid.spacing, 3.0) and grid.orientation_code() == "LPS"
+
+
+def test_vertebra_near_the_fov_edge_is_flagged():
+    cfg = _config()
+    truth = _truth_world()
+    truth[:, 2] += 30.0  # L1 now 5 mm below the top edge (z = 120 + 0.4 mm)
+    scan = _scan_with_blobs(truth)
+    grid = prepare(scan, cfg)
+    logits = torch.zeros((len(cfg.levels),) + grid.shape)
+    heat = centre_heatmap(grid.shape, grid.world_to_voxel(truth).coords, grid.spacing, 6.0)
+    verts = Localizer(net=StandIn(heat, logits), config=cfg).localize(scan)
+    assert len(verts) == 4
+    top = max(verts, key=lambda v: v.centroid_world[2])
+    assert CUT_FLAG in top.flags
+    assert sum(CUT_FLAG in v.flags for v in verts) == 1
+
+
+def test_find_peaks_nms_in_mm():
+    h = np.zeros((10, 10, 30))
+    h[5, 5, 5], h[5, 5, 8], h[5, 5, 25] = 0.9, 0.8, 0.7  # 9 mm apart at 3 mm: suppressed by 15 mm NMS
+    ijk, vals = find_peaks(h, (3.0, 3.0, 3.0), 0.25, 15.0, 10)
+    assert np.allclose(vals, [0.9, 0.7])
+    assert np.allclose(ijk, [[5, 5, 5], [5, 5, 25]])
+    ijk, vals = find_peaks(h, (3.0, 3.0, 1.0), 0.25, 15.0, 10)  # 3 mm apart along k: still one; 20 mm: two
+    assert len(vals) == 2
+
+
+def test_centroid_csv_columns_exact(tmp_path):
+    verts = [Vertebra(level_id("L2"), [1.0, 2.0, 3.0], confidence=0.5, flags=["transitional?", CUT_FLAG]),
+             Vertebra(level_id("L1"), [1.0, 2.0, 40.0], confidence=0.9)]
+    p = write_centroids_csv(verts, tmp_path / "x_centroids.csv")
+    df = pd.read_csv(p, keep_default_na=False)
+    assert list(df.columns) == CENTROID_COLUMNS == ["level", "label", "x_mm", "y_mm", "z_mm", "confidence", "flags"]
+    assert df["level"].tolist() == ["L1", "L2"] and df["label"].tolist() == [20, 21]
+    assert df.loc[1, "flags"] == "transitional?;cut_by_fov" and df.loc[0, "flags"] == ""
+    assert np.allclose(df[["x_mm", "y_mm", "z_mm"]].to_numpy()[1], [1, 2, 3])
+
+
+def test_localizer_loads_saved_model_and_rejects_missing(tmp_path):
+    cfg = Stage1Config(plan=NetworkPlan(pool_kernels=((1, 1, 1), (2, 2, 2), (2, 2, 2)),
+                                        conv_kernels=((3, 3, 3),) * 3, base_features=4))
+    torch.manual_seed(0)
+    net = LocalizerNet(cfg)
+    checkpoint.save_model(tmp_path / "m", net.state_dict(), cfg, kind="stage1")
+    loc = Localizer(tmp_path / "m", device="cpu")
+    assert loc.config == cfg
+    scan = _scan_with_blobs(_truth_world(), shape=(120, 80, 8))
+    verts = loc.localize(scan)  # untrained: any (possibly empty) ordered list, but it must run
+    ranks = [v.label for v in verts]
+    assert len(ranks) == len(set(ranks))
+    with pytest.raises(SpinepipeInputError, match="make train-stage1"):
+        Localizer(tmp_path / "nothing")

@@ -1,0 +1,50 @@
+"""Network shapes: odd volume sizes, divisor padding, heads and parameter budget."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from stage1_localize.config import Stage1Config
+from stage1_localize.model import LocalizerNet, pad_to_divisor, predict_volume
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return LocalizerNet(Stage1Config()).eval()
+
+
+def test_heads_are_a_moduledict_and_small(net):
+    assert isinstance(net.heads, torch.nn.ModuleDict)
+    assert set(net.heads) == {"heatmap", "levels"}
+    n_params = sum(p.numel() for p in net.parameters())
+    assert 10_000 < n_params < 2_000_000
+
+
+@pytest.mark.parametrize("shape", [(25, 61, 97), (7, 13, 40), (32, 64, 96)])
+def test_forward_on_odd_shapes(net, shape):
+    x = torch.randn(1, 1, *shape)
+    with torch.no_grad():
+        out = predict_volume(net, x, net.divisor)
+    assert out["heatmap"].shape == (1, 1, *shape)
+    assert out["levels"].shape == (1, Stage1Config().n_levels, *shape)
+    assert torch.isfinite(out["heatmap"]).all()
+
+
+def test_pad_keeps_index_origin():
+    x = torch.arange(5 * 6 * 7, dtype=torch.float32).reshape(1, 1, 5, 6, 7)
+    xp, size = pad_to_divisor(x, (4, 4, 8), value=-1.0)
+    assert xp.shape[-3:] == (8, 8, 8) and size == (5, 6, 7)
+    assert torch.equal(xp[..., :5, :6, :7], x)
+    assert float(xp[0, 0, 7, 7, 7]) == -1.0
+
+
+def test_cpu_inference_speed(net):
+    # a 1 mm lumbar scan of 381 x 381 x 76 is ~ 26 x 128 x 128 at 3 mm; budget is <= 5 s per scan
+    x = torch.randn(1, 1, 26, 128, 128)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        predict_volume(net, x, net.divisor)
+    assert time.perf_counter() - t0 < 5.0

@@ -1,0 +1,87 @@
+"""THE evidence guarantee: the class verdict is a function of the voxels inside the dilated region only."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stage2_classify.config import HeadsConfig, ModelConfig, tiny_config
+from stage2_classify.model import Stage2Net
+from stage2_classify.patches import dilate, ellipsoid_prior
+
+
+def _setup(seed: int, shape=(12, 16, 16), **cfg_kw):
+    torch.manual_seed(seed)
+    cfg = tiny_config(**cfg_kw)
+    net = Stage2Net(cfg)
+    rng = np.random.default_rng(seed)
+    body = ellipsoid_prior(shape, (np.array(shape) - 1) / 2 + rng.uniform(-1, 1, 3), np.array([4.0, 3.0, 2.5]))
+    region = torch.from_numpy(dilate(body, cfg.margin_vox).astype(np.float32))[None, None]
+    image = torch.from_numpy(rng.normal(0.5, 0.3, shape).astype(np.float32))[None, None]
+    return net, image, region
+
+
+def _probs(net, image, region):
+    with torch.no_grad():
+        return torch.softmax(net(image, region)["cls"], dim=1)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_outside_voxels_cannot_change_the_verdict(seed, mode):
+    net, image, region = _setup(seed)
+    # random (not trained) weights, but make the classifier sensitive: larger final layer
+    with torch.no_grad():
+        net.heads["cls"].mlp[-1].weight.mul_(20.0)
+    getattr(net, mode)()
+    p0 = _probs(net, image, region)
+    g = torch.Generator().manual_seed(100 + seed)
+    outside = region < 0.5
+    for scale in (1.0, 100.0, 1e4):
+        changed = image.clone()
+        changed[outside] = scale * torch.randn(int(outside.sum()), generator=g)
+        p1 = _probs(net, changed, region)
+        assert float((p1 - p0).abs().max()) <= 1e-6
+    # negative control: one voxel INSIDE the region does change the verdict
+    inside_idx = torch.nonzero(region[0, 0] > 0.5)[0]
+    changed = image.clone()
+    changed[0, 0, inside_idx[0], inside_idx[1], inside_idx[2]] += 50.0
+    assert float((_probs(net, changed, region) - p0).abs().max()) > 1e-4
+
+
+def test_invariance_odd_shape_heads_off_and_batch_independence():
+    cfg_kw = dict(heads=HeadsConfig(cls=True, seg=False, heatmap=False, recon=True),
+                  model=ModelConfig(base_channels=4, levels=3, dropout=0.0))
+    net, image, region = _setup(5, shape=(11, 13, 9), **cfg_kw)
+    with torch.no_grad():
+        net.heads["cls"].mlp[-1].weight.mul_(20.0)
+    net.train()  # per-sample InstanceNorm only: train mode must not mix samples or see outside voxels
+    other = torch.randn_like(image)
+    batch = torch.cat([image, other])
+    regions = torch.cat([region, torch.ones_like(region)])
+    p0 = torch.softmax(net(batch, regions)["cls"], 1)[0]
+    changed = image.clone()
+    changed[region < 0.5] = 1e3
+    batch2 = torch.cat([changed, 5 * torch.randn_like(image)])  # other sample changed everywhere
+    p1 = torch.softmax(net(batch2, regions)["cls"], 1)[0]
+    assert float((p1 - p0).abs().max()) <= 1e-6
+
+
+def test_aux_heads_do_see_outside():
+    """Sanity: the auxiliary path uses the full patch (so the invariance above is not trivial)."""
+    net, image, region = _setup(3)
+    net.eval()
+    s0 = net(image, region)["seg"]
+    changed = image.clone()
+    changed[region < 0.5] = 10.0
+    assert float((net(changed, region)["seg"] - s0).abs().max()) > 1e-3
+
+
+def test_integrated_gradients_zero_outside_region():
+    from stage2_classify.evidence import integrated_gradients
+
+    net, image, region = _setup(7)
+    attr, target = integrated_gradients(net, image, region, n_steps=4)
+    assert attr.shape == tuple(image.shape[2:])
+    assert np.all(attr[region[0, 0].numpy() < 0.5] == 0.0)
+    assert np.abs(attr[region[0, 0].numpy() > 0.5]).sum() > 0

@@ -1,0 +1,148 @@
+"""Weak-label and multitask losses on tiny tensors with exact expected values."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stage2_classify.losses import (
+    UncertaintyWeighting,
+    band_targets,
+    binary_partial_bce,
+    box_emptiness_loss,
+    box_tightness_loss,
+    inverse_frequency_weights,
+    partial_cross_entropy,
+    point_loss,
+    set_cross_entropy,
+    size_prior_loss,
+    soft_cross_entropy,
+    soft_targets,
+)
+
+EPS = 1e-6
+
+
+def test_soft_targets_and_soft_ce():
+    t = soft_targets(torch.tensor([0, 2]), torch.tensor([0.7, 1.0]), 3)
+    torch.testing.assert_close(t, torch.tensor([[0.7, 0.15, 0.15], [0.0, 0.0, 1.0]]))
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
+    onehot = soft_targets(torch.tensor([1, 2]), torch.ones(2), 3)
+    torch.testing.assert_close(soft_cross_entropy(logits, onehot), F.cross_entropy(logits, torch.tensor([1, 2])))
+    w = torch.tensor([1.0, 2.0, 3.0])
+    torch.testing.assert_close(soft_cross_entropy(logits, onehot, w),
+                               F.cross_entropy(logits, torch.tensor([1, 2]), weight=w))
+    manual = -(t[0] * F.log_softmax(logits[0], 0)).sum()
+    torch.testing.assert_close(soft_cross_entropy(logits[:1], t[:1]), manual)
+
+
+def test_partial_cross_entropy_ignores():
+    logits = torch.randn(1, 3, 2, 2, 2)
+    target = torch.full((1, 2, 2, 2), 255)
+    assert float(partial_cross_entropy(logits, target)) == 0.0
+    target[0, 0, 0, 0] = 2
+    target[0, 1, 1, 1] = 0
+    lp = F.log_softmax(logits, 1)
+    expected = -(lp[0, 2, 0, 0, 0] + lp[0, 0, 1, 1, 1]) / 2
+    torch.testing.assert_close(partial_cross_entropy(logits, target), expected)
+
+
+def test_set_cross_entropy_exact():
+    logits = torch.tensor([1.0, 2.0, 0.0, -1.0, 0.5]).view(1, 5, 1, 1, 1).repeat(1, 1, 3, 1, 1)
+    allowed = torch.zeros(1, 5, 3, 1, 1, dtype=torch.bool)
+    allowed[0, 1, 0] = True  # voxel 0: one class -> ordinary CE
+    allowed[0, [0, 3], 1] = True  # voxel 1: {0, 3}
+    allowed[0, :, 2] = True  # voxel 2: everything -> unsupervised
+    p = torch.softmax(logits[0, :, 0, 0, 0], 0)
+    expected = (-torch.log(p[1]) - torch.log(p[0] + p[3])) / 2
+    torch.testing.assert_close(set_cross_entropy(logits, allowed), expected)
+    assert float(set_cross_entropy(logits, torch.ones_like(allowed))) == 0.0
+
+
+def test_band_targets_outline_interior_band_exterior():
+    m = torch.zeros(1, 1, 9, 9, 9)
+    m[0, 0, 2:7, 2:7, 2:7] = 1
+    t = band_targets(m, inner_vox=1, outer_vox=1)
+    assert t.shape == (1, 9, 9, 9)
+    assert torch.all(t[0, 3:6, 3:6, 3:6] == 1) and int((t == 1).sum()) == 27  # eroded 3^3 cube
+    assert int(t[0, 2, 4, 4]) == 255 and int(t[0, 1, 4, 4]) == 255  # boundary band (inside + outside)
+    assert int(t[0, 0, 4, 4]) == 0 and int((t == 0).sum()) == 9**3 - 7**3
+    # a prediction equal to the eroded core and empty outside the dilation has exactly zero loss
+    prob = (t == 1).float()
+    assert float(binary_partial_bce(prob, t)) == 0.0
+    prob[0, 0, 0, 0] = 0.5  # a negative voxel at 0.5
+    assert float(binary_partial_bce(prob, t)) == pytest.approx(math.log(2) / (27 + 9**3 - 7**3), rel=1e-5)
+
+
+def _latin_box():
+    """3x3x3 box inside 5x5x5 with p = 1 on (i + j + k) % 3 == 0: every axis-parallel line hits once."""
+    box = torch.zeros(1, 1, 5, 5, 5, dtype=torch.bool)
+    box[0, 0, 1:4, 1:4, 1:4] = True
+    p = torch.zeros(1, 1, 5, 5, 5)
+    for i in range(3):
+        for j in range(3):
+            for k in range(3):
+                if (i + j + k) % 3 == 0:
+                    p[0, 0, 1 + i, 1 + j, 1 + k] = 1.0
+    return p, box
+
+
+def test_box_tightness_zero_when_every_line_is_touched():
+    p, box = _latin_box()
+    assert int(p.sum()) == 9
+    assert float(box_tightness_loss(p, box)) == 0.0
+    # remove one voxel: exactly three lines (one per axis) become empty -> 3 * -log(eps) / 27 lines
+    p[0, 0, 1, 1, 1] = 0.0
+    expected = 3 * -math.log(EPS) / 27
+    assert float(box_tightness_loss(p, box)) == pytest.approx(expected, rel=1e-5)
+    # a mask filling only one slab of the box misses lines along the other axes
+    slab = torch.zeros_like(p)
+    slab[0, 0, 2, 1:4, 1:4] = 1.0
+    assert float(box_tightness_loss(slab, box)) > 0
+
+
+def test_box_emptiness():
+    p, box = _latin_box()
+    assert float(box_emptiness_loss(p, box)) == 0.0
+    p[0, 0, 0, 0, 0] = 0.5
+    n_out = 125 - 27
+    assert float(box_emptiness_loss(p, box)) == pytest.approx(math.log(2) / n_out, rel=1e-5)
+
+
+def test_point_and_size_prior():
+    ball = torch.zeros(1, 1, 4, 4, 4, dtype=torch.bool)
+    ball[0, 0, 1:3, 1:3, 1:3] = True
+    p = ball.float()
+    assert float(point_loss(p, ball)) == 0.0
+    assert float(point_loss(0.5 * p, ball)) == pytest.approx(math.log(2), rel=1e-6)
+    # 8 voxels of 1 ml: inside [5, 10] -> 0; range [10, 20] -> ((10 - 8) / 20)^2
+    assert float(size_prior_loss(p, 1.0, (5.0, 10.0))) == 0.0
+    assert float(size_prior_loss(p, 1.0, (10.0, 20.0))) == pytest.approx((2.0 / 20.0) ** 2)
+    assert float(size_prior_loss(p, 1.0, (1.0, 4.0))) == pytest.approx((4.0 / 4.0) ** 2)
+    assert float(size_prior_loss(p, 1.0, (10.0, 20.0), valid=torch.tensor([False]))) == 0.0
+
+
+def test_uncertainty_weighting():
+    w = UncertaintyWeighting(["cls", "seg"])
+    losses = {"cls": torch.tensor(2.0), "seg": torch.tensor(0.5)}
+    total = w(losses)
+    assert float(total.detach()) == pytest.approx(2.5)
+    total.backward()
+    # d/ds (exp(-s) L + s) at s = 0 is 1 - L
+    torch.testing.assert_close(w.log_vars.grad, torch.tensor([1 - 2.0, 1 - 0.5]))
+    with torch.no_grad():
+        w.log_vars[0] = math.log(2.0)
+    assert float(w(losses).detach()) == pytest.approx(2.0 / 2 + math.log(2.0) + 0.5)
+    assert float(w({"seg": torch.tensor(1.0)}).detach()) == pytest.approx(1.0)  # absent task skipped
+    f = UncertaintyWeighting(["cls", "seg"], "fixed", {"cls": 2.0, "seg": 0.5})
+    assert float(f(losses)) == pytest.approx(4.25)
+    with pytest.raises(ValueError):
+        UncertaintyWeighting(["cls"], "magic")
+
+
+def test_inverse_frequency_weights():
+    w = inverse_frequency_weights([10, 5, 0])
+    np.testing.assert_allclose(w.numpy(), [15 / 20, 15 / 10, 0.0])

@@ -1,0 +1,134 @@
+"""Patch geometry: a world point lands at the same patch voxel for any input orientation/spacing."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from data_prep.scan import Scan
+from stage2_classify.config import PatchConfig, tiny_config
+from stage2_classify.patches import (
+    PatchSampler,
+    build_targets,
+    crop_patch,
+    paste_to_reference,
+    patch_grid,
+    spine_aligned_direction,
+)
+
+# odd shape (25, 33, 33) so the centroid falls exactly on a voxel centre
+CFG = PatchConfig(size_mm=(50.0, 66.0, 66.0), spacing_mm=2.0)
+
+
+def _rot(axis: int, deg: float) -> np.ndarray:
+    a = np.radians(deg)
+    c, s = np.cos(a), np.sin(a)
+    i, j = [k for k in range(3) if k != axis]
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+
+GEOMETRIES = {
+    "identity": (np.eye(3), (1.0, 1.0, 1.0)),
+    "permuted_sagittal": (np.array([[0, 0, 1], [0, 1, 0], [-1, 0, 0]], float).T, (0.9, 0.9, 3.5)),
+    "flipped": (np.diag([-1.0, -1.0, 1.0]), (1.2, 0.8, 2.0)),
+    "oblique": (_rot(0, 17.0) @ _rot(2, -11.0) @ np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]], float), (0.7, 1.1, 4.0)),
+}
+
+
+def _scan_with_bright_voxel(direction, spacing, shape=(60, 70, 40)):
+    arr = np.zeros(shape, np.float32)
+    ijk = np.array(shape) // 2 + np.array([3, -5, 2])
+    arr[tuple(ijk)] = 1000.0
+    scan = Scan(arr, spacing, origin=(-31.0, 12.5, 140.0), direction=direction)
+    return scan, scan.voxel_to_world(ijk.astype(float)).coords[0]
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_bright_voxel_lands_at_patch_centre(name):
+    direction, spacing = GEOMETRIES[name]
+    scan, world = _scan_with_bright_voxel(direction, spacing)
+    patch = crop_patch(scan, world, CFG)
+    assert patch.shape == (25, 33, 33)
+    centre = tuple((np.array(patch.shape) - 1) // 2)
+    assert np.unravel_index(np.argmax(patch.array), patch.shape) == centre
+    assert patch.array[centre] == pytest.approx(1000.0, rel=1e-4)
+    # patch geometry maps the centre voxel back to the world point
+    np.testing.assert_allclose(patch.voxel_to_world(np.array(centre, float)).coords[0], world, atol=1e-6)
+    np.testing.assert_allclose(patch.direction, np.eye(3))
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_offset_point_and_paste_back(name):
+    direction, spacing = GEOMETRIES[name]
+    scan, world = _scan_with_bright_voxel(direction, spacing)
+    # crop 6 mm superior and 4 mm left of the bright voxel: it must appear 3 voxels below / 2 right of centre
+    patch = crop_patch(scan, world + np.array([4.0, 0.0, 6.0]), CFG)
+    centre = (np.array(patch.shape) - 1) // 2
+    assert tuple(np.unravel_index(np.argmax(patch.array), patch.shape)) == tuple(centre + np.array([-2, 0, -3]))
+    # paste a one-voxel map back: it lands on the input voxel of the bright point
+    m = np.zeros(patch.shape, np.float32)
+    m[tuple(centre + np.array([-2, 0, -3]))] = 1.0
+    back = paste_to_reference(patch.with_array(m), scan, is_label=True)
+    assert back.same_geometry(scan)
+    hit = np.argwhere(back.array > 0.5)
+    assert len(hit) >= 1
+    np.testing.assert_allclose(scan.voxel_to_world(hit.mean(0)).coords[0], world, atol=max(spacing))
+
+
+def test_sampler_matches_crop_and_labels_stay_integer():
+    direction, spacing = GEOMETRIES["oblique"]
+    scan, world = _scan_with_bright_voxel(direction, spacing)
+    lab = np.zeros(scan.shape, np.int16)
+    lab[25:35, 30:40, 15:25] = 20
+    labels = scan.with_array(lab)
+    sampler = PatchSampler(scan, CFG, {"vertebrae": labels}, normalise=False)
+    p = sampler.crop(world)
+    np.testing.assert_allclose(p.image, crop_patch(scan, world, CFG).array, atol=1e-3)
+    assert set(np.unique(p.labels["vertebrae"]).tolist()) <= {0, 20}
+    assert 0.0 < p.fov <= 1.0
+
+
+def test_patch_grid_centre_and_spine_direction():
+    g = patch_grid(np.array([1.0, 2.0, 3.0]), PatchConfig(size_mm=(48, 64, 64), spacing_mm=2.0))
+    assert g.shape == (24, 32, 32)
+    np.testing.assert_allclose(g.voxel_to_world((np.array(g.shape) - 1) / 2.0).coords[0], [1, 2, 3])
+    d = spine_aligned_direction(np.array([0.0, 0.3, 1.0]))
+    np.testing.assert_allclose(d.T @ d, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(d[:, 2], np.array([0, 0.3, 1.0]) / np.linalg.norm([0, 0.3, 1.0]))
+    assert np.linalg.det(d) == pytest.approx(1.0)
+
+
+def test_build_targets_full_masks():
+    cfg = tiny_config()
+    from tests.stage2_classify.conftest import toy_patch
+
+    patch, label = toy_patch(cfg, 1, np.random.default_rng(3))
+    t = build_targets(patch, label, cfg, kind="full")
+    body = patch.labels["vertebrae"] == label
+    assert np.array_equal(t.body, body)
+    assert t.region[body].all() and t.region.sum() > body.sum()
+    # labelled voxels have exactly one allowed class except non-body voxels without disc labels: {bg, disc}
+    n_allowed = t.seg_allowed.sum(0)
+    assert n_allowed[body].max() == 1
+    assert np.all(n_allowed[patch.labels["vertebrae"] == 0] == 2)
+    assert t.seg_allowed[4][t.lesion].all() and t.lesion.any()
+    peak = np.unravel_index(np.argmax(t.heatmap), t.heatmap.shape)
+    assert np.linalg.norm(np.array(peak) - np.argwhere(body).mean(0)) <= 1.0
+
+
+def test_build_targets_box_and_point():
+    cfg = tiny_config()
+    from tests.stage2_classify.conftest import toy_patch
+
+    patch, label = toy_patch(cfg, 0, np.random.default_rng(4))
+    geo = patch.geometry
+    c = geo.voxel_to_world((np.array(geo.shape) - 1) / 2.0).coords[0]
+    box_mm = np.stack([c - np.array([12.0, 10.0, 8.0]), c + np.array([12.0, 10.0, 8.0])])
+    t = build_targets(patch, label, cfg, kind="box", box_mm=box_mm)
+    idx = np.argwhere(t.box)
+    ext_mm = (idx.max(0) - idx.min(0) + 1) * cfg.patch.spacing_mm
+    np.testing.assert_allclose(ext_mm, [24.0, 20.0, 16.0], atol=cfg.patch.spacing_mm)
+    assert not t.seg_allowed[1][~t.box].any()  # outside the box it cannot be the centre body
+    tp = build_targets(patch, label, cfg, kind="point", point_mm=c)
+    assert tp.point_ball.any() and np.all(tp.seg_allowed[[0, 2, 3]][:, tp.point_ball] == 0)
