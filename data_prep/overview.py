@@ -43,9 +43,11 @@ def draw_sagittal(
     title: str = "",
     annotations: Sequence[dict[str, Any]] | None = None,
     slice_index: int | None = None,
+    contours: bool = True,
 ) -> int:
     """Draw the mid-sagittal slice of ``image`` (with contours) on a matplotlib axis; return the LPS slice.
 
+    ``labels`` choose the slice (through the bodies' centre) and, with ``contours``, are outlined and named.
     ``annotations``: dicts with ``level`` (name or VerSe id), optional ``centroid`` (world LPS mm, used to
     place the text; defaults to the body's centre in the slice) and ``text``.
     """
@@ -66,7 +68,7 @@ def draw_sagittal(
     yy = y0 + np.arange(ny) * sy
     zz = z0 + np.arange(nz) * sz
     centres: dict[int, tuple[float, float]] = {}
-    if lab is not None:
+    if lab is not None and contours:
         ls = np.asarray(lab.array[i])
         for vid in np.unique(ls[ls > 0]):
             mask = (ls == vid).astype(np.float32)

@@ -88,8 +88,8 @@ _BODY_MM: dict[int, tuple[float, float, float]] = {
     26: (30.0, 40.0, 50.0),
 }
 _DISC_BELOW_MM: dict[int, float] = {
-    15: 5.0, 16: 5.5, 17: 6.0, 18: 6.5, 19: 7.0, 28: 7.5, 20: 8.0, 21: 9.0, 22: 10.0, 23: 11.0,
-    24: 10.0, 25: 9.0,
+    15: 5.0, 16: 5.5, 17: 6.0, 18: 6.5, 19: 7.0, 28: 7.5, 20: 7.5, 21: 8.5, 22: 9.5, 23: 10.0,
+    24: 9.5, 25: 9.0,
 }
 _POST_WALL = 16.0  # n (mm) of the posterior vertebral wall
 
@@ -641,11 +641,12 @@ class _Generator:
             dps, _ = _ellipse_sdf(Nb - (_POST_WALL - 16), np.abs(Wb) - 36, 6 + 12 * grow + 1e-3, 5 + 13 * grow + 1e-3)
             cv.paint(b, _ramp(dps, pv) * (grow > 0.02), T["muscle"], struct=6)
         # prevertebral fat sheet and great vessels (flow voids)
-        sub = self._sub(self.s_bottom, self.s_top + 60, _POST_WALL - 48, _POST_WALL - 16, 32)
+        sub = self._sub(self.s_bottom, self.s_top + 60, _POST_WALL - 48, _POST_WALL - 18, 30)
         if sub is not None:
             b, Sb, Nb, Wb = sub
-            d_pre, _ = _ellipse_sdf(Nb - (_POST_WALL - 32), Wb, 14.0, 30.0)
-            cv.paint(b, _ramp(d_pre, 2 * pv) * 0.7, T["fat"], struct=7)
+            n_front = _POST_WALL - self.by_id[22].depth
+            d_pre, _ = _ellipse_sdf(Nb - (n_front - 2.5), Wb, 4.5, 26.0)
+            cv.paint(b, _ramp(d_pre, 2 * pv) * 0.6, T["fat"], struct=7)
         lv4 = self.by_id[23]
         for wc, r, s_end in ((14.0, 9.5, lv4.sc), (-16.0, 10.5, lv4.sc - 20)):
             sub = self._sub(s_end - 5, self.s_top + 60, -self.vessel_offset - 2 * r - 25, -self.vessel_offset + 5,
