@@ -12,13 +12,15 @@ A dataset is one folder holding, per subject ``<id>``:
 ``<id>_outlines.<ext>``       loose closed contours labelled with VerSe ids (optional)
 ``<id>_coarse.<ext>``         coarse masks labelled with VerSe ids (optional)
 ``<id>_lesions.<ext>``        lesion map written by the lesion simulator (optional)
+``<id>_structures.<ext>``     tissue map written by :mod:`data_prep.synth` (optional)
 ``<id>_points.csv``           ``level,x_mm,y_mm,z_mm`` world LPS centroids (optional)
 ``<id>_boxes.csv``            ``level,x_min_mm,y_min_mm,z_min_mm,x_max_mm,y_max_mm,z_max_mm`` (optional)
 ============================  ===================================================================
 
 and optionally, once per folder, ``vertebra_labels.csv`` (``id,level,class[,confidence]``). A folder
-level ``subjects.csv`` table and ``README*`` files are allowed and ignored; dot-files are ignored.
-Anything else is reported as a warning by :func:`check_dataset`.
+level ``subjects.csv`` table, ``README*`` files, ``synth_meta.json`` and ``<id>_overview.png`` previews
+are allowed and ignored; dot-files are ignored. Anything else is reported as a warning by
+:func:`check_dataset`.
 
 :func:`discover` lists the subjects, :func:`check_dataset` verifies everything it can and returns one
 :class:`Problem` per finding (never raising on a bad file), :func:`load_subject` reads one subject with
@@ -45,16 +47,17 @@ from data_prep.scan import VERSE_LEVELS, Points, Scan, level_id, level_name, sor
 log = logging.getLogger(__name__)
 
 #: Label-map annotation kinds (image files on the subject's grid), in the order they are checked.
-LABELMAP_KINDS: tuple[str, ...] = ("vertebrae", "outlines", "coarse", "lesions")
-#: Label maps whose non-zero values must be VerSe ids (the lesion map has its own values).
+LABELMAP_KINDS: tuple[str, ...] = ("vertebrae", "outlines", "coarse", "lesions", "structures")
+#: Label maps whose non-zero values must be VerSe ids (lesion and structure maps have their own values).
 VERSE_LABELMAP_KINDS: tuple[str, ...] = ("vertebrae", "outlines", "coarse")
 #: CSV annotation kinds.
 CSV_KINDS: tuple[str, ...] = ("points", "boxes")
 #: Folder-level per-vertebra class labels.
 VERTEBRA_LABELS_FILE = "vertebra_labels.csv"
 #: Folder-level files that are allowed but not interpreted (case-insensitive names / prefixes).
-_IGNORED_FILES = ("subjects.csv",)
+_IGNORED_FILES = ("subjects.csv", "synth_meta.json")
 _IGNORED_PREFIXES = ("readme",)
+_IGNORED_SUFFIXES = ("_overview.png",)
 
 _IMAGE_KINDS = ("image",) + LABELMAP_KINDS
 _IMAGE_RE = re.compile(r"^(?P<id>.+)_(?P<kind>" + "|".join(_IMAGE_KINDS) + r")$")
@@ -75,6 +78,7 @@ class Subject:
     outlines: Path | None = None
     coarse: Path | None = None
     lesions: Path | None = None
+    structures: Path | None = None
     points: Path | None = None
     boxes: Path | None = None
 
@@ -117,6 +121,7 @@ class SubjectData(NamedTuple):
     lesions: Scan | None = None
     points: tuple[list[int], Points] | None = None
     boxes: tuple[list[int], np.ndarray] | None = None
+    structures: Scan | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +177,7 @@ def _list_layout(root: Path) -> _Layout:
         if name == VERTEBRA_LABELS_FILE:
             layout.vertebra_labels = p
             continue
-        if low in _IGNORED_FILES or low.startswith(_IGNORED_PREFIXES):
+        if low in _IGNORED_FILES or low.startswith(_IGNORED_PREFIXES) or low.endswith(_IGNORED_SUFFIXES):
             continue
         if io.image_suffix(name) is not None:
             m = _IMAGE_RE.match(io.strip_image_suffix(name))
@@ -247,7 +252,8 @@ def load_subject(subject: Subject) -> SubjectData:
             for k in LABELMAP_KINDS}
     points = io.read_points_csv(subject.points) if subject.points else None
     boxes = io.read_boxes_csv(subject.boxes) if subject.boxes else None
-    return SubjectData(image, maps["vertebrae"], maps["outlines"], maps["coarse"], maps["lesions"], points, boxes)
+    return SubjectData(image, maps["vertebrae"], maps["outlines"], maps["coarse"], maps["lesions"], points, boxes,
+                       maps["structures"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,7 +570,8 @@ def check_dataset(
                 chk.add(p, _duplicate_message(sid, kind, paths) + f" (checking {paths[0].name})")
     for p in layout.unmatched:
         chk.add(p, "not part of the dataset layout (expected <id>_image, _vertebrae, _outlines, _coarse, "
-                   "_lesions images, <id>_points.csv, <id>_boxes.csv or vertebra_labels.csv); ignored",
+                   "_lesions, _structures images, <id>_points.csv, <id>_boxes.csv or vertebra_labels.csv); "
+                   "ignored",
                 "warning")
     for sid in ids:
         s = _subject(layout, sid)

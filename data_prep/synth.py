@@ -101,8 +101,9 @@ _POST_WALL = 16.0  # n (mm) of the posterior vertebral wall
 class SynthConfig:
     """Knobs of the synthetic spine generator. Ranges ``(lo, hi)`` are sampled uniformly per subject.
 
-    Defaults give small, CPU-friendly scans (about 0.3-1.6 M voxels, well under 1.5 s per subject)
-    covering roughly T10 to the sacrum, with a realistic mix of contrasts, spacings and orientations.
+    Defaults give small, CPU-friendly scans (at most ``max_voxels`` = 1.1 M voxels; about 0.4-1.2 s per
+    subject on one core) covering up to T10 to the sacrum (partial views included), with a realistic mix
+    of contrasts, spacings, orientations and dtypes.
     """
 
     #: contrasts to draw from (subset of :data:`CONTRASTS`) and their relative weights (None = equal)
@@ -118,8 +119,9 @@ class SynthConfig:
     fov_si_mm: tuple[float, float] = (210.0, 320.0)
     fov_ap_mm: tuple[float, float] = (140.0, 230.0)
     fov_lr_mm: tuple[float, float] = (70.0, 120.0)
-    #: voxel budget: the in-plane spacing is coarsened until the grid fits (keeps generation fast)
-    max_voxels: int = 1_400_000
+    #: voxel budget: the in-plane spacing is coarsened until the grid fits (keeps generation fast);
+    #: isotropic scans (never supersampled) get twice the budget and are coarsened on every axis
+    max_voxels: int = 1_100_000
     #: probability that the field of view cuts through a body at the top / bottom
     partial_top_rate: float = 0.25
     partial_bottom_rate: float = 0.25
@@ -464,7 +466,6 @@ class _Generator:
         bottom = s1_lo - float(rng.uniform(5.0, 45.0))
         cut_bottom = rng.random() < cfg.partial_bottom_rate
         cut_top = rng.random() < cfg.partial_top_rate
-        lumbar_ids = [lv.vid for lv in labelled]  # head to foot order? (levels list is foot-first)
         order = [lv.vid for lv in sorted(labelled, key=lambda q: -q.sc)]  # head to foot
         if cut_bottom:
             cand = order[-3:]  # e.g. L4, L5, S1
@@ -481,11 +482,9 @@ class _Generator:
                 vid = choices[int(rng.integers(len(choices)))]
                 lo, hi = ext[vid]
                 top = lo + float(rng.uniform(0.3, 0.7)) * (hi - lo)
-        del lumbar_ids
         if top - bottom < 60:
             top = bottom + 60
         # AP extent: from in front of the bodies (with a margin) backwards
-        zs = np.linspace(bottom, top, 32)
         ys_ant = []
         for lv in labelled:
             lo, hi = ext[lv.vid]
@@ -495,19 +494,22 @@ class _Generator:
         y_ant = min(ys_ant) if ys_ant else float(self.p0[1] - 40)
         fov_ap = _u(rng, cfg.fov_ap_mm)
         y_lo = y_ant - float(rng.uniform(12.0, 0.45 * fov_ap))
-        fov_lr = _u(rng, cfg.fov_lr_mm)
-        x_mid = float(self.p0[0] + rng.uniform(-8, 8))
-        del zs
+        x_off = float(rng.uniform(-8, 8))
+        x_mid = float(self.p0[0] + x_off)
+        # left-right: always cover the widest body (bodies are cut only superiorly / inferiorly)
+        max_w = max(lv.width for lv in labelled)
+        fov_lr = max(_u(rng, cfg.fov_lr_mm), max_w + 2 * (abs(x_off) + 2 * self.sway[0]) + 8)
         # voxel budget
         n = np.array([fov_lr / sp[0], fov_ap / sp[1], (top - bottom) / sp[2]])
         total = float(np.prod(n))
-        if total > cfg.max_voxels:
+        budget = cfg.max_voxels * (2 if isotropic else 1)  # isotropic scans are not supersampled
+        if total > budget:
             if isotropic:  # keep it isotropic: coarsen every axis
-                f = (total / cfg.max_voxels) ** (1 / 3)
+                f = (total / budget) ** (1 / 3)
                 sp *= f
                 n /= f
             else:
-                f = math.sqrt(total / cfg.max_voxels)
+                f = math.sqrt(total / budget)
                 sp[1:] *= f
                 n[1:] /= f
         shape = tuple(int(max(8, round(v))) for v in n)
@@ -607,7 +609,9 @@ class _Generator:
         def field(coarse: tuple[int, int, int], smooth: float) -> np.ndarray:
             f = ndimage.gaussian_filter(rng.standard_normal(coarse).astype(np.float32), smooth, mode="wrap")
             f /= max(float(f.std()), 1e-6)
-            f = ndimage.zoom(f, (1, 4, 4), order=3, mode="grid-wrap", grid_mode=True)  # smooth in-plane
+            up = [1.0] + [max(1.0, min(4.0, shape[a] / (2.0 * coarse[a]))) for a in (1, 2)]
+            if max(up) > 1.0:  # smooth (cubic) in-plane refinement before the cheap linear upsampling
+                f = ndimage.zoom(f, up, order=3, mode="grid-wrap", grid_mode=True)
             return _lin_up(f, shape)
 
         visc_f = field((max(2, nx // 6), max(4, shape[1] // 8), max(4, shape[2] // 8)), 0.8)
@@ -631,7 +635,8 @@ class _Generator:
         cv.paint(full, a_in, visc, struct=8)
         # posterior muscles (behind the posterior body wall) and psoas
         d_mus = np.maximum(self._offset_y(_POST_WALL + 2, Z) - Y, np.abs(W) - 80)
-        cv.paint(full, _ramp(d_mus, 3.0) * a_in, T["muscle"] * (1 + 0.05 * tex), struct=6)
+        mus = T["muscle"] * (1 + 0.05 * tex) + 0.5 * (T["fat"] - T["muscle"]) * np.clip(visc_g - 1.2, 0, 1)  # fat streaks
+        cv.paint(full, _ramp(d_mus, 3.0) * a_in, mus, struct=6)
         lv1 = self.by_id[20]
         s_ps = lv1.sc + lv1.height / 2
         sub = self._sub(-40, s_ps + 10, _POST_WALL - 42, _POST_WALL + 10, 62)
@@ -645,10 +650,10 @@ class _Generator:
         if sub is not None:
             b, Sb, Nb, Wb = sub
             n_front = _POST_WALL - self.by_id[22].depth
-            d_pre, _ = _ellipse_sdf(Nb - (n_front - 2.5), Wb, 4.5, 26.0)
+            d_pre, _ = _ellipse_sdf(Nb - (n_front - 1.5), Wb, 2.5, 26.0)
             cv.paint(b, _ramp(d_pre, 2 * pv) * 0.6, T["fat"], struct=7)
         lv4 = self.by_id[23]
-        for wc, r, s_end in ((14.0, 9.5, lv4.sc), (-16.0, 10.5, lv4.sc - 20)):
+        for wc, r, s_end in ((float(self.rng.uniform(5, 14)), 9.5, lv4.sc), (-16.0, 10.5, lv4.sc - 20)):
             sub = self._sub(s_end - 5, self.s_top + 60, -self.vessel_offset - 2 * r - 25, -self.vessel_offset + 5,
                             abs(wc) + r + 2)
             if sub is None:
@@ -664,9 +669,9 @@ class _Generator:
         cv.paint(full, _ramp(d_fat, pv) * a_in, T["fat"] * (1 + 0.04 * tex), struct=7)
         # interspinous / posterior midline fat and ligament strip
         n_lam = _POST_WALL + self.canal_ap
-        d_is = np.maximum(np.maximum(np.abs(W) - 3.5, self._offset_y(n_lam + 3, Z) - Y), Y - (y_back - self.fat_back))
-        cv.paint(full, _ramp(d_is, pv) * 0.35, T["fat"], struct=7)
-        del d_out, d_mus, d_fat, d_is, visc
+        d_is = np.maximum(np.maximum(np.abs(W) - 6.0, self._offset_y(n_lam + 3, Z) - Y), Y - (y_back - self.fat_back))
+        cv.paint(full, _ramp(d_is, 4.0) * 0.25, T["fat"])
+        del d_out, d_mus, d_fat, d_is, visc, mus
 
         # --- canal: foraminal / epidural fat, thecal sac, cord ---
         s_hi = self.s_top + 60
@@ -868,14 +873,9 @@ class _Generator:
         image = reorient(canon, code)
         labels = reorient(canon.with_array(lab, name="vertebrae"), code)
         structures = reorient(canon.with_array(struct, name="structures"), code)
-        # levels cut by the field of view (partially outside in SI)
-        z0, z1 = self.fov_z
-        present = set(int(v) for v in np.unique(lab) if v)
-        cut = []
-        for vid in present:
-            lo, hi = self.ext[vid]
-            if lo < z0 or hi > z1:
-                cut.append(vid)
+        # levels cut by the field of view: their body label reaches a face of the grid
+        faces = [lab[0], lab[-1], lab[:, 0], lab[:, -1], lab[:, :, 0], lab[:, :, -1]]
+        cut = sorted(set(int(v) for f in faces for v in np.unique(f) if v))
         verts = vertebrae_from_labelmap(labels)
         for v in verts:
             if v.label in cut:

@@ -93,7 +93,9 @@ class LabellingConfig:
     spacing_weight: float = 1.0
     skip_cost: float = 1.5             # one missing (undetected) level between two kept candidates
     max_skip: int = 1                  # at most this many missing levels between kept candidates
-    drop_bias: float = 0.5             # extra cost of discarding a candidate
+    drop_bias: float = 1.0             # cost of discarding a candidate at the score floor
+    drop_score_weight: float = 1.0     # ... plus this times log(score / score_floor)
+    score_floor: float = 0.25          # candidates are peaks above this (keep = Stage1Config.peak_threshold)
     transitional_cost: float = 2.5     # prior cost of using T13 or L6 (about 5-10 % prevalence)
     ambiguity_margin: float = 2.0      # cost gap under which an alternative labelling is flagged
     min_prob: float = 1e-4             # floor on probabilities before taking logs

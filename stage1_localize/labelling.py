@@ -6,9 +6,10 @@ voting for the same level, a missed vertebra shifting everything below it, a spu
 bodies, or a transitional spine (L6 / T13). Here the naming is a **minimum-cost monotone path**:
 
 * candidates are sorted head to foot (along world superior, LPS +z);
-* each candidate is either *dropped* (cost ``-log(1 - score) + drop_bias``) or *kept* with a level state
-  (cost ``-log score + log(p_max / p(level)) [+ transitional_cost for T13/L6]``; the level term is
-  relative to the candidate's favourite level so a flat, uninformative level vector costs nothing);
+* each candidate is either *dropped* (cost ``drop_bias + drop_score_weight * log(score / score_floor)``,
+  so dropping a strong peak costs more) or *kept* with a level state (cost ``log(p_max / p(level))
+  [+ transitional_cost for T13/L6]``; the level term is relative to the candidate's favourite level so
+  a flat, uninformative level vector costs nothing);
 * consecutive kept candidates must have strictly increasing anatomical rank (no duplicates, head-to-foot
   order); the step may skip at most ``max_skip`` *standard* levels (a missed detection) at
   ``skip_cost`` each. T13 / L6 are optional states: T12 -> L1 is a normal step, T12 -> T13 -> L1 too;
@@ -165,8 +166,8 @@ def assign_levels(
     order = np.argsort(-(pos @ sup), kind="stable")
     pos, sc, lp, p_abs = pos[order], sc[order], lp[order], p_abs[order]
 
-    node = -np.log(sc)[:, None] - lp + cfg.transitional_cost * trans[None, :]  # (N, S)
-    drop = -np.log(1.0 - sc) + cfg.drop_bias  # (N,)
+    node = -lp + cfg.transitional_cost * trans[None, :]  # (N, S)
+    drop = _drop_cost(sc, cfg)  # (N,)
     drop_prefix = np.concatenate([[0.0], np.cumsum(drop)])  # sum of drop[0:c] = drop_prefix[c]
     allowed, skip, expected = _state_tables(states, cfg)
     step_fixed = np.where(allowed, cfg.skip_cost * skip, np.inf)  # (S, S)
@@ -251,6 +252,15 @@ def assign_levels(
     return LabellingResult(out, cost, alternatives)
 
 
+def _drop_cost(scores: np.ndarray, cfg: LabellingConfig) -> np.ndarray:
+    """``drop_bias + drop_score_weight * log(score / score_floor)``: never below ``drop_bias``, higher
+    for a strong peak. Keeping costs nothing for detection, so the keep/drop decision is driven by the
+    anatomy (order, spacing, duplicates) and only tilted by the score; a weakly trained heatmap with
+    low but clean peaks does not lose its vertebrae."""
+    s = np.maximum(scores, cfg.score_floor)
+    return cfg.drop_bias + cfg.drop_score_weight * np.log(s / cfg.score_floor)
+
+
 def _relative_logprobs(lp: np.ndarray, cfg: LabellingConfig) -> np.ndarray:
     """Floor at ``min_prob`` and subtract each row's maximum: the level term costs 0 for the candidate's
     favourite level and ``log(p_best / p)`` otherwise. Detection evidence comes from the score alone, so
@@ -314,8 +324,8 @@ def path_cost(
     inv = np.empty_like(order)
     inv[order] = np.arange(len(order))
     pos, sc, lp = pos[order], sc[order], lp[order]
-    node = -np.log(sc)[:, None] - lp + cfg.transitional_cost * trans[None, :]
-    drop = -np.log(1.0 - sc) + cfg.drop_bias
+    node = -lp + cfg.transitional_cost * trans[None, :]
+    drop = _drop_cost(sc, cfg)
     allowed, skip, expected = _state_tables(states, cfg)
     step_fixed = np.where(allowed, cfg.skip_cost * skip, np.inf)
     path = sorted((int(inv[r]), states.index(int(v))) for r, v in labels.items())

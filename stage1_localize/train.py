@@ -201,7 +201,7 @@ def train_stage1(
                 losses["loss"].backward()
                 torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
                 opt.step()
-                sums += torch.tensor([float(losses[k]) for k in ("loss", "heatmap", "levels")], dtype=torch.float64)
+                sums += torch.tensor([float(losses[k].detach()) for k in ("loss", "heatmap", "levels")], dtype=torch.float64)
             if dist_info.distributed:
                 torch.distributed.all_reduce(sums)
                 sums /= dist_info.world_size

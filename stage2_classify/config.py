@@ -134,11 +134,11 @@ class Stage2Config:
 
 
 def tiny_config(**overrides) -> Stage2Config:
-    """A very small configuration for tests and smoke runs (4 mm voxels, 4 base channels)."""
+    """A very small configuration for tests and smoke runs (4 mm voxels, 8 base channels)."""
     cfg = Stage2Config(
         patch=PatchConfig(size_mm=(48.0, 64.0, 64.0), spacing_mm=4.0),
         margin_mm=4.0,
-        model=ModelConfig(base_channels=4, levels=3, dropout=0.0),
+        model=ModelConfig(base_channels=8, levels=3, dropout=0.0),
         train=TrainConfig(epochs=2, batch_size=4, lr=3e-3, aug_prob=0.0),
         ig_steps=8,
     )

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from click.testing import CliRunner
 
 from data_prep import io
-from data_prep.dataset import Problem, Subject, check_dataset, count_subjects, discover, load_subject, read_header
+from data_prep.dataset import Problem, check_dataset, count_subjects, discover, load_subject, read_header
 from data_prep.errors import SpinepipeInputError
 from data_prep.scan import Scan
 from pipeline.cli import main
@@ -86,6 +86,7 @@ def test_discover_clean(dataset):
     assert s.vertebrae == dataset / "s01_vertebrae.nii.gz"
     assert s.points == dataset / "s01_points.csv"
     assert set(s.annotations()) == {"vertebrae", "outlines", "coarse", "lesions", "points", "boxes"}
+    assert s.structures is None
     assert count_subjects(dataset) == 2
 
 
@@ -255,6 +256,11 @@ CASES = {
                              "vertebra_labels.csv", "line 5: unknown vertebra level 'L8'"),
     "labels-missing-column": (lambda d: (d / "vertebra_labels.csv").write_text("id,level\ns01,L1\n"),
                               "vertebra_labels.csv", "missing column(s) class"),
+    "structures-geometry": (lambda d: _write_geom(d, "s02_structures.nii.gz", spacing=(1.0, 1.2, 2.0)),
+                            "s02_structures.nii.gz", "geometry does not match the image: spacing"),
+    "negative-lesion-value": (lambda d: io.write_image(_image().with_array(np.full(SHAPE, -2, np.int16)),
+                                                       d / "s01_lesions.nii.gz"),
+                              "s01_lesions.nii.gz", "negative label value(s) -2"),
     "duplicate-id": (lambda d: io.write_image(_image(), d / "s01_image.mha"),
                      "s01_image.mha", "duplicate subject id 's01': s01_image.nii.gz and s01_image.mha both exist"),
     "duplicate-annotation": (lambda d: io.write_image(io.read_image(d / "s02_vertebrae.nii.gz"),
@@ -282,6 +288,8 @@ def test_file_outside_layout_is_a_warning(dataset):
     (dataset / "s01_mask.nii.gz").write_bytes(b"x")
     (dataset / "extra").mkdir()
     (dataset / "subjects.csv").write_text("id\ns01\n")  # allowed metadata table
+    (dataset / "README_provenance.md").write_text("semi-synthetic")  # allowed
+    (dataset / "s01_overview.png").write_bytes(b"png")  # synth preview: allowed
     (dataset / ".s01_image.nii.gz.abc.part.nii.gz").write_bytes(b"")  # hidden: ignored
     problems = check_dataset(dataset, classes=CLASSES)
     assert sorted(p.path.name for p in problems) == ["extra", "notes.txt", "s01_mask.nii.gz"]
@@ -336,6 +344,15 @@ def test_problem_is_one_line():
         Problem(Path("x"), "m", severity="fatal")
 
 
+def test_synthetic_cohort_is_clean(tmp_path):
+    from data_prep.synth import write_cohort
+
+    ids = write_cohort(tmp_path, 1, seed=0)
+    assert [s.id for s in discover(tmp_path)] == list(ids)
+    assert discover(tmp_path)[0].structures is not None
+    assert [str(p) for p in check_dataset(tmp_path)] == []
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
@@ -364,8 +381,8 @@ def test_cli_problems(dataset):
     assert "Traceback" not in res.output
 
 
-CASES_WARNING = ("not part of the dataset layout (expected <id>_image, _vertebrae, _outlines, _coarse, _lesions "
-                 "images, <id>_points.csv, <id>_boxes.csv or vertebra_labels.csv); ignored")
+CASES_WARNING = ("not part of the dataset layout (expected <id>_image, _vertebrae, _outlines, _coarse, _lesions, "
+                 "_structures images, <id>_points.csv, <id>_boxes.csv or vertebra_labels.csv); ignored")
 
 
 def test_cli_warnings_only_exit_zero(dataset):

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 
 from data_prep import io
 from data_prep.errors import SpinepipeInputError
-from data_prep.scan import Points, Scan, from_sitk, reorient, resample_to_spacing, to_sitk
+from data_prep.scan import Points, Scan, reorient, resample_to_spacing, to_sitk
 
 RNG_SEED = 20260101
 

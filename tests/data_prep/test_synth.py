@@ -191,3 +191,22 @@ def test_cli_writes_cohort(tmp_path):
     assert list(df.columns) == ["id", "level", "class", "confidence"] and (df["class"] == 0).all()
     bad = CliRunner().invoke(main, ["synth", "-n", "0", "-o", str(out)])
     assert bad.exit_code != 0
+
+
+def test_overview_png_with_lesions_and_annotations(tmp_path):
+    from data_prep.overview import draw_sagittal, save_overview
+
+    s = generate_subject(2, cfg(orientations=("PIL",), **FULL_FOV))
+    les = s.labels.with_array((s.labels.array == 22).astype(np.uint8))
+    ann = [dict(level="L3", centroid=None, text="class 1"), dict(level=24, centroid=s.vertebrae[-1].centroid_world,
+                                                                   text="x")]
+    out = save_overview(s.image, s.labels, tmp_path / "o.png", lesions=les, title="t", annotations=ann)
+    assert out.read_bytes()[:4] == b"\x89PNG" and out.stat().st_size > 10_000
+    # the chosen slice runs through the bodies: every labelled level is visible on it
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    i = draw_sagittal(ax, s.image, s.labels)
+    plt.close(fig)
+    lab = reorient(s.labels, "LPS").array
+    assert set(np.unique(lab[i])) - {0} == {v.label for v in s.vertebrae}
