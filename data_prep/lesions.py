@@ -863,3 +863,16 @@ __all__ = [
     "subject_rng",
     "make_semisynthetic",
 ]
+
+
+def cohort_hook(config: LesionConfig | None = None):
+    """A ``lesion_fn`` for :func:`data_prep.synth.write_cohort`: inserts lesions into every synthetic subject.
+
+    Returns ``fn(image, labels, contrast, rng) -> (image, lesion map, {verse_id: class index})``.
+    """
+
+    def fn(image: Scan, labels: Scan, contrast: str, rng: np.random.Generator):
+        res = insert_lesions(image, labels, contrast, rng, config)
+        return res.image, res.lesions, res.classes
+
+    return fn

@@ -131,7 +131,7 @@ def save_overview(
         i = draw_sagittal(ax, image, labels, lesions, title, annotations)
         fig.tight_layout()
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
+            fig.savefig(tmp, format="png", bbox_inches="tight", pad_inches=0.05)
     finally:
         plt.close(fig)
     log.debug("overview %s (sagittal slice %d)", path, i)
@@ -152,7 +152,7 @@ def save_panels(panels: Sequence[dict[str, Any]], path: str | os.PathLike, heigh
             draw_sagittal(ax, **p)
         fig.tight_layout()
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
+            fig.savefig(tmp, format="png", bbox_inches="tight", pad_inches=0.05)
     finally:
         plt.close(fig)
     return Path(path)

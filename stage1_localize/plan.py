@@ -9,8 +9,9 @@ v2's own ``get_pool_and_conv_props`` for the topology and differ on purpose in t
   Centroid localisation does not need 1 mm (a lumbar body is ~10 voxels tall at 3 mm) and a coarse grid
   makes a 2-core CPU sufficient. Anisotropic inputs (e.g. 0.7 x 0.7 x 4 mm) are resampled to it, and
   the thick-slice augmentation teaches the network what they look like.
-* **patch size** is capped by a voxel budget suited to CPU training (default 32 x 64 x 96 at 3 mm =
-  96 x 192 x 288 mm, enough context to see 6-8 vertebrae and the sacrum or the ribs). Inference runs
+* **patch size** is capped by a voxel budget suited to CPU training (default 32 x 64 x 96 voxels) and
+  shrunk spine-aware: left-right and anterior-posterior give way first (down to 60 / 120 mm), keeping
+  head-to-foot context (6-8 vertebrae plus the sacrum or the ribs) that naming needs. Inference runs
   on the whole (padded) volume, so the patch size only bounds training cost.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ def plan_network(
     max_numpool: int = 5,
     base_features: int = 8,
     max_features: int = 64,
+    min_context_mm: Sequence[float] = (60.0, 120.0, 10_000.0),
 ) -> NetworkPlan:
     """Plan patch size + topology from the physical extents ``(N, 3)`` (mm, canonical i/j/k) of a dataset."""
     from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
@@ -42,9 +44,16 @@ def plan_network(
     ext = np.asarray(extents_mm, dtype=np.float64).reshape(-1, 3)
     median_shape = np.maximum(np.round(np.median(ext, axis=0) / spacing), 8).astype(int)
     patch = median_shape.astype(np.float64)
-    # nnU-Net style: shrink the axis that is largest relative to the median shape until within budget
+    # Like nnU-Net, shrink the patch until it fits the budget, but spine-aware: head-to-foot context (k)
+    # is what names a vertebra (sacrum, ribs, counting), so left-right (i) and anterior-posterior (j)
+    # give way first, down to min_context_mm; then the axis largest relative to the median shape.
+    floor_vox = np.minimum(median_shape, np.ceil(np.asarray(min_context_mm, dtype=np.float64) / spacing))
     while np.prod(patch) > max_patch_voxels:
-        ax = int(np.argmax(patch / median_shape))
+        shrinkable = [a for a in (0, 1) if patch[a] > floor_vox[a]]
+        if shrinkable:
+            ax = max(shrinkable, key=lambda a: patch[a] / floor_vox[a])
+        else:
+            ax = int(np.argmax(patch / median_shape))
         patch[ax] = max(8, np.floor(patch[ax] * 0.9))
     _, pool, conv, patch_out, _ = get_pool_and_conv_props(
         [float(s) for s in spacing], [int(p) for p in patch], min_feature_map_size, max_numpool
