@@ -1,3 +1,4 @@
 """CLI command modules; each registers its commands on :data:`pipeline.cli.main` when imported."""
 from pipeline.commands import data  # noqa: F401
 from pipeline.commands import synth  # noqa: F401
+from pipeline.commands import predict  # noqa: F401
