@@ -177,7 +177,7 @@ def test_cli_writes_cohort(tmp_path):
 
     out = tmp_path / "cohort"
     res = CliRunner().invoke(main, ["synth", "-n", "2", "-o", str(out), "--seed", "1", "--overview",
-                                    "--contrast", "t2"])
+                                    "--contrast", "t2", "--no-lesions"])
     assert res.exit_code == 0, res.output
     assert str(out.resolve()) in res.output
     for sid in ("synth-000", "synth-001"):
