@@ -30,11 +30,9 @@ def _probs(net, image, region):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_outside_voxels_cannot_change_the_verdict(seed, mode):
     net, image, region = _setup(seed)
-    # random (not trained) weights, but make the classifier sensitive: larger final layer
-    with torch.no_grad():
-        net.heads["cls"].mlp[-1].weight.mul_(20.0)
     getattr(net, mode)()
     p0 = _probs(net, image, region)
+    assert float(p0.max()) < 0.99  # not saturated: a change would show
     g = torch.Generator().manual_seed(100 + seed)
     outside = region < 0.5
     for scale in (1.0, 100.0, 1e4):
@@ -55,8 +53,6 @@ def test_invariance_odd_shape_heads_off_and_batch_independence():
     cfg_kw = dict(heads=HeadsConfig(cls=True, seg=False, heatmap=False, recon=True),
                   model=ModelConfig(base_channels=4, levels=3, dropout=0.0))
     net, image, region = _setup(5, shape=(11, 13, 9), **cfg_kw)
-    with torch.no_grad():
-        net.heads["cls"].mlp[-1].weight.mul_(20.0)
     net.train()  # per-sample InstanceNorm only: train mode must not mix samples or see outside voxels
     other = torch.randn_like(image)
     batch = torch.cat([image, other])
