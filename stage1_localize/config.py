@@ -115,7 +115,7 @@ class Stage1Config:
     sigma_mm: float = 6.0              # Gaussian width of the centre heatmap
     level_radius_mm: float = 12.0      # level head supervised inside balls of this radius
     heatmap_pos_weight: float = 20.0   # BCE weight multiplier on the Gaussian (foreground is tiny)
-    level_loss_weight: float = 0.5
+    level_loss_weight: float = 1.0
     # training
     epochs: int = 30
     steps_per_epoch: int = 20

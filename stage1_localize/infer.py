@@ -16,6 +16,7 @@ Pipeline per scan (whole volume at once; no sliding window is needed at 3 mm on 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -136,7 +137,8 @@ class Localizer:
     def localize(self, scan: Scan) -> list[Vertebra]:
         """Every vertebra in view, head to foot (see module docstring)."""
         world, scores, logprobs, _ = self.candidates(scan)
-        res = assign_levels(world, scores, logprobs, self.config.levels, self.config.labelling)
+        lab_cfg = dataclasses.replace(self.config.labelling, score_floor=self.config.peak_threshold)
+        res = assign_levels(world, scores, logprobs, self.config.levels, lab_cfg)
         out = []
         for a in res.assignments:
             flags = list(a.flags)

@@ -181,8 +181,9 @@ def train_stage1(
         log.info("resuming stage-1 training at epoch %d", start_epoch)
     model = net
     if dist_info.distributed:
+        # the U-Net keeps per-stage deep-supervision heads that are unused without deep supervision
         model = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
+            net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
     try:
         for epoch in range(start_epoch, config.epochs):
@@ -211,8 +212,8 @@ def train_stage1(
             rows.append(row)
             if dist_info.is_main:
                 _save(out_dir, net, opt, config, epoch + 1, rows, subjects)
-            log.info("epoch %d/%d loss %.4f (heatmap %.4f, levels %.4f) %.1fs", epoch + 1, config.epochs,
-                     *means, row["seconds"])
+                log.info("epoch %d/%d loss %.4f (heatmap %.4f, levels %.4f) %.1fs", epoch + 1, config.epochs,
+                         *means, row["seconds"])
     finally:
         cleanup_distributed()
     return out_dir

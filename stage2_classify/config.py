@@ -56,6 +56,8 @@ class ModelConfig:
     base_channels: int = 8
     levels: int = 3  # encoder resolutions; the input is padded to a multiple of 2**(levels-1)
     dropout: float = 0.1  # before the class logits only
+    #: Standardise the classification path's input by mean/std inside the region (see model docstring).
+    region_norm: bool = True
 
 
 @dataclass
@@ -92,7 +94,8 @@ class TrainConfig:
     aug_prob: float = 0.8
     max_rotation_deg: float = 10.0
     lr_flip: bool = True
-    num_threads: int = 0  # 0 = leave torch's default
+    region_jitter_prob: float = 0.3
+    num_threads: int = 0  # torch threads while training (restored afterwards); 0 = leave torch's default
 
 
 @dataclass
@@ -139,7 +142,7 @@ def tiny_config(**overrides) -> Stage2Config:
         patch=PatchConfig(size_mm=(48.0, 64.0, 64.0), spacing_mm=4.0),
         margin_mm=4.0,
         model=ModelConfig(base_channels=8, levels=3, dropout=0.0),
-        train=TrainConfig(epochs=2, batch_size=4, lr=3e-3, aug_prob=0.0),
+        train=TrainConfig(epochs=2, batch_size=4, lr=3e-3, aug_prob=0.0, num_threads=1),
         ig_steps=8,
     )
     for k, v in overrides.items():

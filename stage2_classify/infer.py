@@ -83,7 +83,10 @@ class Classifier:
         self.config: Stage2Config = cfg
         self.extra = extra
         self.device = torch.device(device)
-        self.net = Stage2Net(cfg)
+        try:
+            self.net = Stage2Net(cfg)
+        except ValueError as exc:
+            raise SpinepipeInputError(folder / "config.json", f"invalid stage-2 configuration: {exc}") from None
         load_state_into(self.net, state, folder / "model.safetensors")
         self.net.to(self.device).eval()
         if "cls" not in self.net.heads:
@@ -198,6 +201,69 @@ class Classifier:
                                   evidence_map(recs, scan) if with_evidence else None)
 
 
+CENTROID_COLUMNS = ["level", "label", "x_mm", "y_mm", "z_mm", "confidence", "flags"]
+
+
+def read_centroids_csv(path: str | os.PathLike) -> list[Vertebra]:
+    """Stage-1 ``<name>_centroids.csv`` (``level,label,x_mm,y_mm,z_mm,confidence,flags``) -> vertebrae.
+
+    ``label`` (VerSe id) is authoritative; ``level`` must agree with it. ``confidence`` and ``flags``
+    (``;``-separated) are optional. Raises :class:`SpinepipeInputError` naming the file and line.
+    """
+    import pandas as pd
+
+    from data_prep.scan import level_id, level_name
+
+    p = Path(path)
+    if not p.is_file():
+        raise SpinepipeInputError(p, "centroids CSV not found")
+    try:
+        df = pd.read_csv(p, skipinitialspace=True, dtype={"flags": str}, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise SpinepipeInputError(p, f"cannot parse CSV: {str(exc).splitlines()[0]}") from None
+    df.columns = [str(c).strip().lower() for c in df.columns]
+    missing = [c for c in ("x_mm", "y_mm", "z_mm") if c not in df.columns]
+    if missing or ("label" not in df.columns and "level" not in df.columns):
+        raise SpinepipeInputError(p, f"expected columns {','.join(CENTROID_COLUMNS)}, got {','.join(df.columns)}")
+    out: list[Vertebra] = []
+    seen: set[int] = set()
+    for line, r in enumerate(df.to_dict("records"), start=2):
+        try:
+            vid = int(float(r["label"])) if "label" in r and str(r["label"]).strip() != "" else level_id(str(r["level"]))
+            name = level_name(vid)
+            if "level" in r and str(r["level"]).strip() and level_id(str(r["level"])) != vid:
+                raise ValueError(f"level {r['level']!r} does not match label {vid} ({name})")
+            xyz = np.array([float(r["x_mm"]), float(r["y_mm"]), float(r["z_mm"])])
+            conf = float(r["confidence"]) if str(r.get("confidence", "")).strip() != "" else 1.0
+        except (ValueError, TypeError) as exc:
+            raise SpinepipeInputError(p, f"line {line}: {exc}") from None
+        if not np.all(np.isfinite(xyz)) or not np.isfinite(conf):
+            raise SpinepipeInputError(p, f"line {line}: non-finite coordinate or confidence")
+        if vid in seen:
+            raise SpinepipeInputError(p, f"line {line}: level {name} appears twice")
+        seen.add(vid)
+        flags = [f for f in str(r.get("flags", "")).split(";") if f.strip()]
+        out.append(Vertebra(vid, xyz, confidence=conf, flags=flags))
+    if not out:
+        raise SpinepipeInputError(p, "no vertebra in the centroids CSV")
+    return out
+
+
+def classes_table(records: list[dict], classes: tuple[str, ...]):
+    """``<name>_classes.csv`` rows: ``level,label,class,p_<class>...,evidence_inside,flags``."""
+    import pandas as pd
+
+    rows = []
+    for r in records:
+        row = {"level": r["level"], "label": r["label"], "class": r["class"]}
+        row.update({f"p_{c}": round(r["probabilities"][c], 4) for c in classes})
+        row["evidence_inside"] = round(r["evidence_inside"], 4) if np.isfinite(r["evidence_inside"]) else np.nan
+        row["flags"] = ";".join(dict.fromkeys(r["flags"]))
+        rows.append(row)
+    cols = ["level", "label", "class"] + [f"p_{c}" for c in classes] + ["evidence_inside", "flags"]
+    return pd.DataFrame(rows, columns=cols)
+
+
 def body_label_map(records: list[dict], reference: Scan) -> Scan:
     """Paste each vertebra's body mask (patch grid) onto ``reference`` as a VerSe label map (int16)."""
     out = np.zeros(reference.shape, np.int16)
@@ -215,4 +281,5 @@ def evidence_map(records: list[dict], reference: Scan) -> Scan | None:
     return merge_evidence(maps, reference) if maps else None
 
 
-__all__ = ["Classifier", "Verdict", "ScanClassification", "body_label_map", "evidence_map", "MISSING_MODEL_HINT"]
+__all__ = ["Classifier", "Verdict", "ScanClassification", "body_label_map", "classes_table", "evidence_map",
+           "read_centroids_csv", "MISSING_MODEL_HINT"]

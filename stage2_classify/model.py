@@ -19,7 +19,10 @@ to each resolution) with masked average, attention and max pooling. Every operat
 (convolutions, InstanceNorm -- statistics per sample and channel over a tensor that is itself a function
 of ``image * region`` and ``region`` --, LeakyReLU, zero padding, pooling) is a function of
 ``image * region`` and ``region`` only, so changing any voxel outside ``region`` cannot change the logits.
-No BatchNorm (its train-mode statistics would mix samples of a batch). ``tests/stage2_classify/
+No BatchNorm (its train-mode statistics would mix samples of a batch). With
+``ModelConfig.region_norm`` (default) the cls path first standardises intensities by their mean/std
+*inside the region*, which also cancels the scan-level intensity window (an affine map), so even that
+does not reach the verdict (up to the window's clipping of extreme voxels). ``tests/stage2_classify/
 test_invariance.py`` checks this numerically. When ``region`` is not given it is the seg head's centre
 body prediction dilated by ``margin_vox``: the guarantee then holds *given* that region (the region's
 shape comes from the full patch; its voxel values never do).
@@ -48,6 +51,19 @@ def dilate_mask(mask: torch.Tensor, radius: int) -> torch.Tensor:
         return m
     k = ball_kernel(radius).to(m)
     return (F.conv3d(m, k, padding=int(radius)) > 0.5).float()
+
+
+def region_standardise(image: torch.Tensor, region: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """``(image - mean_r) / std_r`` with mean/std over the voxels of ``region`` (per sample), ``(B, 1, I, J, K)``.
+
+    A function of ``image * region`` and ``region`` only, and invariant to any affine intensity map
+    ``a * image + b`` (a > 0) up to ``eps``: the scan-level intensity window then cannot reach the verdict.
+    """
+    dims = tuple(range(2, image.ndim))
+    n = region.sum(dims, keepdim=True).clamp_min(1.0)
+    mu = (image * region).sum(dims, keepdim=True) / n
+    var = (((image - mu) * region) ** 2).sum(dims, keepdim=True) / n
+    return (image - mu) / torch.sqrt(var + eps * eps)
 
 
 class ConvBlock(nn.Module):
@@ -156,6 +172,7 @@ class Stage2Net(nn.Module):
         self.cfg = cfg
         self.levels = cfg.model.levels
         self.margin_vox = cfg.margin_vox
+        self.region_norm = bool(cfg.model.region_norm)
         self.encoder = Encoder(cfg.model.base_channels, cfg.model.levels)
         chans = self.encoder.channels
         heads = cfg.heads
@@ -209,6 +226,8 @@ class Stage2Net(nn.Module):
         """Class logits ``(B, K)`` from ``image`` ``(B, 1, I, J, K)`` seen only through ``region``
         ``(B, 1, I, J, K)`` (binary, already dilated). A function of ``image * region`` and ``region`` only."""
         r = (region > 0.5).to(image.dtype)
+        if self.region_norm:
+            image = region_standardise(image, r)
         x, _ = self._pad(torch.cat([image * r, r], dim=1))
         feats = self.encoder(x)
         masks = [x[:, 1:2]]
@@ -264,4 +283,4 @@ class ClassifierPath(nn.Module):
         return torch.softmax(logits, dim=1) if self.probabilities else logits
 
 
-__all__ = ["Stage2Net", "ClassifierPath", "dilate_mask", "ball_kernel"]
+__all__ = ["Stage2Net", "ClassifierPath", "dilate_mask", "ball_kernel", "region_standardise"]

@@ -21,9 +21,10 @@ Every patch carries its geometry as a :class:`~data_prep.scan.Scan` so patch vox
 input grid (:func:`paste_to_reference`).
 
 Intensities: the scan is mapped once per scan, by its robust percentiles, to roughly [0, 1]
-(:func:`normalise_intensity`). This scan-level window (two numbers) is the only information from outside
-a vertebra that reaches its verdict; there is deliberately no per-patch normalisation, whose statistics
-would span the neighbours.
+(:func:`normalise_intensity`). There is deliberately no per-patch normalisation, whose statistics would
+span the neighbours; and since the classification path re-standardises intensities inside its own region
+(``ModelConfig.region_norm``), this affine scan-level window cancels out of the verdict too (up to the
+clipping of extreme voxels).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from data_prep.scan import Scan, from_sitk, to_sitk
+from data_prep.scan import Scan, to_sitk
 from stage2_classify.config import (
     SEG_BG,
     SEG_CENTRE,
@@ -336,13 +337,14 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
                 continue
             this = sl == label
             oth = (sl > 0) & ~this
-            fg_in = _erode2d(this, band)
-            not_this = ~_dilate2d(this, band)
             a = allowed[:, s]
-            _set(a, fg_in, (SEG_CENTRE, SEG_LESION))
-            _set(a, not_this & ~_dilate2d(oth, 0) , (SEG_BG, SEG_NEIGHBOUR, SEG_DISC, SEG_LESION))
+            not_this = ~_dilate2d(this, band)
+            if this.any():  # this body was outlined on this slice: inside = body, far outside = not it
+                _set(a, _erode2d(this, band), (SEG_CENTRE, SEG_LESION))
+                _set(a, not_this & ~oth, (SEG_BG, SEG_NEIGHBOUR, SEG_DISC, SEG_LESION))
+                body[s] = this
+            # (a slice where only other bodies were outlined says nothing about where this one is not)
             _set(a, _erode2d(oth, band) & not_this, (SEG_NEIGHBOUR, SEG_LESION))
-            body[s] = this
         # Region: the union of this body's outlines extruded across the typical left-right half-width.
         proj = body.any(axis=0)
         region_src = np.zeros(shape, bool)

@@ -123,10 +123,11 @@ def build_samples(data_dir: str | Path, cfg: Stage2Config, *, annotation: str = 
 
     ``annotation`` forces which body annotation is used (``"full"``, ``"coarse"``, ``"outline"``,
     ``"box"``, ``"point"``, ``"none"``; ``"auto"`` = the strongest available per subject). Lesion maps
-    (``<id>_lesions``) are used when present.
+    (``<id>_lesions``) are used when present, and ``<id>_structures.nii.gz`` (synthetic cohorts) gives
+    the disc class with full masks.
     """
     from data_prep.dataset import VERTEBRA_LABELS_FILE, discover, load_subject
-    from data_prep.io import read_vertebra_labels_csv
+    from data_prep.io import read_labelmap, read_vertebra_labels_csv
 
     if annotation not in ANNOTATION_KINDS:
         raise ValueError(f"annotation must be one of {ANNOTATION_KINDS}, got {annotation!r}")
@@ -147,6 +148,13 @@ def build_samples(data_dir: str | Path, cfg: Stage2Config, *, annotation: str = 
         data = load_subject(s)
         kind = _choose_kind(annotation, data)
         maps = {"vertebrae": data.vertebrae, "lesions": data.lesions, "outlines": data.outlines, "coarse": data.coarse}
+        if kind == "outline" and data.outlines is not None:
+            from data_prep.weak_labels import fill_outlines
+
+            maps["outlines"] = fill_outlines(data.outlines)  # contours -> filled per-slice regions
+        struct_path = data_dir / f"{s.id}_structures.nii.gz"  # synthetic cohorts: discs etc. (data_prep.synth)
+        if kind == "full" and struct_path.is_file():
+            maps["structures"] = read_labelmap(struct_path, reference=data.image)
         sampler = PatchSampler(data.image, cfg.patch, {k: v for k, v in maps.items() if v is not None})
         for r in rows.to_dict("records"):
             vid = int(r["label"])
@@ -215,7 +223,8 @@ def augment(batch: dict[str, torch.Tensor], cfg: Stage2Config, gen: torch.Genera
     +-``max_rotation_deg``; +-3 deg about the others), translation +-4 mm, left-right flip. Never a
     head-foot flip. Boxes stay axis-aligned: box samples get translation/flip only.
     Intensity (pivot-based, no patch statistics): gamma, contrast about 0.5, smooth multiplicative bias
-    field, Gaussian noise.
+    field, Gaussian noise. Region jitter: with ``train.region_jitter_prob`` the classification region
+    grows or shrinks by one voxel (never below the body), like a predicted mask at inference.
     """
     tc = cfg.train
     out = dict(batch)
@@ -265,6 +274,14 @@ def augment(batch: dict[str, torch.Tensor], cfg: Stage2Config, gen: torch.Genera
             x = out[k].clone()
             x[flip] = torch.flip(x[flip], dims=[2])  # axis 0 of (I, J, K) = left-right
             out[k] = x
+
+    # region jitter: grow or shrink the classification region by one voxel (as a predicted mask would)
+    reg = out["region"]
+    grown = F.max_pool3d(reg, 3, stride=1, padding=1)
+    shrunk = 1.0 - F.max_pool3d(1.0 - reg, 3, stride=1, padding=1)
+    pick = u(0, 1, (b, 1, 1, 1, 1))
+    out["region"] = torch.where(pick < tc.region_jitter_prob / 2, grown,
+                                torch.where(pick < tc.region_jitter_prob, torch.maximum(shrunk, out["body"]), reg))
 
     x = out["image"]
     gam = torch.exp(u(-0.3, 0.3, (b, 1, 1, 1, 1)))
@@ -355,8 +372,18 @@ def train_on_samples(samples: list[Sample], cfg: Stage2Config, out_dir: str | Pa
     out_dir = Path(out_dir)
     di = dist_info or init_distributed()
     tc = cfg.train
+    threads = torch.get_num_threads()
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
+    try:
+        return _train_loop(samples, cfg, out_dir, resume, stop_after_epoch, di, callback)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_loop(samples, cfg: Stage2Config, out_dir: Path, resume: bool, stop_after_epoch: int | None,
+                di: DistInfo, callback) -> Path:
+    tc = cfg.train
     seed_everything(tc.seed)
     counts = np.bincount([s.cls for s in samples], minlength=len(cfg.classes))
     cw = (torch.tensor(cfg.loss.class_weights, dtype=torch.float32) if cfg.loss.class_weights
@@ -413,6 +440,12 @@ def train_on_samples(samples: list[Sample], cfg: Stage2Config, out_dir: str | Pa
             if logits is not None:
                 n_correct += int((logits.argmax(1) == batch["cls"]).sum())
             n_seen += len(idx)
+        if di.distributed:  # log statistics of the whole epoch, not of rank 0's shard
+            keys = sorted(sums)
+            t = torch.tensor([sums[k] for k in keys] + [n_batches, n_correct, n_seen], dtype=torch.float64)
+            torch.distributed.all_reduce(t)
+            sums = dict(zip(keys, t[: len(keys)].tolist()))
+            n_batches, n_correct, n_seen = (int(x) for x in t[len(keys):].tolist())
         row = {"epoch": epoch + 1, **{k: v / max(n_batches, 1) for k, v in sums.items()},
                "train_acc": n_correct / max(n_seen, 1), "lr": _lr(cfg, epoch), "seconds": time.time() - t0,
                **{f"w_{k}": v for k, v in module.weighting.weights().items()}}
@@ -453,6 +486,16 @@ def train_stage2(data_dir: str | Path, out_dir: str | Path, config: Stage2Config
         cleanup_distributed()
 
 
+def synthesize_training_data(work_dir: str | Path, n: int = 12, seed: int = 0) -> Path:
+    """Write a small synthetic cohort with inserted lesions (``data_prep.synth`` + ``data_prep.lesions``)."""
+    from data_prep.lesions import cohort_hook
+    from data_prep.synth import SynthConfig, write_cohort
+
+    work_dir = Path(work_dir)
+    write_cohort(work_dir, n, seed, SynthConfig(), cohort_hook())
+    return work_dir
+
+
 def load_config_json(path: str | Path) -> Stage2Config:
     import json
 
@@ -461,7 +504,12 @@ def load_config_json(path: str | Path) -> Stage2Config:
         data = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise SpinepipeInputError(p, f"cannot read config JSON: {exc}") from None
-    return config_from_dict(Stage2Config, data, source=p)
+    cfg = config_from_dict(Stage2Config, data, source=p)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise SpinepipeInputError(p, str(exc)) from None
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_prep.scan import level_id
+from data_prep.scan import anatomical_rank, level_id
 from stage1_localize.config import DEFAULT_LEVELS, LabellingConfig
 from stage1_localize.labelling import AMBIGUOUS_FLAG, TRANSITIONAL_FLAG, assign_levels, path_cost
 
@@ -17,7 +17,7 @@ def _probs(true_id: int | None, p_true: float = 0.7, p_nb: float = 0.1) -> np.nd
     if true_id is None:
         p[:] = 1.0
     else:
-        order = sorted(range(len(LEVELS)), key=lambda i: __import__("data_prep.scan", fromlist=["x"]).anatomical_rank(LEVELS[i]))
+        order = sorted(range(len(LEVELS)), key=lambda i: anatomical_rank(LEVELS[i]))
         pos = order.index(LEVELS.index(true_id))
         p[order[pos]] = p_true
         for d in (-1, 1):

@@ -48,3 +48,19 @@ def test_cpu_inference_speed(net):
     with torch.no_grad():
         predict_volume(net, x, net.divisor)
     assert time.perf_counter() - t0 < 5.0
+
+
+def test_planner_uses_nnunet_topology_and_keeps_head_to_foot_context():
+    from stage1_localize.plan import plan_network
+
+    # real-data-like extents (mm, canonical i=LR, j=AP, k=SI): 76 x 381 x 381 and 77 x 224 x 224
+    plan = plan_network([[76, 381, 381], [77, 224, 224], [76, 381, 381]], (3.0, 3.0, 3.0),
+                        max_patch_voxels=24 * 48 * 96)
+    assert all(p % d == 0 for p, d in zip(plan.patch_size, plan.divisor))
+    assert plan.patch_size[2] >= plan.patch_size[1] >= plan.patch_size[0]  # SI context kept first
+    assert plan.patch_size[0] * 3.0 >= 60.0  # left-right not shrunk below ~60 mm
+    assert plan.pool_kernels[0] == (1, 1, 1) and len(plan.conv_kernels) == plan.n_stages
+    net = LocalizerNet(Stage1Config(plan=plan))
+    with torch.no_grad():
+        out = net(torch.zeros(1, 1, *plan.patch_size))
+    assert out["heatmap"].shape[-3:] == tuple(plan.patch_size)

@@ -69,24 +69,28 @@ def _chance_id_rate(cohort, ids, levels) -> float:
 
 @pytest.mark.slow
 def test_tiny_training_learns(cohort, subjects, tmp_path):
-    cfg = _tiny_config(epochs=4, steps_per_epoch=20)
+    cfg = _tiny_config(epochs=8, steps_per_epoch=20)
+    train_ids = [s.id for s in subjects[:4]]
     out = train_stage1(cohort, tmp_path / "stage1", cfg, subjects=subjects[:4], auto_plan=False)
     for name in (checkpoint.WEIGHTS, checkpoint.CONFIG, checkpoint.TRAIN_STATE, LOG_FILE):
         assert (out / name).is_file(), name
     log = pd.read_csv(out / LOG_FILE)
-    assert log["epoch"].tolist() == [1, 2, 3, 4]
-    assert log["loss"].iloc[-1] < 0.9 * log["loss"].iloc[0], log["loss"].tolist()
+    assert log["epoch"].tolist() == list(range(1, 9))
+    assert log["heatmap_loss"].iloc[-1] < 0.85 * log["heatmap_loss"].iloc[0], log["heatmap_loss"].tolist()
+    assert log["level_loss"].iloc[-1] < 0.85 * log["level_loss"].iloc[0], log["level_loss"].tolist()
 
-    ids = [s.id for s in subjects]
-    trained, det = _evaluate(Localizer(out, device="cpu"), cohort, ids)
+    trained, det = _evaluate(Localizer(out, device="cpu"), cohort, train_ids)
+    held_out, det_ho = _evaluate(Localizer(out, device="cpu"), cohort, [s.id for s in subjects[4:]])
     torch.manual_seed(cfg.seed)
-    untrained, det0 = _evaluate(Localizer(net=LocalizerNet(cfg), config=cfg, device="cpu"), cohort, ids)
-    chance = _chance_id_rate(cohort, ids, cfg.levels)
-    print(f"\ntiny stage-1: trained {trained}, detection {det:.2f}; untrained id {untrained['id_rate']:.2f}; "
-          f"chance id {chance:.2f}")
-    assert det > 0.6 and det > det0
-    assert trained["id_rate"] > max(chance, untrained["id_rate"]) + 0.1
-    assert trained["mean_error_mm"] < 20.0
+    untrained, det0 = _evaluate(Localizer(net=LocalizerNet(cfg), config=cfg, device="cpu"), cohort, train_ids)
+    chance = _chance_id_rate(cohort, train_ids, cfg.levels)
+    print(f"\ntiny stage-1 on its 4 training scans: {trained}, detection {det:.2f}; held-out 2 scans: "
+          f"{held_out}, detection {det_ho:.2f}; untrained id {untrained['id_rate']:.2f} detection {det0:.2f}; "
+          f"chance id (true positions, random run of names) {chance:.2f}")
+    assert det > 0.6 and det > det0 + 0.3
+    assert trained["id_rate"] > chance + 0.1
+    assert trained["id_rate"] > untrained["id_rate"] + 0.2
+    assert trained["median_error_mm"] < 15.0
 
 
 def test_training_is_deterministic_and_resumes_exactly(cohort, subjects, tmp_path):

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
-from stage2_classify.config import tiny_config
 from stage2_classify.patches import Patch, ellipsoid_prior, patch_grid
 from stage2_classify.train import Sample, sample_from_patch
 
@@ -48,8 +46,3 @@ def toy_samples(cfg, n: int, seed: int = 0) -> list[Sample]:
         patch, label = toy_patch(cfg, cls, rng)
         out.append(sample_from_patch(patch, label, cls, cfg, subject=f"s{i}"))
     return out
-
-
-@pytest.fixture
-def tiny_cfg():
-    return tiny_config()

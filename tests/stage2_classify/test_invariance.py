@@ -57,11 +57,13 @@ def test_invariance_odd_shape_heads_off_and_batch_independence():
     other = torch.randn_like(image)
     batch = torch.cat([image, other])
     regions = torch.cat([region, torch.ones_like(region)])
-    p0 = torch.softmax(net(batch, regions)["cls"], 1)[0]
+    with torch.no_grad():
+        p0 = torch.softmax(net(batch, regions)["cls"], 1)[0]
     changed = image.clone()
     changed[region < 0.5] = 1e3
     batch2 = torch.cat([changed, 5 * torch.randn_like(image)])  # other sample changed everywhere
-    p1 = torch.softmax(net(batch2, regions)["cls"], 1)[0]
+    with torch.no_grad():
+        p1 = torch.softmax(net(batch2, regions)["cls"], 1)[0]
     assert float((p1 - p0).abs().max()) <= 1e-6
 
 
@@ -69,10 +71,11 @@ def test_aux_heads_do_see_outside():
     """Sanity: the auxiliary path uses the full patch (so the invariance above is not trivial)."""
     net, image, region = _setup(3)
     net.eval()
-    s0 = net(image, region)["seg"]
     changed = image.clone()
     changed[region < 0.5] = 10.0
-    assert float((net(changed, region)["seg"] - s0).abs().max()) > 1e-3
+    with torch.no_grad():
+        s0 = net(image, region)["seg"]
+        assert float((net(changed, region)["seg"] - s0).abs().max()) > 1e-3
 
 
 def test_integrated_gradients_zero_outside_region():
@@ -83,3 +86,50 @@ def test_integrated_gradients_zero_outside_region():
     assert attr.shape == tuple(image.shape[2:])
     assert np.all(attr[region[0, 0].numpy() < 0.5] == 0.0)
     assert np.abs(attr[region[0, 0].numpy() > 0.5]).sum() > 0
+
+
+def test_region_standardise_cancels_affine_intensity_maps():
+    from stage2_classify.model import region_standardise
+
+    net, image, region = _setup(11)
+    net.eval()
+    p0 = _probs(net, image, region)
+    assert float((_probs(net, 3.7 * image + 12.0, region) - p0).abs().max()) <= 1e-5
+    x = region_standardise(image, region)
+    inside = x[region > 0.5]
+    assert abs(float(inside.mean())) < 1e-5 and abs(float(inside.std(unbiased=False)) - 1) < 1e-3
+
+
+def test_scan_level_verdict_ignores_everything_outside_the_vertebra():
+    """End to end (Classifier on a scan with given masks): rewrite all voxels outside a vertebra's
+    dilated region -- including bright junk that moves the scan's intensity window -- and its
+    probabilities stay put; the other vertebra (whose region contains the rewritten voxels) moves."""
+    from data_prep.scan import Scan, vertebrae_from_labelmap
+    from stage2_classify.infer import Classifier
+    from stage2_classify.patches import dilate as np_dilate
+
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    net = Stage2Net(cfg)
+    shape = (48, 40, 20)
+    d = np.array([[0, 0, 1], [0, 1, 0], [-1, 0, 0]], float).T
+    rng = np.random.default_rng(0)
+    arr = rng.normal(40, 8, shape).astype(np.float32)
+    lab = np.zeros(shape, np.int16)
+    lab[6:18, 10:30, 5:15] = 20
+    lab[28:40, 10:30, 5:15] = 21
+    arr[lab > 0] = rng.normal(150, 20, int((lab > 0).sum()))
+    scan = Scan(arr, (2.0, 2.0, 3.0), (0.0, 0.0, 0.0), d)
+    labels = scan.with_array(lab)
+    verts = vertebrae_from_labelmap(labels)
+    clf = Classifier.from_network(net)
+    before = clf.classify(scan, verts, masks=labels, with_evidence=False)
+    # keep vertebra 20 and a generous shell (2x the margin, in scan voxels); rewrite everything else
+    keep = np_dilate(lab == 20, 4)
+    new = arr.copy()
+    new[~keep] = rng.uniform(0, 5000, int((~keep).sum()))
+    after = clf.classify(scan.with_array(new), verts, masks=labels, with_evidence=False)
+    dp20 = max(abs(before[0]["probabilities"][c] - after[0]["probabilities"][c]) for c in cfg.classes)
+    dp21 = max(abs(before[1]["probabilities"][c] - after[1]["probabilities"][c]) for c in cfg.classes)
+    assert dp20 <= 1e-4
+    assert dp21 > 1e-3

@@ -132,3 +132,27 @@ def test_build_targets_box_and_point():
     assert not t.seg_allowed[1][~t.box].any()  # outside the box it cannot be the centre body
     tp = build_targets(patch, label, cfg, kind="point", point_mm=c)
     assert tp.point_ball.any() and np.all(tp.seg_allowed[[0, 2, 3]][:, tp.point_ball] == 0)
+
+
+def test_build_targets_outlines_band_and_unannotated_slices():
+    cfg = tiny_config()  # 4 mm voxels, band 4 mm = 1 voxel
+    shape = cfg.patch.shape
+    geo = patch_grid(np.zeros(3), cfg.patch)
+    outl = np.zeros(shape, np.int16)
+    outl[5, 4:12, 4:12] = 20  # this body, slice 5
+    outl[7, 2:8, 2:8] = 21  # only a neighbour on slice 7
+    from stage2_classify.patches import Patch
+
+    p = Patch(np.zeros(shape, np.float32), geo.with_array(np.zeros(shape, np.float32)), {"outlines": outl})
+    t = build_targets(p, 20, cfg, kind="outline")
+    a = t.seg_allowed
+    # slice 5: eroded interior -> {centre, lesion}; the 1-voxel band -> all; beyond -> not centre
+    assert a[:, 5, 6, 6].tolist() == [False, True, False, False, True]
+    assert a[:, 5, 4, 4].all() and a[:, 5, 3, 8].all()  # band (inside edge, outside edge)
+    assert a[:, 5, 0, 0].tolist() == [True, False, True, True, True]
+    # slice 7: only the neighbour was outlined -> its interior is not the centre, the rest is unknown
+    assert a[:, 7, 4, 4].tolist() == [False, False, True, False, True]
+    assert a[:, 7, 14, 14].all()
+    # a slice without any outline is unsupervised
+    assert a[:, 0].all()
+    assert t.region[:, 4:12, 4:12].any(axis=0).all()  # region: outlines extruded left-right

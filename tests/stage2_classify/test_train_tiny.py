@@ -1,7 +1,6 @@
 """Tiny multitask training on toy patches learns (loss falls, held-out accuracy beats chance)."""
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import torch
 

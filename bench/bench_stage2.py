@@ -1,0 +1,433 @@
+"""Stage-2 benchmark on SEMI-SYNTHETIC data: real scans from ../shared/data with inserted lesions.
+
+    python bench/bench_stage2.py [--quick] [--data ../shared/data] [--work /tmp/spinepipe_bench_stage2]
+
+Every number here comes from real MRI into which ``data_prep.lesions`` inserted simulated corner
+lesions, so every table is labelled **semi-synthetic**. Sections (each appended to
+``bench/results/stage2.json`` and ``stage2.md`` as soon as it finishes):
+
+1. ``cv``: cross-validation grouped by subject (both cohorts pooled): per-class AUC, balanced accuracy,
+   Cohen's kappa; with given masks and with the seg head's own region; evidence mass inside the body
+   (Integrated Gradients) and pointing game on lesion vertebrae.
+2. ``leakage``: a lesion planted in one vertebra only (``plant_in_neighbour``): how much do the
+   neighbours' probabilities move (should be ~0: their regions exclude the planted body).
+3. ``ablation``: heads (cls only / +seg / +seg+heatmap / all) x training subjects (10 / 25 / all).
+4. ``site_shift``: train on one cohort, test on the other.
+5. ``annotation``: full masks vs real loose outlines vs boxes vs points (simulated from the masks):
+   accuracy and centre-body Dice of the seg head against the expert masks.
+6. ``times``: training seconds per epoch, inference seconds per vertebra with / without evidence.
+
+``--quick`` runs everything on a handful of subjects for 2-3 epochs (a smoke test of the harness, not a
+result). Never edit the results files by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from data_prep.distributed import DistInfo  # noqa: E402
+from stage2_classify.config import HeadsConfig, Stage2Config  # noqa: E402
+from stage2_classify.evidence import fraction_inside, integrated_gradients, pointing_game  # noqa: E402
+from stage2_classify.train import Sample, Stage2Trainable, build_samples, collate, train_on_samples  # noqa: E402
+
+log = logging.getLogger("bench_stage2")
+LABEL = "semi-synthetic"
+COHORTS = ("myosegmentum", "chu2015")
+CPU = DistInfo(0, 1, 0, torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics (pipeline/metrics.py when present)
+# ---------------------------------------------------------------------------------------------
+def _metrics(y: np.ndarray, p: np.ndarray, n_classes: int) -> dict:
+    from pipeline.metrics import balanced_accuracy, cohen_kappa, one_vs_rest_auc
+
+    pred = p.argmax(1)
+    auc = one_vs_rest_auc(y, p, n_classes)
+    return {"n": int(len(y)), "auc": [None if np.isnan(a) else round(float(a), 4) for a in auc],
+            "balanced_accuracy": round(balanced_accuracy(y, pred), 4), "kappa": _r(cohen_kappa(y, pred)),
+            "class_counts": np.bincount(y, minlength=n_classes).tolist()}
+
+
+def _r(x, nd=4):
+    return None if x is None or (isinstance(x, float) and np.isnan(x)) else round(float(x), nd)
+
+
+# ---------------------------------------------------------------------------------------------
+# results writer
+# ---------------------------------------------------------------------------------------------
+class Results:
+    def __init__(self, out_dir: Path, meta: dict):
+        self.out_dir = out_dir
+        self.data = {"label": LABEL, "meta": meta, "sections": {}}
+
+    def add(self, name: str, value) -> None:
+        self.data["sections"][name] = value
+        self.write()
+
+    def write(self) -> None:
+        from data_prep.io import write_text
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_text(json.dumps(self.data, indent=1, default=float) + "\n", self.out_dir / "stage2.json")
+        write_text(self.markdown(), self.out_dir / "stage2.md")
+
+    def markdown(self) -> str:
+        m = self.data["meta"]
+        lines = [f"# Stage 2 benchmark ({LABEL})", "",
+                 f"Real scans from `{m.get('data')}` with lesions inserted by `data_prep.lesions` "
+                 f"(seed {m.get('seed')}); quick={m.get('quick')}. All numbers are **{LABEL}**.", ""]
+        for name, sec in self.data["sections"].items():
+            lines.append(f"## {name} ({LABEL})")
+            lines.append("")
+            rows = sec if isinstance(sec, list) else [sec]
+            keys = list(dict.fromkeys(k for r in rows for k in r))
+            lines.append("| " + " | ".join(keys) + " |")
+            lines.append("|" + "---|" * len(keys))
+            for r in rows:
+                lines.append("| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return "" if v is None else str(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+def prepare(data: Path, work: Path, seed: int, n_per_cohort: int | None) -> dict[str, Path]:
+    """Semi-synthetic copies of each cohort (cached in ``work``)."""
+    from data_prep.lesions import make_semisynthetic
+
+    out = {}
+    for c in COHORTS:
+        src = data / c
+        ids = sorted(p.name[: -len("_image.nii.gz")] for p in src.glob("*_image.nii.gz"))
+        if n_per_cohort:
+            ids = ids[:n_per_cohort]
+        dst = work / f"semi_{c}_{len(ids)}"
+        if not (dst / "vertebra_labels.csv").is_file():
+            log.info("inserting lesions into %d %s scans (%s)", len(ids), c, LABEL)
+            make_semisynthetic(src, dst, seed, ids=ids)
+        out[c] = dst
+    return out
+
+
+def weak_copy(src: Path, work: Path, kind: str, seed: int) -> Path:
+    from data_prep.weak_labels import derive_weak_labels
+
+    dst = work / f"{src.name}_{kind}"
+    if not (dst / "vertebra_labels.csv").is_file():
+        derive_weak_labels(src, dst, kind, seed, keep_full_masks=False)
+        for extra in src.glob("*_lesions.nii.gz"):
+            (dst / extra.name).write_bytes(extra.read_bytes())
+    return dst
+
+
+def load_samples(folders: dict[str, Path], cfg: Stage2Config, annotation: str = "full") -> list[Sample]:
+    out: list[Sample] = []
+    for f in folders.values():
+        out.extend(build_samples(f, cfg, annotation=annotation))
+    return out
+
+
+def folds_by_subject(samples: list[Sample], k: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    subjects = sorted({s.subject for s in samples})
+    rng = np.random.default_rng(seed)
+    rng.shuffle(subjects)
+    groups = [set(subjects[i::k]) for i in range(k)]
+    return [([i for i, s in enumerate(samples) if s.subject not in g], [i for i, s in enumerate(samples) if s.subject in g])
+            for g in groups]
+
+
+# ---------------------------------------------------------------------------------------------
+# training / evaluation
+# ---------------------------------------------------------------------------------------------
+def train(samples: list[Sample], cfg: Stage2Config, work: Path, tag: str) -> tuple[Stage2Trainable, float]:
+    holder: dict = {}
+    t0 = time.time()
+    train_on_samples(samples, cfg, work / "runs" / tag, dist_info=CPU,
+                     callback=lambda e, m, row: holder.__setitem__("module", m))
+    secs = (time.time() - t0) / max(cfg.train.epochs, 1)
+    return holder["module"], secs
+
+
+@torch.no_grad()
+def predict(module: Stage2Trainable, samples: list[Sample], predicted_region: bool = False, bs: int = 8):
+    net = module.net.eval()
+    probs, dices = [], []
+    for i in range(0, len(samples), bs):
+        b = collate(samples[i : i + bs])
+        if predicted_region and "seg" in net.heads:
+            seg = net.forward_dense(b["image"])["seg"]
+            region = net.predicted_region(seg)
+            pb = net.body_probability(seg) > 0.5
+            body = b["body"] > 0.5
+            inter = (pb & body).flatten(1).sum(1).float()
+            dices.extend((2 * inter / (pb.flatten(1).sum(1) + body.flatten(1).sum(1)).clamp_min(1)).tolist())
+        else:
+            region = b["region"]
+        probs.append(torch.softmax(net.forward_cls(b["image"], region), 1))
+    return torch.cat(probs).numpy(), dices
+
+
+def evidence_stats(module: Stage2Trainable, samples: list[Sample], n_max: int, steps: int) -> dict:
+    net = module.net.eval()
+    inside, hits = [], []
+    for s in samples[:n_max]:
+        img = torch.from_numpy(s.image)[None, None]
+        reg = torch.from_numpy(s.targets.region.astype(np.float32))[None, None]
+        attr, _ = integrated_gradients(net, img, reg, n_steps=steps)
+        inside.append(fraction_inside(attr, s.targets.body))
+        if s.cls != 0 and s.targets.lesion.any():
+            hits.append(pointing_game(attr, s.targets.lesion, tolerance_vox=1))
+    return {"evidence_inside_mean": _r(np.mean(inside)) if inside else None,
+            "evidence_inside_p10": _r(np.percentile(inside, 10)) if inside else None,
+            "frac_below_0.9": _r(np.mean(np.array(inside) < 0.9)) if inside else None,
+            "pointing_game": _r(np.mean(hits)) if hits else None, "n_evidence": len(inside), "n_pointing": len(hits)}
+
+
+def evaluate(module, test: list[Sample], cfg: Stage2Config) -> dict:
+    y = np.array([s.cls for s in test])
+    p_mask, _ = predict(module, test)
+    out = {"given_mask": _metrics(y, p_mask, len(cfg.classes))}
+    if "seg" in module.net.heads:
+        p_pred, dice = predict(module, test, predicted_region=True)
+        out["predicted_region"] = _metrics(y, p_pred, len(cfg.classes))
+        out["body_dice"] = _r(np.mean(dice))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# sections
+# ---------------------------------------------------------------------------------------------
+def section_cv(samples, cfg, work, args, res: Results):
+    rows, ys, ps = [], [], []
+    ev_all = []
+    for f, (tr, te) in enumerate(folds_by_subject(samples, args.folds, args.seed)):
+        module, spe = train([samples[i] for i in tr], cfg, work, f"cv{f}")
+        test = [samples[i] for i in te]
+        ev = evaluate(module, test, cfg)
+        evs = evidence_stats(module, test, args.n_evidence, cfg.ig_steps)
+        ev_all.append(evs)
+        p, _ = predict(module, test)
+        ys.append(np.array([s.cls for s in test]))
+        ps.append(p)
+        rows.append({"fold": f, "n_train": len(tr), "n_test": len(te), **_flat(ev), **evs, "s_per_epoch": _r(spe, 2)})
+        res.add("cv_folds", rows)
+    pooled = _metrics(np.concatenate(ys), np.concatenate(ps), len(cfg.classes))
+    res.add("cv_pooled", {"folds": args.folds, **{k: v for k, v in pooled.items()},
+                          "evidence_inside_mean": _r(np.mean([e["evidence_inside_mean"] for e in ev_all
+                                                              if e["evidence_inside_mean"] is not None]))})
+
+
+def _flat(ev: dict) -> dict:
+    out = {}
+    for k, v in ev.items():
+        if isinstance(v, dict):
+            out[f"{k}_bacc"] = v["balanced_accuracy"]
+            out[f"{k}_kappa"] = v["kappa"]
+            out[f"{k}_auc"] = v["auc"]
+        else:
+            out[k] = v
+    return out
+
+
+def section_leakage(module, folders: dict[str, Path], cfg, args, res: Results):
+    """Plant an inflammatory lesion in one vertebra only; neighbours' probabilities should not move."""
+    from data_prep.dataset import discover, load_subject
+    from data_prep.lesions import COHORT_CONTRAST, plant_in_neighbour
+    from data_prep.scan import vertebrae_from_labelmap
+    from stage2_classify.infer import Classifier
+
+    clf = Classifier.from_network(module.net)
+    rows = []
+    rng = np.random.default_rng(args.seed)
+    for cohort, folder in folders.items():
+        src = Path(args.data) / cohort
+        for s in discover(src)[: args.n_leak]:
+            d = load_subject(s)
+            verts = vertebrae_from_labelmap(d.vertebrae)
+            if len(verts) < 3:
+                continue
+            target = verts[len(verts) // 2].label
+            planted = plant_in_neighbour(d.image, d.vertebrae, target, COHORT_CONTRAST[cohort], rng)
+            base = clf.classify(d.image, verts, masks=d.vertebrae, with_evidence=False)
+            new = clf.classify(planted.image, verts, masks=d.vertebrae, with_evidence=False)
+            for b, n in zip(base, new):
+                dp = max(abs(b["probabilities"][c] - n["probabilities"][c]) for c in cfg.classes)
+                rows.append({"subject": s.id, "level": b["level"], "is_target": b["label"] == target,
+                             "max_abs_dp": _r(dp, 6)})
+    nb = [r["max_abs_dp"] for r in rows if not r["is_target"]]
+    tg = [r["max_abs_dp"] for r in rows if r["is_target"]]
+    res.add("leakage", {"n_neighbours": len(nb), "neighbour_max_dp_max": _r(max(nb), 6) if nb else None,
+                        "neighbour_max_dp_mean": _r(np.mean(nb), 6) if nb else None,
+                        "target_max_dp_mean": _r(np.mean(tg), 6) if tg else None})
+
+
+ABLATIONS = {
+    "cls": HeadsConfig(True, False, False, False),
+    "cls+seg": HeadsConfig(True, True, False, False),
+    "cls+seg+heatmap": HeadsConfig(True, True, True, False),
+    "all": HeadsConfig(True, True, True, True),
+}
+
+
+def section_ablation(samples, cfg, work, args, res: Results):
+    (tr, te), = folds_by_subject(samples, 2, args.seed + 1)[:1]
+    train_subjects = sorted({samples[i].subject for i in tr})
+    sizes = [n for n in (10, 25) if n < len(train_subjects)] + [len(train_subjects)]
+    if args.quick:
+        sizes = sizes[-1:]
+    rows = []
+    for n in sizes:
+        keep = set(train_subjects[:n])
+        sub = [samples[i] for i in tr if samples[i].subject in keep]
+        for name, heads in ABLATIONS.items():
+            if args.quick and name not in ("cls", "all"):
+                continue
+            c = copy.deepcopy(cfg)
+            c.heads = heads
+            module, spe = train(sub, c, work, f"abl_{name}_{n}")
+            ev = evaluate(module, [samples[i] for i in te], c)
+            rows.append({"heads": name, "n_subjects": n, **_flat(ev), "s_per_epoch": _r(spe, 2)})
+            res.add("ablation", rows)
+
+
+def section_site_shift(samples, cfg, work, args, res: Results):
+    rows = []
+    for a, b in ((COHORTS[0], COHORTS[1]), (COHORTS[1], COHORTS[0])):
+        tr = [s for s in samples if s.subject.startswith(a)]
+        te = [s for s in samples if s.subject.startswith(b)]
+        if not tr or not te:
+            continue
+        module, _ = train(tr, cfg, work, f"site_{a}")
+        rows.append({"train": a, "test": b, **_flat(evaluate(module, te, cfg))})
+        res.add("site_shift", rows)
+
+
+def section_annotation(folders, cfg, work, args, res: Results, full_samples):
+    """Same subjects, different body annotations for the seg head; Dice against the expert masks."""
+    rows = []
+    tr_idx, te_idx = folds_by_subject(full_samples, 2, args.seed + 2)[0]
+    te_subjects = {full_samples[i].subject for i in te_idx}
+    test = [full_samples[i] for i in te_idx]
+    kinds = {"full": ("full", None), "outline": ("outline", None), "box": ("box", "boxes"), "point": ("point", "points")}
+    for name, (ann, weak) in kinds.items():
+        if args.quick and name not in ("full", "box"):
+            continue
+        if weak is None:
+            fold = folders
+        else:
+            fold = {c: weak_copy(f, work, weak, args.seed) for c, f in folders.items()}
+        try:
+            samples = load_samples(fold, cfg, annotation=ann)
+        except Exception as exc:  # noqa: BLE001 - a missing annotation kind must not stop the benchmark
+            rows.append({"annotation": name, "error": str(exc)[:200]})
+            res.add("annotation", rows)
+            continue
+        train_s = [s for s in samples if s.subject not in te_subjects]
+        module, spe = train(train_s, cfg, work, f"ann_{name}")
+        ev = evaluate(module, test, cfg)
+        rows.append({"annotation": name, "n_train": len(train_s), **_flat(ev), "s_per_epoch": _r(spe, 2)})
+        res.add("annotation", rows)
+
+
+def section_times(module, samples, cfg, res: Results):
+    net = module.net.eval()
+    s = samples[: min(8, len(samples))]
+    b = collate(s)
+    t0 = time.time()
+    with torch.no_grad():
+        net.forward_dense(b["image"])
+        net.forward_cls(b["image"], b["region"])
+    t_plain = (time.time() - t0) / len(s)
+    t0 = time.time()
+    for x in s[:3]:
+        integrated_gradients(net, torch.from_numpy(x.image)[None, None],
+                             torch.from_numpy(x.targets.region.astype(np.float32))[None, None], n_steps=cfg.ig_steps)
+    t_ig = (time.time() - t0) / min(3, len(s))
+    res.add("times", {"s_per_vertebra_no_evidence": _r(t_plain, 4), "s_per_vertebra_ig": _r(t_ig, 3),
+                      "ig_steps": cfg.ig_steps, "threads": torch.get_num_threads()})
+
+
+# ---------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--work", default="/tmp/spinepipe_bench_stage2")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--n-evidence", type=int, default=40)
+    ap.add_argument("--n-leak", type=int, default=5)
+    ap.add_argument("--sections", default="cv,leakage,ablation,site_shift,annotation,times")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    data = Path(args.data)
+    if not (data / "myosegmentum").is_dir():
+        log.error("real data not available: %s is absent", data)
+        return 2
+    work = Path(args.work)
+    cfg = Stage2Config()
+    cfg.train.seed = args.seed
+    if args.quick:
+        cfg.patch.spacing_mm = 4.0
+        cfg.train.epochs = 2
+        cfg.ig_steps = 8
+        args.folds, args.n_evidence, args.n_leak = 2, 6, 1
+    if args.epochs:
+        cfg.train.epochs = args.epochs
+    n_per = 3 if args.quick else None
+    torch.manual_seed(args.seed)
+    res = Results(Path(args.out), {"data": str(data), "seed": args.seed, "quick": args.quick,
+                                   "config": json.loads(json.dumps(cfg, default=lambda o: o.__dict__))})
+    t0 = time.time()
+    folders = prepare(data, work, args.seed, n_per)
+    samples = load_samples(folders, cfg, "full")
+    res.add("data", {"n_vertebrae": len(samples), "n_subjects": len({s.subject for s in samples}),
+                     "class_counts": np.bincount([s.cls for s in samples], minlength=3).tolist(),
+                     "prep_seconds": _r(time.time() - t0, 1)})
+    wanted = set(args.sections.split(","))
+    if "cv" in wanted:
+        section_cv(samples, cfg, work, args, res)
+    module = None
+    if wanted & {"leakage", "times"}:
+        module, _ = train(samples, cfg, work, "all")
+    if "leakage" in wanted:
+        section_leakage(module, folders, cfg, args, res)
+    if "ablation" in wanted:
+        section_ablation(samples, cfg, work, args, res)
+    if "site_shift" in wanted:
+        section_site_shift(samples, cfg, work, args, res)
+    if "annotation" in wanted:
+        section_annotation(folders, cfg, work, args, res, samples)
+    if "times" in wanted:
+        section_times(module, samples, cfg, res)
+    res.data["meta"]["total_seconds"] = round(time.time() - t0, 1)
+    res.write()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""Stage-1 commands: ``spinepipe localize`` and ``spinepipe train-stage1``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pipeline.cli import main
+
+DEFAULT_STAGE1 = Path("models") / "stage1"
+
+
+def centroids_name(scan_path: Path) -> str:
+    """``<name>_centroids.csv`` for a scan file or DICOM folder (a trailing ``_image`` is dropped)."""
+    from data_prep.io import strip_image_suffix
+
+    name = strip_image_suffix(scan_path) if scan_path.is_file() else scan_path.name
+    if name.endswith("_image") and len(name) > len("_image"):
+        name = name[: -len("_image")]
+    return f"{name}_centroids.csv"
+
+
+@main.command("localize")
+@click.argument("scan", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder for <name>_centroids.csv.")
+@click.option("--models", "model_dir", default=DEFAULT_STAGE1, show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Stage-1 model folder.")
+@click.option("--device", default=None, help="torch device (default: cuda when available, else cpu).")
+def localize_cmd(scan: Path, out_dir: Path, model_dir: Path, device: str | None) -> None:
+    """Find and name every vertebra of SCAN; write OUT/<name>_centroids.csv
+    (level,label,x_mm,y_mm,z_mm,confidence,flags; world LPS mm)."""
+    from data_prep.io import read_image
+    from stage1_localize.infer import Localizer, write_centroids_csv
+
+    localizer = Localizer(model_dir, device=device)  # missing model -> one-line error naming the make target
+    image = read_image(scan)
+    vertebrae = localizer.localize(image)
+    path = write_centroids_csv(vertebrae, Path(out_dir) / centroids_name(Path(scan)))
+    levels = ",".join(v.level for v in vertebrae) or "none"
+    flagged = sum(bool(v.flags) for v in vertebrae)
+    click.echo(f"{path}: {len(vertebrae)} vertebrae ({levels}){f', {flagged} flagged' if flagged else ''}")
+
+
+@main.command("train-stage1")
+@click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Canonical dataset folder (<id>_image + <id>_points.csv or <id>_vertebrae). "
+                   "Omitted: a small synthetic cohort is generated into --work.")
+@click.option("--out", "out_dir", default=DEFAULT_STAGE1, show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Model folder to write.")
+@click.option("--epochs", default=None, type=click.IntRange(min=1), help="Training epochs (default: config).")
+@click.option("--steps", "steps_per_epoch", default=None, type=click.IntRange(min=1), help="Steps per epoch.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/train_state.pt (last finished epoch).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--work", "work_dir", default=Path("work_dirs") / "stage1_synth", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Where the synthetic cohort goes without --data.")
+@click.option("--synth-n", default=16, show_default=True, type=click.IntRange(min=2),
+              help="Number of synthetic subjects without --data.")
+def train_stage1_cmd(data_dir: Path | None, out_dir: Path, epochs: int | None, steps_per_epoch: int | None,
+                     resume: bool, seed: int, work_dir: Path, synth_n: int) -> None:
+    """Train the stage-1 localiser from points (masks optional); writes OUT/model.safetensors,
+    config.json, train_state.pt and train_log.csv. Works under torchrun (DDP)."""
+    import dataclasses
+
+    from stage1_localize.config import Stage1Config
+    from stage1_localize.train import train_stage1
+
+    if data_dir is None:
+        from data_prep.dataset import discover
+        from data_prep.synth import write_cohort
+
+        have = len(discover(work_dir)) if Path(work_dir).is_dir() else 0
+        if have < synth_n:
+            click.echo(f"synthesizing {synth_n} subjects into {work_dir}", err=True)
+            write_cohort(work_dir, synth_n, seed=seed)
+        data_dir = Path(work_dir)
+    cfg = Stage1Config(seed=seed)
+    if epochs is not None:
+        cfg = dataclasses.replace(cfg, epochs=epochs)
+    if steps_per_epoch is not None:
+        cfg = dataclasses.replace(cfg, steps_per_epoch=steps_per_epoch)
+    out = train_stage1(data_dir, out_dir, cfg, resume=resume)
+    click.echo(f"stage-1 model written to {out}")

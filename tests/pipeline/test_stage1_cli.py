@@ -1,0 +1,48 @@
+"""``spinepipe localize`` / ``train-stage1``: one-line errors and the centroid CSV."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from click.testing import CliRunner
+
+from data_prep import checkpoint
+from data_prep.io import write_image
+from data_prep.scan import Scan
+from pipeline.cli import main
+from stage1_localize.config import NetworkPlan, Stage1Config
+from stage1_localize.infer import CENTROID_COLUMNS
+from stage1_localize.model import LocalizerNet
+
+
+def _tiny_model(folder):
+    cfg = Stage1Config(plan=NetworkPlan(pool_kernels=((1, 1, 1), (2, 2, 2)), conv_kernels=((3, 3, 3),) * 2,
+                                        base_features=4))
+    torch.manual_seed(0)
+    net = LocalizerNet(cfg)
+    with torch.no_grad():
+        net.heads["heatmap"].bias.fill_(-20.0)  # no peaks: an empty but valid CSV
+    checkpoint.save_model(folder, net.state_dict(), cfg, kind="stage1")
+
+
+def test_localize_without_model_is_a_one_line_error(tmp_path):
+    img = write_image(Scan(np.zeros((8, 8, 8), np.float32)), tmp_path / "a_image.nii.gz")
+    res = CliRunner().invoke(main, ["localize", str(img), "-o", str(tmp_path / "out"), "--models", str(tmp_path / "none")])
+    assert res.exit_code == 2
+    assert "make train-stage1" in res.output and "Traceback" not in res.output
+
+
+def test_localize_writes_centroid_csv(tmp_path):
+    _tiny_model(tmp_path / "m")
+    img = write_image(Scan(np.random.default_rng(0).random((30, 20, 40)).astype(np.float32), spacing=(2.0, 2.0, 2.0)),
+                      tmp_path / "subj-1_image.nii.gz")
+    res = CliRunner().invoke(main, ["localize", str(img), "-o", str(tmp_path / "out"), "--models", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(tmp_path / "out" / "subj-1_centroids.csv")
+    assert list(df.columns) == CENTROID_COLUMNS and len(df) == 0
+
+
+def test_localize_missing_scan(tmp_path):
+    _tiny_model(tmp_path / "m")
+    res = CliRunner().invoke(main, ["localize", str(tmp_path / "nope.nii.gz"), "-o", str(tmp_path), "--models", str(tmp_path / "m")])
+    assert res.exit_code == 2 and "not found" in res.output

@@ -1,0 +1,54 @@
+"""Target builders on tiny grids (hand-checked values)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stage1_localize.targets import IGNORE, centre_heatmap, level_indices, level_map, make_targets
+
+
+def test_heatmap_peak_and_sigma_in_mm_with_anisotropic_spacing():
+    h = centre_heatmap((11, 11, 11), np.array([[5.0, 5.0, 5.0]]), spacing=(1.0, 2.0, 4.0), sigma_mm=4.0)
+    assert h.dtype == np.float32 and h.shape == (11, 11, 11)
+    assert h[5, 5, 5] == pytest.approx(1.0)
+    # one sigma (4 mm) away: 4 voxels along i, 2 along j, 1 along k -> exp(-1/2)
+    for idx in [(9, 5, 5), (5, 7, 5), (5, 5, 6)]:
+        assert h[idx] == pytest.approx(np.exp(-0.5), rel=1e-5)
+    assert h[0, 0, 0] < 1e-3
+
+
+def test_heatmap_is_max_not_sum_and_keeps_tails_of_outside_points():
+    pts = np.array([[2.0, 2.0, 2.0], [2.0, 2.0, 4.0]])
+    h = centre_heatmap((5, 5, 7), pts, spacing=(1, 1, 1), sigma_mm=1.0)
+    assert h.max() == pytest.approx(1.0)
+    assert h[2, 2, 3] == pytest.approx(np.exp(-0.5))  # not 2 * exp(-0.5)
+    outside = centre_heatmap((5, 5, 5), np.array([[2.0, 2.0, 6.0]]), spacing=(1, 1, 1), sigma_mm=1.0)
+    assert outside[2, 2, 4] == pytest.approx(np.exp(-2.0))  # 2 mm from a point beyond the edge
+    assert centre_heatmap((4, 4, 4), np.zeros((0, 3)), (1, 1, 1), 2.0).max() == 0.0
+
+
+def test_level_map_balls_nearest_wins_ignore_elsewhere():
+    pts = np.array([[3.0, 3.0, 2.0], [3.0, 3.0, 6.0]])
+    m = level_map((7, 7, 9), pts, [4, 7], spacing=(1.0, 1.0, 1.0), radius_mm=2.5)
+    assert m.dtype == np.int64
+    assert m[3, 3, 2] == 4 and m[3, 3, 6] == 7
+    assert m[3, 3, 4] == 4  # 2 mm from both centres: inside both balls, a tie keeps the first
+    assert level_map((7, 7, 9), pts, [4, 7], (1.0, 1.0, 1.0), radius_mm=1.5)[3, 3, 4] == IGNORE
+    assert m[3, 3, 0] == 4 and m[0, 0, 0] == IGNORE
+    # overlap: with radius 3 the voxel k=4 is within both balls at equal distance; k=5 is nearer the second
+    m2 = level_map((7, 7, 9), pts, [4, 7], spacing=(1.0, 1.0, 1.0), radius_mm=3.0)
+    assert m2[3, 3, 5] == 7 and m2[3, 3, 3] == 4
+    # anisotropic: radius in mm, 2 mm voxels along k -> ball reaches 1 voxel along k, 2 along i
+    m3 = level_map((7, 7, 7), np.array([[3.0, 3.0, 3.0]]), [1], spacing=(1.0, 1.0, 2.0), radius_mm=2.0)
+    assert m3[5, 3, 3] == 1 and m3[3, 3, 4] == 1 and m3[3, 3, 5] == IGNORE and m3[6, 3, 3] == IGNORE
+    with pytest.raises(ValueError):
+        level_map((3, 3, 3), pts, [1], (1, 1, 1), 1.0)
+
+
+def test_level_indices_and_make_targets_unknown_level():
+    levels = (19, 20, 21)
+    assert level_indices([20, 26, 19], levels).tolist() == [1, IGNORE, 0]
+    t = make_targets((5, 5, 9), np.array([[2.0, 2.0, 2.0], [2.0, 2.0, 6.0]]), [21, 26], (1.0, 1.0, 1.0),
+                     levels=levels, sigma_mm=1.0, level_radius_mm=1.0)
+    assert t["heatmap"][2, 2, 6] == pytest.approx(1.0)  # S1 is still a vertebra for the heatmap
+    assert t["levels"][2, 2, 2] == 2 and t["levels"][2, 2, 6] == IGNORE

@@ -1,0 +1,94 @@
+"""Classifier + ``spinepipe classify`` on a small oblique scan (random-weight model: plumbing, not accuracy)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from data_prep.checkpoint import save_model
+from data_prep.io import read_image, write_image
+from data_prep.scan import Scan, Vertebra
+from pipeline.cli import main
+from stage2_classify.config import tiny_config
+from stage2_classify.infer import Classifier, read_centroids_csv
+from stage2_classify.model import Stage2Net
+
+
+def _scan():
+    """Two box 'bodies' (labels 20, 21) in an oblique, anisotropic scan."""
+    shape = (40, 36, 24)
+    d = np.array([[0, 0, 1], [0, 1, 0], [-1, 0, 0]], float).T  # sagittal-like permutation
+    scan = Scan(np.zeros(shape, np.float32), (1.2, 1.5, 3.0), (10.0, -20.0, 5.0), d)
+    arr = np.random.default_rng(0).normal(50, 5, shape).astype(np.float32)
+    lab = np.zeros(shape, np.int16)
+    lab[6:16, 10:26, 8:16] = 20
+    lab[22:32, 10:26, 8:16] = 21
+    arr[lab > 0] = 200
+    return scan.with_array(arr), scan.with_array(lab)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    net = Stage2Net(cfg)
+    return save_model(tmp_path / "stage2", net.state_dict(), cfg, kind="stage2")
+
+
+def test_classifier_with_and_without_masks(model_dir):
+    scan, lab = _scan()
+    from data_prep.scan import vertebrae_from_labelmap
+
+    verts = vertebrae_from_labelmap(lab)
+    clf = Classifier(model_dir)
+    recs = clf.classify(scan, verts, masks=lab, with_evidence=True, keep_evidence_maps=True)
+    assert [r["label"] for r in recs] == [20, 21]
+    for r in recs:
+        assert r["region_source"] == "mask"
+        assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert 0.0 <= r["evidence_inside"] <= 1.0
+        assert r["body_patch"].sum() > 0
+    recs2 = clf.classify(scan, verts, with_evidence=False)
+    assert all(r["region_source"] in ("predicted", "prior") for r in recs2)
+    assert all(np.isnan(r["evidence_inside"]) for r in recs2)
+    assert all(("region_prior" in r["flags"]) == (r["region_source"] == "prior") for r in recs2)
+    # classify_scan (pipeline protocol): label map and evidence on the input grid
+    res = clf.classify_scan(scan, [Vertebra(20, verts[0].centroid_world, mask=lab.array == 20)], with_evidence=True)
+    assert res.evidence.same_geometry(scan) and res.body_labels.same_geometry(scan)
+    assert set(np.unique(res.body_labels.array).tolist()) <= {0, 20}
+    assert len(res.verdicts) == 1 and res.verdicts[0].probabilities.shape == (3,)
+
+
+def test_cli_classify_writes_csv_and_evidence(model_dir, tmp_path):
+    scan, lab = _scan()
+    write_image(scan, tmp_path / "s1_image.nii.gz")
+    from data_prep.scan import centroids_from_labelmap
+
+    c = centroids_from_labelmap(lab)
+    pd.DataFrame([{"level": n, "label": vid, "x_mm": c[vid][0], "y_mm": c[vid][1], "z_mm": c[vid][2],
+                   "confidence": 0.9, "flags": f} for n, vid, f in (("L1", 20, "cut_by_fov"), ("L2", 21, ""))]
+                 ).to_csv(tmp_path / "c.csv", index=False)
+    assert [v.label for v in read_centroids_csv(tmp_path / "c.csv")] == [20, 21]
+    r = CliRunner().invoke(main, ["classify", str(tmp_path / "s1_image.nii.gz"), "--centroids", str(tmp_path / "c.csv"),
+                                  "-o", str(tmp_path / "out"), "--models", str(model_dir), "--evidence"])
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(tmp_path / "out" / "s1_classes.csv", keep_default_na=False)
+    assert list(df.columns) == ["level", "label", "class", "p_normal", "p_inflammation", "p_fat", "evidence_inside", "flags"]
+    assert df["label"].tolist() == [20, 21] and "cut_by_fov" in df["flags"][0]
+    ev = read_image(tmp_path / "out" / "s1_evidence.nii.gz")
+    assert ev.same_geometry(scan)
+
+
+def test_cli_missing_model_and_bad_centroids(tmp_path):
+    scan, _ = _scan()
+    write_image(scan, tmp_path / "s_image.nii.gz")
+    (tmp_path / "c.csv").write_text("level,label,x_mm,y_mm,z_mm\nL1,21,0,0,0\n")
+    r = CliRunner().invoke(main, ["classify", str(tmp_path / "s_image.nii.gz"), "--centroids", str(tmp_path / "c.csv"),
+                                  "-o", str(tmp_path / "o"), "--models", str(tmp_path / "none")])
+    assert r.exit_code == 2 and "make train-stage2" in r.output
+    from data_prep.errors import SpinepipeInputError
+
+    with pytest.raises(SpinepipeInputError, match="line 2"):
+        read_centroids_csv(tmp_path / "c.csv")
