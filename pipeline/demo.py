@@ -64,17 +64,21 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig()) -> dict[str, Path]:
     _say(f"[5/6] predicting {cfg.n_test} held-out scans")
     pred_dir = out / "predictions"
     scans = sorted(test_dir.glob("*_image.nii.gz"))
+    done = []
     for path, res in predict_many(scans, pred_dir, lambda: load_models(models)):
         if isinstance(res, Exception):
             _say(f"  error: {res}")
         else:
+            done.append(res)
             _say(f"  {res.summary}")
+    if not done:
+        raise RuntimeError("no held-out scan could be analysed; train longer (--stage1-epochs)")
     _say("[6/6] evaluating against the synthetic ground truth")
     ev = evaluate(pred_dir, test_dir, classes=list(s2.classes))
     table = ev.table()
     (out / "evaluation.md").write_text("Synthetic demo (brief training; not a benchmark)\n\n" + table + "\n")
     _say(table)
-    first = scans[0].name.replace("_image.nii.gz", "")
+    first = done[0].name
     paths = {"report": pred_dir / f"{first}_vertebrae.csv", "overview": pred_dir / f"{first}_overview.png",
              "predictions": pred_dir, "models": models, "evaluation": out / "evaluation.md"}
     _say(f"done in {time.perf_counter() - t0:.0f} s")
