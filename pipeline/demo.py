@@ -97,7 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    run_demo(args.out, DemoConfig(args.n_train, args.n_test, args.seed, args.stage1_epochs, args.stage2_epochs))
+    from data_prep.errors import SpinepipeInputError
+
+    try:
+        run_demo(args.out, DemoConfig(args.n_train, args.n_test, args.seed, args.stage1_epochs, args.stage2_epochs))
+    except (SpinepipeInputError, RuntimeError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
     return 0
 
 
