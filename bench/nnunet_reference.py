@@ -34,6 +34,16 @@ finished, else the newer complete one of ``checkpoint_latest.pth`` (every 50 epo
 says ``{"trained": False, "reason": ...}``. After ``checkpoint_final.pth`` nnU-Net runs its own validation
 of the val cases; that is not training and is stopped unless ``run_final_validation=True``.
 
+Caveats for a side-by-side comparison
+-------------------------------------
+* nnU-Net's budget granularity is one epoch = 250 training + 50 validation iterations (fixed in
+  ``nnUNetTrainer``, no shipped variant changes it); with the 1-epoch variant the poly LR schedule decays to
+  0 within those 250 iterations. On a 2-core CPU even one epoch of a tiny cohort can exceed a few minutes.
+* nnU-Net plans patch and batch size for an 8 GB GPU, not for a CPU; the CPU is what we give it here.
+* Timings depend on the machine load (shared cores): probe and training record ``os.getloadavg()``.
+* The centroid of the largest component of each predicted label is nnU-Net's localisation; levels it
+  never predicts are misses, and labels absent from the training cohort can never be predicted.
+
 Smoke mode: ``python bench/nnunet_reference.py --smoke`` (tiny synthetic cohort, writes
 ``bench/results/nnunet_smoke.json`` and ``.md``).
 """
@@ -376,10 +386,12 @@ def _probe_main(dataset_id: int, fold: int, n_train: int, n_val: int, out: str, 
     os._exit(0)  # background augmenter threads must not keep the probe alive
 
 
-def choose_trainer(budget_left_s: float, startup_s: float, sec_per_epoch: float, safety: float = 0.85) -> tuple[str, int, bool]:
-    """Longest shipped trainer variant whose epochs fit; ``(name, epochs, expected_to_fit)``."""
+def choose_trainer(budget_left_s: float, startup_s: float, sec_per_epoch: float, safety: float = 0.85,
+                   max_epochs: int = 1000) -> tuple[str, int, bool]:
+    """Longest shipped trainer variant whose epochs fit, capped at nnU-Net's default 1000 epochs
+    (``nnUNetTrainer``: more would no longer be "out of the box"); ``(name, epochs, expected_to_fit)``."""
     usable = safety * (budget_left_s - startup_s)
-    fits = [(e, n) for n, e in TRAINER_EPOCHS.items() if e * sec_per_epoch <= usable]
+    fits = [(e, n) for n, e in TRAINER_EPOCHS.items() if e * sec_per_epoch <= usable and e <= max_epochs]
     if not fits:
         return "nnUNetTrainer_1epoch", 1, False
     e, n = max(fits)
@@ -725,8 +737,12 @@ def gt_centroids(dataset_dir: str | os.PathLike, ids: Sequence[str]) -> dict[str
 # ---------------------------------------------------------------------------------------------------
 # smoke mode
 # ---------------------------------------------------------------------------------------------------
-def smoke(work_dir: Path | None = None, budget_s: float = 240.0, n_subjects: int = 6) -> dict[str, Any]:
-    """Tiny synthetic cohort -> prepare -> train_with_budget -> predict 2 scans -> evaluate."""
+def smoke(work_dir: Path | None = None, budget_s: float = 240.0, n_subjects: int = 6, trainer: str | None = None,
+          tag: str = "") -> dict[str, Any]:
+    """Tiny synthetic cohort -> prepare -> train_with_budget -> predict 2 scans -> evaluate.
+
+    Writes ``bench/results/nnunet_smoke[_<tag>].json`` / ``.md``; ``trainer`` forces a variant (no probe).
+    """
     from data_prep.synth import SynthConfig, write_cohort
 
     t0 = time.perf_counter()
@@ -747,7 +763,7 @@ def smoke(work_dir: Path | None = None, budget_s: float = 240.0, n_subjects: int
         prepare(data, train_ids, work, 901, "SpinepipeSmoke", val_ids=val_ids)
         result["prepare"] = json.loads((work / "nnunet_reference_prepare_901.json").read_text())
         result["prepare"]["wall_s"] = round(time.perf_counter() - t, 2)
-        tr = train_with_budget(work, 901, {"train": train_ids, "val": val_ids}, budget_s)
+        tr = train_with_budget(work, 901, {"train": train_ids, "val": val_ids}, budget_s, trainer=trainer)
         result["train"] = tr
         if tr["trained"]:
             scans = {i: next(data.glob(f"{i}_image.*")) for i in test_ids + val_ids}
@@ -773,8 +789,9 @@ def smoke(work_dir: Path | None = None, budget_s: float = 240.0, n_subjects: int
         log.exception("smoke run failed")
         result["error"] = f"{type(exc).__name__}: {exc}"
     result["total_s"] = round(time.perf_counter() - t0, 2)
-    _write_json(result, RESULTS_DIR / "nnunet_smoke.json")
-    io.write_text(_smoke_markdown(result), RESULTS_DIR / "nnunet_smoke.md")
+    stem = "nnunet_smoke" + (f"_{tag}" if tag else "")
+    _write_json(result, RESULTS_DIR / f"{stem}.json")
+    io.write_text(_smoke_markdown(result), RESULTS_DIR / f"{stem}.md")
     return result
 
 
@@ -806,10 +823,24 @@ def _smoke_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _probe_markdown(rec: dict[str, Any]) -> str:
+    pr, prep = rec["probe"], rec["prepare"]
+    rows = [("data", f"{rec['dataset_dir']} (real, native spacing; train {prep['train_ids']}, val {prep['val_ids']})"),
+            ("plan+preprocess s", prep["plan_and_preprocess_s"]),
+            ("patch / batch", f"{pr['patch_size']} / {pr['batch_size']}"),
+            ("s / train iter (median)", round(pr["sec_per_iter"], 2)),
+            ("s / val iter (median)", round(pr["sec_per_val_iter"], 2)),
+            ("iterations per epoch (train + val)", f"{pr['num_iterations_per_epoch']} + {pr['num_val_iterations_per_epoch']}"),
+            ("est. s / epoch", rec["estimated_sec_per_epoch"]),
+            ("torch threads / load average", f"{pr['torch_threads']} / {rec['loadavg']:.1f}")]
+    return ("# nnU-Net v2 3d_fullres speed probe (CPU, no training)\n\n| item | value |\n|---|---|\n"
+            + "".join(f"| {k} | {v} |\n" for k, v in rows))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd")
-    p = sub.add_parser("_probe", help=argparse.SUPPRESS)
+    p = sub.add_parser("_probe")  # internal: speed probe subprocess
     p.add_argument("--dataset-id", type=int, required=True)
     p.add_argument("--fold", type=int, required=True)
     p.add_argument("--n-train", type=int, default=4)
@@ -827,6 +858,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny synthetic end-to-end run")
     ap.add_argument("--work-dir", type=Path, default=None)
     ap.add_argument("--budget-s", type=float, default=240.0)
+    ap.add_argument("--trainer", default=None, help="force a shipped trainer variant in --smoke (skips the probe)")
+    ap.add_argument("--tag", default="", help="suffix of the --smoke result files")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.cmd == "_probe":
@@ -844,16 +877,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                "prepare": prep, "probe": pr, "estimated_sec_per_epoch": round(epoch_s, 1),
                "total_s": round(time.perf_counter() - t, 1), "loadavg": os.getloadavg()[0]}
         _write_json(rec, RESULTS_DIR / f"nnunet_probe_{args.name}.json")
-        io.write_text("| item | value |\n|---|---|\n" + "".join(
-            f"| {k} | {v} |\n" for k, v in [("plan+preprocess s", prep["plan_and_preprocess_s"]),
-                                            ("patch / batch", f"{pr['patch_size']} / {pr['batch_size']}"),
-                                            ("s / train iter", round(pr["sec_per_iter"], 3)),
-                                            ("s / val iter", round(pr["sec_per_val_iter"], 3)),
-                                            ("est. s / epoch", round(epoch_s, 1))]),
-            RESULTS_DIR / f"nnunet_probe_{args.name}.md")
+        io.write_text(_probe_markdown(rec), RESULTS_DIR / f"nnunet_probe_{args.name}.md")
         return 0
     if args.smoke:
-        r = smoke(args.work_dir, args.budget_s)
+        r = smoke(args.work_dir, args.budget_s, trainer=args.trainer, tag=args.tag)
         return 1 if "error" in r else 0
     ap.print_help()
     return 2
