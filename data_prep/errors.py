@@ -15,3 +15,7 @@ class SpinepipeInputError(Exception):
         self.path = None if path is None else os.fspath(path)
         self.problem = " ".join(str(problem).split())  # always one line
         super().__init__(f"{self.path}: {self.problem}" if self.path else self.problem)
+
+    def __reduce__(self):
+        # picklable across worker processes (the default would call __init__ with the message only)
+        return (type(self), (self.path, self.problem))
