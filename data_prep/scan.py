@@ -351,6 +351,17 @@ class Vertebra:
         return level_name(self.label)
 
 
+@dataclass
+class VertebraVerdict:
+    """Stage-2 result for one vertebra: class probabilities (in the model's class order), the fraction
+    of attribution inside the vertebra (``evidence_inside``) and flags."""
+
+    label: int
+    probabilities: np.ndarray
+    evidence_inside: float = float("nan")
+    flags: list[str] = field(default_factory=list)
+
+
 def centroids_from_labelmap(labels: Scan, ids: Sequence[int] | None = None) -> dict[int, np.ndarray]:
     """World LPS centroids (mm) of every non-zero label in a label map: ``{verse_id: (3,)}``.
 
@@ -386,6 +397,7 @@ __all__ = [
     "Points",
     "Scan",
     "Vertebra",
+    "VertebraVerdict",
     "SpinepipeInputError",
     "from_sitk",
     "to_sitk",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -16,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from data_prep.io import write_csv, write_text
-from data_prep.scan import Scan, Vertebra, anatomical_rank
+from data_prep.scan import Scan, Vertebra, VertebraVerdict, anatomical_rank
 
 BASE_COLUMNS = ["level", "label", "x_mm", "y_mm", "z_mm", "confidence"]
 
@@ -24,16 +23,6 @@ BASE_COLUMNS = ["level", "label", "x_mm", "y_mm", "z_mm", "confidence"]
 def report_columns(classes: Sequence[str]) -> list[str]:
     """Exact column order of ``<name>_vertebrae.csv``."""
     return BASE_COLUMNS + ["class"] + [f"p_{c}" for c in classes] + ["evidence_inside", "flags"]
-
-
-@dataclass
-class VertebraVerdict:
-    """Stage-2 result for one vertebra (probabilities in ``classes`` order)."""
-
-    label: int
-    probabilities: np.ndarray
-    evidence_inside: float = float("nan")
-    flags: list[str] = field(default_factory=list)
 
 
 def build_report(

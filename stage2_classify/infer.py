@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from data_prep.checkpoint import load_model, load_state_into
 from data_prep.errors import SpinepipeInputError
-from data_prep.scan import Scan, Vertebra
+from data_prep.scan import Scan, Vertebra, VertebraVerdict
 from stage2_classify.config import Stage2Config
 from stage2_classify.evidence import EVIDENCE_FLAG, explain, merge_evidence
 from stage2_classify.model import Stage2Net
@@ -36,20 +36,10 @@ MISSING_MODEL_HINT = "no trained stage-2 model here; run `make train-stage2` (or
 
 
 @dataclass
-class Verdict:
-    """Stage-2 result for one vertebra (duck-compatible with ``pipeline.report.VertebraVerdict``)."""
-
-    label: int
-    probabilities: np.ndarray
-    evidence_inside: float = float("nan")
-    flags: list[str] = field(default_factory=list)
-
-
-@dataclass
 class ScanClassification:
     """What :meth:`Classifier.classify_scan` returns (fields of ``pipeline.predict.Classification``)."""
 
-    verdicts: list[Verdict]
+    verdicts: list[VertebraVerdict]
     body_labels: Scan | None = None
     evidence: Scan | None = None
 
@@ -195,7 +185,7 @@ class Classifier:
         """Pipeline entry point (``pipeline.predict.Classifier`` protocol): verdicts, body label map and
         evidence map on ``scan``'s grid."""
         recs = self.classify(scan, vertebrae, with_evidence=with_evidence, keep_evidence_maps=with_evidence)
-        verdicts = [Verdict(r["label"], np.array([r["probabilities"][c] for c in self.classes]),
+        verdicts = [VertebraVerdict(r["label"], np.array([r["probabilities"][c] for c in self.classes]),
                             r["evidence_inside"], list(r["flags"])) for r in recs]
         return ScanClassification(verdicts, body_label_map(recs, scan),
                                   evidence_map(recs, scan) if with_evidence else None)
