@@ -15,6 +15,7 @@ network and decoding from the JSON alone.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 #: Default level vocabulary of the level head (VerSe ids, head-to-foot): T8 .. T12, T13, L1 .. L5, L6, S1.
 #: Thoracic levels above T11 are included so a thoracolumbar field of view can be named; the
@@ -115,6 +116,8 @@ class Stage1Config:
     sigma_mm: float = 6.0              # Gaussian width of the centre heatmap
     level_radius_mm: float = 12.0      # level head supervised inside balls of this radius
     heatmap_pos_weight: float = 20.0   # BCE weight multiplier on the Gaussian (foreground is tiny)
+    # heatmap loss ignored beyond this margin outside the annotated run of levels (None: off); see targets.py
+    span_margin_mm: Optional[float] = 20.0
     level_loss_weight: float = 1.0
     # training
     epochs: int = 30

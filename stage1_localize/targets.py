@@ -17,6 +17,13 @@ Design: **one level-agnostic centre heatmap + a per-voxel level map**, not one G
 
 Both targets need only centroids, so spatial augmentation can move points and rebuild targets on the
 augmented grid (no label-map interpolation). Masks, when present, are only used to compute centroids.
+
+Points annotate a *contiguous run* of levels, which says nothing about vertebrae beyond it (e.g. a
+cohort annotating L1-L5 leaves the visible T12 unlabelled, while another annotates T11-L5). Penalising
+the heatmap there teaches contradictions, so :func:`annotated_span_weight` gives the heatmap loss zero
+weight beyond ``margin`` above the most cranial annotated centroid, and below the most caudal one unless
+that one is L5 / L6 / S1 (then what lies below is the sacrum, a true negative for a free-vertebra detector
+when S1 is not annotated, and is kept).
 """
 from __future__ import annotations
 
@@ -88,6 +95,41 @@ def level_map(
     return out
 
 
+#: Lowest annotated levels after which the spine ends (the sacrum follows): no ignore band below them.
+CLOSED_BELOW = frozenset({24, 25, 26})
+
+
+def annotated_span_weight(
+    shape: Sequence[int],
+    points_ijk: np.ndarray,
+    level_ids: Sequence[int],
+    spacing: Sequence[float],
+    margin_mm: float,
+    superior_axis: int = 2,
+) -> np.ndarray:
+    """``(I, J, K)`` float32 heatmap-loss weight: 1 inside the annotated head-to-foot span (+ margin), else 0.
+
+    ``points_ijk`` are *all* annotated centroids of the subject in this grid's voxels (also those
+    outside the grid); voxel axis ``superior_axis`` must point to the head (canonical LPS: k). With no
+    points the weight is 1 everywhere (nothing is known to be unannotated).
+    """
+    shape = tuple(int(s) for s in shape)
+    pts = np.asarray(points_ijk, dtype=np.float64).reshape(-1, 3)
+    w = np.ones(shape, dtype=np.float32)
+    if len(pts) == 0:
+        return w
+    sp = float(np.asarray(spacing, dtype=np.float64).reshape(3)[superior_axis])
+    pos_mm = np.arange(shape[superior_axis]) * sp
+    coord = pts[:, superior_axis] * sp
+    keep = pos_mm <= coord.max() + margin_mm
+    lowest = int(np.asarray(level_ids)[int(np.argmin(coord))]) if len(level_ids) == len(pts) else None
+    if lowest not in CLOSED_BELOW:
+        keep &= pos_mm >= coord.min() - margin_mm
+    view = [None, None, None]
+    view[superior_axis] = slice(None)
+    return w * keep.astype(np.float32)[tuple(view)]
+
+
 def level_indices(level_ids: Sequence[int], levels: Sequence[int]) -> np.ndarray:
     """VerSe ids -> indices into ``levels`` (the level head's vocabulary); unknown ids -> ``IGNORE``."""
     lut = {int(v): i for i, v in enumerate(levels)}
@@ -103,15 +145,20 @@ def make_targets(
     levels: Sequence[int],
     sigma_mm: float,
     level_radius_mm: float,
+    span_margin_mm: float | None = None,
 ) -> dict[str, np.ndarray]:
-    """``{"heatmap": (I,J,K) float32, "levels": (I,J,K) int64}`` for one grid.
+    """``{"heatmap": (I,J,K) float32, "levels": (I,J,K) int64, "heatmap_weight": (I,J,K) float32}``.
 
     Vertebrae whose level is not in ``levels`` still appear in the heatmap (they are vertebrae) but
-    leave the level map at ``IGNORE``.
+    leave the level map at ``IGNORE``. ``span_margin_mm`` (None: weight 1 everywhere) enables
+    :func:`annotated_span_weight` along the canonical superior axis k.
     """
     pts = np.asarray(points_ijk, dtype=np.float64).reshape(-1, 3)
     idx = level_indices(level_ids, levels)
+    weight = (annotated_span_weight(shape, pts, level_ids, spacing, span_margin_mm)
+              if span_margin_mm is not None else np.ones(tuple(int(s) for s in shape), dtype=np.float32))
     return {
         "heatmap": centre_heatmap(shape, pts, spacing, sigma_mm),
         "levels": level_map(shape, pts, idx, spacing, level_radius_mm),
+        "heatmap_weight": weight,
     }

@@ -6,7 +6,7 @@
   (``preprocess.prepare``: canonical LPS, 3 mm grid, [0, 1] intensities) and kept in memory (a 3 mm
   lumbar scan is ~0.4 M voxels).
 * Each step draws ``batch_size`` augmented patches (``augment.sample_patch``) and builds targets on the
-  patch grid. Loss = weighted BCE on the centre heatmap (weight ``1 + pos_weight * target``, the centres
+  patch grid (the heatmap loss ignores what lies beyond the annotated run of levels, see ``targets.py``). Loss = weighted BCE on the centre heatmap (weight ``1 + pos_weight * target``, the centres
   are <1 % of voxels) + ``level_loss_weight`` x cross-entropy of the level head inside the balls.
 * AdamW with nnU-Net's polynomial decay ``lr * (1 - epoch / epochs) ** 0.9``.
 * Deterministic: the sampling RNG of epoch ``e`` on rank ``r`` is ``default_rng([seed, e, r])`` and torch
@@ -96,22 +96,26 @@ def load_subjects(data_dir: str | os.PathLike, config: Stage1Config) -> list[Tra
 
 def make_batch(subjects: list[TrainSubject], config: Stage1Config, rng: np.random.Generator,
                augment: bool = True) -> dict[str, torch.Tensor]:
-    """``{"image": (B,1,I,J,K) z-scored, "heatmap": (B,1,I,J,K), "levels": (B,I,J,K) int64}``."""
+    """``{"image": (B,1,I,J,K) z-scored, "heatmap": (B,1,I,J,K), "levels": (B,I,J,K) int64,
+    "heatmap_weight": (B,1,I,J,K)}``."""
     spacing = np.asarray(config.target_spacing, dtype=np.float64)
-    imgs, heats, levs = [], [], []
+    imgs, heats, levs, weights = [], [], [], []
     for _ in range(config.batch_size):
         s = subjects[int(rng.integers(len(subjects)))]
         p = sample_patch(s.grid.array, s.points_ijk, s.level_ids, config.plan.patch_size, spacing, rng,
                          config.augment if augment else None)
         t = make_targets(p.image.shape, p.points_ijk, p.level_ids, spacing, levels=config.levels,
-                         sigma_mm=config.sigma_mm, level_radius_mm=config.level_radius_mm)
+                         sigma_mm=config.sigma_mm, level_radius_mm=config.level_radius_mm,
+                         span_margin_mm=config.span_margin_mm)
         imgs.append(zscore(p.image))
         heats.append(t["heatmap"])
         levs.append(t["levels"])
+        weights.append(t["heatmap_weight"])
     return {
         "image": torch.from_numpy(np.stack(imgs))[:, None].float(),
         "heatmap": torch.from_numpy(np.stack(heats))[:, None].float(),
         "levels": torch.from_numpy(np.stack(levs)).long(),
+        "heatmap_weight": torch.from_numpy(np.stack(weights))[:, None].float(),
     }
 
 
@@ -119,6 +123,8 @@ def stage1_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], co
     """Weighted BCE on the heatmap + level cross-entropy (ignore outside the balls)."""
     target = batch["heatmap"]
     weight = 1.0 + config.heatmap_pos_weight * target
+    if "heatmap_weight" in batch:
+        weight = weight * batch["heatmap_weight"]
     heat = F.binary_cross_entropy_with_logits(out["heatmap"], target, weight=weight)
     lv = batch["levels"]
     if bool((lv != IGNORE).any()):

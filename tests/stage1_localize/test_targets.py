@@ -52,3 +52,21 @@ def test_level_indices_and_make_targets_unknown_level():
                      levels=levels, sigma_mm=1.0, level_radius_mm=1.0)
     assert t["heatmap"][2, 2, 6] == pytest.approx(1.0)  # S1 is still a vertebra for the heatmap
     assert t["levels"][2, 2, 2] == 2 and t["levels"][2, 2, 6] == IGNORE
+
+
+def test_annotated_span_weight_ignores_unannotated_levels_only():
+    from stage1_localize.targets import annotated_span_weight
+
+    spacing = (1.0, 1.0, 2.0)  # k (superior) in 2 mm voxels
+    pts = np.array([[2.0, 2.0, 10.0], [2.0, 2.0, 20.0]])  # k = 10 (20 mm) and k = 20 (40 mm)
+    # L2..L3 annotated: ignore more than 4 mm above L2 (k > 22) and below L3 (k < 8)
+    w = annotated_span_weight((4, 4, 30), pts, [21, 22][::-1], spacing, margin_mm=4.0)
+    assert w.dtype == np.float32 and w.shape == (4, 4, 30)
+    assert w[0, 0, 22] == 1.0 and w[0, 0, 23] == 0.0 and w[0, 0, 8] == 1.0 and w[0, 0, 7] == 0.0
+    # L4..L5 annotated (L5 lowest): the sacrum below stays a negative -> no ignore band below
+    w2 = annotated_span_weight((4, 4, 30), pts, [24, 23], spacing, margin_mm=4.0)
+    assert w2[0, 0, 0] == 1.0 and w2[0, 0, 23] == 0.0
+    assert annotated_span_weight((2, 2, 2), np.zeros((0, 3)), [], spacing, 4.0).min() == 1.0
+    t = make_targets((4, 4, 30), pts, [24, 23], spacing, levels=(23, 24), sigma_mm=2.0, level_radius_mm=2.0,
+                     span_margin_mm=4.0)
+    assert np.array_equal(t["heatmap_weight"], w2)
