@@ -21,8 +21,8 @@ class DemoConfig:
     n_train: int = 16
     n_test: int = 4
     seed: int = 0
-    stage1_epochs: int = 12
-    stage2_epochs: int = 8
+    stage1_epochs: int = 24
+    stage2_epochs: int = 24
 
 
 def _say(msg: str) -> None:

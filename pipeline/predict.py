@@ -91,7 +91,9 @@ def predict_scan(
     vertebrae = localizer.localize(scan)
     if not vertebrae:
         raise SpinepipeInputError(path, "no vertebra found: no spine in view, or not a spine MRI")
-    result = classifier.classify_scan(scan, vertebrae, with_evidence=evidence)
+    # Attributions are always computed: the report's evidence_inside column and its low-evidence flag
+    # need them. ``evidence`` only decides whether the map itself is saved.
+    result = classifier.classify_scan(scan, vertebrae, with_evidence=True)
     classes = list(classifier.classes)
     report = build_report(vertebrae, result.verdicts, classes)
 
