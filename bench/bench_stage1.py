@@ -6,9 +6,9 @@ Protocol
 * ``--k``-fold cross-validation (default 5) grouped by subject (one scan per subject here, so folds are
   disjoint subject sets), stratified by cohort (each fold holds both cohorts). ``--folds N`` runs only
   the first N folds (smoke runs).
-* **Points only**: for each training fold a work folder holds symlinks to the images and
+* **Points only**: for each training fold one work folder per cohort holds symlinks to the images and
   ``<id>_points.csv`` written from the mask centroids; the masks themselves are not there, so training
-  cannot use them.
+  cannot use them. The folders are sampled equally often (``Stage1Config.balance_groups``).
 * Test variants per held-out scan: ``original``; ``aniso`` (resampled to a 0.8 x 0.8 x 4 mm sagittal
   acquisition: 4 mm left-right); ``fov_top`` / ``fov_bottom`` (the upper / lower 60 % of the
   head-to-foot field of view; ground truth = vertebrae whose centroid stays inside).
@@ -299,9 +299,11 @@ def main(argv=None) -> int:
             train = [c for co in COHORTS for c in [x for x in train if x["cohort"] == co][:4]]
             test = [c for co in COHORTS for c in [x for x in test if x["cohort"] == co][:2]]
         fold_dir = args.work / f"fold{fold}"
-        train_dir = write_points_only(train, fold_dir / "train_points")
+        # one points-only folder per cohort: stage 1 samples the folders equally often (balance_groups)
+        cohort_dirs = [write_points_only([c for c in train if c["cohort"] == co], fold_dir / f"train_points_{co}")
+                       for co in COHORTS if any(c["cohort"] == co for c in train)]
         t0 = time.perf_counter()
-        model_dir = train_stage1(train_dir, fold_dir / "model", cfg)
+        model_dir = train_stage1(cohort_dirs, fold_dir / "model", cfg)
         train_s = time.perf_counter() - t0
         loc = Localizer(model_dir, device=device)
         test_items, infer_s = [], []
@@ -320,6 +322,7 @@ def main(argv=None) -> int:
                               "train_seconds": train_s, "infer_seconds": float(np.mean(infer_s)) if infer_s else float("nan")})
         results.write()
         if args.nnunet:
+            train_dir = write_points_only(train, fold_dir / "train_points")
             run_nnunet(fold, train_dir, test_items, fold_dir, train_s, args.ball_mm, device, results)
             results.write()
         log.info("fold %d done: %s", fold, json.dumps(results.summary().get("spinepipe_stage1", {}).get("original", {}).get("pooled", {})))

@@ -126,9 +126,13 @@ class Stage1Config:
     lr: float = 3e-3
     weight_decay: float = 1e-5
     seed: int = 0
+    #: several dataset folders (sites / cohorts): draw each folder equally often, then a subject in it
+    balance_groups: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # decoding
     peak_threshold: float = 0.25
+    #: inference: sliding window with the training patch size (nnU-Net style) instead of the whole volume
+    sliding_window: bool = True
     nms_radius_mm: float = 15.0
     max_candidates: int = 40
     border_mm: float = 12.0            # centroid closer than this to the volume edge -> "cut_by_fov"

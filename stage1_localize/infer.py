@@ -33,7 +33,7 @@ from data_prep.io import write_csv
 from data_prep.scan import Scan, Vertebra, sort_head_to_foot
 from stage1_localize.config import Stage1Config
 from stage1_localize.labelling import assign_levels
-from stage1_localize.model import LocalizerNet, predict_volume
+from stage1_localize.model import LocalizerNet, predict_sliding_window, predict_volume
 from stage1_localize.preprocess import prepare, zscore
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,9 @@ class Localizer:
     def predict_maps(self, grid: Scan) -> tuple[np.ndarray, np.ndarray]:
         """Heatmap ``(I, J, K)`` in [0, 1] and level probabilities ``(L, I, J, K)`` on a prepared grid."""
         x = torch.from_numpy(zscore(np.asarray(grid.array, dtype=np.float32)))[None, None].to(self.device)
+        if self.config.sliding_window:
+            out = predict_sliding_window(self.net, x, tuple(self.config.plan.patch_size), self.divisor)
+            return out["heatmap"][0, 0].float().cpu().numpy(), out["levels"][0].float().cpu().numpy()
         out = predict_volume(self.net, x, self.divisor)  # type: ignore[arg-type]
         heat = torch.sigmoid(out["heatmap"][0, 0]).float().cpu().numpy()
         levels = torch.softmax(out["levels"][0].float(), dim=0).cpu().numpy()

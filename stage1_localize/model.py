@@ -127,3 +127,46 @@ def predict_volume(net: nn.Module, x: torch.Tensor, divisor: tuple[int, int, int
     xp, (i, j, k) = pad_to_divisor(x, divisor, value=float(x.min()) if x.numel() else 0.0)
     out = net(xp)
     return {name: t[..., :i, :j, :k] for name, t in out.items()}
+
+
+def predict_sliding_window(net: nn.Module, x: torch.Tensor, patch_size: tuple[int, int, int],
+                           divisor: tuple[int, int, int], step: float = 0.5) -> dict[str, torch.Tensor]:
+    """nnU-Net-style sliding-window prediction of a ``(1, C, I, J, K)`` volume with the *training* patch size.
+
+    Returns ``{"heatmap": (1, 1, I, J, K) probabilities, "levels": (1, L, I, J, K) probabilities}``:
+    sigmoid / softmax per tile, averaged with nnU-Net's Gaussian importance map (``compute_gaussian``,
+    sigma = 1/8 of the tile) over tiles placed by ``compute_steps_for_sliding_window`` (overlap
+    ``1 - step``). Tiles therefore see what training patches saw (the same extent, hence the same
+    InstanceNorm statistics); axes shorter than the tile are padded (with the volume minimum) to the
+    tile size, or only to the divisor when the whole axis fits in one tile.
+    """
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
+
+    if x.ndim != 5 or x.shape[0] != 1:
+        raise ValueError(f"expected a (1, C, I, J, K) volume, got {tuple(x.shape)}")
+    size = tuple(int(s) for s in x.shape[-3:])
+    tile = tuple(int(p) for p in patch_size)
+    if all(s <= t for s, t in zip(size, tile)):
+        out = predict_volume(net, x, divisor)
+        return {"heatmap": torch.sigmoid(out["heatmap"]), "levels": torch.softmax(out["levels"], dim=1)}
+    # pad short axes up to the tile so every tile has the training extent
+    pad = [max(0, t - s) for s, t in zip(size, tile)]
+    xp = nn.functional.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]), value=float(x.min()))
+    full = tuple(int(s) for s in xp.shape[-3:])
+    steps = compute_steps_for_sliding_window(full, tile, step)
+    gauss = compute_gaussian(tile, 1.0 / 8, 1.0, torch.float32, x.device)
+    heat = torch.zeros((1, 1) + full, device=x.device)
+    lev = None
+    weight = torch.zeros(full, device=x.device)
+    for i0 in steps[0]:
+        for j0 in steps[1]:
+            for k0 in steps[2]:
+                sl = (slice(i0, i0 + tile[0]), slice(j0, j0 + tile[1]), slice(k0, k0 + tile[2]))
+                out = net(xp[(slice(None), slice(None)) + sl])
+                if lev is None:
+                    lev = torch.zeros((1, out["levels"].shape[1]) + full, device=x.device)
+                heat[(slice(None), slice(None)) + sl] += torch.sigmoid(out["heatmap"]) * gauss
+                lev[(slice(None), slice(None)) + sl] += torch.softmax(out["levels"], dim=1) * gauss
+                weight[sl] += gauss
+    i, j, k = size
+    return {"heatmap": (heat / weight)[..., :i, :j, :k], "levels": (lev / weight)[..., :i, :j, :k]}

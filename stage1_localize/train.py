@@ -56,6 +56,8 @@ class TrainSubject:
     grid: Scan
     points_ijk: np.ndarray
     level_ids: list[int]
+    #: index of the dataset folder the subject came from (batches balance folders, see ``make_batch``)
+    group: int = 0
 
 
 def list_subjects(data_dir: str | os.PathLike) -> list[tuple[str, Path, Path | None, Path | None]]:
@@ -77,31 +79,54 @@ def subject_points(image: Scan, points_csv: Path | None, vertebrae: Path | None)
     return [], np.zeros((0, 3))
 
 
-def load_subjects(data_dir: str | os.PathLike, config: Stage1Config) -> list[TrainSubject]:
-    """Read and prepare every subject that has point or mask annotations."""
+def _as_dirs(data_dir) -> list[Path]:
+    if isinstance(data_dir, (str, os.PathLike)):
+        return [Path(data_dir)]
+    return [Path(d) for d in data_dir]
+
+
+def load_subjects(data_dir, config: Stage1Config) -> list[TrainSubject]:
+    """Read and prepare every subject that has point or mask annotations.
+
+    ``data_dir``: one dataset folder or a sequence of them (e.g. one per cohort / site); subjects carry
+    the index of their folder as ``group``.
+    """
     out = []
-    for sid, img_path, pts_path, vert_path in list_subjects(data_dir):
-        if pts_path is None and vert_path is None:
-            log.warning("%s: no <id>_points.csv or <id>_vertebrae map; skipped for stage-1 training", sid)
-            continue
-        image = read_image(img_path)
-        ids, world = subject_points(image, pts_path, vert_path)
-        grid = prepare(image, config)
-        ijk = grid.world_to_voxel(world).coords if len(world) else np.zeros((0, 3))
-        out.append(TrainSubject(sid, grid, np.asarray(ijk), ids))
+    for group, folder in enumerate(_as_dirs(data_dir)):
+        for sid, img_path, pts_path, vert_path in list_subjects(folder):
+            if pts_path is None and vert_path is None:
+                log.warning("%s: no <id>_points.csv or <id>_vertebrae map; skipped for stage-1 training", sid)
+                continue
+            image = read_image(img_path)
+            ids, world = subject_points(image, pts_path, vert_path)
+            grid = prepare(image, config)
+            ijk = grid.world_to_voxel(world).coords if len(world) else np.zeros((0, 3))
+            out.append(TrainSubject(sid, grid, np.asarray(ijk), ids, group))
     if not out:
         raise SpinepipeInputError(data_dir, "no subject with <id>_points.csv or <id>_vertebrae labels to train stage 1 on")
     return out
 
 
+def draw_subject(subjects: list[TrainSubject], rng: np.random.Generator, balance_groups: bool) -> TrainSubject:
+    """One training subject: uniformly, or (``balance_groups``) a uniform dataset folder then a uniform
+    subject of it, so each folder (site / cohort) is drawn equally often whatever its size."""
+    groups = sorted({s.group for s in subjects})
+    if balance_groups and len(groups) > 1:
+        g = groups[int(rng.integers(len(groups)))]
+        pool = [s for s in subjects if s.group == g]
+        return pool[int(rng.integers(len(pool)))]
+    return subjects[int(rng.integers(len(subjects)))]
+
+
 def make_batch(subjects: list[TrainSubject], config: Stage1Config, rng: np.random.Generator,
                augment: bool = True) -> dict[str, torch.Tensor]:
     """``{"image": (B,1,I,J,K) z-scored, "heatmap": (B,1,I,J,K), "levels": (B,I,J,K) int64,
-    "heatmap_weight": (B,1,I,J,K)}``."""
+    "heatmap_weight": (B,1,I,J,K)}``. With ``config.balance_groups`` each patch first draws a dataset
+    folder uniformly, then a subject of it (a 13-scan site is not drowned by a 50-scan one)."""
     spacing = np.asarray(config.target_spacing, dtype=np.float64)
     imgs, heats, levs, weights = [], [], [], []
     for _ in range(config.batch_size):
-        s = subjects[int(rng.integers(len(subjects)))]
+        s = draw_subject(subjects, rng, config.balance_groups)
         p = sample_patch(s.grid.array, s.points_ijk, s.level_ids, config.plan.patch_size, spacing, rng,
                          config.augment if augment else None)
         t = make_targets(p.image.shape, p.points_ijk, p.level_ids, spacing, levels=config.levels,
@@ -141,7 +166,7 @@ def _config_matches_for_resume(a: Stage1Config, b: Stage1Config) -> bool:
 
 
 def train_stage1(
-    data_dir: str | os.PathLike,
+    data_dir,
     out_dir: str | os.PathLike,
     config: Stage1Config | None = None,
     resume: bool = False,
@@ -149,7 +174,8 @@ def train_stage1(
     auto_plan: bool = True,
     subjects: list[TrainSubject] | None = None,
 ) -> Path:
-    """Train the stage-1 localiser on ``data_dir`` and write ``out_dir`` (see module docstring).
+    """Train the stage-1 localiser on ``data_dir`` (a dataset folder or a sequence of folders, balanced
+    per ``config.balance_groups``) and write ``out_dir`` (see module docstring).
 
     ``auto_plan`` replaces ``config.plan`` by the planner's choice for this dataset (ignored on resume,
     where the saved plans are kept). ``subjects`` (already prepared) skips reading ``data_dir``.

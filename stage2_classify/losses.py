@@ -256,3 +256,35 @@ __all__ = [
     "inverse_frequency_weights",
     "voxel_volume_ml",
 ]
+
+
+def lesion_voxel_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                      pos_weight: float = 5.0) -> torch.Tensor:
+    """Per-voxel cross entropy of the lesion head inside ``mask``, lesion voxels up-weighted.
+
+    ``logits`` ``(B, K, I, J, K')``, ``target`` ``(B, 1, ...)`` int class per voxel (0 = no lesion, < 0 =
+    ignore), ``mask`` ``(B, 1, ...)``. Weighted mean of the CE with weight ``pos_weight`` on lesion voxels
+    and 1 elsewhere (lesions are ~1 % of a body; a fully balanced loss would teach the head to fire on a
+    quarter of every normal body, which the pooled class features then cannot tell from a lesion).
+    0 when no voxel is supervised.
+    """
+    t = target[:, 0].long()
+    m = (mask[:, 0] > 0.5) & (t >= 0)
+    if not bool(m.any()):
+        return logits.sum() * 0.0
+    ce = F.cross_entropy(logits, t.clamp_min(0), reduction="none")
+    w = torch.where(t > 0, torch.full_like(ce, float(pos_weight)), torch.ones_like(ce)) * m
+    return (ce * w).sum() / w.sum()
+
+
+def lesion_mil_loss(logits: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Multiple-instance loss from vertebra labels alone: the largest probability of lesion class k inside
+    ``mask`` should be the vertebra's (soft) probability of class k.
+
+    ``logits`` ``(B, K, I, J, K')``, ``mask`` ``(B, 1, ...)``, ``targets`` ``(B, K)`` soft class targets
+    (column 0 = normal). Binary cross entropy over the classes k >= 1, mean over the batch.
+    """
+    p = torch.softmax(logits, dim=1)[:, 1:].flatten(2)
+    m = (mask > 0.5).flatten(2)
+    q = (p * m).amax(-1).clamp(1e-6, 1 - 1e-6)  # (B, K-1)
+    return F.binary_cross_entropy(q, targets[:, 1:].to(q.dtype))

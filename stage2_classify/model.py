@@ -8,15 +8,17 @@ an ``nn.ModuleDict``:
 * ``seg``: multi-structure segmentation logits ``(B, 5, I, J, K)`` (background, centre body, neighbour
   bodies, discs, lesion; see :data:`stage2_classify.config.SEG_CLASSES`);
 * ``heatmap``: centre heatmap logits ``(B, 1, I, J, K)``;
-* ``recon``: autoencoder reconstruction of the input ``(B, 1, I, J, K)``.
+* ``recon``: autoencoder reconstruction of the input ``(B, 1, I, J, K)``;
+* ``lesion`` (with ``cls`` and ``seg``): per-voxel lesion class ``(B, K, I, J, K)`` (0 = no lesion) computed on
+  the *classification path*; its per-class statistics feed the class verdict.
 
 Evidence guarantee (by construction)
 ------------------------------------
 The encoder takes two channels ``(x, m)``: intensities and a *visibility* mask. The auxiliary path runs it
-on ``(image, 1)`` (everything visible). The classification path runs the **same** encoder on
-``(image * region, region)`` and pools the features of the two coarsest levels only inside ``region`` (max-pooled down
-to each resolution) with masked average, attention and max pooling. Every operation on that path
-(convolutions, InstanceNorm -- statistics per sample and channel over a tensor that is itself a function
+on ``(image, 1)`` (everything visible). The classification path runs the **same** encoder (and its own decoder) on
+``(image * region, region)`` and pools the full-resolution decoder features and the coarsest encoder features
+with masked average, attention and max pooling inside the *pooling mask*: ``region`` eroded back by the margin
+(max-pooled down to the coarse resolution). Every operation on that path (convolutions, transposed convolutions, InstanceNorm -- statistics per sample and channel over a tensor that is itself a function
 of ``image * region`` and ``region`` --, LeakyReLU, zero padding, pooling) is a function of
 ``image * region`` and ``region`` only, so changing any voxel outside ``region`` cannot change the logits.
 No BatchNorm (its train-mode statistics would mix samples of a batch). With
@@ -128,14 +130,15 @@ class Decoder(nn.Module):
 class MaskedPoolClassifier(nn.Module):
     """Multi-scale masked pooling -> logits.
 
-    For each used encoder level: masked average, masked attention and masked max pooling of the
-    ``(B, C_l, i_l, j_l, k_l)`` features over the region mask at that resolution; concatenated -> MLP.
+    For each used feature level: masked average, masked attention and masked max pooling of the
+    ``(B, C_l, i_l, j_l, k_l)`` features over the mask at that resolution; concatenated with the optional
+    ``extra`` features ``(B, n_extra)`` -> MLP.
     """
 
-    def __init__(self, channels: list[int], n_classes: int, dropout: float):
+    def __init__(self, channels: list[int], n_classes: int, dropout: float, n_extra: int = 0):
         super().__init__()
         self.scores = nn.ModuleList([nn.Conv3d(c, 1, 1) for c in channels])
-        total = 3 * sum(channels)
+        total = 3 * sum(channels) + n_extra
         hidden = max(channels)
         self.mlp = nn.Sequential(
             nn.Linear(total, hidden),
@@ -157,10 +160,64 @@ class MaskedPoolClassifier(nn.Module):
         mx = torch.where(empty.squeeze(-1).expand_as(mx), torch.zeros_like(mx), mx)
         return torch.cat([avg, att, mx], dim=1)
 
-    def forward(self, feats: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
-        """``feats[l]`` ``(B, C_l, i_l, j_l, k_l)``, ``masks[l]`` ``(B, 1, i_l, j_l, k_l)`` in {0, 1} -> ``(B, n_classes)``."""
+    def forward(self, feats: list[torch.Tensor], masks: list[torch.Tensor],
+                extra: torch.Tensor | None = None) -> torch.Tensor:
+        """``feats[l]`` ``(B, C_l, i_l, j_l, k_l)``, ``masks[l]`` ``(B, 1, i_l, j_l, k_l)`` in {0, 1},
+        ``extra`` ``(B, n_extra)`` -> ``(B, n_classes)``."""
         pooled = [self._pool(f, m, sc) for f, m, sc in zip(feats, masks, self.scores)]
+        if extra is not None:
+            pooled.append(extra)
         return self.mlp(torch.cat(pooled, dim=1))
+
+
+#: Quantiles of the robustly standardised intensities inside the pooling mask fed to the class head.
+PROFILE_QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+N_PROFILE = len(PROFILE_QUANTILES) + 2
+
+
+def intensity_profile(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Intensity distribution of the body: ``(B, 1, I, J, K)`` image and mask -> ``(B, N_PROFILE)``.
+
+    Intensities inside ``mask`` are standardised by their median and interquartile range (robust to a
+    lesion occupying part of the body, and to any affine intensity scaling), then summarised by the
+    quantiles :data:`PROFILE_QUANTILES` and the (sigmoid-softened) fractions of voxels above +2 and below
+    -2. Corner lesions are compact tails of this distribution (bright oedema, dark or bright fat
+    depending on the contrast), which the class head can use from the first step while the convolutional
+    features are still learning. Zeros for an empty mask.
+    """
+    rows = []
+    qs = torch.tensor(PROFILE_QUANTILES + (0.25, 0.75), dtype=image.dtype, device=image.device)
+    for b in range(image.shape[0]):
+        v = image[b].flatten()[mask[b].flatten() > 0.5]
+        if v.numel() < 4:
+            rows.append(torch.zeros(N_PROFILE, dtype=image.dtype, device=image.device))
+            continue
+        med = v.median()
+        q = torch.quantile(v, qs)
+        iqr = (q[-1] - q[-2]).clamp_min(1e-3)
+        z = (v - med) / iqr
+        zq = (q[: len(PROFILE_QUANTILES)] - med) / iqr
+        hi = torch.sigmoid(4.0 * (z - 2.0)).mean()
+        lo = torch.sigmoid(4.0 * (-z - 2.0)).mean()
+        rows.append(torch.cat([zq, (10.0 * hi)[None], (10.0 * lo)[None]]))
+    return torch.stack(rows)
+
+
+def lesion_summary(lesion_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-class lesion statistics inside ``mask``: ``(B, K, I, J, K')`` logits, ``(B, 1, ...)`` mask -> ``(B, 3 (K-1))``.
+
+    For each lesion class k >= 1 (0 = no lesion): the maximum, the mean and the mean of the top 1 % of the
+    voxel probabilities ``softmax(lesion_logits)[:, k]`` inside ``mask`` (zeros for an empty mask).
+    """
+    p = torch.softmax(lesion_logits, dim=1)[:, 1:]  # (B, K-1, ...)
+    m = (mask > 0.5).flatten(2)  # (B, 1, N)
+    f = p.flatten(2) * m  # (B, K-1, N), zero outside
+    n = m.sum(-1).clamp_min(1)  # (B, 1)
+    mean = f.sum(-1) / n
+    mx = f.amax(-1)
+    k = max(1, int(0.01 * f.shape[-1]))
+    top = f.topk(min(k, f.shape[-1]), dim=-1).values.mean(-1)
+    return torch.cat([mx, mean, top], dim=1)
 
 
 class Stage2Net(nn.Module):
@@ -178,10 +235,18 @@ class Stage2Net(nn.Module):
         heads = cfg.heads
         self.dense_heads = [h for h in ("seg", "heatmap", "recon") if getattr(heads, h)]
         self.decoder = Decoder(chans) if self.dense_heads else None
+        # the classification path has its own decoder on the shared encoder: the dense heads (whole patch)
+        # and the lesion/class features (masked patch) would otherwise compete for the same decoder
+        self.cls_decoder = Decoder(chans) if heads.cls else None
         mods: dict[str, nn.Module] = {}
+        n_cls = len(cfg.classes)
+        # lesion typing on the classification path: per-voxel class (0 = no lesion), part of segmentation
+        self.lesion_typing = bool(heads.cls and heads.seg)
         if heads.cls:
-            self.cls_levels = list(range(max(0, len(chans) - 2), len(chans)))  # the two coarsest levels
-            mods["cls"] = MaskedPoolClassifier([chans[i] for i in self.cls_levels], len(cfg.classes), cfg.model.dropout)
+            mods["cls"] = MaskedPoolClassifier([chans[0], chans[-1]], n_cls, cfg.model.dropout,
+                                               n_extra=N_PROFILE + (3 * (n_cls - 1) if self.lesion_typing else 0))
+            if self.lesion_typing:
+                mods["lesion"] = nn.Conv3d(chans[0], n_cls, 1)
         if heads.seg:
             mods["seg"] = nn.Conv3d(chans[0], len(SEG_CLASSES), 1)
         if heads.heatmap:
@@ -222,18 +287,54 @@ class Stage2Net(nn.Module):
             out[h] = self._crop(self.heads[h](dec), size)
         return out
 
+    def pooling_mask(self, region: torch.Tensor) -> torch.Tensor:
+        """Where the class features are pooled: ``region`` eroded by ``margin_vox`` (the body again, up to a
+        morphological closing), or ``region`` itself where the erosion would be empty. ``(B, 1, I, J, K)``.
+
+        The margin therefore only gives the convolutions context at the body's edge (endplates, cortex);
+        what is pooled sits on the body. A function of ``region`` only.
+        """
+        r = (region > 0.5).to(region.dtype)
+        if self.margin_vox <= 0:
+            return r
+        core = 1.0 - dilate_mask(1.0 - r, self.margin_vox)
+        empty = core.flatten(1).sum(1) < 0.5
+        return torch.where(empty[:, None, None, None, None], r, core)
+
     def forward_cls(self, image: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
         """Class logits ``(B, K)`` from ``image`` ``(B, 1, I, J, K)`` seen only through ``region``
         ``(B, 1, I, J, K)`` (binary, already dilated). A function of ``image * region`` and ``region`` only."""
+        return self.classification_path(image, region)["cls"]
+
+    def classification_path(self, image: torch.Tensor, region: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The masked path: ``{"cls": (B, K), "lesion": (B, K, I, J, K) (when lesion typing is on),
+        "pool": (B, 1, I, J, K)}``, all functions of ``image * region`` and ``region`` only.
+
+        The whole encoder-decoder runs on ``(image * region, region)``. Full-resolution decoder features
+        (small corner lesions are 2-4 voxels across at 2 mm), the coarsest encoder features and, with the
+        seg head on, the per-voxel lesion-class probabilities of the ``lesion`` head (its max / mean /
+        top-1 % per class, :func:`lesion_summary`) are pooled inside :meth:`pooling_mask`, together with
+        the body's intensity distribution (:func:`intensity_profile`).
+        """
         r = (region > 0.5).to(image.dtype)
         if self.region_norm:
             image = region_standardise(image, r)
-        x, _ = self._pad(torch.cat([image * r, r], dim=1))
+        pool = self.pooling_mask(r)
+        x, size = self._pad(torch.cat([image * r, r], dim=1))
+        pool_p, _ = self._pad(pool)
         feats = self.encoder(x)
-        masks = [x[:, 1:2]]
+        masks = [pool_p]
         for _ in range(self.levels - 1):
             masks.append(F.max_pool3d(masks[-1], 2))
-        return self.heads["cls"]([feats[i] for i in self.cls_levels], [masks[i] for i in self.cls_levels])
+        dec = self.cls_decoder(feats)
+        out: dict[str, torch.Tensor] = {"pool": pool}
+        extra = [intensity_profile(image * r, pool)]
+        if self.lesion_typing:
+            les = self.heads["lesion"](dec)
+            extra.append(lesion_summary(les, pool_p))
+            out["lesion"] = self._crop(les, size)
+        out["cls"] = self.heads["cls"]([dec, feats[-1]], [masks[0], masks[-1]], torch.cat(extra, dim=1))
+        return out
 
     def predicted_region(self, seg_logits: torch.Tensor) -> torch.Tensor:
         """Region from the seg head: centre-body probability > 0.5, dilated by ``margin_vox`` ``(B, 1, I, J, K)``."""
@@ -251,7 +352,8 @@ class Stage2Net(nn.Module):
         Returns
         -------
         ``{"cls": (B, K), "seg": (B, 5, I, J, K), "heatmap": (B, 1, I, J, K), "recon": (B, 1, I, J, K),
-        "region": (B, 1, I, J, K)}`` for the enabled heads (``region`` whenever ``cls`` is on).
+        "region": (B, 1, I, J, K), "pool": (B, 1, I, J, K), "lesion": (B, K, I, J, K)}`` for the enabled
+        heads (``region`` and ``pool`` whenever ``cls`` is on; ``lesion`` when ``cls`` and ``seg`` are).
         """
         if image.ndim != 5 or image.shape[1] != 1:
             raise ValueError(f"expected image of shape (B, 1, I, J, K), got {tuple(image.shape)}")
@@ -263,7 +365,11 @@ class Stage2Net(nn.Module):
                 region_mask = self.predicted_region(out["seg"].detach())
             if region_mask.shape != image.shape:
                 raise ValueError(f"region_mask shape {tuple(region_mask.shape)} != image shape {tuple(image.shape)}")
-            out["cls"] = self.forward_cls(image, region_mask)
+            path = self.classification_path(image, region_mask)
+            out["cls"] = path["cls"]
+            out["pool"] = path["pool"]
+            if "lesion" in path:
+                out["lesion"] = path["lesion"]
             out["region"] = (region_mask > 0.5).to(image.dtype)
         return out
 

@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 #: ``data_prep.lesions`` lesion-map values: 1 inflammation, 2 fat, 3 hard-negative spot, 4 outside distractor.
 LESION_TRUE_VALUES = (1, 2)
+#: Lesion-map value -> class name it marks (the ``lesion`` head's per-voxel class, see :func:`build_targets`).
+LESION_VALUE_CLASS = {1: "inflammation", 2: "fat"}
 #: ``data_prep.synth`` structure values: 1 body, 2 disc, 3 CSF, 4 cord, 5 posterior elements, 6 muscle, 7 fat.
 STRUCT_DISC = 2
 
@@ -253,6 +255,9 @@ class PatchTargets:
     lesion: np.ndarray
     box: np.ndarray | None = None  # centre-body box (for tightness/emptiness losses)
     point_ball: np.ndarray | None = None  # centre-body ball (for the point loss + size prior)
+    #: Per-voxel lesion class (index into ``cfg.classes``; 0 = no lesion; hard-negative spots are 0) where a
+    #: lesion map is given, else None (the lesion head then learns from the vertebra's class alone).
+    lesion_class: np.ndarray | None = None
 
 
 def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "full",
@@ -273,7 +278,8 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
     * ``"point"``: ``point_mm`` world point: a ball of ``loss.point_radius_mm`` = body, + size prior.
     * ``"none"``: no body supervision (only class label).
 
-    Lesions (``labels["lesions"]`` values 1/2) are the seg ``lesion`` class wherever they are given.
+    Lesions (``labels["lesions"]`` values 1/2) are the seg ``lesion`` class wherever they are given, and
+    ``lesion_class`` maps them to the class they mark (:data:`LESION_VALUE_CLASS`, by class name).
     """
     shape = patch.image.shape
     sp = cfg.patch.spacing_mm
@@ -387,7 +393,14 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
         _set(allowed, lesion, (SEG_LESION,))
     region = dilate(region_src, cfg.margin_vox)
     heat = gaussian_heatmap(shape, centre_ijk, cfg.loss.heatmap_sigma_mm / sp)
-    return PatchTargets(kind, body.astype(bool), region.astype(bool), allowed, heat, lesion, box, point_ball)
+    lesion_class = None
+    if lesions is not None:
+        lesion_class = np.zeros(shape, np.int64)
+        for value, name in LESION_VALUE_CLASS.items():
+            if name in cfg.classes:
+                lesion_class[lesions == value] = cfg.classes.index(name)
+    return PatchTargets(kind, body.astype(bool), region.astype(bool), allowed, heat, lesion, box, point_ball,
+                        lesion_class)
 
 
 def _erode2d(m: np.ndarray, r: float) -> np.ndarray:

@@ -43,6 +43,8 @@ from stage2_classify.losses import (
     box_tightness_loss,
     heatmap_loss,
     inverse_frequency_weights,
+    lesion_mil_loss,
+    lesion_voxel_loss,
     point_loss,
     recon_loss,
     set_cross_entropy,
@@ -197,6 +199,9 @@ def collate(samples: list[Sample]) -> dict[str, torch.Tensor]:
         "box": stack(lambda s: s.targets.box if s.targets.box is not None else zeros),
         "ball": stack(lambda s: s.targets.point_ball if s.targets.point_ball is not None else zeros),
         "seg_allowed": torch.from_numpy(np.stack([s.targets.seg_allowed for s in samples])).float(),
+        "lesion_class": stack(lambda s: s.targets.lesion_class if s.targets.lesion_class is not None
+                              else np.full(shape, -1, np.int64)),
+        "has_lesion_map": torch.tensor([s.targets.lesion_class is not None for s in samples]),
         "cls": torch.tensor([s.cls for s in samples], dtype=torch.long),
         "confidence": torch.tensor([s.confidence for s in samples], dtype=torch.float32),
         "has_box": torch.tensor([s.targets.box is not None for s in samples]),
@@ -266,11 +271,11 @@ def augment(batch: dict[str, torch.Tensor], cfg: Stage2Config, gen: torch.Genera
 
     for k in ("image", "heatmap"):
         out[k] = warp(batch[k], "bilinear")
-    for k in ("region", "body", "lesion", "box", "ball", "seg_allowed"):
+    for k in ("region", "body", "lesion", "box", "ball", "seg_allowed", "lesion_class"):
         out[k] = warp(batch[k], "nearest")
     flip = torch.tensor(flips)
     if flip.any():
-        for k in ("image", "heatmap", "region", "body", "lesion", "box", "ball", "seg_allowed"):
+        for k in ("image", "heatmap", "region", "body", "lesion", "box", "ball", "seg_allowed", "lesion_class"):
             x = out[k].clone()
             x[flip] = torch.flip(x[flip], dims=[2])  # axis 0 of (I, J, K) = left-right
             out[k] = x
@@ -319,6 +324,11 @@ class Stage2Trainable(nn.Module):
         if "cls" in out:
             t = soft_targets(batch["cls"], batch["confidence"], len(cfg.classes))
             parts["cls"] = soft_cross_entropy(out["cls"], t, self.class_weights)
+            weak = ~batch["has_lesion_map"]
+            if "lesion" in out and bool(weak.any()):
+                # lesion typing from the class label alone where no lesion map exists (multiple instance);
+                # with a map, the voxel loss below supervises the same head (MIL there only slows it down)
+                parts["cls"] = parts["cls"] + lesion_mil_loss(out["lesion"][weak], out["pool"][weak], t[weak])
         if "seg" in out:
             seg = set_cross_entropy(out["seg"], batch["seg_allowed"] > 0.5)
             pbody = self.net.body_probability(out["seg"])
@@ -331,6 +341,9 @@ class Stage2Trainable(nn.Module):
                 sel = batch["has_ball"]
                 seg = seg + point_loss(pbody[sel], batch["ball"][sel] > 0.5)
                 seg = seg + size_prior_loss(pbody[sel], voxel_volume_ml(cfg.patch.spacing_mm), cfg.loss.body_volume_ml)
+            if "lesion" in out and bool(batch["has_lesion_map"].any()):
+                sel = batch["has_lesion_map"]
+                seg = seg + lesion_voxel_loss(out["lesion"][sel], batch["lesion_class"][sel], out["pool"][sel])
             parts["seg"] = seg
         if "heatmap" in out:
             parts["heatmap"] = heatmap_loss(out["heatmap"], batch["heatmap"])

@@ -43,9 +43,10 @@ def localize_cmd(scan: Path, out_dir: Path, model_dir: Path, device: str | None)
 
 
 @main.command("train-stage1")
-@click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="Canonical dataset folder (<id>_image + <id>_points.csv or <id>_vertebrae). "
-                   "Omitted: a small synthetic cohort is generated into --work.")
+@click.option("--data", "data_dirs", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Canonical dataset folder (<id>_image + <id>_points.csv or <id>_vertebrae); repeat for "
+                   "several cohorts/sites (sampled equally often). Omitted: a small synthetic cohort is "
+                   "generated into --work.")
 @click.option("--out", "out_dir", default=DEFAULT_STAGE1, show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Model folder to write.")
 @click.option("--epochs", default=None, type=click.IntRange(min=1), help="Training epochs (default: config).")
@@ -56,7 +57,7 @@ def localize_cmd(scan: Path, out_dir: Path, model_dir: Path, device: str | None)
               type=click.Path(file_okay=False, path_type=Path), help="Where the synthetic cohort goes without --data.")
 @click.option("--synth-n", default=16, show_default=True, type=click.IntRange(min=2),
               help="Number of synthetic subjects without --data.")
-def train_stage1_cmd(data_dir: Path | None, out_dir: Path, epochs: int | None, steps_per_epoch: int | None,
+def train_stage1_cmd(data_dirs: tuple[Path, ...], out_dir: Path, epochs: int | None, steps_per_epoch: int | None,
                      resume: bool, seed: int, work_dir: Path, synth_n: int) -> None:
     """Train the stage-1 localiser from points (masks optional); writes OUT/model.safetensors,
     config.json, train_state.pt and train_log.csv. Works under torchrun (DDP)."""
@@ -65,6 +66,7 @@ def train_stage1_cmd(data_dir: Path | None, out_dir: Path, epochs: int | None, s
     from stage1_localize.config import Stage1Config
     from stage1_localize.train import train_stage1
 
+    data_dir: list[Path] | Path | None = list(data_dirs) or None
     if data_dir is None:
         from data_prep.dataset import discover
         from data_prep.synth import write_cohort

@@ -64,3 +64,44 @@ def test_planner_uses_nnunet_topology_and_keeps_head_to_foot_context():
     with torch.no_grad():
         out = net(torch.zeros(1, 1, *plan.patch_size))
     assert out["heatmap"].shape[-3:] == tuple(plan.patch_size)
+
+
+class _PointwiseNet(torch.nn.Module):
+    """Stand-in network: heatmap logit = x, level logits = (x, -x, 0); translation-equivariant and local."""
+
+    def forward(self, x):
+        return {"heatmap": x[:, :1], "levels": torch.cat([x[:, :1], -x[:, :1], torch.zeros_like(x[:, :1])], 1)}
+
+
+@pytest.mark.parametrize("size", [(5, 23, 31), (9, 40, 17), (4, 8, 8)])
+def test_sliding_window_matches_pointwise_truth(size):
+    from stage1_localize.model import predict_sliding_window
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, *size)
+    out = predict_sliding_window(_PointwiseNet(), x, patch_size=(4, 8, 12), divisor=(1, 1, 1))
+    assert out["heatmap"].shape == (1, 1, *size) and out["levels"].shape == (1, 3, *size)
+    # every voxel is covered; Gaussian-weighted average of identical per-tile values = the value itself
+    torch.testing.assert_close(out["heatmap"], torch.sigmoid(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["levels"].sum(1), torch.ones(1, *size), atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_rejects_batches():
+    from stage1_localize.model import predict_sliding_window
+
+    with pytest.raises(ValueError, match=r"\(1, C, I, J, K\)"):
+        predict_sliding_window(_PointwiseNet(), torch.zeros(2, 1, 8, 8, 8), (4, 4, 4), (1, 1, 1))
+
+
+def test_draw_subject_balances_dataset_folders():
+    import numpy as np
+
+    from stage1_localize.train import TrainSubject, draw_subject
+
+    subs = [TrainSubject(f"a{i}", None, np.zeros((0, 3)), [], group=0) for i in range(9)]
+    subs.append(TrainSubject("b0", None, np.zeros((0, 3)), [], group=1))
+    rng = np.random.default_rng(0)
+    share_b = np.mean([draw_subject(subs, rng, True).id == "b0" for _ in range(4000)])
+    assert 0.46 < share_b < 0.54  # the 1-scan folder is drawn as often as the 9-scan folder
+    share_b = np.mean([draw_subject(subs, rng, False).id == "b0" for _ in range(4000)])
+    assert 0.07 < share_b < 0.13  # uniform over subjects without balancing

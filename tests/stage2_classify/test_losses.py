@@ -146,3 +146,41 @@ def test_uncertainty_weighting():
 def test_inverse_frequency_weights():
     w = inverse_frequency_weights([10, 5, 0])
     np.testing.assert_allclose(w.numpy(), [15 / 20, 15 / 10, 0.0])
+
+
+def test_lesion_voxel_loss_weighted_and_masked():
+    from stage2_classify.losses import lesion_voxel_loss
+
+    # 1 x 3 classes x 1 x 1 x 4 voxels; voxel 0 lesion of class 2, voxels 1-2 lesion-free, voxel 3 outside mask
+    target = torch.tensor([2, 0, 0, 1]).view(1, 1, 1, 1, 4)
+    mask = torch.tensor([1.0, 1.0, 1.0, 0.0]).view(1, 1, 1, 1, 4)
+    # voxel 0 predicted uniform (CE log 3), voxels 1-2 confidently right (CE ~0): weighted mean = 5 log3 / 7
+    logits = torch.zeros(1, 3, 1, 1, 4)
+    logits[0, 0, 0, 0, 1:3] = 30.0
+    expected = 5 * math.log(3) / (5 + 1 + 1)
+    assert lesion_voxel_loss(logits, target, mask, pos_weight=5.0).item() == pytest.approx(expected, abs=1e-5)
+    assert lesion_voxel_loss(logits, target, mask, pos_weight=1.0).item() == pytest.approx(math.log(3) / 3, abs=1e-5)
+    # a confident, correct prediction inside the mask -> ~0 whatever happens outside the mask
+    good = torch.full((1, 3, 1, 1, 4), -20.0)
+    good[0, 2, 0, 0, 0] = 20.0
+    good[0, 0, 0, 0, 1:3] = 20.0
+    good[0, 2, 0, 0, 3] = 20.0  # wrong class at the masked-out voxel: ignored
+    assert lesion_voxel_loss(good, target, mask).item() < 1e-6
+    # ignore label (< 0) and an empty mask contribute nothing
+    assert lesion_voxel_loss(logits, torch.full_like(target, -1), mask).item() == 0.0
+    assert lesion_voxel_loss(logits, target, torch.zeros_like(mask)).item() == 0.0
+
+
+def test_lesion_mil_loss_uses_max_inside_mask():
+    from stage2_classify.losses import lesion_mil_loss
+
+    logits = torch.full((1, 3, 1, 1, 3), -20.0)
+    logits[0, 0] = 20.0  # no lesion anywhere ...
+    logits[0, 1, 0, 0, 2] = 40.0  # ... except a class-1 lesion at voxel 2
+    normal = torch.tensor([[1.0, 0.0, 0.0]])
+    infl = torch.tensor([[0.0, 1.0, 0.0]])
+    inside_all = torch.ones(1, 1, 1, 1, 3)
+    inside_01 = torch.tensor([1.0, 1.0, 0.0]).view(1, 1, 1, 1, 3)
+    assert lesion_mil_loss(logits, inside_all, infl).item() < 1e-4  # max p_1 = 1 matches the label
+    assert lesion_mil_loss(logits, inside_all, normal).item() > 5.0  # a lesion in a "normal" vertebra
+    assert lesion_mil_loss(logits, inside_01, normal).item() < 1e-4  # ... unless it lies outside the mask

@@ -21,11 +21,14 @@ def test_heads_on_off(flags):
     x = torch.randn(2, 1, 12, 16, 16)
     region = torch.ones_like(x)
     out = net(x, region if heads.cls else None)
-    expected = set(heads.enabled()) | ({"region"} if heads.cls else set())
+    typing = heads.cls and heads.seg  # the lesion-typing head exists with cls + seg
+    expected = set(heads.enabled()) | ({"region", "pool"} if heads.cls else set()) | ({"lesion"} if typing else set())
     assert set(out) == expected
-    assert set(net.heads.keys()) == set(heads.enabled())
+    assert set(net.heads.keys()) == set(heads.enabled()) | ({"lesion"} if typing else set())
     if heads.cls:
         assert out["cls"].shape == (2, 3)
+    if typing:
+        assert out["lesion"].shape == (2, 3, 12, 16, 16)
     for h in ("seg", "heatmap", "recon"):
         if h in out:
             assert out[h].shape == (2, SHAPES[h][1], 12, 16, 16)
@@ -71,3 +74,37 @@ def test_dilate_mask_matches_numpy(radius):
     m = rng.random((9, 10, 11)) > 0.97
     t = dilate_mask(torch.from_numpy(m.astype(np.float32))[None, None], radius)[0, 0].numpy() > 0.5
     assert np.array_equal(t, dilate(m, radius))
+
+
+def test_intensity_profile_affine_invariant_and_sees_a_dark_tail():
+    from stage2_classify.model import N_PROFILE, PROFILE_QUANTILES, intensity_profile
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.randn(1, 1, 10, 10, 10, generator=g)
+    mask = torch.zeros_like(img)
+    mask[..., 2:8, 2:8, 2:8] = 1
+    a = intensity_profile(img, mask)
+    b = intensity_profile(3.0 * img + 7.0, mask)
+    assert a.shape == (1, N_PROFILE)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    dark = img.clone()
+    dark[..., 2:4, 2:4, 2:8] -= 6.0  # a dark "lesion": 24 of 216 voxels
+    c = intensity_profile(dark, mask)
+    assert c[0, 0] < a[0, 0] - 1.0  # the 1 % quantile drops
+    assert c[0, len(PROFILE_QUANTILES) + 1] > a[0, len(PROFILE_QUANTILES) + 1]  # more voxels below -2
+    # voxels outside the mask never matter; an empty mask gives zeros
+    outside = img.clone()
+    outside[..., 0, :, :] = 100.0
+    torch.testing.assert_close(intensity_profile(outside, mask), a)
+    assert torch.count_nonzero(intensity_profile(img, torch.zeros_like(mask))) == 0
+
+
+def test_pooling_mask_recovers_the_body_from_the_dilated_region():
+    net = Stage2Net(tiny_config())  # margin_vox = 1
+    body = torch.zeros(1, 1, 12, 12, 12)
+    body[..., 3:9, 4:8, 3:9] = 1
+    region = dilate_mask(body, net.margin_vox)
+    torch.testing.assert_close(net.pooling_mask(region), body)
+    tiny = torch.zeros_like(body)
+    tiny[..., 5, 5, 5] = 1  # erosion would be empty: fall back to the region itself
+    torch.testing.assert_close(net.pooling_mask(tiny), tiny)
