@@ -258,8 +258,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cohorts", default=",".join(COHORTS))
     ap.add_argument("--k", type=int, default=5, help="number of CV splits")
     ap.add_argument("--folds", type=int, default=None, help="run only the first N folds")
-    ap.add_argument("--epochs", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None, help="steps per epoch")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=25, help="steps per epoch (the committed results: 30 x 25)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="smoke run: few scans, few steps, two variants")
     ap.add_argument("--nnunet", action="store_true", help="also run nnU-Net v2 out of the box (heavy)")
@@ -284,7 +284,7 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(cfg, steps_per_epoch=args.steps)
     which = VARIANTS
     if args.quick:
-        cfg = dataclasses.replace(cfg, steps_per_epoch=args.steps or 5)
+        cfg = dataclasses.replace(cfg, epochs=min(cfg.epochs, 2), steps_per_epoch=5)
         which = ("original", "fov_top")
     note = ("SMOKE RUN (--quick): numbers are not results." if args.quick else
             "real data, points-only training (mask centroids), no lesions inserted.")
