@@ -15,9 +15,9 @@ Functions
     --verify_dataset_integrity``; the timing is recorded in ``<work_dir>/nnunet_reference_prepare_<id>.json``.
 ``train_with_budget(work_dir, dataset_id, fold_or_split, budget_s) -> dict``
     write ``splits_final.json`` (our split), probe seconds per iteration, pick the longest shipped
-    variant that fits, run ``nnUNetv2_train ... -device cpu`` and kill it at the deadline.
+    variant that fits, run ``nnUNetv2_train ... -device DEVICE`` (``device=`` "cpu" by default, "cuda" on a GPU machine) and kill it at the deadline.
 ``predict(work_dir, dataset_id, fold, scan_paths, out_dir) -> dict``
-    ``nnUNetv2_predict -device cpu`` with nnU-Net's defaults (mirroring TTA on, step size 0.5), timed;
+    ``nnUNetv2_predict -device DEVICE`` with nnU-Net's defaults (mirroring TTA on, step size 0.5), timed;
     per-scan centroids (largest connected component per label, world LPS mm, VerSe ids).
 ``evaluate_centroids(pred, gt) -> dict``
     :func:`pipeline.metrics.identification` per scan + :func:`pipeline.metrics.summarize_identification`.
@@ -110,10 +110,14 @@ def _tool(name: str) -> str:
     return found
 
 
-def _env(work_dir: Path, n_proc_da: int) -> dict[str, str]:
+def _env(work_dir: Path, n_proc_da: int | None) -> dict[str, str]:
+    """nnU-Net's environment; ``n_proc_da=None`` leaves nnU-Net's own default number of augmentation workers."""
     env = dict(os.environ)
     env.update(nnunet_env(work_dir, create=True))
-    env["nnUNet_n_proc_DA"] = str(int(n_proc_da))
+    if n_proc_da is None:
+        env.pop("nnUNet_n_proc_DA", None)
+    else:
+        env["nnUNet_n_proc_DA"] = str(int(n_proc_da))
     env["nnUNet_def_n_proc"] = "1"
     env["nnUNet_compile"] = "f"
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -311,15 +315,15 @@ def write_split(work_dir: str | os.PathLike, dataset_id: int, train_ids: Sequenc
 
 
 def probe_speed(work_dir: str | os.PathLike, dataset_id: int, fold: int, n_train: int = 4, n_val: int = 2,
-                n_proc_da: int = 1, nice: int = 10, timeout_s: float = 600.0,
-                save_checkpoint: bool = False) -> dict[str, Any]:
+                n_proc_da: int | None = 1, nice: int = 10, timeout_s: float = 600.0,
+                save_checkpoint: bool = False, device: str = "cpu") -> dict[str, Any]:
     """Public wrapper of the speed probe (seconds per nnU-Net train / val iteration on this machine)."""
     return _probe(Path(work_dir).resolve(), dataset_id, fold, n_train, n_val, n_proc_da, nice, timeout_s,
-                  save_checkpoint)
+                  save_checkpoint, device)
 
 
-def _probe(work: Path, dataset_id: int, fold: int, n_train: int, n_val: int, n_proc_da: int, nice: int,
-           timeout_s: float, save_checkpoint: bool = False) -> dict[str, Any]:
+def _probe(work: Path, dataset_id: int, fold: int, n_train: int, n_val: int, n_proc_da: int | None, nice: int,
+           timeout_s: float, save_checkpoint: bool = False, device: str = "cpu") -> dict[str, Any]:
     """Seconds per train / val iteration with nnU-Net's own trainer (separate results folder
     ``<work>/probe_results``; ``save_checkpoint`` leaves nnU-Net's checkpoint of the few-iteration probe model
     there as ``checkpoint_probe.pth``, for pipeline checks only)."""
@@ -328,7 +332,8 @@ def _probe(work: Path, dataset_id: int, fold: int, n_train: int, n_val: int, n_p
     out = work / f"probe_{int(dataset_id):03d}_fold{fold}.json"
     out.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "_probe", "--dataset-id", str(int(dataset_id)),
-           "--fold", str(fold), "--n-train", str(n_train), "--n-val", str(n_val), "--out", str(out)]
+           "--fold", str(fold), "--n-train", str(n_train), "--n-val", str(n_val), "--out", str(out),
+           "--device", device]
     if save_checkpoint:
         cmd.append("--save-checkpoint")
     wall = _run(cmd, env, work / f"probe_{int(dataset_id):03d}_fold{fold}.log", nice, timeout=timeout_s)
@@ -339,7 +344,8 @@ def _probe(work: Path, dataset_id: int, fold: int, n_train: int, n_val: int, n_p
     return res
 
 
-def _probe_main(dataset_id: int, fold: int, n_train: int, n_val: int, out: str, save_checkpoint: bool = False) -> None:
+def _probe_main(dataset_id: int, fold: int, n_train: int, n_val: int, out: str, save_checkpoint: bool = False,
+                device: str = "cpu") -> None:
     """Subprocess body of the probe (nnU-Net public API, unmodified)."""
     import multiprocessing
 
@@ -347,9 +353,13 @@ def _probe_main(dataset_id: int, fold: int, n_train: int, n_val: int, out: str, 
     from nnunetv2.run.run_training import get_trainer_from_args
 
     t_import = time.perf_counter()
-    torch.set_num_threads(multiprocessing.cpu_count())  # what `nnUNetv2_train -device cpu` does
+    if device == "cpu":
+        torch.set_num_threads(multiprocessing.cpu_count())  # what `nnUNetv2_train -device cpu` does
+    else:  # what `nnUNetv2_train -device cuda` does
+        torch.set_num_threads(1)
+        torch.set_num_interop_threads(1)
     tr = get_trainer_from_args(str(dataset_id), CONFIGURATION, fold, "nnUNetTrainer", PLANS,
-                               device=torch.device("cpu"))
+                               device=torch.device(device))
     tr.on_train_start()
     startup = time.perf_counter() - t_import
     tr.on_train_epoch_start()
@@ -429,14 +439,15 @@ def train_with_budget(
     sec_per_val_iter: float | None = None,
     startup_s: float = 30.0,
     trainer: str | None = None,
-    n_proc_da: int = 1,
+    n_proc_da: int | None = 1,
     probe_iters: int = 4,
     safety: float = 0.85,
     run_final_validation: bool = False,
     run_if_not_expected_to_fit: bool = True,
     nice: int = 10,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Train nnU-Net 3d_fullres (``nnUNetv2_train -device cpu``) for at most ``budget_s`` wall-clock seconds.
+    """Train nnU-Net 3d_fullres (``nnUNetv2_train -device <device>``) for at most ``budget_s`` wall-clock seconds.
 
     ``fold_or_split``: a fold index of an existing ``splits_final.json`` or ``{"train": [...], "val": [...]}``
     (written to ``splits_final.json``). ``sec_per_iter`` (and ``sec_per_val_iter``, ``startup_s``) skip the
@@ -459,7 +470,8 @@ def train_with_budget(
             raise SpinepipeInputError(split_file, f"fold {fold} not in splits_final.json ({n_splits} split(s)); "
                                       "pass {'train': [...], 'val': [...]} instead")
     record: dict[str, Any] = {"dataset": name, "dataset_id": int(dataset_id), "fold": fold, "budget_s": float(budget_s),
-                              "configuration": CONFIGURATION, "n_proc_DA": int(n_proc_da), "versions": _versions(),
+                              "configuration": CONFIGURATION, "n_proc_DA": n_proc_da, "device": device,
+                              "versions": _versions(),
                               "host_cpus": os.cpu_count(), "loadavg_start": os.getloadavg()[0]}
     record["split"] = json.loads((Path(nnunet_env(work)["nnUNet_preprocessed"]) / name
                                   / "splits_final.json").read_text())[fold]
@@ -468,7 +480,7 @@ def train_with_budget(
         if sec_per_iter is None:
             try:
                 pr = _probe(work, dataset_id, fold, probe_iters, 2, n_proc_da, nice,
-                            timeout_s=max(30.0, deadline - time.perf_counter()))
+                            timeout_s=max(30.0, deadline - time.perf_counter()), device=device)
             except RuntimeError as exc:
                 record.update(trained=False, reason=f"speed probe did not finish within the budget: {exc}",
                               seconds=round(time.perf_counter() - t_begin, 2))
@@ -499,7 +511,7 @@ def train_with_budget(
         shutil.rmtree(out_folder)  # a fresh run: no stale checkpoint may pass for this one
     log_path = work / f"nnunet_reference_train_{int(dataset_id):03d}_fold{fold}.log"
     cmd = [_tool("nnUNetv2_train"), str(int(dataset_id)), CONFIGURATION, str(fold), "-tr", trainer, "-p", PLANS,
-           "-device", "cpu"]
+           "-device", device]
     record["command"] = " ".join(cmd)
     env = _env(work, n_proc_da)
     t_train = time.perf_counter()
@@ -615,8 +627,9 @@ def predict(
     separate_calls: bool = True,
     results_dir: str | os.PathLike | None = None,
     nice: int = 10,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """``nnUNetv2_predict -device cpu`` with nnU-Net's defaults (mirroring TTA, step 0.5) on ``scan_paths``.
+    """``nnUNetv2_predict -device <device>`` with nnU-Net's defaults (mirroring TTA, step 0.5) on ``scan_paths``.
 
     ``scan_paths``: ``{case: path}`` or paths (case = file name without ``_image`` and suffix). Trainer and
     checkpoint default to the record of :func:`train_with_budget`. ``separate_calls``: one nnU-Net call per
@@ -661,7 +674,7 @@ def predict(
         env["nnUNet_results"] = str(Path(results_dir).resolve())
     log_path = out / "nnunet_predict.log"
     base = [_tool("nnUNetv2_predict"), "-d", str(int(dataset_id)), "-c", CONFIGURATION, "-f", str(int(fold)),
-            "-tr", trainer, "-p", PLANS, "-chk", checkpoint, "-device", "cpu", "-npp", "1", "-nps", "1",
+            "-tr", trainer, "-p", PLANS, "-chk", checkpoint, "-device", device, "-npp", "1", "-nps", "1",
             "--disable_progress_bar"]
     per_scan: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -847,6 +860,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n-val", type=int, default=2)
     p.add_argument("--out", required=True)
     p.add_argument("--save-checkpoint", action="store_true")
+    p.add_argument("--device", default="cpu")
     q = sub.add_parser("probe", help="prepare a few real subjects and measure nnU-Net s/iteration (no training)")
     q.add_argument("dataset_dir", type=Path)
     q.add_argument("--train-ids", nargs="+", required=True)
@@ -863,7 +877,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.cmd == "_probe":
-        _probe_main(args.dataset_id, args.fold, args.n_train, args.n_val, args.out, args.save_checkpoint)
+        _probe_main(args.dataset_id, args.fold, args.n_train, args.n_val, args.out, args.save_checkpoint, args.device)
         return 0
     if args.cmd == "probe":
         t = time.perf_counter()
