@@ -284,6 +284,31 @@ def run_nnunet(fold: int, train: list[dict], test_items: list[tuple[dict, str, S
         results.write()
 
 
+def override_config(cfg: Stage1Config, items: list[str]) -> Stage1Config:
+    """``["plan.base_features=16", "epochs=60"]`` applied to ``cfg`` (validated by ``config_from_dict``)."""
+    from data_prep.checkpoint import config_from_dict, config_to_dict
+
+    d = config_to_dict(cfg)
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --set {item!r}: expected KEY=VALUE")
+        try:
+            val = json.loads(raw)
+        except json.JSONDecodeError:
+            val = raw
+        node = d
+        *parents, leaf = key.split(".")
+        for k in parents:
+            if not isinstance(node.get(k), dict):
+                raise SystemExit(f"error: --set {item!r}: {k!r} is not a nested config")
+            node = node[k]
+        if leaf not in node:
+            raise SystemExit(f"error: --set {item!r}: unknown field {leaf!r}")
+        node[leaf] = val
+    return config_from_dict(Stage1Config, d, source="--set")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------
@@ -304,6 +329,10 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="nnU-Net budgets are cut so that the whole run ends within this many seconds of its start")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a Stage1Config field (dotted for nested, JSON values), e.g. plan.base_features=16")
+    ap.add_argument("--pretrained", type=Path, default=None,
+                    help="skip training: evaluate this stage-1 model folder on the test folds (diagnostics)")
     ap.add_argument("--name", default="stage1", help="result file stem under --out (stage1 -> stage1.json, stage1.md)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--work", type=Path, default=ROOT / "work_dirs" / "bench_stage1")
@@ -323,6 +352,8 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(cfg, epochs=args.epochs)
     if args.steps:
         cfg = dataclasses.replace(cfg, steps_per_epoch=args.steps)
+    if args.set:
+        cfg = override_config(cfg, args.set)
     which = VARIANTS
     if args.quick:
         cfg = dataclasses.replace(cfg, epochs=min(cfg.epochs, 2), steps_per_epoch=5)
@@ -346,8 +377,11 @@ def main(argv=None) -> int:
         cohort_dirs = [write_points_only([c for c in train if c["cohort"] == co], fold_dir / f"train_points_{co}")
                        for co in COHORTS if any(c["cohort"] == co for c in train)]
         t0 = time.perf_counter()
-        model_dir = train_stage1(cohort_dirs, fold_dir / "model", cfg)
-        train_s = time.perf_counter() - t0
+        if args.pretrained is not None:  # evaluate a model trained elsewhere on this fold (no training here)
+            model_dir, train_s = args.pretrained, float("nan")
+        else:
+            model_dir = train_stage1(cohort_dirs, fold_dir / "model", cfg)
+            train_s = time.perf_counter() - t0
         loc = Localizer(model_dir, device=device)
         test_items, infer_s = [], []
         for case in test:
