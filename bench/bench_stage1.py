@@ -318,8 +318,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cohorts", default=",".join(COHORTS))
     ap.add_argument("--k", type=int, default=5, help="number of CV splits")
     ap.add_argument("--folds", type=int, default=None, help="run only the first N folds")
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--steps", type=int, default=25, help="steps per epoch (the committed results: 30 x 25)")
+    ap.add_argument("--epochs", type=int, default=None, help="default: Stage1Config.epochs")
+    ap.add_argument("--steps", type=int, default=None, help="steps per epoch (default: Stage1Config.steps_per_epoch)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="smoke run: few scans, few steps, two variants")
     ap.add_argument("--nnunet", action="store_true", help="also run nnU-Net v2 out of the box (heavy)")
@@ -332,7 +332,9 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a Stage1Config field (dotted for nested, JSON values), e.g. plan.base_features=16")
     ap.add_argument("--pretrained", type=Path, default=None,
-                    help="skip training: evaluate this stage-1 model folder on the test folds (diagnostics)")
+                    help="skip training: evaluate this stage-1 model folder ('{fold}' is replaced by the fold index)")
+    ap.add_argument("--decode", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a decoding field of the loaded model's config (e.g. peak_threshold=0.1)")
     ap.add_argument("--name", default="stage1", help="result file stem under --out (stage1 -> stage1.json, stage1.md)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--work", type=Path, default=ROOT / "work_dirs" / "bench_stage1")
@@ -373,16 +375,19 @@ def main(argv=None) -> int:
             train = [c for co in COHORTS for c in [x for x in train if x["cohort"] == co][:4]]
             test = [c for co in COHORTS for c in [x for x in test if x["cohort"] == co][:2]]
         fold_dir = args.work / f"fold{fold}"
-        # one points-only folder per cohort: stage 1 samples the folders equally often (balance_groups)
-        cohort_dirs = [write_points_only([c for c in train if c["cohort"] == co], fold_dir / f"train_points_{co}")
-                       for co in COHORTS if any(c["cohort"] == co for c in train)]
         t0 = time.perf_counter()
         if args.pretrained is not None:  # evaluate a model trained elsewhere on this fold (no training here)
-            model_dir, train_s = args.pretrained, float("nan")
+            model_dir, train_s = Path(str(args.pretrained).format(fold=fold)), float("nan")
         else:
+            # one points-only folder per cohort: stage 1 samples the folders equally often (balance_groups)
+            cohort_dirs = [write_points_only([c for c in train if c["cohort"] == co], fold_dir / f"train_points_{co}")
+                           for co in COHORTS if any(c["cohort"] == co for c in train)]
+            t0 = time.perf_counter()
             model_dir = train_stage1(cohort_dirs, fold_dir / "model", cfg)
             train_s = time.perf_counter() - t0
         loc = Localizer(model_dir, device=device)
+        if args.decode:  # decoding-only overrides of the saved config (peak threshold, labelling costs ...)
+            loc.config = override_config(loc.config, args.decode)
         test_items, infer_s = [], []
         for case in test:
             image = read_image(case["image"])
