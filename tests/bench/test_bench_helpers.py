@@ -1,0 +1,50 @@
+"""Benchmark helpers: config overrides of bench_stage1 and the low-resolution dataset copy."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench.bench_stage1 import override_config
+from bench.lowres_copy import copy_cohort
+from data_prep.io import read_image, read_labelmap, write_image
+from data_prep.scan import Scan, centroids_from_labelmap
+from stage1_localize.config import Stage1Config
+
+
+def test_override_config_nested_and_typed():
+    cfg = override_config(Stage1Config(), ["plan.base_features=16", "epochs=7", "augment.p_rotate=0.2",
+                                           "peak_threshold=0.3"])
+    assert (cfg.plan.base_features, cfg.epochs, cfg.augment.p_rotate, cfg.peak_threshold) == (16, 7, 0.2, 0.3)
+    assert Stage1Config().plan.base_features != 16  # the default object is untouched
+
+
+@pytest.mark.parametrize("item", ["epochs", "no_such_field=1", "plan.nope=2", "epochs.x=1"])
+def test_override_config_rejects_bad_items(item):
+    with pytest.raises(SystemExit):
+        override_config(Stage1Config(), [item])
+
+
+def test_lowres_copy_keeps_geometry_and_centroids(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    arr = np.zeros((20, 30, 40), np.uint8)
+    lab = np.zeros((20, 30, 40), np.uint8)
+    lab[6:14, 8:18, 10:20] = 20  # L1
+    lab[6:14, 8:18, 24:34] = 21  # L2
+    arr[lab > 0] = 200
+    direction = np.diag([1.0, 1.0, -1.0])
+    img = Scan(arr, (1.0, 1.0, 1.0), (3.0, -2.0, 50.0), direction)
+    write_image(img, src / "s1_image.nii.gz")
+    write_image(img.with_array(lab), src / "s1_vertebrae.nii.gz")
+    assert copy_cohort(src, dst, 2.0) == 1
+    low = read_image(dst / "s1_image.nii.gz")
+    assert low.array.dtype == np.uint8
+    np.testing.assert_allclose(low.spacing, 2.0)
+    np.testing.assert_allclose(low.direction, direction)
+    # same physical extent: first voxel corner unchanged
+    np.testing.assert_allclose(low.origin - direction @ (low.spacing / 2), img.origin - direction @ (img.spacing / 2))
+    c_hi = centroids_from_labelmap(img.with_array(lab))
+    c_lo = centroids_from_labelmap(read_labelmap(dst / "s1_vertebrae.nii.gz", reference=low))
+    assert set(c_lo) == {20, 21}
+    for k in c_hi:
+        assert np.linalg.norm(c_hi[k] - c_lo[k]) < 1.0
