@@ -90,6 +90,9 @@ class Results:
                  f"Real scans from `{m.get('data')}` with lesions inserted by `data_prep.lesions` "
                  f"(seed {m.get('seed')}); quick={m.get('quick')}. All numbers are **{LABEL}**.", ""]
         for name, sec in self.data["sections"].items():
+            if name in JSON_ONLY:
+                lines += [f"## {name} ({LABEL})", "", f"{len(sec)} rows, in the JSON file only.", ""]
+                continue
             lines.append(f"## {name} ({LABEL})")
             lines.append("")
             rows = sec if isinstance(sec, list) else [sec]
@@ -100,6 +103,9 @@ class Results:
                 lines.append("| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
             lines.append("")
         return "\n".join(lines)
+
+
+JSON_ONLY = {"cv_predictions"}  # sections too long for the markdown table
 
 
 def _fmt(v) -> str:
@@ -233,10 +239,46 @@ def section_cv(samples, cfg, work, args, res: Results):
         ps.append(p)
         rows.append({"fold": f, "n_train": len(tr), "n_test": len(te), **_flat(ev), **evs, "s_per_epoch": _r(spe, 2)})
         res.add("cv_folds", rows)
-    pooled = _metrics(np.concatenate(ys), np.concatenate(ps), len(cfg.classes))
+    y_all, p_all = np.concatenate(ys), np.concatenate(ps)
+    pooled = _metrics(y_all, p_all, len(cfg.classes))
     res.add("cv_pooled", {"folds": args.folds, **{k: v for k, v in pooled.items()},
                           "evidence_inside_mean": _r(np.mean([e["evidence_inside_mean"] for e in ev_all
                                                               if e["evidence_inside_mean"] is not None]))})
+    # per cohort (site / sequence), plus lesion *typing* among lesion vertebrae: on a single T2-TSE image
+    # inflammation and fat are both bright (data_prep.lesions.POLARITY), on Dixon water they are opposite
+    order = [i for _, te in folds_by_subject(samples, args.folds, args.seed) for i in te]
+    cohorts = np.array([cohort_of(samples[i].subject) for i in order])
+    rows = []
+    for c in sorted(set(cohorts)):
+        m = cohorts == c
+        rows.append({"cohort": c, **_metrics(y_all[m], p_all[m], len(cfg.classes)),
+                     "typing_auc": typing_auc(y_all[m], p_all[m], cfg.classes)})
+    rows.append({"cohort": "pooled", **pooled, "typing_auc": typing_auc(y_all, p_all, cfg.classes)})
+    res.add("cv_by_cohort", rows)
+    res.add("cv_predictions", [{"subject": samples[i].subject, "label": samples[i].label, "cls": int(y),
+                                "p": [round(float(x), 4) for x in pr]} for i, y, pr in zip(order, y_all, p_all)])
+
+
+def cohort_of(subject: str) -> str:
+    """Cohort name of a subject id (``myosegmentum-001`` -> ``myosegmentum``)."""
+    return subject.rsplit("-", 1)[0] if "-" in subject else subject
+
+
+def typing_auc(y: np.ndarray, p: np.ndarray, classes) -> float | None:
+    """AUC of inflammation vs fat among vertebrae whose true class is one of the two, scored by
+    p_inflammation / (p_inflammation + p_fat); None when either class is absent."""
+    from pipeline.metrics import one_vs_rest_auc
+
+    names = [str(c) for c in classes]
+    if "inflammation" not in names or "fat" not in names:
+        return None
+    a, b = names.index("inflammation"), names.index("fat")
+    m = (y == a) | (y == b)
+    if len(np.unique(y[m])) < 2:
+        return None
+    score = p[m, a] / np.clip(p[m, a] + p[m, b], 1e-9, None)
+    auc = one_vs_rest_auc((y[m] == a).astype(int), np.stack([1 - score, score], 1), 2)[1]
+    return _r(auc)
 
 
 def _flat(ev: dict) -> dict:

@@ -48,3 +48,16 @@ def test_lowres_copy_keeps_geometry_and_centroids(tmp_path):
     assert set(c_lo) == {20, 21}
     for k in c_hi:
         assert np.linalg.norm(c_hi[k] - c_lo[k]) < 1.0
+
+
+def test_typing_auc_and_cohort_of():
+    from bench.bench_stage2 import cohort_of, typing_auc
+
+    classes = ["normal", "inflammation", "fat"]
+    y = np.array([0, 1, 1, 2, 2])
+    p = np.array([[.8, .1, .1], [.1, .8, .1], [.2, .5, .3], [.1, .2, .7], [.3, .3, .4]])
+    assert typing_auc(y, p, classes) == 1.0          # every inflammation scored above every fat
+    assert typing_auc(y, p[:, [0, 2, 1]], classes) == 0.0  # swapped columns: perfectly wrong
+    assert typing_auc(y[:3], p[:3], classes) is None     # no fat vertebra: undefined
+    assert typing_auc(y, p, ["normal", "lesion", "other"]) is None
+    assert cohort_of("chu2015-004") == "chu2015" and cohort_of("myosegmentum-010") == "myosegmentum"
