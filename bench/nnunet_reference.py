@@ -15,7 +15,8 @@ Functions
     --verify_dataset_integrity``; the timing is recorded in ``<work_dir>/nnunet_reference_prepare_<id>.json``.
 ``train_with_budget(work_dir, dataset_id, fold_or_split, budget_s) -> dict``
     write ``splits_final.json`` (our split), probe seconds per iteration, pick the longest shipped
-    variant that fits, run ``nnUNetv2_train ... -device DEVICE`` (``device=`` "cpu" by default, "cuda" on a GPU machine) and kill it at the deadline.
+    variant that fits, run ``nnUNetv2_train ... -device DEVICE`` (``device=``: "cpu" by default, "cuda" on
+    a GPU machine) and kill it at the deadline.
 ``predict(work_dir, dataset_id, fold, scan_paths, out_dir) -> dict``
     ``nnUNetv2_predict -device DEVICE`` with nnU-Net's defaults (mirroring TTA on, step size 0.5), timed;
     per-scan centroids (largest connected component per label, world LPS mm, VerSe ids).
