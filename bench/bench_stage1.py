@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_prep.dataset import discover  # noqa: E402
-from data_prep.io import read_image, read_labelmap, write_csv, write_text  # noqa: E402
+from data_prep.io import read_image, read_labelmap, write_csv, write_image, write_text  # noqa: E402
 from data_prep.scan import Scan, centroids_from_labelmap, level_name, reorient, resample_to_spacing  # noqa: E402
 from pipeline.metrics import ScanIdentification, identification, summarize_identification  # noqa: E402
 from stage1_localize.config import Stage1Config  # noqa: E402
@@ -220,7 +219,6 @@ def run_nnunet(fold: int, train: list[dict], test_items: list[tuple[dict, str, S
     training plus ``predict_reserve_s`` of prediction end before it (the cut is recorded), or skipped when
     under 30 s would be left."""
     from bench import nnunet_reference as nnref
-    from data_prep.io import write_image
 
     work = work / "nnunet"
     work.mkdir(parents=True, exist_ok=True)
@@ -247,12 +245,13 @@ def run_nnunet(fold: int, train: list[dict], test_items: list[tuple[dict, str, S
         key = f"case{n:04d}"
         scan_paths[key] = write_image(scan, test_dir / f"{key}.nii.gz")
     for tag, asked_s in budgets:
+        method = f"nnunet_3d_fullres[{tag}]"
         budget_s = asked_s
         if deadline is not None:
             budget_s = min(asked_s, deadline - time.time() - predict_reserve_s)
             if budget_s < 30:
                 log.warning("nnU-Net [%s]: skipped, only %.0f s left before the deadline", tag, budget_s)
-                results.folds.append({"fold": fold, "method": f"nnunet_3d_fullres[{tag}]", "n_train": len(ids),
+                results.folds.append({"fold": fold, "method": method, "n_train": len(ids),
                                       "train_seconds": 0.0, "budget_s": asked_s, "trained": False, "trainer": None,
                                       "reason": "skipped: no time left before the run's deadline"})
                 results.write()
@@ -260,7 +259,6 @@ def run_nnunet(fold: int, train: list[dict], test_items: list[tuple[dict, str, S
         n_proc = None if device != "cpu" else 1  # nnU-Net's own default number of augmentation workers on a GPU box
         rec = nnref.train_with_budget(work, dataset_id, split, budget_s, n_proc_da=n_proc, nice=0, device=device,
                                       run_if_not_expected_to_fit=(tag != "same"))
-        method = f"nnunet_3d_fullres[{tag}]"
         fold_rec = {"fold": fold, "method": method, "n_train": len(ids), "train_seconds": rec.get("seconds", budget_s),
                     "budget_s": budget_s, "budget_asked_s": asked_s, "plan_and_preprocess_s": round(prep_s, 1),
                     **{k: rec.get(k) for k in ("trained", "reason", "trainer", "epochs_planned", "epochs_done",
@@ -277,8 +275,7 @@ def run_nnunet(fold: int, train: list[dict], test_items: list[tuple[dict, str, S
         pred = nnref.predict(work, dataset_id, rec["fold"], scan_paths, work / f"pred_{tag}", trainer=rec["trainer"],
                              checkpoint=rec["checkpoint"], separate_calls=False, nice=0, device=device)
         fold_rec["infer_seconds"] = pred["mean_seconds_per_scan"]
-        for n, (case, variant, scan, gt) in enumerate(test_items):
-            key = f"case{n:04d}"
+        for key, (case, variant, scan, gt) in zip(scan_paths, test_items):
             cents = {int(k): np.asarray(v, float) for k, v in pred["centroids"].get(key, {}).items()}
             results.add(record(method, fold, case, variant, cents, gt, pred["seconds_per_scan"][key]))
         results.write()
