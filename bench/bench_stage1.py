@@ -281,8 +281,9 @@ def run_nnunet(fold: int, train: list[dict], test_items: list[tuple[dict, str, S
         results.write()
 
 
-def override_config(cfg: Stage1Config, items: list[str]) -> Stage1Config:
-    """``["plan.base_features=16", "epochs=60"]`` applied to ``cfg`` (validated by ``config_from_dict``)."""
+def override_config(cfg, items: list[str]):
+    """``["plan.base_features=16", "epochs=60"]`` applied to a copy of the config dataclass ``cfg`` (any
+    type: Stage1Config, Stage2Config; validated by ``config_from_dict``)."""
     from data_prep.checkpoint import config_from_dict, config_to_dict
 
     d = config_to_dict(cfg)
@@ -303,7 +304,7 @@ def override_config(cfg: Stage1Config, items: list[str]) -> Stage1Config:
         if leaf not in node:
             raise SystemExit(f"error: --set {item!r}: unknown field {leaf!r}")
         node[leaf] = val
-    return config_from_dict(Stage1Config, d, source="--set")
+    return config_from_dict(type(cfg), d, source="--set")
 
 
 # ---------------------------------------------------------------------------------------------------

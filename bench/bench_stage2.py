@@ -45,7 +45,7 @@ from stage2_classify.train import Sample, Stage2Trainable, build_samples, collat
 log = logging.getLogger("bench_stage2")
 LABEL = "semi-synthetic"
 COHORTS = ("myosegmentum", "chu2015")
-CPU = DistInfo(0, 1, 0, torch.device("cpu"))
+DEVICE = DistInfo(0, 1, 0, torch.device("cpu"))  # --device replaces it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,8 +69,9 @@ def _r(x, nd=4):
 # results writer
 # ---------------------------------------------------------------------------------------------
 class Results:
-    def __init__(self, out_dir: Path, meta: dict):
+    def __init__(self, out_dir: Path, meta: dict, name: str = "stage2"):
         self.out_dir = out_dir
+        self.name = name
         self.data = {"label": LABEL, "meta": meta, "sections": {}}
 
     def add(self, name: str, value) -> None:
@@ -81,14 +82,15 @@ class Results:
         from data_prep.io import write_text
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_text(json.dumps(self.data, indent=1, default=float) + "\n", self.out_dir / "stage2.json")
-        write_text(self.markdown(), self.out_dir / "stage2.md")
+        write_text(json.dumps(self.data, indent=1, default=float) + "\n", self.out_dir / f"{self.name}.json")
+        write_text(self.markdown(), self.out_dir / f"{self.name}.md")
 
     def markdown(self) -> str:
         m = self.data["meta"]
         lines = [f"# Stage 2 benchmark ({LABEL})", "",
                  f"Real scans from `{m.get('data')}` with lesions inserted by `data_prep.lesions` "
-                 f"(seed {m.get('seed')}); quick={m.get('quick')}. All numbers are **{LABEL}**.", ""]
+                 f"(seed {m.get('seed')}); quick={m.get('quick')}; device {m.get('device', 'cpu')}; config overrides "
+                 f"{m.get('overrides') or 'none'}. All numbers are **{LABEL}**.", ""]
         for name, sec in self.data["sections"].items():
             if name in JSON_ONLY:
                 lines += [f"## {name} ({LABEL})", "", f"{len(sec)} rows, in the JSON file only.", ""]
@@ -155,6 +157,60 @@ def load_samples(folders: dict[str, Path], cfg: Stage2Config, annotation: str = 
     return out
 
 
+CACHE_LO, CACHE_SCALE = 0.25, 255.0 / 2.5  # uint8 code = (x + 0.25) * 102
+
+
+def save_sample_cache(samples: list[Sample], cfg: Stage2Config, path: Path) -> None:
+    """Write ``samples`` compactly (lzma pickle; images quantised to 8 bits over [-0.25, 2.25] of the
+    normalised window, step 0.0098, below the MRI noise of marrow (~0.07); float16 heatmaps, int8/bool
+    masks) with the patch configuration they were built with."""
+    import dataclasses
+    import lzma
+    import pickle
+
+    rows = []
+    for s in samples:
+        t = s.targets
+        rows.append({"image": np.clip(np.round((s.image + CACHE_LO) * CACHE_SCALE), 0, 255).astype(np.uint8), "cls": s.cls,
+                     "confidence": s.confidence, "subject": s.subject, "label": s.label,
+                     "targets": {f.name: _compact(getattr(t, f.name)) for f in dataclasses.fields(t)}})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with lzma.open(path, "wb", preset=6) as fh:
+        pickle.dump({"patch": dataclasses.asdict(cfg.patch), "margin_mm": cfg.margin_mm, "rows": rows}, fh)
+
+
+def _compact(a):
+    if not isinstance(a, np.ndarray):
+        return a
+    if a.dtype == bool or a.dtype.kind in "iu" and a.size and a.min() >= -128 and a.max() <= 127:
+        return a.astype(bool) if a.dtype == bool else a.astype(np.int8)
+    return a.astype(np.float16)
+
+
+def load_sample_cache(path: Path, cfg: Stage2Config) -> list[Sample]:
+    """Samples written by :func:`save_sample_cache` (our own file; refuses a different patch config)."""
+    import dataclasses
+    import lzma
+    import pickle
+
+    from stage2_classify.patches import PatchTargets
+
+    with lzma.open(path, "rb") as fh:
+        d = pickle.load(fh)  # noqa: S301 - a cache this script wrote, never user input
+    same = json.dumps(d["patch"]) == json.dumps(dataclasses.asdict(cfg.patch))
+    if not same or d["margin_mm"] != cfg.margin_mm:
+        raise SystemExit(f"error: {path}: built for patch {d['patch']} margin {d['margin_mm']}, "
+                         f"this run uses {dataclasses.asdict(cfg.patch)} margin {cfg.margin_mm}")
+    out = []
+    for r in d["rows"]:
+        t = {k: (v.astype(np.int64) if isinstance(v, np.ndarray) and v.dtype == np.int8 else
+                 v.astype(np.float32) if isinstance(v, np.ndarray) and v.dtype == np.float16 else v)
+             for k, v in r["targets"].items()}
+        out.append(Sample(r["image"].astype(np.float32) / CACHE_SCALE - CACHE_LO, PatchTargets(**t), r["cls"], r["confidence"],
+                          r["subject"], r["label"]))
+    return out
+
+
 def folds_by_subject(samples: list[Sample], k: int, seed: int) -> list[tuple[list[int], list[int]]]:
     subjects = sorted({s.subject for s in samples})
     rng = np.random.default_rng(seed)
@@ -170,7 +226,7 @@ def folds_by_subject(samples: list[Sample], k: int, seed: int) -> list[tuple[lis
 def train(samples: list[Sample], cfg: Stage2Config, work: Path, tag: str) -> tuple[Stage2Trainable, float]:
     holder: dict = {}
     t0 = time.time()
-    train_on_samples(samples, cfg, work / "runs" / tag, dist_info=CPU,
+    train_on_samples(samples, cfg, work / "runs" / tag, dist_info=DEVICE,
                      callback=lambda e, m, row: holder.__setitem__("module", m))
     secs = (time.time() - t0) / max(cfg.train.epochs, 1)
     return holder["module"], secs
@@ -179,9 +235,10 @@ def train(samples: list[Sample], cfg: Stage2Config, work: Path, tag: str) -> tup
 @torch.no_grad()
 def predict(module: Stage2Trainable, samples: list[Sample], predicted_region: bool = False, bs: int = 8):
     net = module.net.eval()
+    dev = next(net.parameters()).device
     probs, dices = [], []
     for i in range(0, len(samples), bs):
-        b = collate(samples[i : i + bs])
+        b = {k: v.to(dev) for k, v in collate(samples[i : i + bs]).items()}
         if predicted_region and "seg" in net.heads:
             seg = net.forward_dense(b["image"])["seg"]
             region = net.predicted_region(seg)
@@ -191,16 +248,17 @@ def predict(module: Stage2Trainable, samples: list[Sample], predicted_region: bo
             dices.extend((2 * inter / (pb.flatten(1).sum(1) + body.flatten(1).sum(1)).clamp_min(1)).tolist())
         else:
             region = b["region"]
-        probs.append(torch.softmax(net.forward_cls(b["image"], region), 1))
+        probs.append(torch.softmax(net.forward_cls(b["image"], region), 1).cpu())
     return torch.cat(probs).numpy(), dices
 
 
 def evidence_stats(module: Stage2Trainable, samples: list[Sample], n_max: int, steps: int) -> dict:
     net = module.net.eval()
+    dev = next(net.parameters()).device
     inside, hits = [], []
     for s in samples[:n_max]:
-        img = torch.from_numpy(s.image)[None, None]
-        reg = torch.from_numpy(s.targets.region.astype(np.float32))[None, None]
+        img = torch.from_numpy(s.image)[None, None].to(dev)
+        reg = torch.from_numpy(s.targets.region.astype(np.float32))[None, None].to(dev)
         attr, _ = integrated_gradients(net, img, reg, n_steps=steps)
         inside.append(fraction_inside(attr, s.targets.body))
         if s.cls != 0 and s.targets.lesion.any():
@@ -424,14 +482,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-evidence", type=int, default=40)
     ap.add_argument("--n-leak", type=int, default=5)
     ap.add_argument("--sections", default="cv,leakage,ablation,site_shift,annotation,times")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a Stage2Config field (dotted, JSON values), e.g. patch.spacing_mm=1.5")
+    ap.add_argument("--name", default="stage2", help="result file stem under --out")
+    ap.add_argument("--device", default="cpu", help="training/evaluation device of cv/ablation/site_shift/annotation")
+    ap.add_argument("--samples-cache", type=Path, default=None,
+                    help="cv/ablation/site_shift only: load the full-mask samples from this file when it exists, "
+                         "else build them and write it (lets a machine without the data run the sections)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    global DEVICE
+    DEVICE = DistInfo(0, 1, 0, torch.device(args.device))
     data = Path(args.data)
-    if not (data / "myosegmentum").is_dir():
+    cached = args.samples_cache is not None and args.samples_cache.is_file()
+    if not cached and not (data / "myosegmentum").is_dir():
         log.error("real data not available: %s is absent", data)
         return 2
     work = Path(args.work)
-    cfg = Stage2Config()
+    from bench.bench_stage1 import override_config
+
+    cfg = override_config(Stage2Config(), args.set)
     cfg.train.seed = args.seed
     if args.quick:
         cfg.patch.spacing_mm = 4.0
@@ -442,11 +512,19 @@ def main(argv: list[str] | None = None) -> int:
         cfg.train.epochs = args.epochs
     n_per = 3 if args.quick else None
     torch.manual_seed(args.seed)
-    res = Results(Path(args.out), {"data": str(data), "seed": args.seed, "quick": args.quick,
-                                   "config": json.loads(json.dumps(cfg, default=lambda o: o.__dict__))})
+    res = Results(Path(args.out), {"data": str(data), "seed": args.seed, "quick": args.quick, "device": args.device,
+                                   "overrides": args.set,
+                                   "config": json.loads(json.dumps(cfg, default=lambda o: o.__dict__))},
+                  name=args.name)
     t0 = time.time()
-    folders = prepare(data, work, args.seed, n_per)
-    samples = load_samples(folders, cfg, "full")
+    if cached:
+        samples = load_sample_cache(args.samples_cache, cfg)
+        folders = {}
+    else:
+        folders = prepare(data, work, args.seed, n_per)
+        samples = load_samples(folders, cfg, "full")
+        if args.samples_cache is not None:
+            save_sample_cache(samples, cfg, args.samples_cache)
     res.add("data", {"n_vertebrae": len(samples), "n_subjects": len({s.subject for s in samples}),
                      "class_counts": np.bincount([s.cls for s in samples], minlength=3).tolist(),
                      "prep_seconds": _r(time.time() - t0, 1)})

@@ -234,6 +234,7 @@ def augment(batch: dict[str, torch.Tensor], cfg: Stage2Config, gen: torch.Genera
     tc = cfg.train
     out = dict(batch)
     img = batch["image"]
+    dev = img.device  # random draws stay on the CPU generator (same numbers on any device), then move
     b = img.shape[0]
     size = img.shape[-3:]
     sp = cfg.patch.spacing_mm
@@ -263,7 +264,7 @@ def augment(batch: dict[str, torch.Tensor], cfg: Stage2Config, gen: torch.Genera
         t = (perm @ t_mm) / half
         thetas.append(torch.cat([a, t[:, None]], 1))
         flips.append(bool(tc.lr_flip) and float(u(0, 1)) < 0.5)
-    theta = torch.stack(thetas)
+    theta = torch.stack(thetas).to(dev)
     grid = F.affine_grid(theta, (b, 1, *size), align_corners=True)
 
     def warp(x, mode):
@@ -273,7 +274,7 @@ def augment(batch: dict[str, torch.Tensor], cfg: Stage2Config, gen: torch.Genera
         out[k] = warp(batch[k], "bilinear")
     for k in ("region", "body", "lesion", "box", "ball", "seg_allowed", "lesion_class"):
         out[k] = warp(batch[k], "nearest")
-    flip = torch.tensor(flips)
+    flip = torch.tensor(flips, device=dev)
     if flip.any():
         for k in ("image", "heatmap", "region", "body", "lesion", "box", "ball", "seg_allowed", "lesion_class"):
             x = out[k].clone()
@@ -284,18 +285,18 @@ def augment(batch: dict[str, torch.Tensor], cfg: Stage2Config, gen: torch.Genera
     reg = out["region"]
     grown = F.max_pool3d(reg, 3, stride=1, padding=1)
     shrunk = 1.0 - F.max_pool3d(1.0 - reg, 3, stride=1, padding=1)
-    pick = u(0, 1, (b, 1, 1, 1, 1))
+    pick = u(0, 1, (b, 1, 1, 1, 1)).to(dev)
     out["region"] = torch.where(pick < tc.region_jitter_prob / 2, grown,
                                 torch.where(pick < tc.region_jitter_prob, torch.maximum(shrunk, out["body"]), reg))
 
     x = out["image"]
-    gam = torch.exp(u(-0.3, 0.3, (b, 1, 1, 1, 1)))
+    gam = torch.exp(u(-0.3, 0.3, (b, 1, 1, 1, 1))).to(dev)
     x = torch.sign(x) * x.abs().pow(gam)
-    x = (x - 0.5) * u(0.8, 1.25, (b, 1, 1, 1, 1)) + 0.5
-    coords = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, s) for s in size], indexing="ij"))  # (3, I, J, K)
-    coef = u(-0.15, 0.15, (b, 3, 1, 1, 1))
+    x = (x - 0.5) * u(0.8, 1.25, (b, 1, 1, 1, 1)).to(dev) + 0.5
+    coords = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, s, device=dev) for s in size], indexing="ij"))  # (3, I, J, K)
+    coef = u(-0.15, 0.15, (b, 3, 1, 1, 1)).to(dev)
     x = x * torch.exp((coef * coords[None]).sum(1, keepdim=True))
-    x = x + u(0.0, 0.05, (b, 1, 1, 1, 1)) * torch.randn(x.shape, generator=gen)
+    x = x + u(0.0, 0.05, (b, 1, 1, 1, 1)).to(dev) * torch.randn(x.shape, generator=gen).to(dev)
     out["image"] = x
     return out
 
@@ -437,10 +438,9 @@ def _train_loop(samples, cfg: Stage2Config, out_dir: Path, resume: bool, stop_af
         sums: dict[str, float] = {}
         n_seen, n_correct, n_batches = 0, 0, 0
         for idx in _epoch_order(len(samples), tc.seed, epoch, di.world_size, di.rank, tc.batch_size):
-            batch = collate([samples[i] for i in idx])
+            batch = {k: v.to(di.device) for k, v in collate([samples[i] for i in idx]).items()}
             if tc.aug_prob > 0:
-                batch = augment(batch, cfg, gen)
-            batch = {k: v.to(di.device) for k, v in batch.items()}
+                batch = augment(batch, cfg, gen)  # on the training device
             opt.zero_grad(set_to_none=True)
             total, parts, logits = train_mod(batch)
             total.backward()

@@ -61,3 +61,47 @@ def test_typing_auc_and_cohort_of():
     assert typing_auc(y[:3], p[:3], classes) is None     # no fat vertebra: undefined
     assert typing_auc(y, p, ["normal", "lesion", "other"]) is None
     assert cohort_of("chu2015-004") == "chu2015" and cohort_of("myosegmentum-010") == "myosegmentum"
+
+
+def test_override_config_works_for_stage2():
+    from stage2_classify.config import Stage2Config
+
+    cfg = override_config(Stage2Config(), ["patch.spacing_mm=1.5", "model.base_channels=16", "loss.weighting=fixed"])
+    assert (cfg.patch.spacing_mm, cfg.model.base_channels, cfg.loss.weighting) == (1.5, 16, "fixed")
+    assert cfg.patch.shape == (32, 43, 43)
+
+
+def test_sample_cache_round_trip(tmp_path):
+    from bench.bench_stage2 import load_sample_cache, save_sample_cache
+    from stage2_classify.config import tiny_config
+    from stage2_classify.patches import PatchTargets
+    from stage2_classify.train import Sample
+
+    cfg = tiny_config()
+    shape = cfg.patch.shape
+    rng = np.random.default_rng(0)
+    body = np.zeros(shape, bool)
+    body[3:9, 4:12, 4:12] = True
+    lesion_class = np.zeros(shape, np.int64)
+    lesion_class[3:5, 4:6, 4:6] = 2
+    allowed = np.zeros((5, *shape), bool)
+    allowed[1][body] = True
+    allowed[0][~body] = True
+    t = PatchTargets("full", body, body.copy(), allowed, rng.random(shape).astype(np.float32), lesion_class > 0,
+                     None, None, lesion_class)
+    image = rng.uniform(-1.0, 3.0, shape).astype(np.float32)
+    samples = [Sample(image, t, 2, 0.8, "myosegmentum-007", 21)]
+    path = tmp_path / "cache.pkl.xz"
+    save_sample_cache(samples, cfg, path)
+    (back,) = load_sample_cache(path, cfg)
+    inside = (image >= -0.25) & (image <= 2.25)
+    assert np.abs(back.image - image)[inside].max() <= 0.5 / 102 + 1e-6  # 8-bit step 2.5 / 255
+    assert np.allclose(back.image[image > 2.25], 2.25) and np.allclose(back.image[image < -0.25], -0.25)
+    assert (back.cls, back.confidence, back.subject, back.label) == (2, 0.8, "myosegmentum-007", 21)
+    assert np.array_equal(back.targets.lesion_class, lesion_class) and back.targets.lesion_class.dtype == np.int64
+    assert np.array_equal(back.targets.seg_allowed, allowed) and back.targets.body.dtype == bool
+    assert np.allclose(back.targets.heatmap, t.heatmap, atol=1e-3) and back.targets.box is None
+    other = tiny_config()
+    other.patch.spacing_mm = 3.0
+    with pytest.raises(SystemExit, match="built for patch"):
+        load_sample_cache(path, other)
