@@ -278,7 +278,8 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
     * ``"point"``: ``point_mm`` world point: a ball of ``loss.point_radius_mm`` = body, + size prior.
     * ``"none"``: no body supervision (only class label).
 
-    Lesions (``labels["lesions"]`` values 1/2) are the seg ``lesion`` class wherever they are given, and
+    Lesions (``labels["lesions"]`` values 1/2) are the seg ``lesion`` class wherever they are given, and nowhere
+    else when a lesion map is given (it is taken as complete, whatever the body annotation kind), and
     ``lesion_class`` maps them to the class they mark (:data:`LESION_VALUE_CLASS`, by class name).
     """
     shape = patch.image.shape
@@ -390,6 +391,10 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
         raise ValueError(f"unknown annotation kind {kind!r}")
 
     if lesions is not None:
+        # a given lesion map is complete (it marks every lesion voxel of the patch): lesion there, and
+        # nowhere else -- left allowed in weakly or un-annotated voxels, "lesion" becomes a catch-all that
+        # the set loss never penalises and the body (centre + lesion probability) swallows the patch
+        allowed[SEG_LESION] = False
         _set(allowed, lesion, (SEG_LESION,))
     region = dilate(region_src, cfg.margin_vox)
     heat = gaussian_heatmap(shape, centre_ijk, cfg.loss.heatmap_sigma_mm / sp)

@@ -156,3 +156,29 @@ def test_build_targets_outlines_band_and_unannotated_slices():
     # a slice without any outline is unsupervised
     assert a[:, 0].all()
     assert t.region[:, 4:12, 4:12].any(axis=0).all()  # region: outlines extruded left-right
+
+
+@pytest.mark.parametrize("kind", ["outline", "box", "point", "none"])
+def test_given_lesion_map_is_complete_for_weak_body_labels(kind):
+    """With a lesion map, 'lesion' is allowed exactly on its lesion voxels, whatever the body annotation:
+    otherwise it is allowed (never penalised) in every weak or unannotated voxel and becomes a catch-all."""
+    cfg = tiny_config()
+    shape = cfg.patch.shape
+    geo = patch_grid(np.zeros(3), cfg.patch)
+    outl = np.zeros(shape, np.int16)
+    outl[5, 4:12, 4:12] = 20
+    les = np.zeros(shape, np.uint8)
+    les[5, 5:7, 5:7] = 1  # inflammation at a corner
+    les[2, 1, 1] = 4  # a distractor outside the body is not a lesion
+    from stage2_classify.patches import Patch
+
+    p = Patch(np.zeros(shape, np.float32), geo.with_array(np.zeros(shape, np.float32)),
+              {"outlines": outl, "lesions": les})
+    c = geo.voxel_to_world((np.array(shape) - 1) / 2.0).coords[0]
+    box_mm = np.stack([c - 8.0, c + 8.0])
+    t = build_targets(p, 20, cfg, kind=kind, box_mm=box_mm, point_mm=c)
+    lesion = les == 1
+    assert np.array_equal(t.seg_allowed[4], lesion)
+    assert np.all(t.seg_allowed[:, lesion].sum(0) == 1)
+    assert np.all(t.seg_allowed.sum(0) >= 1)  # no voxel is left without an allowed class
+    assert t.lesion_class[5, 5, 5] == 1 and t.lesion_class[2, 1, 1] == 0
