@@ -85,8 +85,9 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     #: 80 epochs: on the semi-synthetic benchmark (fold 0, GPU) 20 -> 80 epochs lifted the AUCs from
-    #: 0.58 / 0.64 / 0.50 to 0.76 / 0.81 / 0.61 (bench/results/gpu_logs/README.md); ~23 min on 2 CPU cores
-    #: for 250 vertebrae.
+    #: 0.58 / 0.64 / 0.50 to 0.76 / 0.81 / 0.61 (bench/results/gpu_logs/README.md); 3-fold CPU CV at 80
+    #: epochs: 0.80 / 0.80 / 0.63 (bench/results/stage2_e80.md), 27-29 s per epoch on one core for 242
+    #: vertebrae (~37 min).
     epochs: int = 80
     batch_size: int = 8
     lr: float = 2e-3
