@@ -42,6 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.overrides import override_config  # noqa: E402
 from data_prep.dataset import discover  # noqa: E402
 from data_prep.io import read_image, read_labelmap, write_csv, write_image, write_text  # noqa: E402
 from data_prep.scan import Scan, centroids_from_labelmap, level_name, reorient, resample_to_spacing  # noqa: E402
@@ -279,32 +280,6 @@ def run_nnunet(fold: int, train: list[dict], test_items: list[tuple[dict, str, S
             cents = {int(k): np.asarray(v, float) for k, v in pred["centroids"].get(key, {}).items()}
             results.add(record(method, fold, case, variant, cents, gt, pred["seconds_per_scan"][key]))
         results.write()
-
-
-def override_config(cfg, items: list[str]):
-    """``["plan.base_features=16", "epochs=60"]`` applied to a copy of the config dataclass ``cfg`` (any
-    type: Stage1Config, Stage2Config; validated by ``config_from_dict``)."""
-    from data_prep.checkpoint import config_from_dict, config_to_dict
-
-    d = config_to_dict(cfg)
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"error: --set {item!r}: expected KEY=VALUE")
-        try:
-            val = json.loads(raw)
-        except json.JSONDecodeError:
-            val = raw
-        node = d
-        *parents, leaf = key.split(".")
-        for k in parents:
-            if not isinstance(node.get(k), dict):
-                raise SystemExit(f"error: --set {item!r}: {k!r} is not a nested config")
-            node = node[k]
-        if leaf not in node:
-            raise SystemExit(f"error: --set {item!r}: unknown field {leaf!r}")
-        node[leaf] = val
-    return config_from_dict(type(cfg), d, source="--set")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.overrides import override_config  # noqa: E402
 from data_prep.distributed import DistInfo  # noqa: E402
 from stage2_classify.config import HeadsConfig, Stage2Config  # noqa: E402
 from stage2_classify.evidence import fraction_inside, integrated_gradients, pointing_game  # noqa: E402
@@ -45,7 +46,6 @@ from stage2_classify.train import Sample, Stage2Trainable, build_samples, collat
 log = logging.getLogger("bench_stage2")
 LABEL = "semi-synthetic"
 COHORTS = ("myosegmentum", "chu2015")
-DEVICE = DistInfo(0, 1, 0, torch.device("cpu"))  # --device replaces it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,11 +180,14 @@ def save_sample_cache(samples: list[Sample], cfg: Stage2Config, path: Path) -> N
 
 
 def _compact(a):
+    """int64 label arrays that fit -> int8, float arrays -> float16; anything else unchanged (exact)."""
     if not isinstance(a, np.ndarray):
         return a
-    if a.dtype == bool or a.dtype.kind in "iu" and a.size and a.min() >= -128 and a.max() <= 127:
-        return a.astype(bool) if a.dtype == bool else a.astype(np.int8)
-    return a.astype(np.float16)
+    if a.dtype == np.int64 and (a.size == 0 or (a.min() >= -128 and a.max() <= 127)):
+        return a.astype(np.int8)
+    if a.dtype.kind == "f":
+        return a.astype(np.float16)
+    return a
 
 
 def load_sample_cache(path: Path, cfg: Stage2Config) -> list[Sample]:
@@ -223,10 +226,11 @@ def folds_by_subject(samples: list[Sample], k: int, seed: int) -> list[tuple[lis
 # ---------------------------------------------------------------------------------------------
 # training / evaluation
 # ---------------------------------------------------------------------------------------------
-def train(samples: list[Sample], cfg: Stage2Config, work: Path, tag: str) -> tuple[Stage2Trainable, float]:
+def train(samples: list[Sample], cfg: Stage2Config, work: Path, tag: str,
+          device: str = "cpu") -> tuple[Stage2Trainable, float]:
     holder: dict = {}
     t0 = time.time()
-    train_on_samples(samples, cfg, work / "runs" / tag, dist_info=DEVICE,
+    train_on_samples(samples, cfg, work / "runs" / tag, dist_info=DistInfo(0, 1, 0, torch.device(device)),
                      callback=lambda e, m, row: holder.__setitem__("module", m))
     secs = (time.time() - t0) / max(cfg.train.epochs, 1)
     return holder["module"], secs
@@ -287,7 +291,7 @@ def section_cv(samples, cfg, work, args, res: Results):
     rows, ys, ps = [], [], []
     ev_all = []
     for f, (tr, te) in enumerate(folds_by_subject(samples, args.folds, args.seed)):
-        module, spe = train([samples[i] for i in tr], cfg, work, f"cv{f}")
+        module, spe = train([samples[i] for i in tr], cfg, work, f"cv{f}", args.device)
         test = [samples[i] for i in te]
         ev = evaluate(module, test, cfg)
         evs = evidence_stats(module, test, args.n_evidence, cfg.ig_steps)
@@ -406,7 +410,7 @@ def section_ablation(samples, cfg, work, args, res: Results):
                 continue
             c = copy.deepcopy(cfg)
             c.heads = heads
-            module, spe = train(sub, c, work, f"abl_{name}_{n}")
+            module, spe = train(sub, c, work, f"abl_{name}_{n}", args.device)
             ev = evaluate(module, [samples[i] for i in te], c)
             rows.append({"heads": name, "n_subjects": n, **_flat(ev), "s_per_epoch": _r(spe, 2)})
             res.add("ablation", rows)
@@ -419,7 +423,7 @@ def section_site_shift(samples, cfg, work, args, res: Results):
         te = [s for s in samples if s.subject.startswith(b)]
         if not tr or not te:
             continue
-        module, _ = train(tr, cfg, work, f"site_{a}")
+        module, _ = train(tr, cfg, work, f"site_{a}", args.device)
         rows.append({"train": a, "test": b, **_flat(evaluate(module, te, cfg))})
         res.add("site_shift", rows)
 
@@ -445,7 +449,7 @@ def section_annotation(folders, cfg, work, args, res: Results, full_samples):
             res.add("annotation", rows)
             continue
         train_s = [s for s in samples if s.subject not in te_subjects]
-        module, spe = train(train_s, cfg, work, f"ann_{name}")
+        module, spe = train(train_s, cfg, work, f"ann_{name}", args.device)
         ev = evaluate(module, test, cfg)
         rows.append({"annotation": name, "n_train": len(train_s), **_flat(ev), "s_per_epoch": _r(spe, 2)})
         res.add("annotation", rows)
@@ -491,16 +495,19 @@ def main(argv: list[str] | None = None) -> int:
                          "else build them and write it (lets a machine without the data run the sections)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    global DEVICE
-    DEVICE = DistInfo(0, 1, 0, torch.device(args.device))
     data = Path(args.data)
     cached = args.samples_cache is not None and args.samples_cache.is_file()
+    wanted = set(args.sections.split(","))
+    if cached and wanted & {"leakage", "annotation"}:
+        log.error("--samples-cache: sections leakage and annotation need the dataset folders; run them without it")
+        return 2
+    if args.device != "cpu" and wanted & {"leakage", "times"}:
+        log.error("--device %s: sections leakage and times run on the CPU only", args.device)
+        return 2
     if not cached and not (data / "myosegmentum").is_dir():
         log.error("real data not available: %s is absent", data)
         return 2
     work = Path(args.work)
-    from bench.bench_stage1 import override_config
-
     cfg = override_config(Stage2Config(), args.set)
     cfg.train.seed = args.seed
     if args.quick:
@@ -528,12 +535,11 @@ def main(argv: list[str] | None = None) -> int:
     res.add("data", {"n_vertebrae": len(samples), "n_subjects": len({s.subject for s in samples}),
                      "class_counts": np.bincount([s.cls for s in samples], minlength=3).tolist(),
                      "prep_seconds": _r(time.time() - t0, 1)})
-    wanted = set(args.sections.split(","))
     if "cv" in wanted:
         section_cv(samples, cfg, work, args, res)
     module = None
     if wanted & {"leakage", "times"}:
-        module, _ = train(samples, cfg, work, "all")
+        module, _ = train(samples, cfg, work, "all", args.device)
     if "leakage" in wanted:
         section_leakage(module, folders, cfg, args, res)
     if "ablation" in wanted:

@@ -1,10 +1,10 @@
-"""Benchmark helpers: config overrides of bench_stage1 and the low-resolution dataset copy."""
+"""Benchmark helpers: config overrides, the low-resolution dataset copy, the stage-2 sample cache."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from bench.bench_stage1 import override_config
+from bench.overrides import override_config
 from bench.lowres_copy import copy_cohort
 from data_prep.io import read_image, read_labelmap, write_image
 from data_prep.scan import Scan, centroids_from_labelmap
