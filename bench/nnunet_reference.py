@@ -17,6 +17,9 @@ Functions
     write ``splits_final.json`` (our split), probe seconds per iteration, pick the longest shipped
     variant that fits, run ``nnUNetv2_train ... -device DEVICE`` (``device=``: "cpu" by default, "cuda" on
     a GPU machine) and kill it at the deadline.
+``untrained_model(work_dir, dataset_id, fold=0) -> dict``
+    a model folder with nnU-Net's *initialised* weights (``checkpoint_untrained.pth``), made by its own
+    trainer API: a speed reference for the predictor where training is out of reach; never for accuracy.
 ``predict(work_dir, dataset_id, fold, scan_paths, out_dir) -> dict``
     ``nnUNetv2_predict -device DEVICE`` with nnU-Net's defaults (mirroring TTA on, step size 0.5), timed;
     per-scan centroids (largest connected component per label, world LPS mm, VerSe ids).
@@ -395,6 +398,56 @@ def _probe_main(dataset_id: int, fold: int, n_train: int, n_val: int, out: str, 
             dl._finish()
     sys.stdout.flush()
     os._exit(0)  # background augmenter threads must not keep the probe alive
+
+
+UNTRAINED_CHECKPOINT = "checkpoint_untrained.pth"
+
+
+def untrained_model(work_dir: str | os.PathLike, dataset_id: int, fold: int = 0, nice: int = 10,
+                    timeout_s: float = 600.0) -> dict[str, Any]:
+    """An nnU-Net model folder with *initialised, untrained* weights, for speed references only.
+
+    nnU-Net's inference cost does not depend on the weights (same network, same sliding window, same
+    mirroring TTA, same resampling and export), so when training nnU-Net is out of reach (one epoch of
+    250 iterations takes hours on a 2-core CPU, ``bench/results/nnunet_probe_*.md``) its predictor can
+    still be timed on a folder made by nnU-Net's own trainer: ``initialize()`` builds the planned
+    network, the mirroring axes are set exactly as nnU-Net's training sets them, plans.json /
+    dataset.json are copied as ``on_train_start`` does, and ``save_checkpoint`` writes
+    ``fold_<f>/checkpoint_untrained.pth``. Its predictions are meaningless; never report their accuracy.
+    Needs :func:`prepare` first (the trainer reads the preprocessed folder). Returns the record also
+    written to ``<work_dir>/nnunet_reference_untrained_<id>_fold<f>.json``.
+    """
+    work = Path(work_dir).resolve()
+    env = _env(work, 1)
+    out = work / f"nnunet_reference_untrained_{int(dataset_id):03d}_fold{int(fold)}.json"
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_untrained", "--dataset-id", str(int(dataset_id)),
+           "--fold", str(int(fold)), "--out", str(out)]
+    _run(cmd, env, work / f"nnunet_reference_untrained_{int(dataset_id):03d}.log", nice, timeout=timeout_s)
+    return json.loads(out.read_text())
+
+
+def _untrained_main(dataset_id: int, fold: int, out: str) -> None:
+    """Subprocess body of :func:`untrained_model` (nnU-Net public trainer API, unmodified)."""
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    tr = get_trainer_from_args(str(dataset_id), CONFIGURATION, fold, "nnUNetTrainer", PLANS,
+                               device=torch.device("cpu"))
+    tr.initialize()
+    tr.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # sets inference_allowed_mirroring_axes
+    os.makedirs(tr.output_folder, exist_ok=True)
+    for name, obj in (("plans.json", tr.plans_manager.plans), ("dataset.json", tr.dataset_json)):
+        Path(tr.output_folder_base, name).write_text(json.dumps(obj, indent=2))
+    tr.save_checkpoint(os.path.join(tr.output_folder, UNTRAINED_CHECKPOINT))
+    n_params = sum(int(p.numel()) for p in tr.network.parameters())
+    rec = {"weights": "untrained (nnU-Net initialisation): for speed references only",
+           "trainer": "nnUNetTrainer", "checkpoint": UNTRAINED_CHECKPOINT, "fold": int(fold),
+           "model_folder": tr.output_folder_base, "n_parameters": n_params,
+           "patch_size": [int(x) for x in tr.configuration_manager.patch_size],
+           "spacing": [float(x) for x in tr.configuration_manager.spacing],
+           "mirroring_axes": [int(a) for a in tr.inference_allowed_mirroring_axes], "versions": _versions()}
+    Path(out).write_text(json.dumps(rec, indent=2))
 
 
 def choose_trainer(budget_left_s: float, startup_s: float, sec_per_epoch: float, safety: float = 0.85,
@@ -862,6 +915,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--save-checkpoint", action="store_true")
     p.add_argument("--device", default="cpu")
+    u = sub.add_parser("_untrained")  # internal: untrained speed-reference model subprocess
+    u.add_argument("--dataset-id", type=int, required=True)
+    u.add_argument("--fold", type=int, required=True)
+    u.add_argument("--out", required=True)
     q = sub.add_parser("probe", help="prepare a few real subjects and measure nnU-Net s/iteration (no training)")
     q.add_argument("dataset_dir", type=Path)
     q.add_argument("--train-ids", nargs="+", required=True)
@@ -879,6 +936,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.cmd == "_probe":
         _probe_main(args.dataset_id, args.fold, args.n_train, args.n_val, args.out, args.save_checkpoint, args.device)
+        return 0
+    if args.cmd == "_untrained":
+        _untrained_main(args.dataset_id, args.fold, args.out)
         return 0
     if args.cmd == "probe":
         t = time.perf_counter()

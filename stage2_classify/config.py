@@ -64,7 +64,8 @@ class ModelConfig:
 class LossConfig:
     """How the head losses are combined and shaped."""
 
-    #: "uncertainty" (learned homoscedastic weights, Kendall et al. 2018) or "fixed" (``fixed_weights``).
+    #: "uncertainty" (learned homoscedastic weights, Kendall et al. 2018), "anchored" (classification
+    #: weight fixed at 1, only the auxiliary heads' weights learned) or "fixed" (``fixed_weights``).
     weighting: str = "uncertainty"
     fixed_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 0.5)  # cls, seg, heatmap, recon
     #: Learning-rate multiplier of the uncertainty weights (slow, so no head is abandoned early).
@@ -130,8 +131,9 @@ class Stage2Config:
             raise ValueError(f"need at least two classes, got {self.classes}")
         if not any(getattr(self.heads, h) for h in ("cls", "seg", "heatmap", "recon")):
             raise ValueError("all heads are switched off")
-        if self.loss.weighting not in ("uncertainty", "fixed"):
-            raise ValueError(f"loss.weighting must be 'uncertainty' or 'fixed', got {self.loss.weighting!r}")
+        if self.loss.weighting not in ("uncertainty", "anchored", "fixed"):
+            raise ValueError("loss.weighting must be 'uncertainty', 'anchored' or 'fixed', "
+                             f"got {self.loss.weighting!r}")
         if self.loss.class_weights and len(self.loss.class_weights) != len(self.classes):
             raise ValueError("loss.class_weights must have one weight per class")
         if self.patch.spacing_mm <= 0 or min(self.patch.size_mm) <= 0:

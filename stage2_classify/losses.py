@@ -21,16 +21,26 @@ class UncertaintyWeighting(nn.Module):
 
     ``total = sum_t exp(-s_t) * L_t + s_t`` with ``s_t = log sigma_t^2`` learned per task (initialised at
     0, i.e. weight 1). A task whose loss stays large gets down-weighted, at the price of the ``+ s_t``
-    regulariser. With ``mode="fixed"`` the weights are the given constants and nothing is learned.
+    regulariser: at equilibrium ``exp(-s_t) = 1 / L_t``, so the task with the largest loss (often the
+    primary one) ends with the smallest weight.
+
+    ``mode="anchored"``: the ``primary`` task keeps weight 1 (its ``s`` is not learned) and only the
+    auxiliary tasks' weights are learned, relative to it; the auxiliaries still balance automatically, but
+    cannot out-weigh the task they serve. ``mode="fixed"``: the weights are the given constants and nothing
+    is learned.
     """
 
-    def __init__(self, tasks: list[str], mode: str = "uncertainty", fixed: dict[str, float] | None = None):
+    MODES = ("uncertainty", "anchored", "fixed")
+
+    def __init__(self, tasks: list[str], mode: str = "uncertainty", fixed: dict[str, float] | None = None,
+                 primary: str = "cls"):
         super().__init__()
-        if mode not in ("uncertainty", "fixed"):
-            raise ValueError(f"unknown loss weighting {mode!r}")
+        if mode not in self.MODES:
+            raise ValueError(f"unknown loss weighting {mode!r}; expected one of {', '.join(self.MODES)}")
         self.tasks = list(tasks)
         self.mode = mode
-        self.log_vars = nn.Parameter(torch.zeros(len(self.tasks)), requires_grad=(mode == "uncertainty"))
+        self.primary = primary
+        self.log_vars = nn.Parameter(torch.zeros(len(self.tasks)), requires_grad=(mode != "fixed"))
         self.fixed = {t: float((fixed or {}).get(t, 1.0)) for t in self.tasks}
 
     def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -39,16 +49,19 @@ class UncertaintyWeighting(nn.Module):
         for i, t in enumerate(self.tasks):
             if t not in losses:
                 continue
-            if self.mode == "uncertainty":
-                total = total + torch.exp(-self.log_vars[i]) * losses[t] + self.log_vars[i]
-            else:
+            if self.mode == "fixed":
                 total = total + self.fixed[t] * losses[t]
+            elif self.mode == "anchored" and t == self.primary:
+                total = total + losses[t]
+            else:
+                total = total + torch.exp(-self.log_vars[i]) * losses[t] + self.log_vars[i]
         return total
 
     def weights(self) -> dict[str, float]:
         if self.mode == "fixed":
             return dict(self.fixed)
-        return {t: float(torch.exp(-self.log_vars[i]).detach()) for i, t in enumerate(self.tasks)}
+        return {t: 1.0 if (self.mode == "anchored" and t == self.primary)
+                else float(torch.exp(-self.log_vars[i]).detach()) for i, t in enumerate(self.tasks)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ def centroids_name(scan_path: Path) -> str:
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder for <name>_centroids.csv.")
 @click.option("--models", "model_dir", default=DEFAULT_STAGE1, show_default=True,
-              type=click.Path(file_okay=False, path_type=Path), help="Stage-1 model folder.")
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Stage-1 model folder, or the folder holding stage1/ (as for `predict --models`).")
 @click.option("--device", default=None, help="torch device (default: cuda when available, else cpu).")
 def localize_cmd(scan: Path, out_dir: Path, model_dir: Path, device: str | None) -> None:
     """Find and name every vertebra of SCAN; write OUT/<name>_centroids.csv
@@ -33,6 +34,8 @@ def localize_cmd(scan: Path, out_dir: Path, model_dir: Path, device: str | None)
     from data_prep.io import read_image
     from stage1_localize.infer import Localizer, write_centroids_csv
 
+    if (Path(model_dir) / "stage1" / "config.json").is_file():
+        model_dir = Path(model_dir) / "stage1"
     localizer = Localizer(model_dir, device=device)  # missing model -> one-line error naming the make target
     image = read_image(scan)
     vertebrae = localizer.localize(image)

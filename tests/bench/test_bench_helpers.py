@@ -105,3 +105,13 @@ def test_sample_cache_round_trip(tmp_path):
     other.patch.spacing_mm = 3.0
     with pytest.raises(SystemExit, match="built for patch"):
         load_sample_cache(path, other)
+
+
+def test_pipeline_bench_reads_per_scan_times_by_name():
+    from bench.bench_pipeline import _SUMMARY
+
+    out = ("myosegmentum-001: 5 vertebrae L1-L5; normal 4, fat 1; 1 flagged (3.4 s) -> /o/myosegmentum-001_vertebrae.csv\n"
+           "progress 50%\n"
+           "chu2015-002: 7 vertebrae T11-L5; normal 7 (12 s) -> /o/chu2015-002_vertebrae.csv\n")
+    assert {m.group(1): float(m.group(2)) for m in _SUMMARY.finditer(out)} == {"myosegmentum-001": 3.4,
+                                                                                "chu2015-002": 12.0}

@@ -42,6 +42,14 @@ def test_localize_writes_centroid_csv(tmp_path):
     assert list(df.columns) == CENTROID_COLUMNS and len(df) == 0
 
 
+def test_localize_accepts_the_models_parent_folder(tmp_path):
+    _tiny_model(tmp_path / "models" / "stage1")
+    img = write_image(Scan(np.zeros((30, 20, 40), np.float32), spacing=(2.0, 2.0, 2.0)), tmp_path / "s_image.nii.gz")
+    res = CliRunner().invoke(main, ["localize", str(img), "-o", str(tmp_path / "out"), "--models", str(tmp_path / "models")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "out" / "s_centroids.csv").is_file()
+
+
 def test_localize_missing_scan(tmp_path):
     _tiny_model(tmp_path / "m")
     res = CliRunner().invoke(main, ["localize", str(tmp_path / "nope.nii.gz"), "-o", str(tmp_path), "--models", str(tmp_path / "m")])

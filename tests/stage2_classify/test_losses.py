@@ -143,6 +143,19 @@ def test_uncertainty_weighting():
         UncertaintyWeighting(["cls"], "magic")
 
 
+def test_anchored_weighting_keeps_primary_at_one():
+    w = UncertaintyWeighting(["cls", "seg", "recon"], "anchored")
+    losses = {"cls": torch.tensor(2.0), "seg": torch.tensor(0.5), "recon": torch.tensor(3.0)}
+    with torch.no_grad():
+        w.log_vars[:] = torch.tensor([5.0, math.log(2.0), 0.0])  # s of cls must be ignored
+    total = w(losses)
+    assert float(total.detach()) == pytest.approx(2.0 + (0.5 / 2 + math.log(2.0)) + 3.0)
+    total.backward()
+    # the primary task's s gets no gradient; the auxiliaries' d/ds = 1 - exp(-s) L
+    torch.testing.assert_close(w.log_vars.grad, torch.tensor([0.0, 1 - 0.25, 1 - 3.0]))
+    assert w.weights() == pytest.approx({"cls": 1.0, "seg": 0.5, "recon": 1.0})
+
+
 def test_inverse_frequency_weights():
     w = inverse_frequency_weights([10, 5, 0])
     np.testing.assert_allclose(w.numpy(), [15 / 20, 15 / 10, 0.0])
