@@ -1,18 +1,19 @@
 """End-to-end benchmark of ``spinepipe predict``: seconds per scan and peak memory on real scans.
 
     python bench/bench_pipeline.py --models models [--data ../shared/data] [--n 8]
-        [--nnunet-work DIR [--nnunet-dataset-id ID] [--nnunet-n K]]
+        [--nnunet-work DIR] [--nnunet-dataset-id ID] [--nnunet-n K] [--no-nnunet]
 
 Scans: the first ``--n`` subjects of each cohort in ``../shared/data`` at their native 1 mm grid, and
 copies resampled to clinical anisotropy (0.8 x 0.8 mm in plane, 4 mm between sagittal slices).
 Each set runs as one ``spinepipe predict`` process (as a user would run a batch); we record its wall time,
 the per-scan times it prints, and its peak resident memory (``ru_maxrss`` of the child).
 
-Reference, in the same run (``--nnunet-work DIR``): nnU-Net v2's own predictor (``nnUNetv2_predict``,
+Reference, in the same run (unless ``--no-nnunet``): nnU-Net v2's own predictor (``nnUNetv2_predict``,
 default settings: mirroring TTA, step 0.5, one call per scan) through ``bench/nnunet_reference.py``, on the
 first ``--nnunet-n`` scans of each set (default 1: myosegmentum-001 and its clinical copy). Its default
-predictor runs 8 mirrored passes per sliding-window tile, minutes per scan on a 2-core CPU; a chu2015
-scan (381 x 381 in-plane) has about 9x the tiles of a myosegmentum one (224 x 224), so it is left out. The model is the trained one recorded in DIR for
+predictor runs 8 mirrored passes per sliding-window tile, minutes per scan on a 2-core CPU, and a chu2015
+scan (381 x 381 in-plane) has more than twice the tiles of a myosegmentum one (224 x 224); raise
+``--nnunet-n`` to include more. The model is the trained one recorded in ``--nnunet-work`` for
 ``--nnunet-dataset-id`` if there is one; otherwise nnU-Net plans and preprocesses the subjects our models
 were trained on (``extra.train_subjects`` of the stage-1 model, else every subject not benchmarked) and
 its own trainer writes an *untrained* checkpoint (:func:`bench.nnunet_reference.untrained_model`): the
@@ -154,7 +155,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--work", type=Path, default=Path("/tmp/spinepipe_bench_pipeline"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    ap.add_argument("--nnunet-work", type=Path, help="nnU-Net work folder: enables the reference")
+    ap.add_argument("--nnunet-work", type=Path, default=None,
+                    help="nnU-Net work folder of the reference (default: <work>/nnunet_ref)")
+    ap.add_argument("--no-nnunet", action="store_true", help="skip the nnU-Net reference")
     ap.add_argument("--nnunet-dataset-id", type=int, default=903)
     ap.add_argument("--nnunet-fold", type=int, default=0)
     ap.add_argument("--nnunet-n", type=int, default=1, help="scans of each set (first ones) for the nnU-Net reference")
@@ -180,7 +183,8 @@ def main(argv=None) -> int:
         sys.stderr.write(f"error: spinepipe predict failed on {', '.join(failed)}: "
                          f"{res['spinepipe'][failed[0]]['stderr_tail'][-1:]}\n")
         return 1
-    if args.nnunet_work:
+    if not args.no_nnunet:
+        args.nnunet_work = args.nnunet_work or args.work / "nnunet_ref"
         res["nnunet_model"] = nnunet_model(args)
         write_results(res, args.out)
         from bench.nnunet_reference import predict as nnunet_predict
@@ -201,7 +205,7 @@ def main(argv=None) -> int:
                                    "ratio": theirs / ours_mean if ours_mean else None}
             write_results(res, args.out)
     else:
-        res["nnunet_note"] = "not run (no --nnunet-work folder given)"
+        res["nnunet_note"] = "not run (--no-nnunet)"
         write_results(res, args.out)
     return 0
 

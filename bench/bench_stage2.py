@@ -226,11 +226,13 @@ def folds_by_subject(samples: list[Sample], k: int, seed: int) -> list[tuple[lis
 # ---------------------------------------------------------------------------------------------
 # training / evaluation
 # ---------------------------------------------------------------------------------------------
-def train(samples: list[Sample], cfg: Stage2Config, work: Path, tag: str,
+def train(samples: list[Sample], cfg: Stage2Config, runs: Path, tag: str,
           device: str = "cpu") -> tuple[Stage2Trainable, float]:
+    """Train on ``samples``; checkpoints go to ``runs/<tag>`` (``runs`` = ``<work>/runs/<--name>``, so
+    concurrent benchmarks with different names can share one ``--work`` and its semi-synthetic data)."""
     holder: dict = {}
     t0 = time.time()
-    train_on_samples(samples, cfg, work / "runs" / tag, dist_info=DistInfo(0, 1, 0, torch.device(device)),
+    train_on_samples(samples, cfg, runs / tag, dist_info=DistInfo(0, 1, 0, torch.device(device)),
                      callback=lambda e, m, row: holder.__setitem__("module", m))
     secs = (time.time() - t0) / max(cfg.train.epochs, 1)
     return holder["module"], secs
@@ -290,8 +292,14 @@ def evaluate(module, test: list[Sample], cfg: Stage2Config) -> dict:
 def section_cv(samples, cfg, work, args, res: Results):
     rows, ys, ps = [], [], []
     ev_all = []
-    for f, (tr, te) in enumerate(folds_by_subject(samples, args.folds, args.seed)):
-        module, spe = train([samples[i] for i in tr], cfg, work, f"cv{f}", args.device)
+    folds = folds_by_subject(samples, args.folds, args.seed)
+    bad = [f for f in (args.fold_ids or []) if not 0 <= f < len(folds)]
+    if bad:
+        raise SystemExit(f"error: --fold-ids {bad}: expected fold numbers 0..{len(folds) - 1} (--folds {args.folds})")
+    run = [f for f in range(len(folds)) if not args.fold_ids or f in args.fold_ids]
+    for f in run:
+        tr, te = folds[f]
+        module, spe = train([samples[i] for i in tr], cfg, args.runs, f"cv{f}", args.device)
         test = [samples[i] for i in te]
         ev = evaluate(module, test, cfg)
         evs = evidence_stats(module, test, args.n_evidence, cfg.ig_steps)
@@ -303,12 +311,12 @@ def section_cv(samples, cfg, work, args, res: Results):
         res.add("cv_folds", rows)
     y_all, p_all = np.concatenate(ys), np.concatenate(ps)
     pooled = _metrics(y_all, p_all, len(cfg.classes))
-    res.add("cv_pooled", {"folds": args.folds, **{k: v for k, v in pooled.items()},
+    res.add("cv_pooled", {"folds": args.folds, "folds_run": run, **{k: v for k, v in pooled.items()},
                           "evidence_inside_mean": _r(np.mean([e["evidence_inside_mean"] for e in ev_all
                                                               if e["evidence_inside_mean"] is not None]))})
     # per cohort (site / sequence), plus lesion *typing* among lesion vertebrae: on a single T2-TSE image
     # inflammation and fat are both bright (data_prep.lesions.POLARITY), on Dixon water they are opposite
-    order = [i for _, te in folds_by_subject(samples, args.folds, args.seed) for i in te]
+    order = [i for f in run for i in folds[f][1]]
     cohorts = np.array([cohort_of(samples[i].subject) for i in order])
     rows = []
     for c in sorted(set(cohorts)):
@@ -410,7 +418,7 @@ def section_ablation(samples, cfg, work, args, res: Results):
                 continue
             c = copy.deepcopy(cfg)
             c.heads = heads
-            module, spe = train(sub, c, work, f"abl_{name}_{n}", args.device)
+            module, spe = train(sub, c, args.runs, f"abl_{name}_{n}", args.device)
             ev = evaluate(module, [samples[i] for i in te], c)
             rows.append({"heads": name, "n_subjects": n, **_flat(ev), "s_per_epoch": _r(spe, 2)})
             res.add("ablation", rows)
@@ -423,7 +431,7 @@ def section_site_shift(samples, cfg, work, args, res: Results):
         te = [s for s in samples if s.subject.startswith(b)]
         if not tr or not te:
             continue
-        module, _ = train(tr, cfg, work, f"site_{a}", args.device)
+        module, _ = train(tr, cfg, args.runs, f"site_{a}", args.device)
         rows.append({"train": a, "test": b, **_flat(evaluate(module, te, cfg))})
         res.add("site_shift", rows)
 
@@ -449,7 +457,7 @@ def section_annotation(folders, cfg, work, args, res: Results, full_samples):
             res.add("annotation", rows)
             continue
         train_s = [s for s in samples if s.subject not in te_subjects]
-        module, spe = train(train_s, cfg, work, f"ann_{name}", args.device)
+        module, spe = train(train_s, cfg, args.runs, f"ann_{name}", args.device)
         ev = evaluate(module, test, cfg)
         rows.append({"annotation": name, "n_train": len(train_s), **_flat(ev), "s_per_epoch": _r(spe, 2)})
         res.add("annotation", rows)
@@ -483,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--fold-ids", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                    help="cv: run only these folds (comma list, 0-based), e.g. to spread folds over processes")
     ap.add_argument("--n-evidence", type=int, default=40)
     ap.add_argument("--n-leak", type=int, default=5)
     ap.add_argument("--sections", default="cv,leakage,ablation,site_shift,annotation,times")
@@ -508,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("real data not available: %s is absent", data)
         return 2
     work = Path(args.work)
+    args.runs = work / "runs" / args.name
     cfg = override_config(Stage2Config(), args.set)
     cfg.train.seed = args.seed
     if args.quick:
@@ -539,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         section_cv(samples, cfg, work, args, res)
     module = None
     if wanted & {"leakage", "times"}:
-        module, _ = train(samples, cfg, work, "all", args.device)
+        module, _ = train(samples, cfg, args.runs, "all", args.device)
     if "leakage" in wanted:
         section_leakage(module, folders, cfg, args, res)
     if "ablation" in wanted:

@@ -724,12 +724,15 @@ def predict(
         else:
             io.write_image(io.read_image(src), dst)
     env = _env(work, 1)
+    # the predictor's own defaults: nnUNet_def_n_proc also caps the torch threads of its sliding window
+    # (predict_logits_from_preprocessed_data), so pinning it to 1 (as for planning) would run nnU-Net's
+    # network on one core; likewise no -npp / -nps
+    env.pop("nnUNet_def_n_proc", None)
     if results_dir is not None:
         env["nnUNet_results"] = str(Path(results_dir).resolve())
     log_path = out / "nnunet_predict.log"
     base = [_tool("nnUNetv2_predict"), "-d", str(int(dataset_id)), "-c", CONFIGURATION, "-f", str(int(fold)),
-            "-tr", trainer, "-p", PLANS, "-chk", checkpoint, "-device", device, "-npp", "1", "-nps", "1",
-            "--disable_progress_bar"]
+            "-tr", trainer, "-p", PLANS, "-chk", checkpoint, "-device", device, "--disable_progress_bar"]
     per_scan: dict[str, float] = {}
     t0 = time.perf_counter()
     if separate_calls:
