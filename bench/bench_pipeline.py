@@ -86,11 +86,27 @@ def run_predict(scans: list[Path], out_dir: Path, models: Path, workers: int) ->
     }
 
 
+def models_info(models: Path) -> str:
+    """One line on what the benchmarked models are (from the ``extra`` record of their config.json)."""
+    parts = []
+    for stage in ("stage1", "stage2"):
+        try:
+            extra = json.loads((models / stage / "config.json").read_text()).get("extra", {})
+        except (OSError, ValueError):
+            extra = {}
+        epochs = extra.get("epochs_done", extra.get("epoch"))
+        n = extra.get("n_train_subjects")
+        parts.append(f"{stage} {epochs} epochs" + (f", {n} training subjects" if n else "")
+                     + (f", {extra['n_samples']} training vertebrae" if "n_samples" in extra else ""))
+    return "; ".join(parts)
+
+
 def write_results(res: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline.json").write_text(json.dumps(res, indent=1, default=float))
     lines = ["# spinepipe predict: end-to-end speed and memory", "",
-             f"Machine: {res['meta']['cpus']} CPU cores, torch threads 2. Models: `{res['meta']['models']}`.",
+             f"Machine: {res['meta']['cpus']} CPU cores, torch threads 2. Models: `{res['meta']['models']}`"
+             + (f" ({res['meta']['models_info']})." if res["meta"].get("models_info") else "."),
              "Targets: <= 10 s per scan, <= 3 GB peak memory.", "",
              "| scans | n | wall s/scan (incl. start-up) | mean s/scan (in-process) | max s/scan | peak RSS GB | rc |",
              "|---|---|---|---|---|---|---|"]
@@ -173,7 +189,8 @@ def main(argv=None) -> int:
     clin_dir = args.work / "clinical"
     clin_dir.mkdir(parents=True, exist_ok=True)
     clinical = [clinical_copy(p, clin_dir / p.name) if not (clin_dir / p.name).exists() else clin_dir / p.name for p in native]
-    res = {"meta": {"cpus": os.cpu_count(), "models": str(args.models), "n_per_cohort": args.n,
+    res = {"meta": {"cpus": os.cpu_count(), "models": str(args.models), "models_info": models_info(args.models),
+                    "n_per_cohort": args.n,
                     "clinical_spacing_lps_mm": CLINICAL_SPACING_LPS}, "spinepipe": {}, "nnunet": {}}
     for name, scans in (("native 1 mm", native), ("clinical 0.8x0.8x4 mm", clinical)):
         res["spinepipe"][name] = run_predict(scans, args.work / "pred" / name.split()[0], args.models, args.workers)
