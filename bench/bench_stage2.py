@@ -41,6 +41,8 @@ from bench.overrides import override_config  # noqa: E402
 from data_prep.distributed import DistInfo  # noqa: E402
 from stage2_classify.config import HeadsConfig, Stage2Config  # noqa: E402
 from stage2_classify.evidence import fraction_inside, integrated_gradients, pointing_game  # noqa: E402
+from stage2_classify.infer import predicted_body  # noqa: E402
+from stage2_classify.patches import dilate  # noqa: E402
 from stage2_classify.train import Sample, Stage2Trainable, build_samples, collate, train_on_samples  # noqa: E402
 
 log = logging.getLogger("bench_stage2")
@@ -261,7 +263,7 @@ def predict(module: Stage2Trainable, samples: list[Sample], predicted_region: bo
 def evidence_stats(module: Stage2Trainable, samples: list[Sample], n_max: int, steps: int) -> dict:
     net = module.net.eval()
     dev = next(net.parameters()).device
-    inside, hits = [], []
+    inside, inside_pred, hits = [], [], []
     for s in samples[:n_max]:
         img = torch.from_numpy(s.image)[None, None].to(dev)
         reg = torch.from_numpy(s.targets.region.astype(np.float32))[None, None].to(dev)
@@ -269,7 +271,13 @@ def evidence_stats(module: Stage2Trainable, samples: list[Sample], n_max: int, s
         inside.append(fraction_inside(attr, s.targets.body))
         if s.cls != 0 and s.targets.lesion.any():
             hits.append(pointing_game(attr, s.targets.lesion, tolerance_vox=1))
+        # as deployed without masks: the region from the seg head (or the prior), scored against the expert body
+        body, _ = predicted_body(net, img)
+        pred_reg = torch.from_numpy(dilate(body, net.margin_vox).astype(np.float32))[None, None].to(dev)
+        attr_p, _ = integrated_gradients(net, img, pred_reg, n_steps=steps)
+        inside_pred.append(fraction_inside(attr_p, s.targets.body))
     return {"evidence_inside_mean": _r(np.mean(inside)) if inside else None,
+            "evidence_inside_predicted_region_mean": _r(np.mean(inside_pred)) if inside_pred else None,
             "evidence_inside_p10": _r(np.percentile(inside, 10)) if inside else None,
             "frac_below_0.9": _r(np.mean(np.array(inside) < 0.9)) if inside else None,
             "pointing_game": _r(np.mean(hits)) if hits else None, "n_evidence": len(inside), "n_pointing": len(hits)}

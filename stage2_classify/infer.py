@@ -44,6 +44,26 @@ class ScanClassification:
     evidence: Scan | None = None
 
 
+def predicted_body(net: Stage2Net, img: torch.Tensor) -> tuple[np.ndarray, str]:
+    """The centre vertebral body of a patch without a given mask, as inference uses it.
+
+    ``img``: ``(1, 1, I, J, K)``. Returns ``(body (I, J, K) bool, source)``: the seg head's body
+    (probability > 0.5, the component nearest the patch centre; source "predicted"), or, when the head is
+    off or finds nothing, the ellipsoid prior of ``prior_half_extent_mm`` around the centre ("prior").
+    Not yet dilated by the margin.
+    """
+    shape = tuple(img.shape[2:])
+    centre_ijk = (np.array(shape) - 1) / 2.0
+    if "seg" in net.heads:
+        with torch.no_grad():
+            pb = net.body_probability(net.forward_dense(img)["seg"])[0, 0].cpu().numpy()
+        body = pb > 0.5
+        if body.any():
+            return _largest_near(body, centre_ijk), "predicted"
+    half = np.asarray(net.cfg.prior_half_extent_mm) / net.cfg.patch.spacing_mm
+    return ellipsoid_prior(shape, centre_ijk, half), "prior"
+
+
 def _largest_near(mask: np.ndarray, centre_ijk: np.ndarray) -> np.ndarray:
     """The connected component containing the centre voxel, else the one closest to it."""
     lab, n = ndimage.label(mask)
@@ -96,25 +116,17 @@ class Classifier:
 
     # -- regions --------------------------------------------------------------------------------
     def _body_mask(self, patch: Patch, vert: Vertebra, use_mask: bool, img: torch.Tensor) -> tuple[np.ndarray, str, list[str]]:
-        cfg = self.config
         flags: list[str] = []
         shape = patch.image.shape
-        centre_ijk = (np.array(shape) - 1) / 2.0
         if use_mask:
             body = patch.labels.get("vertebrae", np.zeros(shape)) == vert.label
             if body.any():
                 return body, "mask", flags
             flags.append("mask_missing")
-        if "seg" in self.net.heads:
-            with torch.no_grad():
-                seg = self.net.forward_dense(img)["seg"]
-                pb = self.net.body_probability(seg)[0, 0].cpu().numpy()
-            body = pb > 0.5
-            if body.any():
-                return _largest_near(body, centre_ijk), "predicted", flags
-        flags.append("region_prior")
-        half = np.asarray(cfg.prior_half_extent_mm) / cfg.patch.spacing_mm
-        return ellipsoid_prior(shape, centre_ijk, half), "prior", flags
+        body, source = predicted_body(self.net, img)
+        if source == "prior":
+            flags.append("region_prior")
+        return body, source, flags
 
     # -- main API -------------------------------------------------------------------------------
     def classify(self, scan: Scan, vertebrae: list[Vertebra], masks: Scan | None = None, with_evidence: bool = True,
