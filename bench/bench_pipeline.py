@@ -143,7 +143,7 @@ def nnunet_model(args) -> dict:
         rec = json.loads(trained.read_text())
         return {"weights": f"trained ({rec['trainer']})", "trainer": rec["trainer"], "checkpoint": rec["checkpoint"]}
     made = work / f"nnunet_reference_untrained_{did:03d}_fold{fold}.json"
-    if made.exists():
+    if made.exists():  # reused as is (its plans come from the subjects it was made from; delete it to redo)
         return json.loads(made.read_text())
     cfg = json.loads((args.models / "stage1" / "config.json").read_text())
     ids = cfg.get("extra", {}).get("train_subjects")

@@ -320,8 +320,8 @@ def section_cv(samples, cfg, work, args, res: Results):
     y_all, p_all = np.concatenate(ys), np.concatenate(ps)
     pooled = _metrics(y_all, p_all, len(cfg.classes))
     res.add("cv_pooled", {"folds": args.folds, "folds_run": run, **{k: v for k, v in pooled.items()},
-                          "evidence_inside_mean": _r(np.mean([e["evidence_inside_mean"] for e in ev_all
-                                                              if e["evidence_inside_mean"] is not None]))})
+                          **{k: _r(np.mean(vals)) if (vals := [e[k] for e in ev_all if e.get(k) is not None]) else None
+                             for k in ("evidence_inside_mean", "evidence_inside_predicted_region_mean")}})
     # per cohort (site / sequence), plus lesion *typing* among lesion vertebrae: on a single T2-TSE image
     # inflammation and fat are both bright (data_prep.lesions.POLARITY), on Dixon water they are opposite
     order = [i for f in run for i in folds[f][1]]
