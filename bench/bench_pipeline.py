@@ -131,9 +131,10 @@ def write_results(res: dict, out: Path) -> None:
     (out / "pipeline.md").write_text("\n".join(lines) + "\n")
 
 
-def nnunet_model(args) -> dict:
+def nnunet_model(args, benchmarked: list[Path]) -> dict:
     """The nnU-Net model for the reference: trained (record in ``--nnunet-work``) or an untrained one made
-    from the subjects our models were trained on (see the module docstring)."""
+    from the subjects our models were trained on, else from every subject not in ``benchmarked`` (see the
+    module docstring)."""
     from bench import nnunet_reference as nr
 
     work = args.nnunet_work.resolve()
@@ -150,7 +151,7 @@ def nnunet_model(args) -> dict:
     if not ids:
         from data_prep.dataset import discover
 
-        bench_ids = {p.name.split("_image")[0] for c in COHORTS for p in sorted((args.data / c).glob("*_image.nii.gz"))[: args.n]}
+        bench_ids = {p.name.split("_image")[0] for p in benchmarked}
         ids = [s.id for c in COHORTS for s in discover(args.data / c) if s.id not in bench_ids]
     # one canonical folder with both cohorts (symlinks), then nnU-Net's own plan + preprocess
     both = work / "subjects"
@@ -202,7 +203,7 @@ def main(argv=None) -> int:
         return 1
     if not args.no_nnunet:
         args.nnunet_work = args.nnunet_work or args.work / "nnunet_ref"
-        res["nnunet_model"] = nnunet_model(args)
+        res["nnunet_model"] = nnunet_model(args, native)
         write_results(res, args.out)
         from bench.nnunet_reference import predict as nnunet_predict
 
