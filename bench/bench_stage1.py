@@ -14,6 +14,11 @@ Protocol
   head-to-foot field of view; ground truth = vertebrae whose centroid stays inside).
 * Metrics (``pipeline.metrics``, VerSe definitions): identification rate, localisation error (mm),
   per-scan precision / recall, share of scans all-correct; reported per cohort and pooled, per variant.
+  Precision and all-correct are given twice: strict (every prediction without a ground-truth match is
+  false) and "annotated run", where a prediction beyond the ground truth's run of levels and more than
+  20 mm from every annotated centroid is not scored (``identification(score_beyond_annotation=False)``):
+  myosegmentum annotates L1-L5 while T12 (often T11) is in view, and the FOV crops leave partly
+  visible vertebrae without a centroid, so a correct T12 there is not an error.
 * ``--nnunet``: nnU-Net v2 out of the box (3d_fullres vertebra-level semantic segmentation trained from the
   *expert masks*, i.e. more supervision than our points), via ``bench/nnunet_reference.py``: for each budget
   in ``--nnunet-budgets`` ("same" = the wall-clock our model took in that fold; or seconds) a speed probe
@@ -24,6 +29,10 @@ Protocol
 Results are written as they come to ``bench/results/stage1.json`` and ``stage1.md`` (never by hand).
 
 Smoke run: ``python bench/bench_stage1.py --folds 1 --epochs 2 --quick``.
+
+Folds can run as separate processes (``--fold-ids 0,1`` and ``--fold-ids 2,3,4`` with their own
+``--name``) and be joined afterwards: ``--merge a.json b.json --name stage1`` rewrites the joined
+tables from the per-scan records (no model is run).
 """
 from __future__ import annotations
 
@@ -155,9 +164,18 @@ class Results:
                 groups = {"pooled": rs, **{c: [r for r in rs if r["cohort"] == c] for c in COHORTS}}
                 for g, items in groups.items():
                     if items:
-                        scans = [ScanIdentification(r["n_gt"], r["n_pred"], r["identified"],
-                                                    {int(k): e for k, e in r["errors_mm"].items()}) for r in items]
-                        out.setdefault(m, {}).setdefault(v, {})[g] = summarize_identification(scans)
+                        errs = [{int(k): e for k, e in r["errors_mm"].items()} for r in items]
+                        scans = [ScanIdentification(r["n_gt"], r["n_pred"], r["identified"], e)
+                                 for r, e in zip(items, errs)]
+                        summ = summarize_identification(scans)
+                        if all("n_unscored" in r for r in items):  # the annotated-run variant of the scoring
+                            lenient = summarize_identification(
+                                [ScanIdentification(r["n_gt"], r["n_pred"] - r["n_unscored"], r["identified"], e,
+                                                    r["n_unscored"]) for r, e in zip(items, errs)])
+                            summ.update({"precision_annotated_run": lenient["precision"],
+                                         "all_correct_annotated_run": lenient["all_correct"],
+                                         "n_unscored": lenient["n_unscored"]})
+                        out.setdefault(m, {}).setdefault(v, {})[g] = summ
         return out
 
     def write(self) -> None:
@@ -170,16 +188,21 @@ class Results:
                  f"data: `{self.meta.get('data')}`); {self.meta['note']}", "",
                  f"Folds run: {len({f['fold'] for f in self.folds})} of {self.meta['k']} (grouped by subject, stratified by cohort). "
                  "Metrics follow VerSe: id rate = identified / ground-truth vertebrae (20 mm, closest-GT rule); "
-                 "error = mean centroid distance over labels present in both.", "",
+                 "error = mean centroid distance over labels present in both. Precision and all-correct: strict "
+                 "(any prediction without a ground-truth match is false) / annotated run (predictions beyond the "
+                 "annotated run of levels and > 20 mm from every annotated centroid, e.g. a visible T12 above "
+                 "myosegmentum's L1-L5 masks, are not scored; their count is 'unscored').", "",
                  "| method | variant | cohort | scans | GT vertebrae | id rate | mean err (mm) | median err (mm) "
-                 "| precision | recall | all-correct |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+                 "| precision strict / annotated run | recall | all-correct strict / annotated run | unscored |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for m, per_v in summ.items():
             for v, per_c in per_v.items():
                 for c, s in per_c.items():
                     lines.append(f"| {m} | {v} | {c} | {s['n_scans']} | {s['n_gt']} | {s['id_rate']:.3f} | "
-                                 f"{s['mean_error_mm']:.1f} | {s['median_error_mm']:.1f} | {s['precision']:.3f} | "
-                                 f"{s['recall']:.3f} | {s['all_correct']:.3f} |")
+                                 f"{s['mean_error_mm']:.1f} | {s['median_error_mm']:.1f} | {s['precision']:.3f} / "
+                                 f"{s.get('precision_annotated_run', float('nan')):.3f} | {s['recall']:.3f} | "
+                                 f"{s['all_correct']:.3f} / {s.get('all_correct_annotated_run', float('nan')):.3f} | "
+                                 f"{s.get('n_unscored', '-')} |")
         lines += ["", "| fold | method | train scans | train wall-clock (s) | mean inference (s/scan) | notes |",
                   "|---|---|---|---|---|---|"]
         for f in self.folds:
@@ -196,10 +219,38 @@ class Results:
         write_text("\n".join(lines) + "\n", self.out_dir / f"{self.meta.get('name', 'stage1')}.md")
 
 
+def merge_results(files: list[Path], out_dir: Path, name: str) -> int:
+    """Join result files of separate fold runs (same protocol) into ``<out_dir>/<name>.json/.md``."""
+    docs = []
+    for f in files:
+        try:
+            docs.append(json.loads(Path(f).read_text()))
+        except (OSError, ValueError) as exc:
+            print(f"error: {f}: not a readable stage-1 result file ({exc})", file=sys.stderr)
+            return 2
+    meta = dict(docs[0]["meta"], name=name, merged_from=[str(f) for f in files])
+    for f, d in zip(files, docs):
+        for key in ("k", "seed", "config"):
+            if d["meta"].get(key) != meta.get(key):
+                print(f"error: {f}: its {key!r} differs from {files[0]}'s; only runs of one protocol can be merged",
+                      file=sys.stderr)
+                return 2
+    meta["fold_ids"] = sorted({fo["fold"] for d in docs for fo in d["folds"]})
+    results = Results(out_dir, meta)
+    for d in docs:
+        results.records += d["scans"]
+        results.folds += d["folds"]
+    results.folds.sort(key=lambda fo: (fo["fold"], fo["method"]))
+    results.write()
+    return 0
+
+
 def record(method, fold, case, variant, pred, gt, seconds) -> dict:
     r = identification(pred, gt)
+    lenient = identification(pred, gt, score_beyond_annotation=False)
     return {"method": method, "fold": fold, "id": case["id"], "cohort": case["cohort"], "variant": variant,
-            "n_gt": r.n_gt, "n_pred": r.n_pred, "identified": r.identified,
+            "n_gt": r.n_gt, "n_pred": r.n_pred, "n_unscored": lenient.n_unscored, "identified": r.identified,
+            "pred_world_mm": {str(k): [round(float(c), 2) for c in np.asarray(p).reshape(3)] for k, p in pred.items()},
             "errors_mm": {str(k): v for k, v in r.errors_mm.items()},
             "pred_levels": [level_name(k) for k in sorted(pred)], "gt_levels": [level_name(k) for k in sorted(gt)],
             "seconds": seconds}
@@ -308,11 +359,16 @@ def main(argv=None) -> int:
                     help="skip training: evaluate this stage-1 model folder ('{fold}' is replaced by the fold index)")
     ap.add_argument("--decode", action="append", default=[], metavar="KEY=VALUE",
                     help="override a decoding field of the loaded model's config (e.g. peak_threshold=0.1)")
+    ap.add_argument("--fold-ids", default=None, help="comma list of fold indices to run (default: all / --folds)")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                    help="join the per-scan records of these result files into --name (runs no model)")
     ap.add_argument("--name", default="stage1", help="result file stem under --out (stage1 -> stage1.json, stage1.md)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--work", type=Path, default=ROOT / "work_dirs" / "bench_stage1")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.merge:
+        return merge_results(args.merge, args.out, args.name)
     if not (args.data / "myosegmentum").is_dir():
         print(f"error: {args.data}: real data not available (expected myosegmentum/ and chu2015/)", file=sys.stderr)
         return 2
@@ -341,7 +397,12 @@ def main(argv=None) -> int:
                                  "name": args.name, "data": str(args.data),
                                  "device_name": device_name})
     n_folds = min(args.k, args.folds or args.k)
-    for fold in range(n_folds):
+    fold_ids = [int(f) for f in args.fold_ids.split(",")] if args.fold_ids else list(range(n_folds))
+    if any(not 0 <= f < args.k for f in fold_ids):
+        print(f"error: --fold-ids {args.fold_ids}: expected indices in 0..{args.k - 1}", file=sys.stderr)
+        return 2
+    results.meta["fold_ids"] = fold_ids
+    for fold in fold_ids:
         train = [c for c, f in zip(cases, fold_of) if f != fold]
         test = [c for c, f in zip(cases, fold_of) if f == fold]
         if args.quick:  # a few of each cohort

@@ -11,6 +11,14 @@ and the ground-truth centroid closest to that prediction is ``L``'s. Then
 * per-scan recall = identified / ground truth, precision = identified / predicted;
 * share of scans all-correct = every ground-truth vertebra identified and no other prediction.
 
+Partial annotation: a cohort may annotate only part of the visible spine (e.g. L1-L5 while T12 is in
+view), and a field-of-view crop leaves partly visible vertebrae without a ground-truth centroid. With
+``score_beyond_annotation=False`` a prediction that can not be judged is left out of the scoring
+(``n_unscored``) instead of counted as false: its level lies outside the ground truth's run of levels
+(cranial to the most cranial or caudal to the most caudal annotated level) *and* it lies farther than
+``radius_mm`` from every ground-truth centroid. A prediction on an annotated vertebra, a duplicate, or
+a wrong name inside the run is always scored. Benchmarks report both.
+
 Classification metrics (for stage 2 and the pipeline): per-class one-vs-rest ROC AUC, balanced accuracy
 and Cohen's kappa (linear or quadratic weights), computed with scikit-learn, with ``nan`` where a metric
 is undefined (e.g. a class absent from the ground truth).
@@ -31,6 +39,8 @@ class ScanIdentification:
     n_pred: int
     identified: list[int] = field(default_factory=list)
     errors_mm: dict[int, float] = field(default_factory=dict)  # labels present in both -> distance
+    #: predictions beyond the annotated run of levels, away from every annotated vertebra (not in n_pred)
+    n_unscored: int = 0
 
     @property
     def id_rate(self) -> float:
@@ -52,22 +62,35 @@ class ScanIdentification:
 
 
 def identification(
-    pred: Mapping[int, Sequence[float]], gt: Mapping[int, Sequence[float]], radius_mm: float = 20.0
+    pred: Mapping[int, Sequence[float]], gt: Mapping[int, Sequence[float]], radius_mm: float = 20.0,
+    *, score_beyond_annotation: bool = True,
 ) -> ScanIdentification:
-    """VerSe identification of one scan. ``pred`` / ``gt``: ``{verse_id: (x, y, z) mm}``."""
+    """VerSe identification of one scan. ``pred`` / ``gt``: ``{verse_id: (x, y, z) mm}``.
+
+    ``score_beyond_annotation=False``: predictions that can not be judged against a partial annotation
+    are not scored (see the module docstring)."""
+    from data_prep.scan import anatomical_rank
+
     gt_ids = list(gt)
     gt_xyz = np.array([np.asarray(gt[i], dtype=np.float64) for i in gt_ids]).reshape(-1, 3)
+    ranks = [anatomical_rank(i) for i in gt_ids]
     hits: list[int] = []
     errors: dict[int, float] = {}
+    unscored = 0
     for label, p in pred.items():
         if label not in gt:
+            if not score_beyond_annotation and gt_ids:
+                r = anatomical_rank(label)
+                far = np.linalg.norm(gt_xyz - np.asarray(p, dtype=np.float64).reshape(3), axis=1).min() > radius_mm
+                if far and (r < min(ranks) or r > max(ranks)):
+                    unscored += 1
             continue
         p = np.asarray(p, dtype=np.float64).reshape(3)
         d = np.linalg.norm(gt_xyz - p, axis=1)
         errors[int(label)] = float(d[gt_ids.index(label)])
         if d[gt_ids.index(label)] < radius_mm and gt_ids[int(np.argmin(d))] == label:
             hits.append(int(label))
-    return ScanIdentification(len(gt_ids), len(pred), sorted(hits), errors)
+    return ScanIdentification(len(gt_ids), len(pred) - unscored, sorted(hits), errors, unscored)
 
 
 def summarize_identification(scans: Sequence[ScanIdentification]) -> dict[str, float]:
@@ -82,6 +105,7 @@ def summarize_identification(scans: Sequence[ScanIdentification]) -> dict[str, f
         "n_scans": len(scans),
         "n_gt": n_gt,
         "n_pred": sum(s.n_pred for s in scans),
+        "n_unscored": sum(s.n_unscored for s in scans),
         "id_rate": n_hit / n_gt if n_gt else float("nan"),
         "mean_error_mm": float(np.mean(errs)) if errs else float("nan"),
         "median_error_mm": float(np.median(errs)) if errs else float("nan"),

@@ -95,15 +95,31 @@ def sample_patch(
     return Patch(out.astype(np.float32), new_pts, ids)
 
 
+def thick_slices(img: np.ndarray, axis: int, factor: int) -> np.ndarray:
+    """``(I, J, K)`` image averaged over blocks of ``factor`` voxels along ``axis`` and interpolated back
+    (linear) to the same shape: a thick-slice acquisition with the same world geometry.
+
+    The axis is padded (edge values) to a multiple of ``factor`` first, so the block centres sit exactly
+    at ``(b + 0.5) * factor - 0.5`` and content does not drift along the axis (with a size that is not a
+    multiple of ``factor``, pooling with ``ceil_mode`` and resizing would stretch it by up to a block).
+    """
+    n = img.shape[axis]
+    padded_n = -(-n // factor) * factor
+    pad = [(0, 0)] * 3
+    pad[axis] = (0, padded_n - n)
+    t = torch.from_numpy(np.ascontiguousarray(np.pad(img, pad, mode="edge")))[None, None]
+    k = [1, 1, 1]
+    k[axis] = factor
+    small = F.avg_pool3d(t, kernel_size=k, stride=k)
+    up = F.interpolate(small, size=tuple(t.shape[-3:]), mode="trilinear", align_corners=False)[0, 0].numpy()
+    return np.ascontiguousarray(up[tuple(slice(0, s) for s in img.shape)])
+
+
 def _thick_and_fov(img, pts, ids, rng, aug: AugmentConfig):
     if rng.random() < aug.p_thick_slices:
         axis = 0 if rng.random() < 0.6 else int(rng.integers(3))
         f = int(rng.integers(aug.thick_factor[0], aug.thick_factor[1] + 1))
-        t = torch.from_numpy(np.ascontiguousarray(img))[None, None]
-        k = [1, 1, 1]
-        k[axis] = f
-        small = F.avg_pool3d(t, kernel_size=k, stride=k, ceil_mode=True)
-        img = F.interpolate(small, size=img.shape, mode="trilinear", align_corners=False)[0, 0].numpy()
+        img = thick_slices(img, axis, f)
     if rng.random() < aug.p_partial_fov and len(pts):
         n = img.shape[2]
         cut = int(rng.uniform(0.15, 0.4) * n)

@@ -116,6 +116,10 @@ class Stage1Config:
     sigma_mm: float = 6.0              # Gaussian width of the centre heatmap
     level_radius_mm: float = 12.0      # level head supervised inside balls of this radius
     heatmap_pos_weight: float = 20.0   # BCE weight multiplier on the Gaussian (foreground is tiny)
+    #: offset head: per-voxel vector (mm) to the nearest centroid, supervised within this radius; it
+    #: corrects the coarse heatmap peak at decoding (``targets.offset_map``). None: no offset head.
+    offset_radius_mm: Optional[float] = 12.0
+    offset_loss_weight: float = 1.0
     # heatmap loss ignored beyond this margin outside the annotated run of levels (None: off); see targets.py
     span_margin_mm: Optional[float] = 20.0
     level_loss_weight: float = 1.0
@@ -136,6 +140,12 @@ class Stage1Config:
     peak_threshold: float = 0.1
     #: inference: sliding window with the training patch size (nnU-Net style) instead of the whole volume
     sliding_window: bool = True
+    #: test-time augmentation: also predict the left-right mirrored volume and average (a lateral flip
+    #: keeps every level name; offsets' i component is negated back). Doubles inference time.
+    tta_flip_lr: bool = True
+    #: decoding: place each peak with the offset head (when the model has one); False = heatmap-weighted
+    #: mean of the peak neighbourhood (for ablations of the offset head on a trained model)
+    use_offsets: bool = True
     nms_radius_mm: float = 15.0
     max_candidates: int = 40
     border_mm: float = 12.0            # centroid closer than this to the volume edge -> "cut_by_fov"

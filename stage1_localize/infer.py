@@ -1,14 +1,17 @@
 """Stage-1 inference: ``localize(scan, model_dir) -> list[Vertebra]`` and the centroid CSV writer.
 
-Pipeline per scan (whole volume at once; no sliding window is needed at 3 mm on a CPU):
+Pipeline per scan:
 
 1. ``preprocess.prepare`` (canonical LPS, 3 mm grid, [0, 1] intensities) then z-score;
-2. the network (padded at the high end to the pooling divisor, cropped back) -> sigmoid heatmap and
-   softmax level map;
+2. the network, by sliding window with the training patch size (``sliding_window``; else the whole
+   volume padded at the high end to the pooling divisor, cropped back) -> sigmoid heatmap, softmax
+   level map and (with an offset head) the offset map;
 3. peaks: local maxima of the heatmap within ``nms_radius_mm`` (ellipsoidal footprint in voxels, so the
    suppression radius is in mm whatever the spacing), above ``peak_threshold``, at most
-   ``max_candidates``; sub-voxel refinement by the heatmap-weighted mean of the 3x3x3 neighbourhood;
-   level probabilities averaged over the same neighbourhood;
+   ``max_candidates``; sub-voxel position from the offset head (heatmap-weighted mean of
+   ``voxel + offset`` over the 3x3x3 neighbourhood) or, without one, the heatmap-weighted mean of the
+   neighbourhood; level probabilities averaged over the same neighbourhood. With ``tta_flip_lr`` the
+   maps are the mean of the scan's and its left-right mirror's;
 4. peak voxel -> world LPS mm through the prepared grid's own geometry (``Scan.voxel_to_world``), which
    is exact for any orientation and spacing of the input;
 5. ``labelling.assign_levels`` names the candidates (anatomical order, spacing prior, transitional
@@ -33,7 +36,7 @@ from data_prep.io import write_csv
 from data_prep.scan import Scan, Vertebra, sort_head_to_foot
 from stage1_localize.config import Stage1Config
 from stage1_localize.labelling import assign_levels
-from stage1_localize.model import LocalizerNet, predict_sliding_window, predict_volume
+from stage1_localize.model import LocalizerNet, activate, predict_sliding_window, predict_volume
 from stage1_localize.preprocess import prepare, zscore
 
 log = logging.getLogger(__name__)
@@ -42,8 +45,12 @@ CENTROID_COLUMNS = ["level", "label", "x_mm", "y_mm", "z_mm", "confidence", "fla
 CUT_FLAG = "cut_by_fov"
 
 
-def find_peaks(heatmap: np.ndarray, spacing, threshold: float, radius_mm: float, max_peaks: int):
-    """Local maxima of ``heatmap (I, J, K)``: ``(ijk (M, 3) float sub-voxel, values (M,))``, best first."""
+def find_peaks(heatmap: np.ndarray, spacing, threshold: float, radius_mm: float, max_peaks: int,
+               refine: bool = True):
+    """Local maxima of ``heatmap (I, J, K)``: ``(ijk (M, 3) float, values (M,))``, best first.
+
+    ``refine``: sub-voxel position (heatmap-weighted mean of the 3x3x3 neighbourhood); else the
+    integer peak voxel."""
     spacing = np.asarray(spacing, dtype=np.float64)
     r = np.maximum(np.floor(radius_mm / spacing), 1).astype(int)
     grids = np.meshgrid(*[np.arange(-k, k + 1) * s for k, s in zip(r, spacing)], indexing="ij")
@@ -64,8 +71,26 @@ def find_peaks(heatmap: np.ndarray, spacing, threshold: float, radius_mm: float,
             continue
         kept.append(n)
     idx, vals = idx[kept], vals[kept]
+    if not refine:
+        return idx.astype(np.float64), vals
     refined = np.array([_refine(heatmap, p) for p in idx])
     return refined, vals
+
+
+def refine_with_offsets(heatmap: np.ndarray, offset_mm: np.ndarray, spacing, peaks_ijk: np.ndarray) -> np.ndarray:
+    """``(M, 3)`` voxel positions: for each integer peak, the mean of ``voxel + offset / spacing`` over its
+    3x3x3 neighbourhood, weighted by the heatmap (``offset_mm`` ``(3, I, J, K)``, mm along i, j, k)."""
+    spacing = np.asarray(spacing, dtype=np.float64).reshape(3)
+    out = []
+    for p in np.asarray(peaks_ijk, dtype=np.float64).reshape(-1, 3):
+        box = _neighbourhood(heatmap.shape, np.round(p))
+        w = np.clip(heatmap[box], 0, None).astype(np.float64)
+        if w.sum() <= 0:
+            w = np.ones_like(w)
+        coords = np.meshgrid(*[np.arange(b.start, b.stop) for b in box], indexing="ij")
+        est = [((coords[a] + offset_mm[a][box] / spacing[a]) * w).sum() / w.sum() for a in range(3)]
+        out.append(est)
+    return np.array(out, dtype=np.float64).reshape(-1, 3)
 
 
 def _neighbourhood(shape, p):
@@ -113,27 +138,53 @@ class Localizer:
         self.divisor = tuple(getattr(self.net, "divisor", self.config.plan.divisor))
 
     @torch.no_grad()
-    def predict_maps(self, grid: Scan) -> tuple[np.ndarray, np.ndarray]:
-        """Heatmap ``(I, J, K)`` in [0, 1] and level probabilities ``(L, I, J, K)`` on a prepared grid."""
-        x = torch.from_numpy(zscore(np.asarray(grid.array, dtype=np.float32)))[None, None].to(self.device)
+    def _forward_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.config.sliding_window:
-            out = predict_sliding_window(self.net, x, tuple(self.config.plan.patch_size), self.divisor)
-            return out["heatmap"][0, 0].float().cpu().numpy(), out["levels"][0].float().cpu().numpy()
-        out = predict_volume(self.net, x, self.divisor)  # type: ignore[arg-type]
-        heat = torch.sigmoid(out["heatmap"][0, 0]).float().cpu().numpy()
-        levels = torch.softmax(out["levels"][0].float(), dim=0).cpu().numpy()
-        return heat, levels
+            return predict_sliding_window(self.net, x, tuple(self.config.plan.patch_size), self.divisor)
+        return activate(predict_volume(self.net, x, self.divisor))  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def predict_maps(self, grid: Scan) -> dict[str, np.ndarray]:
+        """Maps on a prepared grid: ``"heatmap" (I, J, K)`` in [0, 1], ``"levels" (L, I, J, K)``
+        probabilities and, with an offset head, ``"offset" (3, I, J, K)`` in mm along (i, j, k).
+
+        With ``config.tta_flip_lr`` the left-right mirrored grid (axis i of the canonical LPS grid) is
+        predicted too, mirrored back (offset i component negated) and averaged.
+        """
+        x = torch.from_numpy(zscore(np.asarray(grid.array, dtype=np.float32)))[None, None].to(self.device)
+        maps = self._forward_maps(x)
+        if self.config.tta_flip_lr:
+            mirrored = self._forward_maps(torch.flip(x, dims=[2]))
+            for name, t in mirrored.items():
+                t = torch.flip(t, dims=[2])
+                if name == "offset":
+                    t = t * torch.tensor([-1.0, 1.0, 1.0], device=t.device).view(1, 3, 1, 1, 1)
+                maps[name] = 0.5 * (maps[name] + t)
+        out = {name: t[0].float().cpu().numpy() for name, t in maps.items()}
+        out["heatmap"] = out["heatmap"][0]
+        if "offset" in out:
+            out["offset"] = out["offset"] * np.float32(self.config.offset_radius_mm)
+        return out
 
     def candidates(self, scan: Scan):
-        """``(world (M, 3), scores (M,), level_logprobs (M, L), grid)`` before labelling."""
+        """``(world (M, 3), scores (M,), level_logprobs (M, L), grid)`` before labelling.
+
+        Peak positions: with an offset head, the heatmap-weighted mean over the peak's 3x3x3
+        neighbourhood of ``voxel + offset`` (:func:`refine_with_offsets`); else the heatmap-weighted
+        mean of the voxel positions (:func:`find_peaks`).
+        """
         grid = prepare(scan, self.config)
-        heat, levels = self.predict_maps(grid)
+        maps = self.predict_maps(grid)
+        heat, levels = maps["heatmap"], maps["levels"]
+        use_offset = "offset" in maps and self.config.use_offsets
         ijk, scores = find_peaks(heat, grid.spacing, self.config.peak_threshold, self.config.nms_radius_mm,
-                                 self.config.max_candidates)
+                                 self.config.max_candidates, refine=not use_offset)
         if len(ijk) == 0:
             return np.zeros((0, 3)), np.zeros(0), np.zeros((0, len(self.config.levels))), grid
         probs = np.stack([levels[(slice(None),) + _neighbourhood(heat.shape, np.round(p))].reshape(len(levels), -1).mean(1)
                           for p in ijk])
+        if use_offset:
+            ijk = refine_with_offsets(heat, maps["offset"], grid.spacing, ijk)
         world = grid.voxel_to_world(ijk).coords
         return world, scores, np.log(np.clip(probs, 1e-6, 1.0)), grid
 

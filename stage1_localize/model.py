@@ -8,7 +8,9 @@ Its final 1x1x1 "segmentation" layer outputs ``base_features`` channels, followe
 the task heads in an ``nn.ModuleDict``:
 
 * ``"heatmap"``: 1 channel, logits of the vertebral-centre heatmap (sigmoid -> [0, 1]);
-* ``"levels"``: ``len(config.levels)`` channels, logits of the per-voxel level distribution.
+* ``"levels"``: ``len(config.levels)`` channels, logits of the per-voxel level distribution;
+* ``"offset"`` (when ``config.offset_radius_mm`` is set): 3 channels, the vector from the voxel to the
+  nearest vertebral centre along (i, j, k), in units of ``offset_radius_mm`` (multiply to get mm).
 
 Deep supervision is off: the targets are smooth and the network small; it saves CPU time.
 """
@@ -67,6 +69,8 @@ class LocalizerNet(nn.Module):
             "heatmap": nn.Conv3d(f0, 1, kernel_size=1),
             "levels": nn.Conv3d(f0, config.n_levels, kernel_size=1),
         })
+        if config.offset_radius_mm is not None:
+            self.heads["offset"] = nn.Conv3d(f0, 3, kernel_size=1)
         # start the heatmap near its (mostly zero) target: sigmoid(-4) ~ 0.018
         nn.init.constant_(self.heads["heatmap"].bias, -4.0)
         self._aliases = _aliases(self)
@@ -90,7 +94,8 @@ class LocalizerNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``x`` ``(B, C, I, J, K)`` with I, J, K multiples of ``self.divisor`` ->
-        ``{"heatmap": (B, 1, I, J, K) logits, "levels": (B, L, I, J, K) logits}``."""
+        ``{"heatmap": (B, 1, I, J, K) logits, "levels": (B, L, I, J, K) logits}`` plus
+        ``"offset": (B, 3, I, J, K)`` (units of ``offset_radius_mm``) when the offset head exists."""
         feats = self.act(self.body(x))
         return {name: head(feats) for name, head in self.heads.items()}
 
@@ -129,12 +134,18 @@ def predict_volume(net: nn.Module, x: torch.Tensor, divisor: tuple[int, int, int
     return {name: t[..., :i, :j, :k] for name, t in out.items()}
 
 
+def activate(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Raw head outputs -> maps: sigmoid heatmap, softmax levels (over dim 1), offsets unchanged."""
+    act = {"heatmap": torch.sigmoid, "levels": lambda t: torch.softmax(t, dim=1)}
+    return {name: act.get(name, lambda t: t)(t) for name, t in out.items()}
+
+
 def predict_sliding_window(net: nn.Module, x: torch.Tensor, patch_size: tuple[int, int, int],
                            divisor: tuple[int, int, int], step: float = 0.5) -> dict[str, torch.Tensor]:
     """nnU-Net-style sliding-window prediction of a ``(1, C, I, J, K)`` volume with the *training* patch size.
 
-    Returns ``{"heatmap": (1, 1, I, J, K) probabilities, "levels": (1, L, I, J, K) probabilities}``:
-    sigmoid / softmax per tile, averaged with nnU-Net's Gaussian importance map (``compute_gaussian``,
+    Returns ``{"heatmap": (1, 1, I, J, K) probabilities, "levels": (1, L, I, J, K) probabilities}`` (and
+    ``"offset": (1, 3, I, J, K)`` when the net has that head): :func:`activate` per tile, averaged with nnU-Net's Gaussian importance map (``compute_gaussian``,
     sigma = 1/8 of the tile) over tiles placed by ``compute_steps_for_sliding_window`` (overlap
     ``1 - step``). Tiles therefore see what training patches saw (the same extent, hence the same
     InstanceNorm statistics); axes shorter than the tile are padded (with the volume minimum) to the
@@ -147,26 +158,24 @@ def predict_sliding_window(net: nn.Module, x: torch.Tensor, patch_size: tuple[in
     size = tuple(int(s) for s in x.shape[-3:])
     tile = tuple(int(p) for p in patch_size)
     if all(s <= t for s, t in zip(size, tile)):
-        out = predict_volume(net, x, divisor)
-        return {"heatmap": torch.sigmoid(out["heatmap"]), "levels": torch.softmax(out["levels"], dim=1)}
+        return activate(predict_volume(net, x, divisor))
     # pad short axes up to the tile so every tile has the training extent
     pad = [max(0, t - s) for s, t in zip(size, tile)]
     xp = nn.functional.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]), value=float(x.min()))
     full = tuple(int(s) for s in xp.shape[-3:])
     steps = compute_steps_for_sliding_window(full, tile, step)
     gauss = compute_gaussian(tile, 1.0 / 8, 1.0, torch.float32, x.device)
-    heat = torch.zeros((1, 1) + full, device=x.device)
-    lev = None
+    acc: dict[str, torch.Tensor] = {}
     weight = torch.zeros(full, device=x.device)
     for i0 in steps[0]:
         for j0 in steps[1]:
             for k0 in steps[2]:
                 sl = (slice(i0, i0 + tile[0]), slice(j0, j0 + tile[1]), slice(k0, k0 + tile[2]))
-                out = net(xp[(slice(None), slice(None)) + sl])
-                if lev is None:
-                    lev = torch.zeros((1, out["levels"].shape[1]) + full, device=x.device)
-                heat[(slice(None), slice(None)) + sl] += torch.sigmoid(out["heatmap"]) * gauss
-                lev[(slice(None), slice(None)) + sl] += torch.softmax(out["levels"], dim=1) * gauss
+                out = activate(net(xp[(slice(None), slice(None)) + sl]))
+                for name, t in out.items():
+                    if name not in acc:
+                        acc[name] = torch.zeros((1, t.shape[1]) + full, device=x.device)
+                    acc[name][(slice(None), slice(None)) + sl] += t * gauss
                 weight[sl] += gauss
     i, j, k = size
-    return {"heatmap": (heat / weight)[..., :i, :j, :k], "levels": (lev / weight)[..., :i, :j, :k]}
+    return {name: (t / weight)[..., :i, :j, :k] for name, t in acc.items()}

@@ -7,6 +7,11 @@ Design: **one level-agnostic centre heatmap + a per-voxel level map**, not one G
   Finding "a vertebral body centre" is local and translation-equivariant: every annotated vertebra of
   every level is a positive example for the same channel, so the detector learns from all the data
   (important with few scans and with points-only labels).
+* ``offset`` ``(3, I, J, K)`` float: the vector (mm, voxel axes i, j, k) from each voxel to the nearest
+  annotated centroid inside a ball of ``offset_radius_mm`` (``offset_mask`` marks those voxels). A
+  coarse heatmap peak is biased (the 3 mm grid quantises it, and a smooth network output leans towards
+  the neighbouring vertebrae, e.g. L5's peak towards L4); the offset regression (as in CenterNet,
+  Zhou et al. 2019) corrects the peak position with a locally learnt vector instead.
 * ``levels`` ``(I, J, K)`` int: index into ``config.levels`` inside a ball of ``level_radius_mm`` around
   each centroid (nearest centroid wins where balls overlap), ``IGNORE`` (-1) elsewhere. Trained with
   softmax cross-entropy, it gives every detected peak a *probability vector over levels*, which is
@@ -95,6 +100,35 @@ def level_map(
     return out
 
 
+def offset_map(
+    shape: Sequence[int], points_ijk: np.ndarray, spacing: Sequence[float], radius_mm: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(offset (3, I, J, K) float32 mm, mask (I, J, K) bool)``: vector from each voxel to the nearest point.
+
+    The vector is ``(point - voxel) * spacing`` per voxel axis (i, j, k), in mm; ``mask`` is True within
+    ``radius_mm`` of a point (nearest point wins), where the offset loss is applied. Points outside the
+    grid still reach into it with their ball.
+    """
+    shape = tuple(int(s) for s in shape)
+    spacing = np.asarray(spacing, dtype=np.float64).reshape(3)
+    pts = np.asarray(points_ijk, dtype=np.float64).reshape(-1, 3)
+    off = np.zeros((3,) + shape, dtype=np.float32)
+    best = np.full(shape, np.inf, dtype=np.float64)
+    radius_vox = radius_mm / spacing
+    for p in pts:
+        box = _box(p, radius_vox, shape)
+        if box is None:
+            continue
+        d2 = _sq_dist_mm(box, p, spacing)
+        win = (d2 <= radius_mm**2) & (d2 < best[box])
+        best[box][win] = d2[win]
+        for a in range(3):
+            grid_a = np.arange(box[a].start, box[a].stop, dtype=np.float64)
+            vec = ((p[a] - grid_a) * spacing[a]).reshape([-1 if b == a else 1 for b in range(3)])
+            off[a][box][win] = np.broadcast_to(vec, win.shape)[win]
+    return off, np.isfinite(best)
+
+
 #: Lowest annotated levels after which the spine ends (the sacrum follows): no ignore band below them.
 CLOSED_BELOW = frozenset({24, 25, 26})
 
@@ -146,8 +180,11 @@ def make_targets(
     sigma_mm: float,
     level_radius_mm: float,
     span_margin_mm: float | None = None,
+    offset_radius_mm: float | None = None,
 ) -> dict[str, np.ndarray]:
-    """``{"heatmap": (I,J,K) float32, "levels": (I,J,K) int64, "heatmap_weight": (I,J,K) float32}``.
+    """``{"heatmap": (I,J,K) float32, "levels": (I,J,K) int64, "heatmap_weight": (I,J,K) float32}``,
+    plus ``"offset": (3,I,J,K) float32 mm`` and ``"offset_mask": (I,J,K) bool`` when ``offset_radius_mm``
+    is given (:func:`offset_map`; every vertebra counts, whatever its level).
 
     Vertebrae whose level is not in ``levels`` still appear in the heatmap (they are vertebrae) but
     leave the level map at ``IGNORE``. ``span_margin_mm`` (None: weight 1 everywhere) enables
@@ -157,8 +194,11 @@ def make_targets(
     idx = level_indices(level_ids, levels)
     weight = (annotated_span_weight(shape, pts, level_ids, spacing, span_margin_mm)
               if span_margin_mm is not None else np.ones(tuple(int(s) for s in shape), dtype=np.float32))
-    return {
+    out = {
         "heatmap": centre_heatmap(shape, pts, spacing, sigma_mm),
         "levels": level_map(shape, pts, idx, spacing, level_radius_mm),
         "heatmap_weight": weight,
     }
+    if offset_radius_mm is not None:
+        out["offset"], out["offset_mask"] = offset_map(shape, pts, spacing, offset_radius_mm)
+    return out

@@ -7,7 +7,9 @@
   lumbar scan is ~0.4 M voxels).
 * Each step draws ``batch_size`` augmented patches (``augment.sample_patch``) and builds targets on the
   patch grid (the heatmap loss ignores what lies beyond the annotated run of levels, see ``targets.py``). Loss = weighted BCE on the centre heatmap (weight ``1 + pos_weight * target``, the centres
-  are <1 % of voxels) + ``level_loss_weight`` x cross-entropy of the level head inside the balls.
+  are <1 % of voxels) + ``level_loss_weight`` x cross-entropy of the level head inside the balls
+  + ``offset_loss_weight`` x smooth-L1 of the offset head (vector to the nearest centroid, in units of
+  ``offset_radius_mm``) inside the offset balls.
 * AdamW with nnU-Net's polynomial decay ``lr * (1 - epoch / epochs) ** 0.9``.
 * Deterministic: the sampling RNG of epoch ``e`` on rank ``r`` is ``default_rng([seed, e, r])`` and torch
   is seeded per epoch, so a resumed run replays exactly the epochs an uninterrupted run would.
@@ -121,31 +123,40 @@ def draw_subject(subjects: list[TrainSubject], rng: np.random.Generator, balance
 def make_batch(subjects: list[TrainSubject], config: Stage1Config, rng: np.random.Generator,
                augment: bool = True) -> dict[str, torch.Tensor]:
     """``{"image": (B,1,I,J,K) z-scored, "heatmap": (B,1,I,J,K), "levels": (B,I,J,K) int64,
-    "heatmap_weight": (B,1,I,J,K)}``. With ``config.balance_groups`` each patch first draws a dataset
+    "heatmap_weight": (B,1,I,J,K)}`` (+ ``"offset": (B,3,I,J,K)`` in units of ``offset_radius_mm`` and
+    ``"offset_mask": (B,1,I,J,K)`` when ``config.offset_radius_mm`` is set). With ``config.balance_groups`` each patch first draws a dataset
     folder uniformly, then a subject of it (a 13-scan site is not drowned by a 50-scan one)."""
     spacing = np.asarray(config.target_spacing, dtype=np.float64)
-    imgs, heats, levs, weights = [], [], [], []
+    imgs, heats, levs, weights, offs, omasks = [], [], [], [], [], []
     for _ in range(config.batch_size):
         s = draw_subject(subjects, rng, config.balance_groups)
         p = sample_patch(s.grid.array, s.points_ijk, s.level_ids, config.plan.patch_size, spacing, rng,
                          config.augment if augment else None)
         t = make_targets(p.image.shape, p.points_ijk, p.level_ids, spacing, levels=config.levels,
                          sigma_mm=config.sigma_mm, level_radius_mm=config.level_radius_mm,
-                         span_margin_mm=config.span_margin_mm)
+                         span_margin_mm=config.span_margin_mm, offset_radius_mm=config.offset_radius_mm)
+        if config.offset_radius_mm is not None:
+            offs.append(t["offset"] / np.float32(config.offset_radius_mm))
+            omasks.append(t["offset_mask"])
         imgs.append(zscore(p.image))
         heats.append(t["heatmap"])
         levs.append(t["levels"])
         weights.append(t["heatmap_weight"])
-    return {
+    batch = {
         "image": torch.from_numpy(np.stack(imgs))[:, None].float(),
         "heatmap": torch.from_numpy(np.stack(heats))[:, None].float(),
         "levels": torch.from_numpy(np.stack(levs)).long(),
         "heatmap_weight": torch.from_numpy(np.stack(weights))[:, None].float(),
     }
+    if offs:
+        batch["offset"] = torch.from_numpy(np.stack(offs)).float()
+        batch["offset_mask"] = torch.from_numpy(np.stack(omasks))[:, None].float()
+    return batch
 
 
 def stage1_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], config: Stage1Config) -> dict[str, torch.Tensor]:
-    """Weighted BCE on the heatmap + level cross-entropy (ignore outside the balls)."""
+    """Weighted BCE on the heatmap + level cross-entropy (ignore outside the balls) + offset smooth-L1
+    (inside the offset balls; absent head or targets -> 0)."""
     target = batch["heatmap"]
     weight = 1.0 + config.heatmap_pos_weight * target
     if "heatmap_weight" in batch:
@@ -156,7 +167,14 @@ def stage1_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], co
         level = F.cross_entropy(out["levels"], lv, ignore_index=IGNORE)
     else:
         level = out["levels"].sum() * 0.0
-    return {"loss": heat + config.level_loss_weight * level, "heatmap": heat, "levels": level}
+    offset = out["heatmap"].sum() * 0.0
+    if "offset" in out and "offset" in batch:
+        m = batch["offset_mask"]
+        if bool(m.any()):
+            per_voxel = F.smooth_l1_loss(out["offset"], batch["offset"], reduction="none", beta=0.05)
+            offset = (per_voxel * m).sum() / (3.0 * m.sum())
+    loss = heat + config.level_loss_weight * level + config.offset_loss_weight * offset
+    return {"loss": loss, "heatmap": heat, "levels": level, "offset": offset}
 
 
 def _config_matches_for_resume(a: Stage1Config, b: Stage1Config) -> bool:
@@ -226,7 +244,7 @@ def train_stage1(
             rng = np.random.default_rng([config.seed, epoch, dist_info.rank])
             torch.manual_seed(config.seed * 100_003 + epoch)
             model.train()
-            sums = torch.zeros(3, dtype=torch.float64)
+            sums = torch.zeros(4, dtype=torch.float64)
             for _ in range(config.steps_per_epoch):
                 batch = {k: v.to(device) for k, v in make_batch(subjects, config, rng).items()}
                 losses = stage1_loss(model(batch["image"]), batch, config)
@@ -234,17 +252,18 @@ def train_stage1(
                 losses["loss"].backward()
                 torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
                 opt.step()
-                sums += torch.tensor([float(losses[k].detach()) for k in ("loss", "heatmap", "levels")], dtype=torch.float64)
+                sums += torch.tensor([float(losses[k].detach()) for k in ("loss", "heatmap", "levels", "offset")],
+                                     dtype=torch.float64)
             if dist_info.distributed:
                 torch.distributed.all_reduce(sums)
                 sums /= dist_info.world_size
             means = (sums / config.steps_per_epoch).tolist()
             row = {"epoch": epoch + 1, "loss": means[0], "heatmap_loss": means[1], "level_loss": means[2],
-                   "lr": lr, "seconds": round(time.perf_counter() - t0, 2)}
+                   "offset_loss": means[3], "lr": lr, "seconds": round(time.perf_counter() - t0, 2)}
             rows.append(row)
             if dist_info.is_main:
                 _save(out_dir, net, opt, config, epoch + 1, rows, subjects)
-                log.info("epoch %d/%d loss %.4f (heatmap %.4f, levels %.4f) %.1fs", epoch + 1, config.epochs,
+                log.info("epoch %d/%d loss %.4f (heatmap %.4f, levels %.4f, offset %.4f) %.1fs", epoch + 1, config.epochs,
                          *means, row["seconds"])
     finally:
         cleanup_distributed()

@@ -115,3 +115,32 @@ def test_pipeline_bench_reads_per_scan_times_by_name():
            "chu2015-002: 7 vertebrae T11-L5; normal 7 (12 s) -> /o/chu2015-002_vertebrae.csv\n")
     assert {m.group(1): float(m.group(2)) for m in _SUMMARY.finditer(out)} == {"myosegmentum-001": 3.4,
                                                                                 "chu2015-002": 12.0}
+
+
+def test_stage1_fold_runs_merge_into_one_table(tmp_path):
+    import json
+
+    import bench.bench_stage1 as b1
+
+    gt = {20: (0.0, 0.0, 100.0), 21: (0.0, 0.0, 65.0)}
+    case = {"id": "s1", "cohort": "myosegmentum"}
+    right = b1.record("spinepipe_stage1", 0, case, "original", {**gt, 19: (0.0, 0.0, 135.0)}, gt, 0.5)
+    wrong = b1.record("spinepipe_stage1", 1, dict(case, id="s2"), "original", {21: gt[20]}, gt, 0.7)
+    assert right["n_unscored"] == 1 and wrong["n_unscored"] == 0
+    files = []
+    for fold, rec in [(0, right), (1, wrong)]:
+        meta = {"k": 5, "seed": 0, "config": {"x": 1}, "date": "d", "note": "n", "name": f"part{fold}"}
+        doc = {"meta": meta, "folds": [{"fold": fold, "method": "spinepipe_stage1", "n_train": 3,
+                                        "train_seconds": 1.0, "infer_seconds": 0.1}], "scans": [rec]}
+        files.append(tmp_path / f"part{fold}.json")
+        files[-1].write_text(json.dumps(doc))
+    assert b1.main(["--merge", *map(str, files), "--name", "joined", "--out", str(tmp_path)]) == 0
+    joined = json.loads((tmp_path / "joined.json").read_text())
+    s = joined["summary"]["spinepipe_stage1"]["original"]["pooled"]
+    assert s["n_scans"] == 2 and s["id_rate"] == 0.5
+    assert s["all_correct"] == 0.0 and s["all_correct_annotated_run"] == 0.5 and s["n_unscored"] == 1
+    assert "| 0.000 / 0.500 |" in (tmp_path / "joined.md").read_text()
+    bad = json.loads(files[1].read_text())
+    bad["meta"]["seed"] = 7
+    files[1].write_text(json.dumps(bad))
+    assert b1.main(["--merge", *map(str, files), "--name", "x", "--out", str(tmp_path)]) == 2

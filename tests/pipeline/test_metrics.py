@@ -34,6 +34,26 @@ def test_rules_distance_closest_gt_and_extra_predictions():
     assert not r.all_correct
 
 
+def test_predictions_beyond_a_partial_annotation_can_be_left_unscored():
+    # GT annotates L1-L4 only; T12 above L1 and L5 below L4 are visible and predicted where they are
+    pred = dict(GT)
+    pred[19] = (0, 0, 135)    # T12: above the run, 35 mm from L1 -> can not be judged
+    pred[24] = (0, 0, -40)    # L5: below the run, 35 mm from L4 -> can not be judged
+    strict = identification(pred, GT)
+    assert strict.n_pred == 6 and not strict.all_correct and strict.n_unscored == 0
+    lenient = identification(pred, GT, score_beyond_annotation=False)
+    assert lenient.n_pred == 4 and lenient.n_unscored == 2 and lenient.all_correct and lenient.precision == 1.0
+    # a name beyond the run but on an annotated vertebra (within 20 mm of L1) is a wrong answer: scored
+    wrong = identification({**GT, 19: (0, 0, 110)}, GT, score_beyond_annotation=False)
+    assert wrong.n_pred == 5 and wrong.n_unscored == 0 and not wrong.all_correct
+    # the GT skips L2: a predicted L2 lies inside the run and is scored even when far from everything
+    gap = {20: GT[20], 22: GT[22], 23: GT[23]}
+    inside = identification({**gap, 21: (0, 0, 65)}, gap, score_beyond_annotation=False)
+    assert inside.n_pred == 4 and inside.n_unscored == 0
+    s = summarize_identification([strict, lenient])
+    assert s["n_unscored"] == 2 and s["n_pred"] == 10
+
+
 def test_shifted_labels_are_never_identified():
     pred = {k + 1: v for k, v in GT.items()}  # every label off by one level
     r = identification(pred, GT)

@@ -55,8 +55,9 @@ class StandIn(torch.nn.Module):
         return {"heatmap": self.heat_logits[None, None], "levels": self.level_logits[None]}
 
 
-def _config():
-    return Stage1Config(target_spacing=(3.0, 3.0, 3.0), border_mm=12.0)
+def _config(**kw):
+    # stand-in nets ignore their input, so mirroring it (test-time flip) would not mirror their maps
+    return Stage1Config(target_spacing=(3.0, 3.0, 3.0), border_mm=12.0, tta_flip_lr=False, **kw)
 
 
 def test_peak_world_coordinates_survive_reorientation_and_anisotropy():
@@ -107,6 +108,71 @@ def test_vertebra_near_the_fov_edge_is_flagged():
     top = max(verts, key=lambda v: v.centroid_world[2])
     assert CUT_FLAG in top.flags
     assert sum(CUT_FLAG in v.flags for v in verts) == 1
+
+
+class OffsetStandIn(StandIn):
+    """Fixed heatmap / levels plus a fixed offset map (in units of ``offset_radius_mm``)."""
+
+    def __init__(self, heat, level_logits, offset_units: np.ndarray):
+        super().__init__(heat, level_logits)
+        self.offset = torch.from_numpy(offset_units).float()
+
+    def forward(self, x):
+        out = super().forward(x)
+        out["offset"] = self.offset[None]
+        return out
+
+
+def test_offset_head_moves_a_biased_peak_onto_the_centroid():
+    from stage1_localize.targets import offset_map
+
+    cfg = _config(offset_radius_mm=12.0)
+    truth = _truth_world()
+    scan = _scan_with_blobs(truth)
+    grid = prepare(scan, cfg)
+    true_ijk = grid.world_to_voxel(truth).coords
+    idx = level_indices([level_id(n) for n in NAMES], cfg.levels)
+    lmap = level_map(grid.shape, true_ijk, idx, grid.spacing, 15.0)
+    logits = torch.zeros((len(cfg.levels),) + grid.shape)
+    for c in range(len(cfg.levels)):
+        logits[c][torch.from_numpy(lmap == c)] = 8.0
+    # the heatmap peaks 1.7 voxels (5.1 mm) off every centroid along k; the offsets know the truth
+    biased = true_ijk + np.array([0.0, 0.0, 1.7])
+    heat = centre_heatmap(grid.shape, biased, grid.spacing, 6.0)
+    off, _ = offset_map(grid.shape, true_ijk, grid.spacing, 30.0)
+    plain = Localizer(net=StandIn(heat, logits), config=_config(offset_radius_mm=None)).localize(scan)
+    fixed = Localizer(net=OffsetStandIn(heat, logits, off / 12.0), config=cfg).localize(scan)
+    err_plain = np.linalg.norm(np.array([v.centroid_world for v in plain]) - truth, axis=1)
+    err_fixed = np.linalg.norm(np.array([v.centroid_world for v in fixed]) - truth, axis=1)
+    assert [v.level for v in fixed] == NAMES
+    assert err_plain.min() > 4.0, err_plain
+    assert err_fixed.max() < 0.05, err_fixed
+
+
+class _EquivariantNet(torch.nn.Module):
+    """Pointwise heatmap / level logits of the input and an offset whose i component is the input's
+    centred difference along i: mirroring the input along i negates it, as a true offset would be."""
+
+    divisor = (1, 1, 1)
+
+    def forward(self, x):
+        grad_i = torch.zeros_like(x)
+        grad_i[:, :, 1:-1] = 0.5 * (x[:, :, 2:] - x[:, :, :-2])
+        levels = torch.cat([x * (c - 1) for c in range(3)], dim=1)
+        return {"heatmap": x - 1.0, "levels": levels, "offset": torch.cat([grad_i, x, -x], dim=1)}
+
+
+def test_left_right_test_time_flip_keeps_an_equivariant_network_exact():
+    rng = np.random.default_rng(0)
+    grid = Scan(rng.random((9, 10, 11)).astype(np.float32), (3.0, 3.0, 3.0), (0.0, 0.0, 0.0), np.eye(3))
+    base = dict(target_spacing=(3.0, 3.0, 3.0), levels=(20, 21, 22), offset_radius_mm=10.0, sliding_window=False)
+    plain = Localizer(net=_EquivariantNet(), config=Stage1Config(tta_flip_lr=False, **base)).predict_maps(grid)
+    tta = Localizer(net=_EquivariantNet(), config=Stage1Config(tta_flip_lr=True, **base)).predict_maps(grid)
+    assert set(plain) == set(tta) == {"heatmap", "levels", "offset"}
+    assert plain["heatmap"].shape == (9, 10, 11) and plain["levels"].shape == (3, 9, 10, 11)
+    assert plain["offset"].shape == (3, 9, 10, 11) and np.abs(plain["offset"][0]).max() > 0.5
+    for name in plain:
+        np.testing.assert_allclose(tta[name], plain[name], atol=1e-5, err_msg=name)
 
 
 def test_find_peaks_nms_in_mm():

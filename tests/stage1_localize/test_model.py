@@ -18,7 +18,8 @@ def net():
 
 def test_heads_are_a_moduledict_and_small(net):
     assert isinstance(net.heads, torch.nn.ModuleDict)
-    assert set(net.heads) == {"heatmap", "levels"}
+    assert set(net.heads) == {"heatmap", "levels", "offset"}
+    assert set(LocalizerNet(Stage1Config(offset_radius_mm=None)).heads) == {"heatmap", "levels"}
     n_params = sum(p.numel() for p in net.parameters())
     assert 10_000 < n_params < 2_000_000
 
@@ -30,6 +31,7 @@ def test_forward_on_odd_shapes(net, shape):
         out = predict_volume(net, x, net.divisor)
     assert out["heatmap"].shape == (1, 1, *shape)
     assert out["levels"].shape == (1, Stage1Config().n_levels, *shape)
+    assert out["offset"].shape == (1, 3, *shape)
     assert torch.isfinite(out["heatmap"]).all()
 
 

@@ -70,3 +70,26 @@ def test_annotated_span_weight_ignores_unannotated_levels_only():
     t = make_targets((4, 4, 30), pts, [24, 23], spacing, levels=(23, 24), sigma_mm=2.0, level_radius_mm=2.0,
                      span_margin_mm=4.0)
     assert np.array_equal(t["heatmap_weight"], w2)
+
+
+def test_offset_map_points_to_the_nearest_centroid_in_mm():
+    from stage1_localize.targets import offset_map
+
+    pts = np.array([[2.0, 2.0, 1.5], [2.0, 2.0, 6.0]])
+    off, mask = offset_map((5, 5, 8), pts, spacing=(1.0, 1.0, 2.0), radius_mm=3.0)
+    assert off.shape == (3, 5, 5, 8) and off.dtype == np.float32 and mask.dtype == bool
+    # voxel (2, 2, 1): point 1 is 0.5 voxel = 1 mm above along k
+    assert off[:, 2, 2, 1].tolist() == [0.0, 0.0, 1.0]
+    # voxel (3, 1, 5): nearest is point 2 -> (-1 mm, +1 mm, +2 mm)
+    assert off[:, 3, 1, 5].tolist() == [-1.0, 1.0, 2.0]
+    # voxel (2, 2, 4) is 5 mm from point 1 and 4 mm from point 2: outside both 3 mm balls
+    assert not mask[2, 2, 4] and off[:, 2, 2, 4].tolist() == [0.0, 0.0, 0.0]
+    assert mask[2, 2, 3] and off[2, 2, 2, 3] == pytest.approx(-3.0)  # nearer point 1 (3 mm) than point 2 (6 mm)
+    assert not mask[0, 0, 7]
+    empty, m0 = offset_map((3, 3, 3), np.zeros((0, 3)), (1, 1, 1), 2.0)
+    assert not m0.any() and not empty.any()
+    t = make_targets((5, 5, 8), pts, [20, 21], (1.0, 1.0, 2.0), levels=(20, 21), sigma_mm=2.0,
+                     level_radius_mm=2.0, offset_radius_mm=3.0)
+    assert np.array_equal(t["offset"], off) and np.array_equal(t["offset_mask"], mask)
+    assert "offset" not in make_targets((5, 5, 8), pts, [20, 21], (1.0, 1.0, 2.0), levels=(20, 21),
+                                        sigma_mm=2.0, level_radius_mm=2.0)
