@@ -249,7 +249,11 @@ def predict(module: Stage2Trainable, samples: list[Sample], predicted_region: bo
         b = {k: v.to(dev) for k, v in collate(samples[i : i + bs]).items()}
         if predicted_region and "seg" in net.heads:
             seg = net.forward_dense(b["image"])["seg"]
-            region = net.predicted_region(seg)
+            # the region as inference builds it (stage2_classify.infer.predicted_body: the component nearest
+            # the patch centre, or the prior when the head finds nothing), dilated by the margin
+            region = torch.stack([
+                torch.from_numpy(dilate(predicted_body(net, b["image"][n:n + 1])[0], net.margin_vox)
+                                 .astype(np.float32))[None] for n in range(b["image"].shape[0])]).to(dev)
             pb = net.body_probability(seg) > 0.5
             body = b["body"] > 0.5
             inter = (pb & body).flatten(1).sum(1).float()
