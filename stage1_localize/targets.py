@@ -73,6 +73,28 @@ def centre_heatmap(
     return out
 
 
+def nearest_point_index(
+    shape: Sequence[int], points_ijk: np.ndarray, spacing: Sequence[float], radius_mm: float
+) -> np.ndarray:
+    """``(I, J, K)`` int64: index of the nearest point within ``radius_mm`` (mm), ``-1`` outside every
+    ball; on equal distance the earlier point wins. Points outside the grid still reach into it."""
+    shape = tuple(int(s) for s in shape)
+    spacing = np.asarray(spacing, dtype=np.float64).reshape(3)
+    pts = np.asarray(points_ijk, dtype=np.float64).reshape(-1, 3)
+    out = np.full(shape, -1, dtype=np.int64)
+    best = np.full(shape, np.inf, dtype=np.float64)
+    radius_vox = radius_mm / spacing
+    for n, p in enumerate(pts):
+        box = _box(p, radius_vox, shape)
+        if box is None:
+            continue
+        d2 = _sq_dist_mm(box, p, spacing)
+        win = (d2 <= radius_mm**2) & (d2 < best[box])
+        best[box][win] = d2[win]
+        out[box][win] = n
+    return out
+
+
 def level_map(
     shape: Sequence[int],
     points_ijk: np.ndarray,
@@ -81,23 +103,12 @@ def level_map(
     radius_mm: float,
 ) -> np.ndarray:
     """``(I, J, K)`` int64: ``class_index[n]`` within ``radius_mm`` of point n (nearest wins), else ``IGNORE``."""
-    shape = tuple(int(s) for s in shape)
-    spacing = np.asarray(spacing, dtype=np.float64).reshape(3)
     pts = np.asarray(points_ijk, dtype=np.float64).reshape(-1, 3)
     if len(pts) != len(class_index):
         raise ValueError(f"{len(pts)} points but {len(class_index)} class indices")
-    out = np.full(shape, IGNORE, dtype=np.int64)
-    best = np.full(shape, np.inf, dtype=np.float64)
-    radius_vox = radius_mm / spacing
-    for p, c in zip(pts, class_index):
-        box = _box(p, radius_vox, shape)
-        if box is None:
-            continue
-        d2 = _sq_dist_mm(box, p, spacing)
-        win = (d2 <= radius_mm**2) & (d2 < best[box])
-        best[box][win] = d2[win]
-        out[box][win] = int(c)
-    return out
+    idx = nearest_point_index(shape, pts, spacing, radius_mm)
+    classes = np.append(np.asarray(class_index, dtype=np.int64).reshape(-1), IGNORE)
+    return classes[idx]  # idx -1 picks the appended IGNORE
 
 
 def offset_map(
@@ -106,27 +117,19 @@ def offset_map(
     """``(offset (3, I, J, K) float32 mm, mask (I, J, K) bool)``: vector from each voxel to the nearest point.
 
     The vector is ``(point - voxel) * spacing`` per voxel axis (i, j, k), in mm; ``mask`` is True within
-    ``radius_mm`` of a point (nearest point wins), where the offset loss is applied. Points outside the
-    grid still reach into it with their ball.
+    ``radius_mm`` of a point (nearest point wins, :func:`nearest_point_index`), where the offset loss is
+    applied. Points outside the grid still reach into it with their ball.
     """
     shape = tuple(int(s) for s in shape)
     spacing = np.asarray(spacing, dtype=np.float64).reshape(3)
     pts = np.asarray(points_ijk, dtype=np.float64).reshape(-1, 3)
+    idx = nearest_point_index(shape, pts, spacing, radius_mm)
+    mask = idx >= 0
     off = np.zeros((3,) + shape, dtype=np.float32)
-    best = np.full(shape, np.inf, dtype=np.float64)
-    radius_vox = radius_mm / spacing
-    for p in pts:
-        box = _box(p, radius_vox, shape)
-        if box is None:
-            continue
-        d2 = _sq_dist_mm(box, p, spacing)
-        win = (d2 <= radius_mm**2) & (d2 < best[box])
-        best[box][win] = d2[win]
-        for a in range(3):
-            grid_a = np.arange(box[a].start, box[a].stop, dtype=np.float64)
-            vec = ((p[a] - grid_a) * spacing[a]).reshape([-1 if b == a else 1 for b in range(3)])
-            off[a][box][win] = np.broadcast_to(vec, win.shape)[win]
-    return off, np.isfinite(best)
+    if mask.any():
+        voxels = np.argwhere(mask)
+        off[(slice(None),) + tuple(voxels.T)] = ((pts[idx[mask]] - voxels) * spacing).T
+    return off, mask
 
 
 #: Lowest annotated levels after which the spine ends (the sacrum follows): no ignore band below them.
