@@ -51,8 +51,13 @@ def sample_patch(
     spacing: np.ndarray,
     rng: np.random.Generator,
     aug: AugmentConfig | None,
+    point_weights: np.ndarray | None = None,
 ) -> Patch:
-    """Cut an augmented patch from a prepared ``(I, J, K)`` [0, 1] image (``aug=None``: plain crop)."""
+    """Cut an augmented patch from a prepared ``(I, J, K)`` [0, 1] image (``aug=None``: plain crop).
+
+    ``point_weights`` (``(N,)``, one per point, any positive scale; None: uniform) is the probability
+    with which a foreground patch is centred on each point (see ``train.level_balanced_weights``).
+    """
     shape = np.asarray(image.shape, dtype=np.float64)
     P = np.asarray(patch_size, dtype=np.float64)
     pts = np.asarray(points_ijk, dtype=np.float64).reshape(-1, 3)
@@ -60,7 +65,14 @@ def sample_patch(
     p_fg = aug.p_foreground if use_aug else 0.5
     # --- centre in the input volume (foreground oversampling as in nnU-Net)
     if len(pts) and rng.random() < p_fg:
-        c_in = pts[rng.integers(len(pts))] + rng.uniform(-0.25, 0.25, 3) * P
+        if point_weights is None:
+            n = int(rng.integers(len(pts)))
+        else:
+            w = np.asarray(point_weights, dtype=np.float64).reshape(-1)
+            if w.shape != (len(pts),) or not np.all(w > 0):
+                raise ValueError(f"point_weights: expected {len(pts)} positive weights, got {w.tolist()}")
+            n = int(rng.choice(len(pts), p=w / w.sum()))
+        c_in = pts[n] + rng.uniform(-0.25, 0.25, 3) * P
     else:
         c_in = np.array([rng.uniform(min(p / 2, s / 2), max(s - p / 2, s / 2)) for s, p in zip(shape, P)])
     c_in = np.clip(c_in, 0, shape - 1)

@@ -132,6 +132,10 @@ class Stage1Config:
     seed: int = 0
     #: several dataset folders (sites / cohorts): draw each folder equally often, then a subject in it
     balance_groups: bool = True
+    #: foreground patches centre on a vertebra drawn with probability ~ 1 / (training vertebrae of its
+    #: level): rare levels (T11 / T12 annotated in one cohort only) are centred as often as L3
+    #: (nnU-Net's class-balanced foreground sampling); see ``train.level_balanced_weights``
+    balance_levels: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # decoding. Candidates are cheap: the labeller drops spurious ones (cost rising with the peak height)
     # and the spacing prior rejects those that break the sequence, so the threshold is low. On the 5-fold

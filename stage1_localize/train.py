@@ -120,18 +120,32 @@ def draw_subject(subjects: list[TrainSubject], rng: np.random.Generator, balance
     return subjects[int(rng.integers(len(subjects)))]
 
 
+def level_balanced_weights(level_ids_per_subject: list[list[int]]) -> list[np.ndarray]:
+    """Per subject, ``(N_s,)`` weights ``1 / count(level)`` where ``count`` is the number of points of that
+    level over all subjects: a level annotated in few scans gets proportionally more foreground patches.
+    E.g. ``[[20, 21], [19, 20]]`` -> ``[[0.5, 1], [1, 0.5]]``."""
+    counts: dict[int, int] = {}
+    for ids in level_ids_per_subject:
+        for v in ids:
+            counts[int(v)] = counts.get(int(v), 0) + 1
+    return [np.array([1.0 / counts[int(v)] for v in ids], dtype=np.float64) for ids in level_ids_per_subject]
+
+
 def make_batch(subjects: list[TrainSubject], config: Stage1Config, rng: np.random.Generator,
                augment: bool = True) -> dict[str, torch.Tensor]:
     """``{"image": (B,1,I,J,K) z-scored, "heatmap": (B,1,I,J,K), "levels": (B,I,J,K) int64,
     "heatmap_weight": (B,1,I,J,K)}`` (+ ``"offset": (B,3,I,J,K)`` in units of ``offset_radius_mm`` and
     ``"offset_mask": (B,1,I,J,K)`` when ``config.offset_radius_mm`` is set). With ``config.balance_groups`` each patch first draws a dataset
-    folder uniformly, then a subject of it (a 13-scan site is not drowned by a 50-scan one)."""
+    folder uniformly, then a subject of it (a 13-scan site is not drowned by a 50-scan one); with
+    ``config.balance_levels`` the foreground centre is drawn by :func:`level_balanced_weights`."""
     spacing = np.asarray(config.target_spacing, dtype=np.float64)
     imgs, heats, levs, weights, offs, omasks = [], [], [], [], [], []
+    point_w = (dict(zip((id(s) for s in subjects), level_balanced_weights([list(s.level_ids) for s in subjects])))
+               if config.balance_levels else {})
     for _ in range(config.batch_size):
         s = draw_subject(subjects, rng, config.balance_groups)
         p = sample_patch(s.grid.array, s.points_ijk, s.level_ids, config.plan.patch_size, spacing, rng,
-                         config.augment if augment else None)
+                         config.augment if augment else None, point_weights=point_w.get(id(s)))
         t = make_targets(p.image.shape, p.points_ijk, p.level_ids, spacing, levels=config.levels,
                          sigma_mm=config.sigma_mm, level_radius_mm=config.level_radius_mm,
                          span_margin_mm=config.span_margin_mm, offset_radius_mm=config.offset_radius_mm)

@@ -54,3 +54,29 @@ def test_augmented_patch_keeps_points_on_their_blobs():
             assert np.linalg.norm(centre - q) < 0.6, (centre, q)
             checked += 1
     assert checked >= 6
+
+
+def test_level_balanced_weights_hand_made():
+    from stage1_localize.train import level_balanced_weights
+    w = level_balanced_weights([[20, 21], [19, 20]])
+    np.testing.assert_allclose(w[0], [0.5, 1.0])
+    np.testing.assert_allclose(w[1], [1.0, 0.5])
+
+
+def test_sample_patch_point_weights_pick_the_weighted_point():
+    """All weight on the second point: every foreground patch is centred (within the jitter) on it."""
+    img = np.zeros((40, 40, 200), dtype=np.float32)
+    pts = np.array([[20.0, 20.0, 30.0], [20.0, 20.0, 170.0]])
+    aug = AugmentConfig(p_rotate=0, p_scale=0, p_flip_lr=0, p_gamma=0, p_remap=0, p_invert=0, p_bias=0,
+                        p_noise=0, p_blur=0, p_thick_slices=0, p_partial_fov=0, p_foreground=1.0)
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        patch = sample_patch(img, pts, [20, 21], (8, 8, 16), np.array([3.0, 3.0, 3.0]), rng, aug,
+                             point_weights=np.array([1e-12, 1.0]))
+        # all points are kept (in patch voxels); the weighted one lies within the jitter of the centre
+        centre = (np.array([8, 8, 16]) - 1) / 2
+        assert np.all(np.abs(patch.points_ijk[1] - centre) <= 0.25 * np.array([8, 8, 16]) + 1e-6)
+        assert np.abs(patch.points_ijk[0][2] - centre[2]) > 100
+    with pytest.raises(ValueError, match="positive weights"):
+        sample_patch(img, pts, [20, 21], (8, 8, 16), np.array([3.0, 3.0, 3.0]), rng, aug,
+                     point_weights=np.array([1.0]))
