@@ -120,6 +120,9 @@ class Stage1Config:
     #: corrects the coarse heatmap peak at decoding (``targets.offset_map``). None: no offset head.
     offset_radius_mm: Optional[float] = 12.0
     offset_loss_weight: float = 1.0
+    #: pseudo-centroids added above the most cranial annotated level by repeating the last step
+    #: (L1-L5 annotated -> T12 extrapolated; ``targets.extrapolate_cranial``); 0: off
+    extrapolate_cranial: int = 0
     # heatmap loss ignored beyond this margin outside the annotated run of levels (None: off); see targets.py
     span_margin_mm: Optional[float] = 20.0
     level_loss_weight: float = 1.0

@@ -4,7 +4,9 @@
   centroids of ``<id>_points.csv`` (world LPS) or, when absent, the centroids of the
   ``<id>_vertebrae`` label map. Masks are never needed. Every scan is prepared once
   (``preprocess.prepare``: canonical LPS, 3 mm grid, [0, 1] intensities) and kept in memory (a 3 mm
-  lumbar scan is ~0.4 M voxels).
+  lumbar scan is ~0.4 M voxels). With ``config.extrapolate_cranial`` the run of points is extended
+  head-wards by extrapolated pseudo-centroids (``targets.extrapolate_cranial``: a visible T12 above an
+  L1-L5 annotation is taught as T12, not left for the level head to call "L1").
 * Each step draws ``batch_size`` augmented patches (``augment.sample_patch``) and builds targets on the
   patch grid (the heatmap loss ignores what lies beyond the annotated run of levels, see ``targets.py``). Loss = weighted BCE on the centre heatmap (weight ``1 + pos_weight * target``, the centres
   are <1 % of voxels) + ``level_loss_weight`` x cross-entropy of the level head inside the balls
@@ -44,7 +46,7 @@ from stage1_localize.config import Stage1Config
 from stage1_localize.model import LocalizerNet
 from stage1_localize.plan import plan_network
 from stage1_localize.preprocess import prepare, zscore
-from stage1_localize.targets import IGNORE, make_targets
+from stage1_localize.targets import IGNORE, extrapolate_cranial, make_targets
 
 log = logging.getLogger(__name__)
 LOG_FILE = "train_log.csv"
@@ -101,6 +103,9 @@ def load_subjects(data_dir, config: Stage1Config) -> list[TrainSubject]:
                 continue
             image = read_image(img_path)
             ids, world = subject_points(image, pts_path, vert_path)
+            if config.extrapolate_cranial > 0 and len(world):
+                extra_ids, extra = extrapolate_cranial(world, ids, config.extrapolate_cranial)
+                ids, world = list(ids) + extra_ids, np.concatenate([world, extra]) if len(extra) else world
             grid = prepare(image, config)
             ijk = grid.world_to_voxel(world).coords if len(world) else np.zeros((0, 3))
             out.append(TrainSubject(sid, grid, np.asarray(ijk), ids, group))

@@ -93,3 +93,31 @@ def test_offset_map_points_to_the_nearest_centroid_in_mm():
     assert np.array_equal(t["offset"], off) and np.array_equal(t["offset_mask"], mask)
     assert "offset" not in make_targets((5, 5, 8), pts, [20, 21], (1.0, 1.0, 2.0), levels=(20, 21),
                                         sigma_mm=2.0, level_radius_mm=2.0)
+
+
+def test_extrapolate_cranial_hand_made():
+    from stage1_localize.targets import extrapolate_cranial
+    world = np.array([[0.0, 0.0, -30.0], [0.0, 0.0, 0.0], [0.0, 0.0, -62.0]])  # L2, L1, L3 (any order)
+    ids, pts = extrapolate_cranial(world, [21, 20, 22])
+    assert ids == [19]
+    np.testing.assert_allclose(pts, [[0.0, 0.0, 30.0]])
+    # two levels: T12 then T11, each repeating the step (a curved spine keeps its last step)
+    world = np.array([[0.0, 0.0, 0.0], [0.0, 4.0, -30.0]])  # L1, L2
+    ids, pts = extrapolate_cranial(world, [20, 21], n_levels=2)
+    assert ids == [19, 18]
+    np.testing.assert_allclose(pts, [[0.0, -4.0, 30.0], [0.0, -8.0, 60.0]])
+
+
+def test_extrapolate_cranial_refuses_gaps_transitional_and_wrong_direction():
+    from stage1_localize.targets import extrapolate_cranial
+    # L1 and L3 (L2 missing): the step is not one level
+    assert extrapolate_cranial(np.array([[0, 0, 0.0], [0, 0, -60.0]]), [20, 22])[0] == []
+    # T13 at the top: no standard predecessor step
+    assert extrapolate_cranial(np.array([[0, 0, 0.0], [0, 0, -30.0]]), [28, 20])[0] == []
+    # L1 below L2 in world space (mislabelled / flipped): nothing added
+    assert extrapolate_cranial(np.array([[0, 0, -30.0], [0, 0, 0.0]]), [20, 21])[0] == []
+    # one point, or n_levels 0: nothing
+    assert extrapolate_cranial(np.array([[0, 0, 0.0]]), [20])[0] == []
+    assert extrapolate_cranial(np.array([[0, 0, 0.0], [0, 0, -30.0]]), [20, 21], n_levels=0)[0] == []
+    with pytest.raises(ValueError, match="2 points but 1 level ids"):
+        extrapolate_cranial(np.zeros((2, 3)), [20])

@@ -118,3 +118,17 @@ def test_training_is_deterministic_and_resumes_exactly(cohort, subjects, tmp_pat
     with pytest.raises(SpinepipeInputError, match="cannot resume"):
         train_stage1(cohort, tmp_path / "half", dataclasses.replace(cfg, lr=1e-2), resume=True,
                      subjects=sub, auto_plan=False)
+
+
+def test_load_subjects_extrapolate_cranial_adds_one_level_above_the_run(cohort, subjects):
+    """``extrapolate_cranial=1``: each subject gains exactly the standard level above its top annotated one."""
+    from data_prep.scan import anatomical_rank
+    ext = load_subjects(cohort, _tiny_config(extrapolate_cranial=1))
+    assert [s.id for s in ext] == [s.id for s in subjects]
+    for plain, more in zip(subjects, ext):
+        assert list(more.level_ids[:len(plain.level_ids)]) == list(plain.level_ids)
+        np.testing.assert_allclose(more.points_ijk[:len(plain.level_ids)], plain.points_ijk)
+        added = list(more.level_ids[len(plain.level_ids):])
+        assert len(added) == 1
+        top = min(plain.level_ids, key=anatomical_rank)
+        assert anatomical_rank(added[0]) < anatomical_rank(top)
