@@ -58,6 +58,7 @@ from data_prep.scan import Scan, centroids_from_labelmap, level_name, reorient, 
 from pipeline.metrics import ScanIdentification, identification, summarize_identification  # noqa: E402
 from stage1_localize.config import Stage1Config  # noqa: E402
 from stage1_localize.infer import Localizer  # noqa: E402
+from stage1_localize.labelling import AMBIGUOUS_FLAG, TRANSITIONAL_FLAG  # noqa: E402
 from stage1_localize.train import train_stage1  # noqa: E402
 
 log = logging.getLogger("bench_stage1")
@@ -142,7 +143,24 @@ def variants(image: Scan, gt: dict[int, np.ndarray], which=VARIANTS):
 
 # ---------------------------------------------------------------------------------------------------
 # Results
+NAMING_FLAGS = (AMBIGUOUS_FLAG, TRANSITIONAL_FLAG)
+
+
 # ---------------------------------------------------------------------------------------------------
+def scan_all_correct_annotated_run(r: dict) -> bool:
+    """Every annotated vertebra identified and no scored false prediction (the annotated-run rule)."""
+    return len(r["identified"]) == r["n_gt"] and r["n_pred"] - r["n_unscored"] == r["n_gt"]
+
+
+def naming_flag_summary(items: list[dict]) -> dict:
+    """How well the naming flags warn: share of wrong scans (annotated-run rule) that carry a flag, and
+    share of all-correct scans that carry one (false alarms)."""
+    wrong = [r for r in items if not scan_all_correct_annotated_run(r)]
+    right = [r for r in items if scan_all_correct_annotated_run(r)]
+    return {"n_wrong_scans": len(wrong), "wrong_flagged": sum(bool(r["naming_flagged"]) for r in wrong),
+            "n_right_scans": len(right), "right_flagged": sum(bool(r["naming_flagged"]) for r in right)}
+
+
 class Results:
     def __init__(self, out_dir: Path, meta: dict):
         self.out_dir = out_dir
@@ -175,6 +193,8 @@ class Results:
                             summ.update({"precision_annotated_run": lenient["precision"],
                                          "all_correct_annotated_run": lenient["all_correct"],
                                          "n_unscored": lenient["n_unscored"]})
+                        if all(r.get("naming_flagged") is not None for r in items) and "n_unscored" in items[0]:
+                            summ.update(naming_flag_summary(items))
                         out.setdefault(m, {}).setdefault(v, {})[g] = summ
         return out
 
@@ -203,6 +223,15 @@ class Results:
                                  f"{s.get('precision_annotated_run', float('nan')):.3f} | {s['recall']:.3f} | "
                                  f"{s['all_correct']:.3f} / {s.get('all_correct_annotated_run', float('nan')):.3f} | "
                                  f"{s.get('n_unscored', '-')} |")
+        flag_rows = [(m, v, c, s) for m, per_v in summ.items() for v, per_c in per_v.items()
+                     for c, s in per_c.items() if "wrong_flagged" in s]
+        if flag_rows:
+            lines += ["", "Naming flags (`level_ambiguous` / `transitional?` on any vertebra of the scan): how many "
+                      "wrongly named scans (annotated-run rule) carry one, and how many all-correct scans do "
+                      "(false alarms).", "",
+                      "| method | variant | cohort | wrong scans flagged | all-correct scans flagged |", "|---|---|---|---|---|"]
+            lines += [f"| {m} | {v} | {c} | {s['wrong_flagged']} / {s['n_wrong_scans']} | "
+                      f"{s['right_flagged']} / {s['n_right_scans']} |" for m, v, c, s in flag_rows]
         lines += ["", "| fold | method | train scans | train wall-clock (s) | mean inference (s/scan) | notes |",
                   "|---|---|---|---|---|---|"]
         for f in self.folds:
@@ -245,10 +274,12 @@ def merge_results(files: list[Path], out_dir: Path, name: str) -> int:
     return 0
 
 
-def record(method, fold, case, variant, pred, gt, seconds) -> dict:
+def record(method, fold, case, variant, pred, gt, seconds, naming_flagged: bool | None = None) -> dict:
+    """One scan's result; ``naming_flagged``: did any named vertebra carry a naming flag (level_ambiguous /
+    transitional?), None for methods without flags (nnU-Net)."""
     r = identification(pred, gt)
     lenient = identification(pred, gt, score_beyond_annotation=False)
-    return {"method": method, "fold": fold, "id": case["id"], "cohort": case["cohort"], "variant": variant,
+    return {"naming_flagged": naming_flagged, "method": method, "fold": fold, "id": case["id"], "cohort": case["cohort"], "variant": variant,
             "n_gt": r.n_gt, "n_pred": r.n_pred, "n_unscored": lenient.n_unscored, "identified": r.identified,
             "pred_world_mm": {str(k): [round(float(c), 2) for c in np.asarray(p).reshape(3)] for k, p in pred.items()},
             "errors_mm": {str(k): v for k, v in r.errors_mm.items()},
@@ -431,8 +462,9 @@ def main(argv=None) -> int:
                 verts = loc.localize(scan)
                 dt = time.perf_counter() - t1
                 infer_s.append(dt)
+                flagged = any(f in NAMING_FLAGS for v in verts for f in v.flags)
                 results.add(record("spinepipe_stage1", fold, case, variant,
-                                   {v.label: v.centroid_world for v in verts}, g, dt))
+                                   {v.label: v.centroid_world for v in verts}, g, dt, naming_flagged=flagged))
                 test_items.append((case, variant, scan, g))
         results.folds.append({"fold": fold, "method": "spinepipe_stage1", "n_train": len(train),
                               "train_seconds": train_s, "infer_seconds": float(np.mean(infer_s)) if infer_s else float("nan")})

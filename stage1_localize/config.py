@@ -99,6 +99,9 @@ class LabellingConfig:
     score_floor: float = 0.1           # candidates are peaks above this (keep = Stage1Config.peak_threshold)
     transitional_cost: float = 2.5     # prior cost of using T13 or L6 (about 5-10 % prevalence)
     ambiguity_margin: float = 2.0      # cost gap under which an alternative labelling is flagged
+    #: a dropped candidate at least this strong, one plausible vertebral step beyond either end of the
+    #: named run, flags the run "level_ambiguous" (a count conflict: one more body than names); 1.0: off
+    conflict_score: float = 0.4
     min_prob: float = 1e-4             # floor on probabilities before taking logs
 
 

@@ -24,8 +24,14 @@ The dynamic programme keeps one extra bit per state ("a transitional level was u
 the best standard path *and* the best path with T13/L6. When they are within ``ambiguity_margin`` the
 vertebrae whose names differ are flagged ``"transitional?"`` instead of silently shifting every label.
 The best path's labels shifted by one level up/down (same kept candidates) are also scored; if either is
-within the margin every vertebra is flagged ``"level_ambiguous"``. Confidence combines the detection
-score, the level probability and the posterior of the chosen path against those alternatives.
+within the margin every vertebra is flagged ``"level_ambiguous"``. The same flag is raised on a *count
+conflict*: a strong candidate (score >= ``conflict_score``) that the best path drops although it lies one
+plausible vertebral step (0.6-1.5 x the run's median step) beyond the first or last named vertebra. The
+detector then sees one more body than the level probabilities leave names for -- typically a lumbarised
+S1 / L6 at the bottom or a T12 that the level head calls L1 at the top -- and the cheapest naming drops
+one end and may have shifted every label; a radiologist must count (:func:`count_conflict`).
+Confidence combines the detection score, the level probability and the posterior of the chosen path
+against those alternatives.
 
 Complexity ``O(N^2 S^2)`` with N candidates (<= ~40) and S level states (~13): milliseconds in numpy.
 """
@@ -66,6 +72,8 @@ class LabellingResult:
     assignments: list[Assignment]
     cost: float
     alternatives: dict[str, float] = field(default_factory=dict)
+    #: input row of a dropped candidate that contradicts the count of the named run (see ``count_conflict``)
+    conflict_index: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,16 +248,41 @@ def assign_levels(
         other_lab = {c: states[s] for c, s in other_path}
         differs = {c for c, s in path if other_lab.get(c) != states[s]}
 
+    conflict = count_conflict(pos, sc, [c for c, _ in path], cfg)
     out = []
     for c, s in path:
         flags = []
         if trans[s] or c in differs:
             flags.append(TRANSITIONAL_FLAG)
-        if ambiguous_shift:
+        if ambiguous_shift or conflict is not None:
             flags.append(AMBIGUOUS_FLAG)
         conf = float(sc[c] * min(1.0, p_abs[c, s]) * posterior)
         out.append(Assignment(int(order[c]), states[s], conf, flags))
-    return LabellingResult(out, cost, alternatives)
+    return LabellingResult(out, cost, alternatives, None if conflict is None else int(order[conflict]))
+
+
+def count_conflict(pos: np.ndarray, scores: np.ndarray, kept: Sequence[int], cfg: LabellingConfig) -> int | None:
+    """Index of a dropped candidate that contradicts the count of the named run, else None.
+
+    ``pos`` ``(N, 3)`` mm and ``scores`` ``(N,)`` are sorted head to foot; ``kept`` are the (sorted) indices
+    the best path named. The nearest dropped candidate above the first kept one and below the last kept
+    one are tested: score >= ``cfg.conflict_score`` and distance to that end within 0.6-1.5 x the median
+    step between consecutive kept candidates (with one kept candidate: the lumbar spacing prior).
+    """
+    kept = sorted(int(c) for c in kept)
+    if not kept or cfg.conflict_score >= 1.0:
+        return None
+    steps = [float(np.linalg.norm(pos[b] - pos[a])) for a, b in zip(kept[:-1], kept[1:])]
+    step = float(np.median(steps)) if steps else cfg.spacing_lumbar_mm
+    for end, cands in ((kept[0], range(kept[0] - 1, -1, -1)), (kept[-1], range(kept[-1] + 1, len(pos)))):
+        for c in cands:  # nearest strong-enough dropped candidate beyond this end
+            if scores[c] < cfg.conflict_score:
+                continue
+            d = float(np.linalg.norm(pos[c] - pos[end]))
+            if 0.6 * step <= d <= 1.5 * step:
+                return int(c)
+            break
+    return None
 
 
 def _drop_cost(scores: np.ndarray, cfg: LabellingConfig) -> np.ndarray:

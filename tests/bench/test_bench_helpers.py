@@ -124,8 +124,9 @@ def test_stage1_fold_runs_merge_into_one_table(tmp_path):
 
     gt = {20: (0.0, 0.0, 100.0), 21: (0.0, 0.0, 65.0)}
     case = {"id": "s1", "cohort": "myosegmentum"}
-    right = b1.record("spinepipe_stage1", 0, case, "original", {**gt, 19: (0.0, 0.0, 135.0)}, gt, 0.5)
-    wrong = b1.record("spinepipe_stage1", 1, dict(case, id="s2"), "original", {21: gt[20]}, gt, 0.7)
+    right = b1.record("spinepipe_stage1", 0, case, "original", {**gt, 19: (0.0, 0.0, 135.0)}, gt, 0.5,
+                      naming_flagged=False)
+    wrong = b1.record("spinepipe_stage1", 1, dict(case, id="s2"), "original", {21: gt[20]}, gt, 0.7, naming_flagged=True)
     assert right["n_unscored"] == 1 and wrong["n_unscored"] == 0
     files = []
     for fold, rec in [(0, right), (1, wrong)]:
@@ -140,6 +141,9 @@ def test_stage1_fold_runs_merge_into_one_table(tmp_path):
     assert s["n_scans"] == 2 and s["id_rate"] == 0.5
     assert s["all_correct"] == 0.0 and s["all_correct_annotated_run"] == 0.5 and s["n_unscored"] == 1
     assert "| 0.000 / 0.500 |" in (tmp_path / "joined.md").read_text()
+    # the wrong scan carried a naming flag, the right one did not
+    assert (s["wrong_flagged"], s["n_wrong_scans"], s["right_flagged"], s["n_right_scans"]) == (1, 1, 0, 1)
+    assert "| 1 / 1 | 0 / 1 |" in (tmp_path / "joined.md").read_text()
     bad = json.loads(files[1].read_text())
     bad["meta"]["seed"] = 7
     files[1].write_text(json.dumps(bad))

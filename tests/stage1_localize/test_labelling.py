@@ -139,3 +139,39 @@ def test_empty_and_bad_shapes():
     assert res.assignments == []
     with pytest.raises(ValueError):
         assign_levels(np.zeros((2, 3)), np.ones(3), np.zeros((2, len(LEVELS))), LEVELS)
+
+
+def test_count_conflict_flags_one_body_more_than_names():
+    """Six evenly spaced strong bodies whose level head reads L1, L1, L2, L3, L4, L5 (a real case: a
+    lumbarised S1 at the bottom lets the head count from the sacrum). The cheapest naming drops one end;
+    it must not do so silently."""
+    names = ["L1", "L2", "L3", "L4", "L5", "S1"]
+    ids, pos, sc, lp = _column(names, spacing=33.0, score=0.7)
+    lp = np.stack([_probs(v, p_true=0.9, p_nb=0.05) for v in [20, 20, 21, 22, 23, 24]])
+    res = assign_levels(pos, sc, lp, LEVELS)
+    assert len(res.assignments) == 5
+    assert res.conflict_index == 0  # the strong top body was dropped
+    assert all(AMBIGUOUS_FLAG in a.flags for a in res.assignments)
+    # a weak dropped peak (below conflict_score) is no conflict ...
+    sc_weak = sc.copy()
+    sc_weak[0] = 0.2
+    res_weak = assign_levels(pos, sc_weak, lp, LEVELS)
+    assert res_weak.conflict_index is None
+    assert all(AMBIGUOUS_FLAG not in a.flags for a in res_weak.assignments)
+    # ... nor is a strong one far beyond the run (2.5 steps: not the next vertebra)
+    pos_far = pos.copy()
+    pos_far[0, 2] += 1.5 * 33.0
+    assert assign_levels(pos_far, sc, lp, LEVELS).conflict_index is None
+    # ... and conflict_score 1.0 switches the check off
+    assert assign_levels(pos, sc, lp, LEVELS, LabellingConfig(conflict_score=1.0)).conflict_index is None
+
+
+def test_count_conflict_pure_function_on_hand_made_run():
+    from stage1_localize.labelling import count_conflict
+    pos = np.array([[0.0, 0.0, -30.0 * i] for i in range(5)])
+    sc = np.array([0.9, 0.9, 0.9, 0.9, 0.5])
+    cfg = LabellingConfig()
+    assert count_conflict(pos, sc, [0, 1, 2, 3], cfg) == 4   # bottom body dropped, one step below
+    assert count_conflict(pos, sc, [0, 1, 2, 3, 4], cfg) is None
+    assert count_conflict(pos, sc, [1, 2, 3, 4], cfg) == 0   # top
+    assert count_conflict(pos, sc, [], cfg) is None
