@@ -126,6 +126,8 @@ class Stage1Config:
     #: pseudo-centroids added above the most cranial annotated level by repeating the last step
     #: (L1-L5 annotated -> T12 extrapolated; ``targets.extrapolate_cranial``); 0: off
     extrapolate_cranial: int = 0
+    #: extrapolated pseudo-centroids supervise only the level head (not the heatmap, offsets or span)
+    extrapolated_level_only: bool = False
     # heatmap loss ignored beyond this margin outside the annotated run of levels (None: off); see targets.py
     span_margin_mm: Optional[float] = 20.0
     level_loss_weight: float = 1.0

@@ -236,6 +236,7 @@ def make_targets(
     level_radius_mm: float,
     span_margin_mm: float | None = None,
     offset_radius_mm: float | None = None,
+    level_only: Sequence[bool] | None = None,
 ) -> dict[str, np.ndarray]:
     """``{"heatmap": (I,J,K) float32, "levels": (I,J,K) int64, "heatmap_weight": (I,J,K) float32}``,
     plus ``"offset": (3,I,J,K) float32 mm`` and ``"offset_mask": (I,J,K) bool`` when ``offset_radius_mm``
@@ -243,17 +244,24 @@ def make_targets(
 
     Vertebrae whose level is not in ``levels`` still appear in the heatmap (they are vertebrae) but
     leave the level map at ``IGNORE``. ``span_margin_mm`` (None: weight 1 everywhere) enables
-    :func:`annotated_span_weight` along the canonical superior axis k.
+    :func:`annotated_span_weight` along the canonical superior axis k. ``level_only`` (``(N,)`` bool)
+    marks points that shape only the level map (extrapolated pseudo-centroids whose position is too
+    approximate for the heatmap and offsets); they are also left out of the span.
     """
     pts = np.asarray(points_ijk, dtype=np.float64).reshape(-1, 3)
-    idx = level_indices(level_ids, levels)
-    weight = (annotated_span_weight(shape, pts, level_ids, spacing, span_margin_mm)
+    ids = [int(v) for v in level_ids]
+    idx = level_indices(ids, levels)
+    real = np.ones(len(pts), dtype=bool) if level_only is None else ~np.asarray(level_only, dtype=bool).reshape(-1)
+    if real.shape != (len(pts),):
+        raise ValueError(f"level_only: expected {len(pts)} flags, got {real.shape[0]}")
+    rp, rids = pts[real], [v for v, keep in zip(ids, real) if keep]
+    weight = (annotated_span_weight(shape, rp, rids, spacing, span_margin_mm)
               if span_margin_mm is not None else np.ones(tuple(int(s) for s in shape), dtype=np.float32))
     out = {
-        "heatmap": centre_heatmap(shape, pts, spacing, sigma_mm),
+        "heatmap": centre_heatmap(shape, rp, spacing, sigma_mm),
         "levels": level_map(shape, pts, idx, spacing, level_radius_mm),
         "heatmap_weight": weight,
     }
     if offset_radius_mm is not None:
-        out["offset"], out["offset_mask"] = offset_map(shape, pts, spacing, offset_radius_mm)
+        out["offset"], out["offset_mask"] = offset_map(shape, rp, spacing, offset_radius_mm)
     return out

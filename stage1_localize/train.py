@@ -62,6 +62,8 @@ class TrainSubject:
     level_ids: list[int]
     #: index of the dataset folder the subject came from (batches balance folders, see ``make_batch``)
     group: int = 0
+    #: levels of extrapolated pseudo-centroids among ``level_ids`` (``config.extrapolate_cranial``)
+    pseudo_ids: tuple[int, ...] = ()
 
 
 def list_subjects(data_dir: str | os.PathLike) -> list[tuple[str, Path, Path | None, Path | None]]:
@@ -106,9 +108,12 @@ def load_subjects(data_dir, config: Stage1Config) -> list[TrainSubject]:
             if config.extrapolate_cranial > 0 and len(world):
                 extra_ids, extra = extrapolate_cranial(world, ids, config.extrapolate_cranial)
                 ids, world = list(ids) + extra_ids, np.concatenate([world, extra]) if len(extra) else world
+                pseudo = tuple(extra_ids)
+            else:
+                pseudo = ()
             grid = prepare(image, config)
             ijk = grid.world_to_voxel(world).coords if len(world) else np.zeros((0, 3))
-            out.append(TrainSubject(sid, grid, np.asarray(ijk), ids, group))
+            out.append(TrainSubject(sid, grid, np.asarray(ijk), ids, group, pseudo))
     if not out:
         raise SpinepipeInputError(data_dir, "no subject with <id>_points.csv or <id>_vertebrae labels to train stage 1 on")
     return out
@@ -151,9 +156,12 @@ def make_batch(subjects: list[TrainSubject], config: Stage1Config, rng: np.rando
         s = draw_subject(subjects, rng, config.balance_groups)
         p = sample_patch(s.grid.array, s.points_ijk, s.level_ids, config.plan.patch_size, spacing, rng,
                          config.augment if augment else None, point_weights=point_w.get(id(s)))
+        level_only = ([int(v) in s.pseudo_ids for v in p.level_ids]
+                      if config.extrapolated_level_only and s.pseudo_ids else None)
         t = make_targets(p.image.shape, p.points_ijk, p.level_ids, spacing, levels=config.levels,
                          sigma_mm=config.sigma_mm, level_radius_mm=config.level_radius_mm,
-                         span_margin_mm=config.span_margin_mm, offset_radius_mm=config.offset_radius_mm)
+                         span_margin_mm=config.span_margin_mm, offset_radius_mm=config.offset_radius_mm,
+                         level_only=level_only)
         if config.offset_radius_mm is not None:
             offs.append(t["offset"] / np.float32(config.offset_radius_mm))
             omasks.append(t["offset_mask"])

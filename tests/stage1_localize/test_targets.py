@@ -121,3 +121,18 @@ def test_extrapolate_cranial_refuses_gaps_transitional_and_wrong_direction():
     assert extrapolate_cranial(np.array([[0, 0, 0.0], [0, 0, -30.0]]), [20, 21], n_levels=0)[0] == []
     with pytest.raises(ValueError, match="2 points but 1 level ids"):
         extrapolate_cranial(np.zeros((2, 3)), [20])
+
+
+def test_make_targets_level_only_points_shape_only_the_level_map():
+    shape, sp = (5, 5, 20), (3.0, 3.0, 3.0)
+    pts = np.array([[2.0, 2.0, 5.0], [2.0, 2.0, 15.0]])  # L2 (real), L1 (pseudo, above)
+    kw = dict(levels=[19, 20, 21], sigma_mm=3.0, level_radius_mm=4.0, span_margin_mm=3.0, offset_radius_mm=4.0)
+    t = make_targets(shape, pts, [21, 20], sp, level_only=[False, True], **kw)
+    assert t["heatmap"][2, 2, 15] < 1e-3 and t["heatmap"][2, 2, 5] == 1.0   # no Gaussian on the pseudo point
+    assert t["levels"][2, 2, 15] == 1 and t["levels"][2, 2, 5] == 2          # but its level is taught
+    assert not t["offset_mask"][2, 2, 15] and t["offset_mask"][2, 2, 5]
+    assert t["heatmap_weight"][2, 2, 15] == 0.0                               # span from real points only
+    full = make_targets(shape, pts, [21, 20], sp, **kw)
+    assert full["heatmap"][2, 2, 15] == 1.0 and full["heatmap_weight"][2, 2, 15] == 1.0
+    with pytest.raises(ValueError, match="expected 2 flags"):
+        make_targets(shape, pts, [21, 20], sp, level_only=[True], **kw)
