@@ -124,7 +124,8 @@ class Stage1Config:
     offset_radius_mm: Optional[float] = 12.0
     offset_loss_weight: float = 1.0
     #: pseudo-centroids added above the most cranial annotated level by repeating the last step
-    #: (L1-L5 annotated -> T12 extrapolated; ``targets.extrapolate_cranial``); 0: off
+    #: (L1-L5 annotated -> T12 extrapolated; ``targets.extrapolate_cranial``); 0: off. Experimental: on
+    #: fold 0 of the real benchmark it lowered identification in every trial (bench/results/stage1_*_f0.md)
     extrapolate_cranial: int = 0
     #: extrapolated pseudo-centroids supervise only the level head (not the heatmap, offsets or span)
     extrapolated_level_only: bool = False
@@ -142,7 +143,8 @@ class Stage1Config:
     balance_groups: bool = True
     #: foreground patches centre on a vertebra drawn with probability ~ 1 / (training vertebrae of its
     #: level): rare levels (T11 / T12 annotated in one cohort only) are centred as often as L3
-    #: (nnU-Net's class-balanced foreground sampling); see ``train.level_balanced_weights``
+    #: (nnU-Net's class-balanced foreground sampling); see ``train.level_balanced_weights``. Off: on fold 0
+    #: it finds chu2015's T11/T12 but the level head then names myosegmentum's T12 "L1" (stage1_balance_levels_f0)
     balance_levels: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # decoding. Candidates are cheap: the labeller drops spurious ones (cost rising with the peak height)
