@@ -77,6 +77,38 @@ def find_peaks(heatmap: np.ndarray, spacing, threshold: float, radius_mm: float,
     return refined, vals
 
 
+def vote_peaks(heatmap: np.ndarray, offset_mm: np.ndarray, spacing, threshold: float, radius_mm: float,
+               max_peaks: int, vote_sigma_vox: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates by offset voting: ``(ijk (M, 3) integer voxel float, scores (M,))``, best first.
+
+    Every voxel with ``heatmap >= threshold`` adds its heat at the voxel its offset points to
+    (``voxel + offset_mm / spacing``, rounded; ``offset_mm`` ``(3, I, J, K)`` mm along i, j, k); the vote
+    map is smoothed (Gaussian, ``vote_sigma_vox``) and its local maxima (``radius_mm`` suppression, as
+    :func:`find_peaks`) are the candidates. A candidate's score is the heat maximum in its 3x3x3
+    neighbourhood and must reach ``threshold``. Two vertebrae whose heat blobs merge into one ridge still
+    give two vote peaks, because each side's offsets point to its own centre.
+    """
+    heat = np.asarray(heatmap, dtype=np.float64)
+    spacing = np.asarray(spacing, dtype=np.float64).reshape(3)
+    vox = np.argwhere(heat >= threshold)
+    if len(vox) == 0:
+        return np.zeros((0, 3)), np.zeros(0)
+    w = heat[tuple(vox.T)]
+    target = np.round(vox + np.asarray(offset_mm)[(slice(None),) + tuple(vox.T)].T / spacing).astype(np.int64)
+    inside = np.all((target >= 0) & (target < np.asarray(heat.shape)), axis=1)
+    votes = np.zeros(heat.shape, dtype=np.float64)
+    np.add.at(votes, tuple(target[inside].T), w[inside])
+    votes = ndimage.gaussian_filter(votes, vote_sigma_vox)
+    ijk, _ = find_peaks(votes, spacing, 1e-6, radius_mm, 4 * max_peaks, refine=False)
+    if len(ijk) == 0:
+        return np.zeros((0, 3)), np.zeros(0)
+    scores = np.array([heat[_neighbourhood(heat.shape, p)].max() for p in ijk])
+    keep = scores >= threshold
+    ijk, scores = ijk[keep], scores[keep]
+    order = np.argsort(-scores, kind="stable")[:max_peaks]
+    return ijk[order], scores[order]
+
+
 def refine_with_offsets(heatmap: np.ndarray, offset_mm: np.ndarray, spacing, peaks_ijk: np.ndarray) -> np.ndarray:
     """``(M, 3)`` voxel positions: for each integer peak, the mean of ``voxel + offset / spacing`` over its
     3x3x3 neighbourhood, weighted by the heatmap (``offset_mm`` ``(3, I, J, K)``, mm along i, j, k)."""
@@ -177,8 +209,12 @@ class Localizer:
         maps = self.predict_maps(grid)
         heat, levels = maps["heatmap"], maps["levels"]
         use_offset = "offset" in maps and self.config.use_offsets
-        ijk, scores = find_peaks(heat, grid.spacing, self.config.peak_threshold, self.config.nms_radius_mm,
-                                 self.config.max_candidates, refine=not use_offset)
+        if use_offset and self.config.offset_voting:
+            ijk, scores = vote_peaks(heat, maps["offset"], grid.spacing, self.config.peak_threshold,
+                                     self.config.nms_radius_mm, self.config.max_candidates)
+        else:
+            ijk, scores = find_peaks(heat, grid.spacing, self.config.peak_threshold, self.config.nms_radius_mm,
+                                     self.config.max_candidates, refine=not use_offset)
         if len(ijk) == 0:
             return np.zeros((0, 3)), np.zeros(0), np.zeros((0, len(self.config.levels))), grid
         probs = np.stack([levels[(slice(None),) + _neighbourhood(heat.shape, np.round(p))].reshape(len(levels), -1).mean(1)

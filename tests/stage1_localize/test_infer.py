@@ -210,3 +210,27 @@ def test_localizer_loads_saved_model_and_rejects_missing(tmp_path):
     assert len(ranks) == len(set(ranks))
     with pytest.raises(SpinepipeInputError, match="make train-stage1"):
         Localizer(tmp_path / "nothing")
+
+
+def test_vote_peaks_split_a_ridge_that_local_maxima_merge():
+    """Two centres 24 mm apart whose blobs merge into one ridge with a single maximum between them: local
+    maxima give one candidate; the offsets (each voxel pointing to its own centre) give two vote peaks,
+    at the true centres."""
+    from stage1_localize.infer import vote_peaks
+    from stage1_localize.targets import offset_map
+
+    shape, sp = (5, 5, 30), np.array([3.0, 3.0, 3.0])
+    centres = np.array([[2.0, 2.0, 11.0], [2.0, 2.0, 19.0]])
+    k = np.arange(shape[2])
+    ridge = np.where(np.abs(k - 15.0) <= 6, 0.8 - 0.01 * np.abs(k - 15.0), 0.0)  # one maximum, at k = 15
+    ij = np.exp(-((np.arange(5) - 2.0) ** 2) / 2.0)
+    heat = ij[:, None, None] * ij[None, :, None] * ridge[None, None, :]
+    off, _ = offset_map(shape, centres, sp, radius_mm=60.0)
+    ijk_max, _ = find_peaks(heat, sp, 0.1, 15.0, 10, refine=False)
+    np.testing.assert_allclose(ijk_max, [[2.0, 2.0, 15.0]])
+    ijk, scores = vote_peaks(heat, off, sp, 0.1, 15.0, 10)
+    assert len(ijk) == 2
+    np.testing.assert_allclose(ijk[np.argsort(ijk[:, 2])], centres)
+    np.testing.assert_allclose(scores, [0.77, 0.77])
+    # nothing above the threshold: no candidate
+    assert len(vote_peaks(heat * 0.0, off, sp, 0.1, 15.0, 10)[0]) == 0
