@@ -6,7 +6,8 @@
   (``preprocess.prepare``: canonical LPS, 3 mm grid, [0, 1] intensities) and kept in memory (a 3 mm
   lumbar scan is ~0.4 M voxels). With ``config.extrapolate_cranial`` the run of points is extended
   head-wards by extrapolated pseudo-centroids (``targets.extrapolate_cranial``: a visible T12 above an
-  L1-L5 annotation is taught as T12, not left for the level head to call "L1").
+  L1-L5 annotation is taught as T12, not left for the level head to call "L1"; experimental, off by
+  default: it lowered identification in the fold-0 trials, see ``config.py``).
 * Each step draws ``batch_size`` augmented patches (``augment.sample_patch``) and builds targets on the
   patch grid (the heatmap loss ignores what lies beyond the annotated run of levels, see ``targets.py``). Loss = weighted BCE on the centre heatmap (weight ``1 + pos_weight * target``, the centres
   are <1 % of voxels) + ``level_loss_weight`` x cross-entropy of the level head inside the balls
