@@ -147,18 +147,14 @@ NAMING_FLAGS = (AMBIGUOUS_FLAG, TRANSITIONAL_FLAG)
 
 
 # ---------------------------------------------------------------------------------------------------
-def scan_all_correct_annotated_run(r: dict) -> bool:
-    """Every annotated vertebra identified and no scored false prediction (the annotated-run rule)."""
-    return len(r["identified"]) == r["n_gt"] and r["n_pred"] - r["n_unscored"] == r["n_gt"]
-
-
-def naming_flag_summary(items: list[dict]) -> dict:
-    """How well the naming flags warn: share of wrong scans (annotated-run rule) that carry a flag, and
-    share of all-correct scans that carry one (false alarms)."""
-    wrong = [r for r in items if not scan_all_correct_annotated_run(r)]
-    right = [r for r in items if scan_all_correct_annotated_run(r)]
-    return {"n_wrong_scans": len(wrong), "wrong_flagged": sum(bool(r["naming_flagged"]) for r in wrong),
-            "n_right_scans": len(right), "right_flagged": sum(bool(r["naming_flagged"]) for r in right)}
+def naming_flag_summary(items: list[dict], scans: list[ScanIdentification]) -> dict:
+    """How well the naming flags warn: how many wrong scans carry a flag, and how many all-correct scans
+    do (false alarms); right / wrong is ``ScanIdentification.all_correct`` of ``scans`` (one per record of
+    ``items``, scored by the annotated-run rule)."""
+    right = [bool(sc.all_correct) for sc in scans]
+    flagged = [bool(r["naming_flagged"]) for r in items]
+    return {"n_wrong_scans": right.count(False), "wrong_flagged": sum(f and not ok for f, ok in zip(flagged, right)),
+            "n_right_scans": right.count(True), "right_flagged": sum(f and ok for f, ok in zip(flagged, right))}
 
 
 class Results:
@@ -187,14 +183,15 @@ class Results:
                                  for r, e in zip(items, errs)]
                         summ = summarize_identification(scans)
                         if all("n_unscored" in r for r in items):  # the annotated-run variant of the scoring
-                            lenient = summarize_identification(
-                                [ScanIdentification(r["n_gt"], r["n_pred"] - r["n_unscored"], r["identified"], e,
-                                                    r["n_unscored"]) for r, e in zip(items, errs)])
+                            lenient_scans = [ScanIdentification(r["n_gt"], r["n_pred"] - r["n_unscored"],
+                                                                r["identified"], e, r["n_unscored"])
+                                             for r, e in zip(items, errs)]
+                            lenient = summarize_identification(lenient_scans)
                             summ.update({"precision_annotated_run": lenient["precision"],
                                          "all_correct_annotated_run": lenient["all_correct"],
                                          "n_unscored": lenient["n_unscored"]})
-                        if all(r.get("naming_flagged") is not None for r in items) and "n_unscored" in items[0]:
-                            summ.update(naming_flag_summary(items))
+                            if all(r.get("naming_flagged") is not None for r in items):
+                                summ.update(naming_flag_summary(items, lenient_scans))
                         out.setdefault(m, {}).setdefault(v, {})[g] = summ
         return out
 
@@ -279,7 +276,8 @@ def record(method, fold, case, variant, pred, gt, seconds, naming_flagged: bool 
     transitional?), None for methods without flags (nnU-Net)."""
     r = identification(pred, gt)
     lenient = identification(pred, gt, score_beyond_annotation=False)
-    return {"naming_flagged": naming_flagged, "method": method, "fold": fold, "id": case["id"], "cohort": case["cohort"], "variant": variant,
+    return {"method": method, "fold": fold, "id": case["id"], "cohort": case["cohort"], "variant": variant,
+            "naming_flagged": naming_flagged,
             "n_gt": r.n_gt, "n_pred": r.n_pred, "n_unscored": lenient.n_unscored, "identified": r.identified,
             "pred_world_mm": {str(k): [round(float(c), 2) for c in np.asarray(p).reshape(3)] for k, p in pred.items()},
             "errors_mm": {str(k): v for k, v in r.errors_mm.items()},

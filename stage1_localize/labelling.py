@@ -265,8 +265,8 @@ def count_conflict(pos: np.ndarray, scores: np.ndarray, kept: Sequence[int], cfg
     """Index of a dropped candidate that contradicts the count of the named run, else None.
 
     ``pos`` ``(N, 3)`` mm and ``scores`` ``(N,)`` are sorted head to foot; ``kept`` are the (sorted) indices
-    the best path named. The nearest dropped candidate above the first kept one and below the last kept
-    one are tested: score >= ``cfg.conflict_score`` and distance to that end within 0.6-1.5 x the median
+    the best path named. Beyond each end of the run, the nearest dropped candidate with score >=
+    ``cfg.conflict_score`` is tested: a conflict when its distance to that end is within 0.6-1.5 x the median
     step between consecutive kept candidates (with one kept candidate: the lumbar spacing prior).
     """
     kept = sorted(int(c) for c in kept)
