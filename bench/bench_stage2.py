@@ -229,13 +229,19 @@ def folds_by_subject(samples: list[Sample], k: int, seed: int) -> list[tuple[lis
 # training / evaluation
 # ---------------------------------------------------------------------------------------------
 def train(samples: list[Sample], cfg: Stage2Config, runs: Path, tag: str,
-          device: str = "cpu") -> tuple[Stage2Trainable, float]:
+          device: str = "cpu", on_epoch=None) -> tuple[Stage2Trainable, float]:
     """Train on ``samples``; checkpoints go to ``runs/<tag>`` (``runs`` = ``<work>/runs/<--name>``, so
-    concurrent benchmarks with different names can share one ``--work`` and its semi-synthetic data)."""
+    concurrent benchmarks with different names can share one ``--work`` and its semi-synthetic data).
+    ``on_epoch(epoch, module, log_row)``, if given, runs after every epoch (learning curves)."""
     holder: dict = {}
     t0 = time.time()
-    train_on_samples(samples, cfg, runs / tag, dist_info=DistInfo(0, 1, 0, torch.device(device)),
-                     callback=lambda e, m, row: holder.__setitem__("module", m))
+
+    def callback(e, m, row):
+        holder["module"] = m
+        if on_epoch is not None:
+            on_epoch(e, m, row)
+
+    train_on_samples(samples, cfg, runs / tag, dist_info=DistInfo(0, 1, 0, torch.device(device)), callback=callback)
     secs = (time.time() - t0) / max(cfg.train.epochs, 1)
     return holder["module"], secs
 
@@ -301,6 +307,26 @@ def evaluate(module, test: list[Sample], cfg: Stage2Config) -> dict:
 # ---------------------------------------------------------------------------------------------
 # sections
 # ---------------------------------------------------------------------------------------------
+def _curve_recorder(fold: int, test: list[Sample], cfg: Stage2Config, every: int, rows: list[dict], res: Results):
+    """``on_epoch`` callback that scores the held-out fold every ``every`` epochs (given masks) into section
+    ``cv_curve``, written at once so a stopped run keeps its curve. Reporting only: nothing is selected on
+    these scores (the final epoch is what ``cv_folds`` evaluates). ``None`` when ``every`` is 0."""
+    if every <= 0:
+        return None
+    y = np.array([s.cls for s in test])
+
+    def on_epoch(epoch: int, module, row: dict) -> None:
+        if epoch % every and epoch != cfg.train.epochs:
+            return
+        p, _ = predict(module, test)
+        m = _metrics(y, p, len(cfg.classes))
+        rows.append({"fold": fold, "epoch": epoch, "train_loss": _r(row.get("loss")), "train_acc": _r(row.get("train_acc")),
+                     "auc": m["auc"], "balanced_accuracy": m["balanced_accuracy"], "kappa": m["kappa"]})
+        res.add("cv_curve", rows)
+
+    return on_epoch
+
+
 def section_cv(samples, cfg, work, args, res: Results):
     rows, ys, ps = [], [], []
     ev_all = []
@@ -309,36 +335,80 @@ def section_cv(samples, cfg, work, args, res: Results):
     if bad:
         raise SystemExit(f"error: --fold-ids {bad}: expected fold numbers 0..{len(folds) - 1} (--folds {args.folds})")
     run = [f for f in range(len(folds)) if not args.fold_ids or f in args.fold_ids]
+    curve: list[dict] = []
+    extra = getattr(args, "extra_train_samples", [])
     for f in run:
         tr, te = folds[f]
-        module, spe = train([samples[i] for i in tr], cfg, args.runs, f"cv{f}", args.device)
         test = [samples[i] for i in te]
+        train_subjects = {samples[i].subject for i in tr}
+        train_set = [samples[i] for i in tr] + [x for x in extra if x.subject in train_subjects]
+        module, spe = train(train_set, cfg, args.runs, f"cv{f}", args.device,
+                            on_epoch=_curve_recorder(f, test, cfg, args.curve_every, curve, res))
         ev = evaluate(module, test, cfg)
         evs = evidence_stats(module, test, args.n_evidence, cfg.ig_steps)
         ev_all.append(evs)
         p, _ = predict(module, test)
         ys.append(np.array([s.cls for s in test]))
         ps.append(p)
-        rows.append({"fold": f, "n_train": len(tr), "n_test": len(te), **_flat(ev), **evs, "s_per_epoch": _r(spe, 2)})
+        rows.append({"fold": f, "n_train": len(train_set), "n_test": len(te), **_flat(ev), **evs, "s_per_epoch": _r(spe, 2)})
         res.add("cv_folds", rows)
-    y_all, p_all = np.concatenate(ys), np.concatenate(ps)
-    pooled = _metrics(y_all, p_all, len(cfg.classes))
-    res.add("cv_pooled", {"folds": args.folds, "folds_run": run, **{k: v for k, v in pooled.items()},
+    order = [i for f in run for i in folds[f][1]]
+    preds = [{"subject": samples[i].subject, "label": samples[i].label, "cls": int(y), "p": [round(float(x), 4) for x in pr]}
+             for i, y, pr in zip(order, np.concatenate(ys), np.concatenate(ps))]
+    _pooled_sections(res, args.folds, run, preds, ev_all, cfg.classes)
+
+
+def _pooled_sections(res: Results, n_folds: int, run: list[int], preds: list[dict], ev_all: list[dict], classes) -> None:
+    """Sections ``cv_pooled``, ``cv_by_cohort`` and ``cv_predictions`` from the held-out predictions of the
+    folds ``run`` (rows ``{subject, label, cls, p}``) and their evidence statistics."""
+    y_all = np.array([r["cls"] for r in preds])
+    p_all = np.array([r["p"] for r in preds], dtype=float)
+    pooled = _metrics(y_all, p_all, len(classes))
+    res.add("cv_pooled", {"folds": n_folds, "folds_run": run, **{k: v for k, v in pooled.items()},
                           **{k: _r(np.mean(vals)) if (vals := [e[k] for e in ev_all if e.get(k) is not None]) else None
                              for k in ("evidence_inside_mean", "evidence_inside_predicted_region_mean")}})
     # per cohort (site / sequence), plus lesion *typing* among lesion vertebrae: on a single T2-TSE image
     # inflammation and fat are both bright (data_prep.lesions.POLARITY), on Dixon water they are opposite
-    order = [i for f in run for i in folds[f][1]]
-    cohorts = np.array([cohort_of(samples[i].subject) for i in order])
+    cohorts = np.array([cohort_of(r["subject"]) for r in preds])
     rows = []
     for c in sorted(set(cohorts)):
         m = cohorts == c
-        rows.append({"cohort": c, **_metrics(y_all[m], p_all[m], len(cfg.classes)),
-                     "typing_auc": typing_auc(y_all[m], p_all[m], cfg.classes)})
-    rows.append({"cohort": "pooled", **pooled, "typing_auc": typing_auc(y_all, p_all, cfg.classes)})
+        rows.append({"cohort": c, **_metrics(y_all[m], p_all[m], len(classes)),
+                     "typing_auc": typing_auc(y_all[m], p_all[m], classes)})
+    rows.append({"cohort": "pooled", **pooled, "typing_auc": typing_auc(y_all, p_all, classes)})
     res.add("cv_by_cohort", rows)
-    res.add("cv_predictions", [{"subject": samples[i].subject, "label": samples[i].label, "cls": int(y),
-                                "p": [round(float(x), 4) for x in pr]} for i, y, pr in zip(order, y_all, p_all)])
+    res.add("cv_predictions", preds)
+
+
+def merge_fold_runs(paths: list[Path], out_dir: Path, name: str) -> Results:
+    """Merge result files of one configuration run fold by fold (``--fold-ids``, e.g. in parallel processes)
+    into one: their ``cv_folds`` and ``cv_curve`` rows, and the pooled / per-cohort metrics recomputed from
+    their held-out predictions. Refuses files that differ in configuration or repeat a fold."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    ref = runs[0]["meta"]
+    for p, r in zip(paths, runs):
+        if r["meta"].get("config") != ref.get("config") or r["meta"].get("seed") != ref.get("seed"):
+            raise SystemExit(f"error: {p}: configuration or seed differs from {paths[0]}; only runs of one "
+                             "configuration can be merged")
+    folds_rows = [row for r in runs for row in r["sections"].get("cv_folds", [])]
+    fold_ids = [row["fold"] for row in folds_rows]
+    if len(set(fold_ids)) != len(fold_ids):
+        raise SystemExit(f"error: fold(s) {sorted(f for f in set(fold_ids) if fold_ids.count(f) > 1)} appear in more "
+                         "than one file")
+    meta = {**ref, "merged_from": [Path(p).name for p in paths]}
+    res = Results(out_dir, meta, name=name)
+    for key in ("data",):
+        if key in runs[0]["sections"]:
+            res.add(key, runs[0]["sections"][key])
+    curve = [row for r in runs for row in r["sections"].get("cv_curve", [])]
+    if curve:
+        res.add("cv_curve", sorted(curve, key=lambda row: (row["fold"], row["epoch"])))
+    res.add("cv_folds", sorted(folds_rows, key=lambda row: row["fold"]))
+    classes = tuple(ref["config"]["classes"])
+    n_folds = runs[0]["sections"]["cv_pooled"]["folds"]
+    preds = [row for r in runs for row in r["sections"]["cv_predictions"]]
+    _pooled_sections(res, n_folds, sorted(fold_ids), preds, folds_rows, classes)
+    return res
 
 
 def cohort_of(subject: str) -> str:
@@ -505,6 +575,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--fold-ids", type=lambda v: [int(x) for x in v.split(",")], default=None,
                     help="cv: run only these folds (comma list, 0-based), e.g. to spread folds over processes")
+    ap.add_argument("--curve-every", type=int, default=0, metavar="N",
+                    help="cv: also score the held-out fold every N epochs (learning curve, section cv_curve)")
+    ap.add_argument("--train-lesion-seeds", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                    help="cv: add copies of the *training* subjects with lesions inserted under these further seeds "
+                         "(independent classes and lesions; held-out subjects keep --seed's draw only)")
     ap.add_argument("--n-evidence", type=int, default=40)
     ap.add_argument("--n-leak", type=int, default=5)
     ap.add_argument("--sections", default="cv,leakage,ablation,site_shift,annotation,times")
@@ -515,7 +590,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples-cache", type=Path, default=None,
                     help="cv/ablation/site_shift only: load the full-mask samples from this file when it exists, "
                          "else build them and write it (lets a machine without the data run the sections)")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="only merge result files of one configuration run fold by fold into --out/--name")
     args = ap.parse_args(argv)
+    if args.merge:
+        merge_fold_runs(args.merge, Path(args.out), args.name)
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     data = Path(args.data)
     cached = args.samples_cache is not None and args.samples_cache.is_file()
@@ -555,7 +635,23 @@ def main(argv: list[str] | None = None) -> int:
         samples = load_samples(folders, cfg, "full")
         if args.samples_cache is not None:
             save_sample_cache(samples, cfg, args.samples_cache)
-    res.add("data", {"n_vertebrae": len(samples), "n_subjects": len({s.subject for s in samples}),
+    args.extra_train_samples = []
+    for ls in args.train_lesion_seeds:
+        if ls == args.seed:
+            raise SystemExit(f"error: --train-lesion-seeds {ls}: equals --seed, whose draw is already used")
+        cache = (args.samples_cache.with_name(f"{args.samples_cache.name}.seed{ls}")
+                 if args.samples_cache is not None else None)
+        if cache is not None and cache.is_file():
+            args.extra_train_samples += load_sample_cache(cache, cfg)
+        else:
+            if not (data / "myosegmentum").is_dir():
+                log.error("--train-lesion-seeds: real data not available: %s is absent", data)
+                return 2
+            extra = load_samples(prepare(data, work / f"lesion_seed{ls}", ls, n_per), cfg, "full")
+            if cache is not None:
+                save_sample_cache(extra, cfg, cache)
+            args.extra_train_samples += extra
+    res.add("data", {"n_vertebrae": len(samples), "n_extra_training_copies": len(args.extra_train_samples), "n_subjects": len({s.subject for s in samples}),
                      "class_counts": np.bincount([s.cls for s in samples], minlength=3).tolist(),
                      "prep_seconds": _r(time.time() - t0, 1)})
     if "cv" in wanted:

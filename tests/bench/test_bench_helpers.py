@@ -148,3 +148,41 @@ def test_stage1_fold_runs_merge_into_one_table(tmp_path):
     bad["meta"]["seed"] = 7
     files[1].write_text(json.dumps(bad))
     assert b1.main(["--merge", *map(str, files), "--name", "x", "--out", str(tmp_path)]) == 2
+
+
+def _fold_result(tmp_path, fold: int, preds: list[dict], config: dict):
+    import json
+
+    from bench.bench_stage2 import Results
+
+    res = Results(tmp_path, {"seed": 0, "config": config}, name=f"run_f{fold}")
+    res.add("cv_curve", [{"fold": fold, "epoch": 2, "auc": [0.5, 0.5, 0.5]}])
+    res.add("cv_folds", [{"fold": fold, "evidence_inside_mean": 0.5 + 0.2 * fold}])
+    res.add("cv_pooled", {"folds": 2, "auc": [0.0, 0.0, 0.0]})  # a single fold's pooled row: must be recomputed
+    res.add("cv_predictions", preds)
+    path = tmp_path / f"run_f{fold}.json"
+    assert json.loads(path.read_text())["sections"]["cv_predictions"] == preds
+    return path
+
+
+def test_merge_fold_runs_pools_predictions_and_refuses_mixtures(tmp_path):
+    from bench.bench_stage2 import merge_fold_runs
+
+    cfg = {"classes": ["normal", "inflammation", "fat"]}
+    p0 = _fold_result(tmp_path, 0, [{"subject": "chu2015-001", "label": 20, "cls": 0, "p": [0.9, 0.05, 0.05]},
+                                    {"subject": "chu2015-001", "label": 21, "cls": 1, "p": [0.2, 0.7, 0.1]}], cfg)
+    p1 = _fold_result(tmp_path, 1, [{"subject": "myosegmentum-002", "label": 20, "cls": 2, "p": [0.1, 0.2, 0.7]},
+                                    {"subject": "myosegmentum-002", "label": 22, "cls": 0, "p": [0.6, 0.3, 0.1]}], cfg)
+    res = merge_fold_runs([p1, p0], tmp_path, "merged")
+    sec = res.data["sections"]
+    assert sec["cv_pooled"]["n"] == 4 and sec["cv_pooled"]["folds_run"] == [0, 1]
+    assert sec["cv_pooled"]["auc"] == [1.0, 1.0, 1.0] and sec["cv_pooled"]["balanced_accuracy"] == 1.0
+    assert sec["cv_pooled"]["evidence_inside_mean"] == 0.6  # mean of the folds' 0.5 and 0.7
+    assert [r["fold"] for r in sec["cv_folds"]] == [0, 1] and len(sec["cv_curve"]) == 2
+    assert [r["cohort"] for r in sec["cv_by_cohort"]] == ["chu2015", "myosegmentum", "pooled"]
+    assert (tmp_path / "merged.md").is_file()
+    with pytest.raises(SystemExit, match="more than one file"):
+        merge_fold_runs([p0, p0], tmp_path, "dup")
+    other = _fold_result(tmp_path / "o", 1, [], {"classes": ["a", "b", "c"]})
+    with pytest.raises(SystemExit, match="configuration or seed differs"):
+        merge_fold_runs([p0, other], tmp_path, "mixed")
