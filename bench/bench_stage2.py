@@ -109,7 +109,17 @@ class Results:
         return "\n".join(lines)
 
 
-JSON_ONLY = {"cv_predictions"}  # sections too long for the markdown table
+JSON_ONLY = {"cv_predictions", "unseen_lesions_predictions"}  # sections too long for the markdown table
+
+#: Lesion-simulator settings of the "unseen lesion style" test (``--unseen-lesions``): the held-out subjects
+#: get a second, independent draw of lesions whose shape, site, size, edge and texture distributions differ
+#: from the training simulator's defaults (rounded instead of mostly triangular, mostly posterior instead of
+#: mostly anterior, larger and taller, rougher, blurrier, more textured, more often two per vertebra). The
+#: contrast physics (which sequence shows which lesion bright or dark, and by how much) is unchanged. A proxy
+#: for lesions the project did not generate, not a substitute for real ones.
+UNSEEN_LESION_STYLE = ["triangle_prob=0.0", "anterior_prob=0.3", "depth_fraction=[0.3, 0.6]", "aspect=[1.2, 2.0]",
+                       "edge_irregularity=0.35", "texture_strength=[0.1, 0.25]", "pv_sigma_mm=2.0",
+                       "second_lesion_prob=0.5"]
 
 
 def _fmt(v) -> str:
@@ -123,7 +133,7 @@ def _fmt(v) -> str:
 # ---------------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------------
-def prepare(data: Path, work: Path, seed: int, n_per_cohort: int | None) -> dict[str, Path]:
+def prepare(data: Path, work: Path, seed: int, n_per_cohort: int | None, lesion_config=None) -> dict[str, Path]:
     """Semi-synthetic copies of each cohort (cached in ``work``)."""
     from data_prep.lesions import make_semisynthetic
 
@@ -136,7 +146,7 @@ def prepare(data: Path, work: Path, seed: int, n_per_cohort: int | None) -> dict
         dst = work / f"semi_{c}_{len(ids)}"
         if not (dst / "vertebra_labels.csv").is_file():
             log.info("inserting lesions into %d %s scans (%s)", len(ids), c, LABEL)
-            make_semisynthetic(src, dst, seed, ids=ids)
+            make_semisynthetic(src, dst, seed, config=lesion_config, ids=ids)
         out[c] = dst
     return out
 
@@ -337,13 +347,25 @@ def section_cv(samples, cfg, work, args, res: Results):
     run = [f for f in range(len(folds)) if not args.fold_ids or f in args.fold_ids]
     curve: list[dict] = []
     extra = getattr(args, "extra_train_samples", [])
+    unseen = getattr(args, "unseen_test_samples", None)
+    preds_unseen: list[dict] = []
     for f in run:
         tr, te = folds[f]
         test = [samples[i] for i in te]
         train_subjects = {samples[i].subject for i in tr}
         train_set = [samples[i] for i in tr] + [x for x in extra if x.subject in train_subjects]
-        module, spe = train(train_set, cfg, args.runs, f"cv{f}", args.device,
-                            on_epoch=_curve_recorder(f, test, cfg, args.curve_every, curve, res))
+        if getattr(args, "pretrained", None):
+            module, spe = load_trained(Path(args.pretrained.format(fold=f)), cfg, args.device), None
+        else:
+            module, spe = train(train_set, cfg, args.runs, f"cv{f}", args.device,
+                                on_epoch=_curve_recorder(f, test, cfg, args.curve_every, curve, res))
+        if unseen is not None:
+            test_subjects = {s.subject for s in test}
+            alt = [x for x in unseen if x.subject in test_subjects]
+            p_alt, _ = predict(module, alt)
+            preds_unseen += [{"subject": x.subject, "label": x.label, "cls": x.cls, "fold": f,
+                              "p": [round(float(v), 4) for v in pr]} for x, pr in zip(alt, p_alt)]
+            _pooled_sections(res, args.folds, run, preds_unseen, [], cfg.classes, prefix="unseen_lesions")
         ev = evaluate(module, test, cfg)
         evs = evidence_stats(module, test, args.n_evidence, cfg.ig_steps)
         ev_all.append(evs)
@@ -358,13 +380,29 @@ def section_cv(samples, cfg, work, args, res: Results):
     _pooled_sections(res, args.folds, run, preds, ev_all, cfg.classes)
 
 
-def _pooled_sections(res: Results, n_folds: int, run: list[int], preds: list[dict], ev_all: list[dict], classes) -> None:
-    """Sections ``cv_pooled``, ``cv_by_cohort`` and ``cv_predictions`` from the held-out predictions of the
-    folds ``run`` (rows ``{subject, label, cls, p}``) and their evidence statistics."""
+def load_trained(folder: Path, cfg: Stage2Config, device: str) -> Stage2Trainable:
+    """A model folder written by an earlier run (``--pretrained``), as the module :func:`train` returns.
+    Refuses a folder whose saved configuration differs from this run's (apart from the epoch count)."""
+    from data_prep.checkpoint import config_to_dict, load_model, load_state_into
+
+    state, saved, _ = load_model(folder, Stage2Config, kind="stage2")
+    a, b = config_to_dict(saved), config_to_dict(cfg)
+    a["train"].pop("epochs"), b["train"].pop("epochs")
+    if a != b:
+        raise SystemExit(f"error: {folder}: its configuration differs from this run's (check --set)")
+    module = Stage2Trainable(saved)
+    load_state_into(module.net, state, folder)
+    return module.to(torch.device(device)).eval()
+
+
+def _pooled_sections(res: Results, n_folds: int, run: list[int], preds: list[dict], ev_all: list[dict], classes,
+                     prefix: str = "cv") -> None:
+    """Sections ``<prefix>_pooled``, ``<prefix>_by_cohort`` and ``<prefix>_predictions`` from the held-out
+    predictions of the folds ``run`` (rows ``{subject, label, cls, p}``) and their evidence statistics."""
     y_all = np.array([r["cls"] for r in preds])
     p_all = np.array([r["p"] for r in preds], dtype=float)
     pooled = _metrics(y_all, p_all, len(classes))
-    res.add("cv_pooled", {"folds": n_folds, "folds_run": run, **{k: v for k, v in pooled.items()},
+    res.add(f"{prefix}_pooled", {"folds": n_folds, "folds_run": run, **{k: v for k, v in pooled.items()},
                           **{k: _r(np.mean(vals)) if (vals := [e[k] for e in ev_all if e.get(k) is not None]) else None
                              for k in ("evidence_inside_mean", "evidence_inside_predicted_region_mean")}})
     # per cohort (site / sequence), plus lesion *typing* among lesion vertebrae: on a single T2-TSE image
@@ -376,8 +414,8 @@ def _pooled_sections(res: Results, n_folds: int, run: list[int], preds: list[dic
         rows.append({"cohort": c, **_metrics(y_all[m], p_all[m], len(classes)),
                      "typing_auc": typing_auc(y_all[m], p_all[m], classes)})
     rows.append({"cohort": "pooled", **pooled, "typing_auc": typing_auc(y_all, p_all, classes)})
-    res.add("cv_by_cohort", rows)
-    res.add("cv_predictions", preds)
+    res.add(f"{prefix}_by_cohort", rows)
+    res.add(f"{prefix}_predictions", preds)
 
 
 def merge_fold_runs(paths: list[Path], out_dir: Path, name: str) -> Results:
@@ -408,6 +446,9 @@ def merge_fold_runs(paths: list[Path], out_dir: Path, name: str) -> Results:
     n_folds = runs[0]["sections"]["cv_pooled"]["folds"]
     preds = [row for r in runs for row in r["sections"]["cv_predictions"]]
     _pooled_sections(res, n_folds, sorted(fold_ids), preds, folds_rows, classes)
+    unseen = [row for r in runs for row in r["sections"].get("unseen_lesions_predictions", [])]
+    if unseen:
+        _pooled_sections(res, n_folds, sorted(fold_ids), unseen, [], classes, prefix="unseen_lesions")
     return res
 
 
@@ -580,6 +621,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-lesion-seeds", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
                     help="cv: add copies of the *training* subjects with lesions inserted under these further seeds "
                          "(independent classes and lesions; held-out subjects keep --seed's draw only)")
+    ap.add_argument("--unseen-lesions", action="store_true",
+                    help="cv: also score each fold's model on its held-out subjects with lesions of another style "
+                         "(UNSEEN_LESION_STYLE; sections unseen_lesions_*)")
+    ap.add_argument("--pretrained", default=None, metavar="DIR_TEMPLATE",
+                    help="cv: load each fold's model from this folder ('{fold}' = fold number) instead of training")
     ap.add_argument("--n-evidence", type=int, default=40)
     ap.add_argument("--n-leak", type=int, default=5)
     ap.add_argument("--sections", default="cv,leakage,ablation,site_shift,annotation,times")
@@ -651,6 +697,23 @@ def main(argv: list[str] | None = None) -> int:
             if cache is not None:
                 save_sample_cache(extra, cfg, cache)
             args.extra_train_samples += extra
+    args.unseen_test_samples = None
+    if args.unseen_lesions:
+        from data_prep.lesions import LesionConfig
+
+        cache = (args.samples_cache.with_name(f"{args.samples_cache.name}.unseen")
+                 if args.samples_cache is not None else None)
+        if cache is not None and cache.is_file():
+            args.unseen_test_samples = load_sample_cache(cache, cfg)
+        else:
+            if not (data / "myosegmentum").is_dir():
+                log.error("--unseen-lesions: real data not available: %s is absent", data)
+                return 2
+            lcfg = override_config(LesionConfig(), UNSEEN_LESION_STYLE)
+            args.unseen_test_samples = load_samples(prepare(data, work / "unseen_lesions", args.seed + 1000, n_per, lcfg),
+                                                    cfg, "full")
+            if cache is not None:
+                save_sample_cache(args.unseen_test_samples, cfg, cache)
     res.add("data", {"n_vertebrae": len(samples), "n_extra_training_copies": len(args.extra_train_samples), "n_subjects": len({s.subject for s in samples}),
                      "class_counts": np.bincount([s.cls for s in samples], minlength=3).tolist(),
                      "prep_seconds": _r(time.time() - t0, 1)})

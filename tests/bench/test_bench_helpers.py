@@ -186,3 +186,27 @@ def test_merge_fold_runs_pools_predictions_and_refuses_mixtures(tmp_path):
     other = _fold_result(tmp_path / "o", 1, [], {"classes": ["a", "b", "c"]})
     with pytest.raises(SystemExit, match="configuration or seed differs"):
         merge_fold_runs([p0, other], tmp_path, "mixed")
+
+
+def test_load_trained_round_trip_and_refuses_other_config(tmp_path):
+    import torch
+
+    from bench.bench_stage2 import load_trained
+    from data_prep.checkpoint import save_model
+    from stage2_classify.config import tiny_config
+    from stage2_classify.train import Stage2Trainable
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    module = Stage2Trainable(cfg)
+    save_model(tmp_path / "cv0", module.net.state_dict(), cfg, kind="stage2")
+    other_epochs = tiny_config()
+    other_epochs.train.epochs = cfg.train.epochs + 5  # the epoch count alone may differ
+    back = load_trained(tmp_path / "cv0", other_epochs, "cpu")
+    for k, v in module.net.state_dict().items():
+        assert torch.equal(back.net.state_dict()[k], v), k
+    assert not back.training
+    wider = tiny_config()
+    wider.margin_mm = cfg.margin_mm + 2.0
+    with pytest.raises(SystemExit, match="configuration differs"):
+        load_trained(tmp_path / "cv0", wider, "cpu")
