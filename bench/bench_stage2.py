@@ -365,6 +365,7 @@ def section_cv(samples, cfg, work, args, res: Results):
             p_alt, _ = predict(module, alt)
             preds_unseen += [{"subject": x.subject, "label": x.label, "cls": x.cls, "fold": f,
                               "p": [round(float(v), 4) for v in pr]} for x, pr in zip(alt, p_alt)]
+            attach_cnr(preds_unseen, alt)
             _pooled_sections(res, args.folds, run, preds_unseen, [], cfg.classes, prefix="unseen_lesions")
         ev = evaluate(module, test, cfg)
         evs = evidence_stats(module, test, args.n_evidence, cfg.ig_steps)
@@ -377,7 +378,61 @@ def section_cv(samples, cfg, work, args, res: Results):
     order = [i for f in run for i in folds[f][1]]
     preds = [{"subject": samples[i].subject, "label": samples[i].label, "cls": int(y), "p": [round(float(x), 4) for x in pr]}
              for i, y, pr in zip(order, np.concatenate(ys), np.concatenate(ps))]
+    attach_cnr(preds, samples)
     _pooled_sections(res, args.folds, run, preds, ev_all, cfg.classes)
+
+
+#: Lesion visibility bins (contrast-to-noise ratio, see :func:`lesion_cnr`) of section ``*_by_visibility``.
+CNR_BINS = (0.0, 1.0, 2.0, 3.0, np.inf)
+
+
+def lesion_cnr(sample: Sample) -> float | None:
+    """Visibility of a lesion vertebra's lesion on its patch: |mean intensity of the lesion voxels - median of
+    the body's other marrow| / standard deviation of that marrow (the marrow excludes the lesion dilated by
+    two voxels). ``None`` for a vertebra without lesion voxels (normal, or no lesion map)."""
+    from scipy import ndimage as ndi
+
+    t = sample.targets
+    if t.lesion_class is None:
+        return None
+    body = np.asarray(t.body, bool)
+    les = (np.asarray(t.lesion_class) > 0) & body
+    if not les.any():
+        return None
+    marrow = body & ~ndi.binary_dilation(les, iterations=2)
+    if marrow.sum() < 10:
+        return None
+    m = sample.image[marrow]
+    return float(abs(sample.image[les].mean() - np.median(m)) / max(float(m.std()), 1e-6))
+
+
+def _by_visibility(preds: list[dict]) -> list[dict]:
+    """Detection AUC (lesion vs normal, scored by 1 - p(normal)) of the lesion vertebrae in each
+    :data:`CNR_BINS` bin against all normal vertebrae, from prediction rows carrying ``cnr``."""
+    from pipeline.metrics import one_vs_rest_auc
+
+    normal = [r for r in preds if r["cls"] == 0]
+    rows = []
+    for lo, hi in zip(CNR_BINS[:-1], CNR_BINS[1:]):
+        les = [r for r in preds if r["cls"] != 0 and r.get("cnr") is not None and lo <= r["cnr"] < hi]
+        auc = None
+        if les and normal:
+            y = np.array([1] * len(les) + [0] * len(normal))
+            score = np.array([1 - r["p"][0] for r in les + normal])
+            auc = _r(one_vs_rest_auc(y, np.stack([1 - score, score], 1), 2)[1])
+        rows.append({"cnr": f"[{lo:g}, {hi:g})", "n_lesion_vertebrae": len(les), "n_normal": len(normal),
+                     "detection_auc": auc})
+    return rows
+
+
+def attach_cnr(preds: list[dict], samples: list[Sample]) -> None:
+    """Add ``cnr`` (:func:`lesion_cnr`) to prediction rows, matched by (subject, VerSe label)."""
+    by_key = {(s.subject, s.label): s for s in samples}
+    for r in preds:
+        s = by_key.get((r["subject"], r["label"]))
+        if s is not None and s.cls == r["cls"]:
+            c = lesion_cnr(s)
+            r["cnr"] = None if c is None else round(c, 3)
 
 
 def load_trained(folder: Path, cfg: Stage2Config, device: str) -> Stage2Trainable:
@@ -415,10 +470,12 @@ def _pooled_sections(res: Results, n_folds: int, run: list[int], preds: list[dic
                      "typing_auc": typing_auc(y_all[m], p_all[m], classes)})
     rows.append({"cohort": "pooled", **pooled, "typing_auc": typing_auc(y_all, p_all, classes)})
     res.add(f"{prefix}_by_cohort", rows)
+    if any(r.get("cnr") is not None for r in preds):
+        res.add(f"{prefix}_by_visibility", _by_visibility(preds))
     res.add(f"{prefix}_predictions", preds)
 
 
-def merge_fold_runs(paths: list[Path], out_dir: Path, name: str) -> Results:
+def merge_fold_runs(paths: list[Path], out_dir: Path, name: str, samples: list[Sample] | None = None) -> Results:
     """Merge result files of one configuration run fold by fold (``--fold-ids``, e.g. in parallel processes)
     into one: their ``cv_folds`` and ``cv_curve`` rows, and the pooled / per-cohort metrics recomputed from
     their held-out predictions. Refuses files that differ in configuration or repeat a fold."""
@@ -445,6 +502,8 @@ def merge_fold_runs(paths: list[Path], out_dir: Path, name: str) -> Results:
     classes = tuple(ref["config"]["classes"])
     n_folds = runs[0]["sections"]["cv_pooled"]["folds"]
     preds = [row for r in runs for row in r["sections"]["cv_predictions"]]
+    if samples is not None:  # the runs' own samples (the cache they were built from): lesion visibility
+        attach_cnr(preds, samples)
     _pooled_sections(res, n_folds, sorted(fold_ids), preds, folds_rows, classes)
     unseen = [row for r in runs for row in r["sections"].get("unseen_lesions_predictions", [])]
     if unseen:
@@ -637,10 +696,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="cv/ablation/site_shift only: load the full-mask samples from this file when it exists, "
                          "else build them and write it (lets a machine without the data run the sections)")
     ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
-                    help="only merge result files of one configuration run fold by fold into --out/--name")
+                    help="only merge result files of one configuration run fold by fold into --out/--name (with "
+                         "--samples-cache of the samples they used: plus detection AUC by lesion visibility)")
     args = ap.parse_args(argv)
     if args.merge:
-        merge_fold_runs(args.merge, Path(args.out), args.name)
+        cache = None
+        if args.samples_cache is not None:
+            cache = load_sample_cache(args.samples_cache, override_config(Stage2Config(), args.set))
+        merge_fold_runs(args.merge, Path(args.out), args.name, cache)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     data = Path(args.data)

@@ -210,3 +210,32 @@ def test_load_trained_round_trip_and_refuses_other_config(tmp_path):
     wider.margin_mm = cfg.margin_mm + 2.0
     with pytest.raises(SystemExit, match="configuration differs"):
         load_trained(tmp_path / "cv0", wider, "cpu")
+
+
+def test_lesion_cnr_and_visibility_table():
+    from bench.bench_stage2 import _by_visibility, lesion_cnr
+    from stage2_classify.patches import PatchTargets
+    from stage2_classify.train import Sample
+
+    shape = (8, 12, 12)
+    body = np.zeros(shape, bool)
+    body[1:7, 1:11, 1:11] = True
+    image = np.where(np.indices(shape).sum(0) % 2 == 0, 0.9, 1.1).astype(np.float32)  # marrow: median 1, sd 0.1
+    lesion_class = np.zeros(shape, np.int64)
+    lesion_class[1:3, 1:3, 1:3] = 1
+    image[lesion_class > 0] = 1.5
+    allowed = np.ones((5, *shape), bool)
+
+    def sample(cls, lc):
+        t = PatchTargets("full", body, body, allowed, np.zeros(shape, np.float32), lc > 0 if lc is not None else body & False,
+                         None, None, lc)
+        return Sample(image, t, cls)
+
+    assert abs(lesion_cnr(sample(1, lesion_class)) - 5.0) < 1e-3  # |1.5 - 1.0| / 0.1
+    assert lesion_cnr(sample(0, np.zeros(shape, np.int64))) is None and lesion_cnr(sample(0, None)) is None
+    preds = [{"cls": 0, "p": [0.9, 0.05, 0.05]}, {"cls": 0, "p": [0.4, 0.3, 0.3]},
+             {"cls": 1, "cnr": 0.5, "p": [0.6, 0.3, 0.1]},   # between the two normals
+             {"cls": 2, "cnr": 4.0, "p": [0.1, 0.1, 0.8]}]   # above both
+    rows = {r["cnr"]: r for r in _by_visibility(preds)}
+    assert rows["[0, 1)"]["detection_auc"] == 0.5 and rows["[3, inf)"]["detection_auc"] == 1.0
+    assert rows["[1, 2)"]["n_lesion_vertebrae"] == 0 and rows["[1, 2)"]["detection_auc"] is None
