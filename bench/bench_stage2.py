@@ -482,7 +482,7 @@ def merge_fold_runs(paths: list[Path], out_dir: Path, name: str, samples: list[S
     runs = [json.loads(Path(p).read_text()) for p in paths]
     ref = runs[0]["meta"]
     for p, r in zip(paths, runs):
-        if r["meta"].get("config") != ref.get("config") or r["meta"].get("seed") != ref.get("seed"):
+        if any(r["meta"].get(k) != ref.get(k) for k in ("config", "seed", "train_lesion_seeds")):
             raise SystemExit(f"error: {p}: configuration or seed differs from {paths[0]}; only runs of one "
                              "configuration can be merged")
     folds_rows = [row for r in runs for row in r["sections"].get("cv_folds", [])]
@@ -732,7 +732,8 @@ def main(argv: list[str] | None = None) -> int:
     n_per = 3 if args.quick else None
     torch.manual_seed(args.seed)
     res = Results(Path(args.out), {"data": str(data), "seed": args.seed, "quick": args.quick, "device": args.device,
-                                   "overrides": args.set,
+                                   "overrides": args.set, "argv": sys.argv[1:] if argv is None else list(argv),
+                                   "train_lesion_seeds": args.train_lesion_seeds,
                                    "config": json.loads(json.dumps(cfg, default=lambda o: o.__dict__))},
                   name=args.name)
     t0 = time.time()
