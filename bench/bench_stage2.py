@@ -373,7 +373,7 @@ def section_cv(samples, cfg, work, args, res: Results):
         p, _ = predict(module, test)
         ys.append(np.array([s.cls for s in test]))
         ps.append(p)
-        rows.append({"fold": f, "n_train": len(train_set), "n_test": len(te), **_flat(ev), **evs, "s_per_epoch": _r(spe, 2)})
+        rows.append({"fold": f, "n_train": None if getattr(args, "pretrained", None) else len(train_set), "n_test": len(te), **_flat(ev), **evs, "s_per_epoch": _r(spe, 2)})
         res.add("cv_folds", rows)
     order = [i for f in run for i in folds[f][1]]
     preds = [{"subject": samples[i].subject, "label": samples[i].label, "cls": int(y), "p": [round(float(x), 4) for x in pr]}
