@@ -72,9 +72,17 @@ class LossConfig:
     weighting_lr_scale: float = 0.1
     #: Class weights for the soft-label cross entropy; empty = inverse class frequency of the training set.
     class_weights: tuple[float, ...] = ()
-    #: Ignore band (mm) around loose outlines / coarse masks: interior eroded by this is positive,
-    #: exterior dilated by this is negative, the band in between is not supervised.
-    outline_band_mm: float = 4.0
+    #: Loose outlines are drawn *around* the body: on the real ``_outlines`` files the contour lies on
+    #: average 3.9 mm (myosegmentum) / 4.1 mm (chu2015) outside the expert mask. The outline is therefore
+    #: read as the body boundary moved outward by ``outline_offset_mm``, give or take ``outline_band_mm``:
+    #: the filled outline eroded by offset + band is this body, everything outside the outline eroded by
+    #: offset - band is not, the band in between is not supervised. On 16 real scans (8 per cohort,
+    #: every outlined slice) this labels 94 % of the positive voxels right (99.7 % of the negatives within
+    #: 10 mm); the symmetric 4-mm band used before (erode 4 = body, dilate 4 = not) labelled 85 % of its
+    #: positives right and left the whole true-negative strip inside the contour unsupervised.
+    outline_offset_mm: float = 4.0
+    outline_band_mm: float = 2.0
+    #: Ignore band (mm) around coarse masks: interior eroded by this is positive, exterior dilated by it negative.
     coarse_band_mm: float = 2.0
     #: Radius (mm) of the positive ball around a point annotation.
     point_radius_mm: float = 6.0
@@ -140,6 +148,9 @@ class Stage2Config:
             raise ValueError("patch size and spacing must be positive")
         if self.margin_mm < 0:
             raise ValueError("margin_mm must be >= 0")
+        if self.loss.outline_band_mm < 0 or self.loss.coarse_band_mm < 0:
+            raise ValueError(f"loss.outline_band_mm and loss.coarse_band_mm must be >= 0, got "
+                             f"{self.loss.outline_band_mm} and {self.loss.coarse_band_mm}")
 
 
 def tiny_config(**overrides) -> Stage2Config:

@@ -268,9 +268,10 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
     ``kind`` selects the annotation used for the centre body:
 
     * ``"full"``: ``labels["vertebrae"]`` (VerSe ids); discs from ``labels["structures"]`` when present.
-    * ``"outline"``: ``labels["outlines"]`` (filled loose outlines on a few sagittal slices, VerSe ids):
-      interior eroded by ``loss.outline_band_mm`` = body, exterior dilated by it = not this body, band and
-      un-annotated slices = unsupervised.
+    * ``"outline"``: ``labels["outlines"]`` (filled loose outlines on a few sagittal slices, VerSe ids),
+      read as the body boundary moved outward by ``loss.outline_offset_mm`` +- ``loss.outline_band_mm``:
+      interior eroded by offset + band = body, outside the outline eroded by offset - band = not this body
+      (2D, in the sagittal plane), the band between and un-annotated slices = unsupervised.
     * ``"coarse"``: ``labels["coarse"]`` (coarse / biased masks, VerSe ids): like ``"outline"`` in 3D
       with the narrower ``loss.coarse_band_mm`` ignore band around the boundary.
     * ``"box"``: ``box_mm`` ``(2, 3)`` world LPS min/max corners: outside = not this body; the box
@@ -336,7 +337,8 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
         outl = patch.labels.get("outlines")
         if outl is None:
             raise ValueError("kind='outline' needs an 'outlines' label crop")
-        band = cfg.loss.outline_band_mm / sp
+        inner = (cfg.loss.outline_offset_mm + cfg.loss.outline_band_mm) / sp  # erode by this: surely the body
+        outer = (cfg.loss.outline_offset_mm - cfg.loss.outline_band_mm) / sp  # outside this: surely not
         body = np.zeros(shape, bool)
         for s in range(shape[0]):  # sagittal slices = patch axis 0 (left-right)
             sl = outl[s]
@@ -345,13 +347,13 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
             this = sl == label
             oth = (sl > 0) & ~this
             a = allowed[:, s]
-            not_this = ~_dilate2d(this, band)
+            not_this = ~_shrink2d(this, outer)
             if this.any():  # this body was outlined on this slice: inside = body, far outside = not it
-                _set(a, _erode2d(this, band), (SEG_CENTRE, SEG_LESION))
+                _set(a, _erode2d(this, inner), (SEG_CENTRE, SEG_LESION))
                 _set(a, not_this & ~oth, (SEG_BG, SEG_NEIGHBOUR, SEG_DISC, SEG_LESION))
                 body[s] = this
             # (a slice where only other bodies were outlined says nothing about where this one is not)
-            _set(a, _erode2d(oth, band) & not_this, (SEG_NEIGHBOUR, SEG_LESION))
+            _set(a, _erode2d(oth, inner) & not_this, (SEG_NEIGHBOUR, SEG_LESION))
         # Region: the union of this body's outlines extruded across the typical left-right half-width.
         proj = body.any(axis=0)
         region_src = np.zeros(shape, bool)
@@ -413,6 +415,11 @@ def _erode2d(m: np.ndarray, r: float) -> np.ndarray:
         return m.copy()
     g = np.indices((2 * int(np.ceil(r)) + 1,) * 2) - int(np.ceil(r))
     return ndimage.binary_erosion(m, structure=(g**2).sum(0) <= r * r + 1e-9, border_value=0)
+
+
+def _shrink2d(m: np.ndarray, r: float) -> np.ndarray:
+    """Erode by ``r`` voxels (``r`` > 0) or dilate by ``-r`` (``r`` < 0)."""
+    return _erode2d(m, r) if r >= 0 else _dilate2d(m, -r)
 
 
 def _dilate2d(m: np.ndarray, r: float) -> np.ndarray:

@@ -239,3 +239,12 @@ def test_lesion_cnr_and_visibility_table():
     rows = {r["cnr"]: r for r in _by_visibility(preds)}
     assert rows["[0, 1)"]["detection_auc"] == 0.5 and rows["[3, inf)"]["detection_auc"] == 1.0
     assert rows["[1, 2)"]["n_lesion_vertebrae"] == 0 and rows["[1, 2)"]["detection_auc"] is None
+
+
+def test_stage2_bench_rejects_unknown_annotation_kind(tmp_path, capsys):
+    from bench.bench_stage2 import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--sections", "annotation", "--annotation-kinds", "full,scribble", "--out", str(tmp_path)])
+    assert exc.value.code == 2 and "unknown ['scribble']" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written

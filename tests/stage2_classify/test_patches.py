@@ -134,8 +134,36 @@ def test_build_targets_box_and_point():
     assert tp.point_ball.any() and np.all(tp.seg_allowed[[0, 2, 3]][:, tp.point_ball] == 0)
 
 
+def _outline_patch(cfg):
+    from stage2_classify.patches import Patch
+
+    shape = cfg.patch.shape
+    geo = patch_grid(np.zeros(3), cfg.patch)
+    outl = np.zeros(shape, np.int16)
+    outl[5, 4:12, 4:12] = 20  # this body, slice 5
+    outl[7, 2:8, 2:8] = 21  # only a neighbour on slice 7
+    return Patch(np.zeros(shape, np.float32), geo.with_array(np.zeros(shape, np.float32)), {"outlines": outl})
+
+
+def test_build_targets_outlines_offset_reads_the_contour_as_outside_the_body():
+    cfg = tiny_config()  # 4 mm voxels
+    cfg.loss.outline_offset_mm, cfg.loss.outline_band_mm = 6.0, 2.0  # body: erode 8 mm = 2 voxels; not: outside erode 4 mm
+    t = build_targets(_outline_patch(cfg), 20, cfg, kind="outline")
+    a = t.seg_allowed
+    centre = [False, True, False, False, True]
+    not_centre = [True, False, True, True, True]
+    assert a[:, 5, 6, 6].tolist() == centre and a[:, 5, 9, 9].tolist() == centre  # square [6, 10) = 2-voxel erosion
+    assert a[:, 5, 5, 5].all() and a[:, 5, 5, 8].all()  # the 1-voxel band (4 mm inside the contour) is free
+    assert a[:, 5, 4, 8].tolist() == not_centre  # on the drawn contour itself: surely not the body
+    assert a[:, 5, 3, 8].tolist() == not_centre and a[:, 5, 0, 0].tolist() == not_centre
+    # the neighbour's eroded interior (2 voxels of a 6-voxel square) is neighbour, beyond it unknown
+    assert a[:, 7, 4, 4].tolist() == [False, False, True, False, True]
+    assert a[:, 7, 2, 2].all() and a[:, 0].all()
+
+
 def test_build_targets_outlines_band_and_unannotated_slices():
-    cfg = tiny_config()  # 4 mm voxels, band 4 mm = 1 voxel
+    cfg = tiny_config()  # 4 mm voxels
+    cfg.loss.outline_offset_mm, cfg.loss.outline_band_mm = 0.0, 4.0  # symmetric band of 1 voxel around the contour
     shape = cfg.patch.shape
     geo = patch_grid(np.zeros(3), cfg.patch)
     outl = np.zeros(shape, np.int16)
