@@ -248,3 +248,19 @@ def test_stage2_bench_rejects_unknown_annotation_kind(tmp_path, capsys):
         main(["--sections", "annotation", "--annotation-kinds", "full,scribble", "--out", str(tmp_path)])
     assert exc.value.code == 2 and "unknown ['scribble']" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_outline_rules_on_a_hand_made_slice():
+    from bench.outline_rules import contour_offsets, rule_counts, shrink
+
+    sp2 = np.array([1.0, 0.5])  # anisotropic pixels: 1 mm x 0.5 mm
+    body = np.zeros((60, 120), bool)
+    body[20:40, 40:80] = True  # 20 mm x 20 mm
+    drawn = shrink(body, -4.0, sp2)  # a user outline 4 mm around the body
+    off = contour_offsets(drawn, body, sp2)
+    assert off.size and 3.0 <= off.min() and off.max() <= 5.7 and abs(np.median(off) - 4.0) <= 0.6
+    c = rule_counts(drawn, body, sp2, offset_mm=4.0, band_mm=2.0)
+    assert c[1] == c[0] > 0 and c[3] == c[2] > 0  # every positive is body, every negative is not
+    assert c[4] == body.sum() and c[5] == 16 * 32  # 16 mm x 16 mm of pixels 1 x 0.5 mm: erode 6 mm from the outline = erode 2 mm from the body
+    tight = rule_counts(body, body, sp2, offset_mm=4.0, band_mm=2.0)  # an outline on the body edge itself
+    assert tight[3] < tight[2]  # now some "negatives" (inside the outline) are body: the rule can be wrong
