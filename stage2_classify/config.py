@@ -83,6 +83,11 @@ class LossConfig:
     #: its body pixels right and left the whole strip just inside the contour (not body) unsupervised.
     outline_offset_mm: float = 4.0
     outline_band_mm: float = 2.0
+    #: With outlines / coarse masks, body and not-body voxels carry equal weight in the seg loss
+    #: (:func:`stage2_classify.losses.set_cross_entropy`): on the real outlines only ~11 % of the supervised
+    #: voxels are body, and unbalanced the seg head learned "not body" nearly everywhere (20 epochs: mean
+    #: centre-body probability 0.3 inside the expert bodies, body Dice 0; bench/results/stage2_annotation_*.md).
+    balance_loose_body: bool = True
     #: Ignore band (mm) around coarse masks: interior eroded by this is positive, exterior dilated by it negative.
     coarse_band_mm: float = 2.0
     #: Radius (mm) of the positive ball around a point annotation.

@@ -109,13 +109,21 @@ def partial_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_ind
     return F.cross_entropy(logits, target.long(), ignore_index=ignore_index)
 
 
-def set_cross_entropy(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+def set_cross_entropy(logits: torch.Tensor, allowed: torch.Tensor, positive: torch.Tensor | None = None,
+                      balance: torch.Tensor | None = None) -> torch.Tensor:
     """Set-valued ("partial label") cross entropy: ``-log sum_{c in allowed} p_c``, averaged over
     supervised voxels.
 
     ``allowed`` ``(B, C, I, J, K)`` bool: the classes compatible with the annotation at each voxel. One
     class = ordinary CE; all classes = unsupervised (contributes exactly 0 and is not counted); e.g.
     ``{background, disc}`` where discs are not annotated, ``{centre body, lesion}`` where lesions are not.
+
+    ``positive`` ``(B, I, J, K)`` bool and ``balance`` ``(B,)`` bool: in the samples with ``balance`` set,
+    the supervised voxels in ``positive`` and the other supervised voxels each carry half of the sample's
+    weight (its number of supervised voxels, as without balancing), when both groups are present. Loose
+    outlines supervise far more not-body than body voxels (the body only well inside the outline, the
+    not-body everywhere outside it); without this the not-body voxels dominate the mean and the head
+    learns "not body" almost everywhere. Every other voxel has weight 1; the result is the weighted mean.
     """
     allowed = allowed.bool()
     logp = F.log_softmax(logits, dim=1)
@@ -124,7 +132,18 @@ def set_cross_entropy(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tens
     supervised = ~allowed.all(dim=1) & allowed.any(dim=1)
     if not bool(supervised.any()):
         return logits.sum() * 0.0
-    return -(lse[supervised]).mean()
+    if positive is None or balance is None or not bool(balance.any()):
+        return -(lse[supervised]).mean()
+    pos = positive.bool() & supervised
+    n = supervised.flatten(1).sum(1).float()
+    n_pos = pos.flatten(1).sum(1).float()
+    n_neg = n - n_pos
+    on = balance.bool() & (n_pos > 0) & (n_neg > 0)
+    shape = (-1,) + (1,) * (lse.dim() - 1)
+    w_pos = torch.where(on, 0.5 * n / n_pos.clamp_min(1), torch.ones_like(n)).view(shape)
+    w_neg = torch.where(on, 0.5 * n / n_neg.clamp_min(1), torch.ones_like(n)).view(shape)
+    w = torch.where(pos, w_pos, w_neg) * supervised
+    return -(lse.masked_fill(~supervised, 0.0) * w).sum() / w.sum()
 
 
 def band_targets(mask: torch.Tensor, inner_vox: int, outer_vox: int, ignore_index: int = 255) -> torch.Tensor:

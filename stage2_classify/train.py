@@ -36,7 +36,7 @@ from data_prep.checkpoint import (
 from data_prep.distributed import DistInfo, cleanup_distributed, init_distributed, seed_everything
 from data_prep.errors import SpinepipeInputError
 from data_prep.io import write_csv
-from stage2_classify.config import SEG_CENTRE, Stage2Config
+from stage2_classify.config import SEG_BG, SEG_CENTRE, SEG_DISC, SEG_NEIGHBOUR, Stage2Config
 from stage2_classify.losses import (
     UncertaintyWeighting,
     box_emptiness_loss,
@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 
 LOG_FILE = "train_log.csv"
 ANNOTATION_KINDS = ("auto", "full", "coarse", "outline", "box", "point", "none")
+#: Body annotations whose seg targets are balanced body / not-body (``loss.balance_loose_body``).
+LOOSE_BODY_KINDS = ("outline", "coarse")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,6 +208,7 @@ def collate(samples: list[Sample]) -> dict[str, torch.Tensor]:
         "confidence": torch.tensor([s.confidence for s in samples], dtype=torch.float32),
         "has_box": torch.tensor([s.targets.box is not None for s in samples]),
         "has_ball": torch.tensor([s.targets.point_ball is not None for s in samples]),
+        "loose_body": torch.tensor([s.targets.kind in LOOSE_BODY_KINDS for s in samples]),
     }
     return batch
 
@@ -331,7 +334,11 @@ class Stage2Trainable(nn.Module):
                 # with a map, the voxel loss below supervises the same head (MIL there only slows it down)
                 parts["cls"] = parts["cls"] + lesion_mil_loss(out["lesion"][weak], out["pool"][weak], t[weak])
         if "seg" in out:
-            seg = set_cross_entropy(out["seg"], batch["seg_allowed"] > 0.5)
+            allowed = batch["seg_allowed"] > 0.5
+            balance = batch["loose_body"] & cfg.loss.balance_loose_body
+            # body voxels: only the centre body (or a lesion in it) is allowed there
+            positive = allowed[:, SEG_CENTRE] & ~allowed[:, [SEG_BG, SEG_NEIGHBOUR, SEG_DISC]].any(1)
+            seg = set_cross_entropy(out["seg"], allowed, positive, balance)
             pbody = self.net.body_probability(out["seg"])
             if bool(batch["has_box"].any()):
                 sel = batch["has_box"]

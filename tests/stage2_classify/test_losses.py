@@ -62,6 +62,35 @@ def test_set_cross_entropy_exact():
     assert float(set_cross_entropy(logits, torch.ones_like(allowed))) == 0.0
 
 
+def test_set_cross_entropy_balanced_body_and_not_body_exact():
+    # two samples x 5 voxels: voxel 0 body ({1}), voxels 1-3 not body ({0}), voxel 4 unsupervised
+    logits = torch.randn(2, 5, 5, 1, 1, generator=torch.Generator().manual_seed(0))
+    allowed = torch.zeros(2, 5, 5, 1, 1, dtype=torch.bool)
+    allowed[:, 1, 0] = True
+    allowed[:, 0, 1:4] = True
+    allowed[:, :, 4] = True
+    positive = torch.zeros(2, 5, 1, 1, dtype=torch.bool)
+    positive[:, 0] = True
+    lp = torch.log_softmax(logits, 1)[..., 0, 0]  # (B, C, 5)
+    l_pos = -lp[:, 1, 0]  # (B,)
+    l_neg = -lp[:, 0, 1:4]  # (B, 3)
+    # sample 0 balanced: its 4 supervised voxels' weight split 2 (body) / 2 (three not-body voxels); sample 1 plain
+    expected = (2 * l_pos[0] + (2 / 3) * l_neg[0].sum() + l_pos[1] + l_neg[1].sum()) / 8
+    got = set_cross_entropy(logits, allowed, positive, torch.tensor([True, False]))
+    torch.testing.assert_close(got, expected)
+    # no sample balanced (or no body voxel in the balanced one) = the plain mean
+    plain = set_cross_entropy(logits, allowed)
+    torch.testing.assert_close(set_cross_entropy(logits, allowed, positive, torch.tensor([False, False])), plain)
+    torch.testing.assert_close(set_cross_entropy(logits, allowed, torch.zeros_like(positive), torch.tensor([True, True])), plain)
+    # balancing shifts the weight to the rare body voxel: its gradient grows
+    lg = logits.clone().requires_grad_(True)
+    set_cross_entropy(lg, allowed, positive, torch.tensor([True, True])).backward()
+    g_bal = lg.grad[0, :, 0].abs().sum()
+    lg.grad = None
+    set_cross_entropy(lg, allowed).backward()
+    assert g_bal > lg.grad[0, :, 0].abs().sum()
+
+
 def test_band_targets_outline_interior_band_exterior():
     m = torch.zeros(1, 1, 9, 9, 9)
     m[0, 0, 2:7, 2:7, 2:7] = 1
