@@ -301,6 +301,35 @@ def fill_outlines(outlines: Scan, max_gap_mm: float | None = None) -> Scan:
     return outlines.with_array(out, name=(outlines.name or "") + "_filled")
 
 
+def thicken_slices(labels: Scan, thickness_mm: float) -> Scan:
+    """Extend each labelled sagittal slice of a sparse-slice label map to a slab ``thickness_mm`` thick.
+
+    Outlines live on single native slices (often 1 mm thick). Resampled with nearest neighbour onto a
+    coarser grid (stage-2 patches: 2 mm), a 1-mm slice is hit only when a new voxel centre falls on it, so
+    about half of the outlined slices vanish at random. Giving each labelled slice the thickness of the
+    target grid's voxels (its labels copied to the neighbouring *unlabelled* voxels within
+    ``thickness_mm / 2`` along the left-right axis, nearer slices first) makes every one of them land on
+    the coarser grid. Voxels that already carry a label keep it. Returns a new scan.
+    """
+    arr = np.asarray(labels.array)
+    lr_axis, _ = labels.axis_of(0)
+    sp = float(labels.spacing[lr_axis])
+    k = int(np.ceil(thickness_mm / (2 * sp) - 0.5 - 1e-9)) if thickness_mm > sp else 0
+    out = arr.copy()
+    n = arr.shape[lr_axis]
+    for d in range(1, k + 1):
+        for sign in (1, -1):
+            src = np.zeros_like(arr)
+            dst_sl = [slice(None)] * 3
+            src_sl = [slice(None)] * 3
+            dst_sl[lr_axis] = slice(d, n) if sign > 0 else slice(0, n - d)
+            src_sl[lr_axis] = slice(0, n - d) if sign > 0 else slice(d, n)
+            src[tuple(dst_sl)] = arr[tuple(src_sl)]
+            fill = (out == 0) & (src > 0)
+            out[fill] = src[fill]
+    return labels.with_array(out, name=labels.name)
+
+
 def outline_dice(filled: Scan, labels: Scan) -> pd.DataFrame:
     """Per (label, sagittal slice) Dice between filled outlines and a full mask, on outlined slices only."""
     if not filled.same_geometry(labels):
@@ -480,6 +509,7 @@ __all__ = [
     "loose_boxes",
     "sparse_outlines",
     "fill_outlines",
+    "thicken_slices",
     "outline_dice",
     "biased_coarse_mask",
     "write_points_csv",

@@ -153,9 +153,11 @@ def build_samples(data_dir: str | Path, cfg: Stage2Config, *, annotation: str = 
         kind = _choose_kind(annotation, data)
         maps = {"vertebrae": data.vertebrae, "lesions": data.lesions, "outlines": data.outlines, "coarse": data.coarse}
         if kind == "outline" and data.outlines is not None:
-            from data_prep.weak_labels import fill_outlines
+            from data_prep.weak_labels import fill_outlines, thicken_slices
 
-            maps["outlines"] = fill_outlines(data.outlines)  # contours -> filled per-slice regions
+            # contours -> filled per-slice regions, each slice as thick as a patch voxel so that none is lost
+            # when the patch grid (coarser than the 1-mm outlined slices) samples it
+            maps["outlines"] = thicken_slices(fill_outlines(data.outlines), cfg.patch.spacing_mm)
         struct_path = data_dir / f"{s.id}_structures.nii.gz"  # synthetic cohorts: discs etc. (data_prep.synth)
         if kind == "full" and struct_path.is_file():
             maps["structures"] = read_labelmap(struct_path, reference=data.image)

@@ -212,3 +212,27 @@ def test_real_outlines_fill_to_readme_dice(shared_data, cohort, sid, expected):
     # the simulated loose outlines are about as loose as the real ones
     sim = outline_dice(fill_outlines(sparse_outlines(mask, np.random.default_rng(0))), mask)
     assert abs(sim.dice.mean() - d.dice.mean()) < 0.08, (sim.dice.mean(), d.dice.mean())
+
+
+def test_thicken_slices_keeps_every_outlined_slice_on_a_coarser_grid():
+    from data_prep.scan import resample_to_spacing
+    from data_prep.weak_labels import thicken_slices
+
+    arr = np.zeros((30, 8, 8), np.int16)  # axis 0 = left-right (identity direction), 1 mm
+    drawn = [5, 12, 13, 20, 27]
+    for i, s in enumerate(drawn):
+        arr[s, 2:6, 2:6] = 20 + i
+    scan = Scan(arr, spacing=(1.0, 1.0, 1.0))
+    thick = thicken_slices(scan, 2.0)
+    t = np.asarray(thick.array)
+    assert t[4, 3, 3] == 20 and t[6, 3, 3] == 20 and t[3, 3, 3] == 0  # +-1 slice around slice 5, no further
+    assert t[12, 3, 3] == 21 and t[13, 3, 3] == 22  # drawn slices keep their own labels
+    assert t[11, 3, 3] == 21 and t[14, 3, 3] == 22
+    assert (t[:, 0, 0] == 0).all()  # nothing appears outside the drawn regions
+    assert np.array_equal(np.asarray(thicken_slices(scan, 1.0).array), arr)  # already as thick as the grid
+    # nearest-neighbour onto 2-mm voxels: without thickening some drawn slices vanish, with it none does
+    def labels_after(s):
+        return set(np.unique(np.asarray(resample_to_spacing(s, (2.0, 1.0, 1.0), is_label=True).array))) - {0}
+
+    assert labels_after(thick) == {20, 21, 22, 23, 24}
+    assert labels_after(scan) != {20, 21, 22, 23, 24}
