@@ -271,7 +271,9 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
     * ``"outline"``: ``labels["outlines"]`` (filled loose outlines on a few sagittal slices, VerSe ids),
       read as the body boundary moved outward by ``loss.outline_offset_mm`` +- ``loss.outline_band_mm``:
       interior eroded by offset + band = body, outside the outline eroded by offset - band = not this body
-      (2D, in the sagittal plane), the band between and un-annotated slices = unsupervised.
+      (2D, in the sagittal plane), the band between and un-annotated slices = unsupervised, except that
+      sagittal slices beyond this body's outermost outlined slices by more than
+      ``loss.outline_lateral_margin_mm`` are not this body.
     * ``"coarse"``: ``labels["coarse"]`` (coarse / biased masks, VerSe ids): like ``"outline"`` in 3D
       with the narrower ``loss.coarse_band_mm`` ignore band around the boundary.
     * ``"box"``: ``box_mm`` ``(2, 3)`` world LPS min/max corners: outside = not this body; the box
@@ -354,6 +356,12 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
                 body[s] = this
             # (a slice where only other bodies were outlined says nothing about where this one is not)
             _set(a, _erode2d(oth, inner) & not_this, (SEG_NEIGHBOUR, SEG_LESION))
+        drawn = np.flatnonzero(body.any(axis=(1, 2)))
+        if drawn.size and cfg.loss.outline_lateral_margin_mm is not None:
+            # beyond the outermost outlined slices (edge slices are outlined) + margin: not this body
+            m = cfg.loss.outline_lateral_margin_mm / sp
+            far = (np.arange(shape[0]) < drawn.min() - m - 1e-9) | (np.arange(shape[0]) > drawn.max() + m + 1e-9)
+            allowed[SEG_CENTRE, far] = False
         # Region: the union of this body's outlines extruded across the typical left-right half-width.
         proj = body.any(axis=0)
         region_src = np.zeros(shape, bool)

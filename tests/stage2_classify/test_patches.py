@@ -148,6 +148,7 @@ def _outline_patch(cfg):
 def test_build_targets_outlines_offset_reads_the_contour_as_outside_the_body():
     cfg = tiny_config()  # 4 mm voxels
     cfg.loss.outline_offset_mm, cfg.loss.outline_band_mm = 6.0, 2.0  # body: erode 8 mm = 2 voxels; not: outside erode 4 mm
+    cfg.loss.outline_lateral_margin_mm = None
     t = build_targets(_outline_patch(cfg), 20, cfg, kind="outline")
     a = t.seg_allowed
     centre = [False, True, False, False, True]
@@ -161,9 +162,25 @@ def test_build_targets_outlines_offset_reads_the_contour_as_outside_the_body():
     assert a[:, 7, 2, 2].all() and a[:, 0].all()
 
 
+def test_build_targets_outlines_lateral_extent():
+    cfg = tiny_config()  # 4 mm voxels
+    patch = _outline_patch(cfg)
+    patch.labels["outlines"][8, 5:11, 5:11] = 20  # this body outlined on slices 5 and 8
+    cfg.loss.outline_lateral_margin_mm = 4.0  # one slice beyond the outermost outlined ones may still be body
+    a = build_targets(patch, 20, cfg, kind="outline").seg_allowed
+    assert a[:, 4].all() and a[:, 9].all() and a[:, 6].all()  # within the margin / between outlined slices: free
+    for s in (0, 3, 10, 11):  # beyond it: anything but the centre body
+        assert not a[1, s].any() and a[[0, 2, 3, 4], s].all(), s
+    # slice 7 lies between the outlined slices: the neighbour's interior stays neighbour, the rest free
+    assert a[:, 7, 4, 4].tolist() == [False, False, True, False, True] and a[:, 7, 14, 14].all()
+    cfg.loss.outline_lateral_margin_mm = None
+    assert build_targets(patch, 20, cfg, kind="outline").seg_allowed[:, 0].all()  # rule off: unsupervised
+
+
 def test_build_targets_outlines_band_and_unannotated_slices():
     cfg = tiny_config()  # 4 mm voxels
     cfg.loss.outline_offset_mm, cfg.loss.outline_band_mm = 0.0, 4.0  # symmetric band of 1 voxel around the contour
+    cfg.loss.outline_lateral_margin_mm = None
     shape = cfg.patch.shape
     geo = patch_grid(np.zeros(3), cfg.patch)
     outl = np.zeros(shape, np.int16)
