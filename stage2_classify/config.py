@@ -88,6 +88,11 @@ class LossConfig:
     #: "not this body". On the real data the expert body never reaches 2 mm beyond them (share of body
     #: voxels there: 0.0 in both cohorts). ``None`` switches the rule off (for outlines that skip the edges).
     outline_lateral_margin_mm: float | None = 2.0
+    #: In the unsupervised band, train the body probability towards P(body | depth inside the contour) =
+    #: Phi((depth - outline_offset_mm) / sigma) (soft binary cross entropy), so that the boundary settles
+    #: where the real one lies on average instead of anywhere in the band; sigma from the spread of the real
+    #: contours' offsets (10th-90th percentile 2.0-5.4 mm myosegmentum, 2.0-7.0 mm chu2015). ``None``: off.
+    outline_soft_sigma_mm: float | None = 1.5
     #: With outlines / coarse masks, body and not-body voxels carry equal weight in the seg loss
     #: (:func:`stage2_classify.losses.set_cross_entropy`): on the real outlines only ~11 % of the supervised
     #: voxels are body, and unbalanced the seg head learned "not body" nearly everywhere (20 epochs: mean
@@ -159,6 +164,8 @@ class Stage2Config:
             raise ValueError("patch size and spacing must be positive")
         if self.margin_mm < 0:
             raise ValueError("margin_mm must be >= 0")
+        if self.loss.outline_soft_sigma_mm is not None and self.loss.outline_soft_sigma_mm <= 0:
+            raise ValueError(f"loss.outline_soft_sigma_mm must be > 0 or None, got {self.loss.outline_soft_sigma_mm}")
         if self.loss.outline_lateral_margin_mm is not None and self.loss.outline_lateral_margin_mm < 0:
             raise ValueError(f"loss.outline_lateral_margin_mm must be >= 0 or None, got {self.loss.outline_lateral_margin_mm}")
         if self.loss.outline_band_mm < 0 or self.loss.coarse_band_mm < 0:

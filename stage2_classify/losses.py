@@ -146,6 +146,17 @@ def set_cross_entropy(logits: torch.Tensor, allowed: torch.Tensor, positive: tor
     return -(lse.masked_fill(~supervised, 0.0) * w).sum() / w.sum()
 
 
+def soft_body_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Soft binary cross entropy of a body probability ``(B, 1, I, J, K)`` against soft targets of the same
+    shape, averaged over the voxels where the target is not NaN (0 when there are none)."""
+    valid = ~torch.isnan(target)
+    if not bool(valid.any()):
+        return prob.sum() * 0.0
+    p = prob[valid].clamp(eps, 1 - eps)
+    q = target[valid]
+    return -(q * torch.log(p) + (1 - q) * torch.log(1 - p)).mean()
+
+
 def band_targets(mask: torch.Tensor, inner_vox: int, outer_vox: int, ignore_index: int = 255) -> torch.Tensor:
     """Loose mask -> partial target: 1 inside the mask eroded by ``inner_vox``, 0 outside it dilated by
     ``outer_vox``, ``ignore_index`` in the band between (the annotation's uncertain boundary).
@@ -277,6 +288,7 @@ __all__ = [
     "soft_cross_entropy",
     "partial_cross_entropy",
     "set_cross_entropy",
+    "soft_body_loss",
     "band_targets",
     "binary_partial_bce",
     "box_tightness_loss",

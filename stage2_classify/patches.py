@@ -258,6 +258,9 @@ class PatchTargets:
     #: Per-voxel lesion class (index into ``cfg.classes``; 0 = no lesion; hard-negative spots are 0) where a
     #: lesion map is given, else None (the lesion head then learns from the vertebra's class alone).
     lesion_class: np.ndarray | None = None
+    #: Outlines only: probability that a voxel of the unsupervised band is this body, from where the real
+    #: body boundary lies relative to a drawn contour (``loss.outline_soft_sigma_mm``); NaN elsewhere.
+    body_soft: np.ndarray | None = None
 
 
 def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "full",
@@ -297,7 +300,7 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
     if centroid_mm is not None:
         centre_ijk = geo.world_to_voxel(np.asarray(centroid_mm, dtype=np.float64)).coords[0]
     half = np.asarray(cfg.prior_half_extent_mm) / sp
-    box = point_ball = None
+    box = point_ball = body_soft = None
 
     if kind == "full":
         if verts is None:
@@ -339,6 +342,7 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
         outl = patch.labels.get("outlines")
         if outl is None:
             raise ValueError("kind='outline' needs an 'outlines' label crop")
+        sigma = cfg.loss.outline_soft_sigma_mm
         inner = (cfg.loss.outline_offset_mm + cfg.loss.outline_band_mm) / sp  # erode by this: surely the body
         outer = (cfg.loss.outline_offset_mm - cfg.loss.outline_band_mm) / sp  # outside this: surely not
         body = np.zeros(shape, bool)
@@ -351,9 +355,19 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
             a = allowed[:, s]
             not_this = ~_shrink2d(this, outer)
             if this.any():  # this body was outlined on this slice: inside = body, far outside = not it
-                _set(a, _erode2d(this, inner), (SEG_CENTRE, SEG_LESION))
+                core = _erode2d(this, inner)
+                _set(a, core, (SEG_CENTRE, SEG_LESION))
                 _set(a, not_this & ~oth, (SEG_BG, SEG_NEIGHBOUR, SEG_DISC, SEG_LESION))
                 body[s] = this
+                if sigma is not None:
+                    # signed depth inside the drawn contour (mm, < 0 outside); the true boundary lies
+                    # outline_offset_mm inside it, give or take sigma -> P(body) = Phi((depth - offset) / sigma)
+                    depth = (ndimage.distance_transform_edt(this) - ndimage.distance_transform_edt(~this)) * sp
+                    band_px = ~core & ~not_this & ~oth
+                    if body_soft is None:
+                        body_soft = np.full(shape, np.nan, np.float32)
+                    z = (depth[band_px] - cfg.loss.outline_offset_mm) / sigma
+                    body_soft[s][band_px] = 0.5 * (1.0 + _erf(z / np.sqrt(2.0)))
             # (a slice where only other bodies were outlined says nothing about where this one is not)
             _set(a, _erode2d(oth, inner) & not_this, (SEG_NEIGHBOUR, SEG_LESION))
         drawn = np.flatnonzero(body.any(axis=(1, 2)))
@@ -415,7 +429,13 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
             if name in cfg.classes:
                 lesion_class[lesions == value] = cfg.classes.index(name)
     return PatchTargets(kind, body.astype(bool), region.astype(bool), allowed, heat, lesion, box, point_ball,
-                        lesion_class)
+                        lesion_class, body_soft)
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    from scipy.special import erf
+
+    return erf(x)
 
 
 def _erode2d(m: np.ndarray, r: float) -> np.ndarray:

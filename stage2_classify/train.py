@@ -48,6 +48,7 @@ from stage2_classify.losses import (
     point_loss,
     recon_loss,
     set_cross_entropy,
+    soft_body_loss,
     size_prior_loss,
     soft_cross_entropy,
     soft_targets,
@@ -211,6 +212,8 @@ def collate(samples: list[Sample]) -> dict[str, torch.Tensor]:
         "has_box": torch.tensor([s.targets.box is not None for s in samples]),
         "has_ball": torch.tensor([s.targets.point_ball is not None for s in samples]),
         "loose_body": torch.tensor([s.targets.kind in LOOSE_BODY_KINDS for s in samples]),
+        "body_soft": stack(lambda s: s.targets.body_soft if getattr(s.targets, "body_soft", None) is not None
+                           else np.full(shape, np.nan, np.float32)),
     }
     return batch
 
@@ -279,9 +282,16 @@ def augment(batch: dict[str, torch.Tensor], cfg: Stage2Config, gen: torch.Genera
         out[k] = warp(batch[k], "bilinear")
     for k in ("region", "body", "lesion", "box", "ball", "seg_allowed", "lesion_class"):
         out[k] = warp(batch[k], "nearest")
+    if "body_soft" in batch:  # NaN = no soft target, also where the warp samples outside the patch
+        soft = batch["body_soft"]
+        given = warp((~torch.isnan(soft)).float(), "nearest") > 0.5
+        out["body_soft"] = torch.where(given, warp(torch.nan_to_num(soft), "nearest"), torch.full_like(soft, float("nan")))
     flip = torch.tensor(flips, device=dev)
     if flip.any():
-        for k in ("image", "heatmap", "region", "body", "lesion", "box", "ball", "seg_allowed", "lesion_class"):
+        for k in ("image", "heatmap", "region", "body", "lesion", "box", "ball", "seg_allowed", "lesion_class",
+                  "body_soft"):
+            if k not in out:
+                continue
             x = out[k].clone()
             x[flip] = torch.flip(x[flip], dims=[2])  # axis 0 of (I, J, K) = left-right
             out[k] = x
@@ -341,6 +351,9 @@ class Stage2Trainable(nn.Module):
             # body voxels: only the centre body (or a lesion in it) is allowed there
             positive = allowed[:, SEG_CENTRE] & ~allowed[:, [SEG_BG, SEG_NEIGHBOUR, SEG_DISC]].any(1)
             seg = set_cross_entropy(out["seg"], allowed, positive, balance)
+            soft = batch["body_soft"]
+            if bool((~torch.isnan(soft)).any()):  # outlines: where the boundary probably lies in the band
+                seg = seg + soft_body_loss(self.net.body_probability(out["seg"]), soft)
             pbody = self.net.body_probability(out["seg"])
             if bool(batch["has_box"].any()):
                 sel = batch["has_box"]

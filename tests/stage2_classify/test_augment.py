@@ -25,5 +25,19 @@ def test_augment_keeps_superior_up_and_labels_binary():
         assert out["cls"].tolist() == batch["cls"].tolist()
     a = augment(batch, cfg, torch.Generator().manual_seed(1))
     b = augment(batch, cfg, torch.Generator().manual_seed(1))
-    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert all(torch.equal(a[key].nan_to_num(-1), b[key].nan_to_num(-1)) for key in a)
     assert not torch.equal(a["image"], augment(batch, cfg, torch.Generator().manual_seed(2))["image"])
+
+
+def test_augment_keeps_soft_body_targets_soft_and_absent_where_absent():
+    cfg = tiny_config()
+    cfg.train.aug_prob = 1.0
+    batch = collate(toy_samples(cfg, 4, seed=0))
+    soft = torch.full_like(batch["body_soft"], float("nan"))
+    soft[0, 0, 6:10, 6:10, 6:10] = 0.25  # one sample with a soft band, the others without
+    batch["body_soft"] = soft
+    for seed in range(4):
+        out = augment(batch, cfg, torch.Generator().manual_seed(seed))["body_soft"]
+        assert torch.isnan(out[1:]).all()  # no target appears where none was given (nor from padding)
+        given = out[0][~torch.isnan(out[0])]
+        assert given.numel() > 0 and torch.all(given == 0.25)

@@ -91,6 +91,16 @@ def test_set_cross_entropy_balanced_body_and_not_body_exact():
     assert g_bal > lg.grad[0, :, 0].abs().sum()
 
 
+def test_soft_body_loss_exact():
+    from stage2_classify.losses import soft_body_loss
+
+    prob = torch.tensor([0.2, 0.7, 0.5, 0.9]).view(1, 1, 4, 1, 1)
+    target = torch.tensor([0.0, 0.75, float("nan"), 1.0]).view(1, 1, 4, 1, 1)
+    exp = -(math.log(0.8) + 0.75 * math.log(0.7) + 0.25 * math.log(0.3) + math.log(0.9)) / 3
+    assert abs(float(soft_body_loss(prob, target)) - exp) < 1e-6
+    assert float(soft_body_loss(prob, torch.full_like(target, float("nan")))) == 0.0
+
+
 def test_band_targets_outline_interior_band_exterior():
     m = torch.zeros(1, 1, 9, 9, 9)
     m[0, 0, 2:7, 2:7, 2:7] = 1
