@@ -96,11 +96,12 @@ class LossConfig:
     #: where the real one lies on average instead of anywhere in the band; sigma from the spread of the real
     #: contours' offsets (10th-90th percentile 2.0-5.4 mm myosegmentum, 2.0-7.0 mm chu2015). ``None``: off.
     outline_soft_sigma_mm: float | None = 1.5
-    #: With outlines / coarse masks, body and not-body voxels carry equal weight in the seg loss
-    #: (:func:`stage2_classify.losses.set_cross_entropy`): on the real outlines only ~11 % of the supervised
-    #: voxels are body, and unbalanced the seg head learned "not body" nearly everywhere (20 epochs: mean
-    #: centre-body probability 0.3 inside the expert bodies, body Dice 0; bench/results/stage2_annotation_*.md).
-    balance_loose_body: bool = True
+    #: With outlines / coarse masks, give body and not-body voxels equal weight in the seg loss
+    #: (:func:`stage2_classify.losses.set_cross_entropy`; on the real outlines only ~11 % of the supervised
+    #: voxels are body). Needed with hard band targets alone (unbalanced, the head learned "not body" nearly
+    #: everywhere: body Dice 0 at 20 epochs; balanced 0.64), but with the soft band targets below it
+    #: over-segments (0.77 balanced vs 0.79 unbalanced, predicted volume 1.5x vs 1.4x the expert body), so off.
+    balance_loose_body: bool = False
     #: Ignore band (mm) around coarse masks: interior eroded by this is positive, exterior dilated by it negative.
     coarse_band_mm: float = 2.0
     #: Radius (mm) of the positive ball around a point annotation.
