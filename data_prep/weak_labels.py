@@ -330,6 +330,23 @@ def thicken_slices(labels: Scan, thickness_mm: float) -> Scan:
     return labels.with_array(out, name=labels.name)
 
 
+def outlined_lr_extent(outlines: Scan) -> dict[int, tuple[float, float]]:
+    """For each label: world x (LPS, mm; patient left-right) of its first and last outlined sagittal slice."""
+    arr = np.rint(np.asarray(outlines.array)).astype(np.int64)
+    lr_axis, _ = outlines.axis_of(0)
+    other = tuple(a for a in range(3) if a != lr_axis)
+    out: dict[int, tuple[float, float]] = {}
+    for vid in _label_ids(outlines):
+        idx = np.flatnonzero((arr == vid).any(axis=other))
+        if idx.size == 0:
+            continue
+        ijk = np.zeros((2, 3))
+        ijk[:, lr_axis] = [idx.min(), idx.max()]
+        x = outlines.voxel_to_world(ijk).coords[:, 0]
+        out[int(vid)] = (float(x.min()), float(x.max()))
+    return out
+
+
 def outline_dice(filled: Scan, labels: Scan) -> pd.DataFrame:
     """Per (label, sagittal slice) Dice between filled outlines and a full mask, on outlined slices only."""
     if not filled.same_geometry(labels):
@@ -509,6 +526,7 @@ __all__ = [
     "loose_boxes",
     "sparse_outlines",
     "fill_outlines",
+    "outlined_lr_extent",
     "thicken_slices",
     "outline_dice",
     "biased_coarse_mask",

@@ -265,7 +265,8 @@ class PatchTargets:
 
 def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "full",
                   box_mm: np.ndarray | None = None, point_mm: np.ndarray | None = None,
-                  centroid_mm: np.ndarray | None = None) -> PatchTargets:
+                  centroid_mm: np.ndarray | None = None,
+                  outline_lr_mm: tuple[float, float] | None = None) -> PatchTargets:
     """Targets for the vertebra with VerSe id ``label`` from the label crops in ``patch.labels``.
 
     ``kind`` selects the annotation used for the centre body:
@@ -275,8 +276,9 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
       read as the body boundary moved outward by ``loss.outline_offset_mm`` +- ``loss.outline_band_mm``:
       interior eroded by offset + band = body, outside the outline eroded by offset - band = not this body
       (2D, in the sagittal plane), the band between and un-annotated slices = unsupervised, except that
-      sagittal slices beyond this body's outermost outlined slices by more than
-      ``loss.outline_lateral_margin_mm`` are not this body.
+      sagittal slices beyond this body's outermost outlined slices *in the whole scan* (``outline_lr_mm``:
+      world x (LPS, mm) of the first and last outlined slice) by more than ``loss.outline_lateral_margin_mm``
+      are not this body (only when both are given).
     * ``"coarse"``: ``labels["coarse"]`` (coarse / biased masks, VerSe ids): like ``"outline"`` in 3D
       with the narrower ``loss.coarse_band_mm`` ignore band around the boundary.
     * ``"box"``: ``box_mm`` ``(2, 3)`` world LPS min/max corners: outside = not this body; the box
@@ -370,11 +372,15 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
                     body_soft[s][band_px] = 0.5 * (1.0 + _erf(z / np.sqrt(2.0)))
             # (a slice where only other bodies were outlined says nothing about where this one is not)
             _set(a, _erode2d(oth, inner) & not_this, (SEG_NEIGHBOUR, SEG_LESION))
-        drawn = np.flatnonzero(body.any(axis=(1, 2)))
-        if drawn.size and cfg.loss.outline_lateral_margin_mm is not None:
-            # beyond the outermost outlined slices (edge slices are outlined) + margin: not this body
-            m = cfg.loss.outline_lateral_margin_mm / sp
-            far = (np.arange(shape[0]) < drawn.min() - m - 1e-9) | (np.arange(shape[0]) > drawn.max() + m + 1e-9)
+        if outline_lr_mm is not None and cfg.loss.outline_lateral_margin_mm is not None:
+            # beyond the body's outermost outlined slices of the scan (edge slices are outlined) + margin:
+            # not this body. World x of each patch slice along its centre line (x = patient left-right, LPS).
+            m = cfg.loss.outline_lateral_margin_mm
+            c = (np.array(shape) - 1) / 2.0
+            line = np.stack([np.arange(shape[0], dtype=np.float64), np.full(shape[0], c[1]), np.full(shape[0], c[2])], 1)
+            x = geo.voxel_to_world(line).coords[:, 0]
+            lo, hi = min(outline_lr_mm), max(outline_lr_mm)
+            far = (x < lo - m - 1e-6) | (x > hi + m + 1e-6)
             allowed[SEG_CENTRE, far] = False
         # Region: the union of this body's outlines extruded across the typical left-right half-width.
         proj = body.any(axis=0)

@@ -153,12 +153,15 @@ def build_samples(data_dir: str | Path, cfg: Stage2Config, *, annotation: str = 
         data = load_subject(s)
         kind = _choose_kind(annotation, data)
         maps = {"vertebrae": data.vertebrae, "lesions": data.lesions, "outlines": data.outlines, "coarse": data.coarse}
+        lr_extent = None
         if kind == "outline" and data.outlines is not None:
-            from data_prep.weak_labels import fill_outlines, thicken_slices
+            from data_prep.weak_labels import fill_outlines, outlined_lr_extent, thicken_slices
 
             # contours -> filled per-slice regions, each slice as thick as a patch voxel so that none is lost
             # when the patch grid (coarser than the 1-mm outlined slices) samples it
-            maps["outlines"] = thicken_slices(fill_outlines(data.outlines), cfg.patch.spacing_mm)
+            filled = fill_outlines(data.outlines)
+            maps["outlines"] = thicken_slices(filled, cfg.patch.spacing_mm)
+            lr_extent = outlined_lr_extent(filled)
         struct_path = data_dir / f"{s.id}_structures.nii.gz"  # synthetic cohorts: discs etc. (data_prep.synth)
         if kind == "full" and struct_path.is_file():
             maps["structures"] = read_labelmap(struct_path, reference=data.image)
@@ -177,6 +180,8 @@ def build_samples(data_dir: str | Path, cfg: Stage2Config, *, annotation: str = 
                 kw["box_mm"] = data.boxes[1][data.boxes[0].index(vid)]
             if kind == "point":
                 kw["point_mm"] = centre
+            if kind == "outline" and lr_extent is not None and vid in lr_extent:
+                kw["outline_lr_mm"] = lr_extent[vid]
             if kind == "full" and data.vertebrae is None:
                 raise SpinepipeInputError(s.image, "annotation 'full' requested but no <id>_vertebrae file")
             patch = sampler.crop(centre)

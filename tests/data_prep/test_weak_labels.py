@@ -236,3 +236,15 @@ def test_thicken_slices_keeps_every_outlined_slice_on_a_coarser_grid():
 
     assert labels_after(thick) == {20, 21, 22, 23, 24}
     assert labels_after(scan) != {20, 21, 22, 23, 24}
+
+
+def test_outlined_lr_extent_in_world_mm():
+    from data_prep.weak_labels import outlined_lr_extent
+
+    arr = np.zeros((30, 8, 8), np.int16)  # axis 0 = left-right, 2 mm, origin x = -10 mm
+    arr[[4, 9, 15], 2:6, 2:6] = 20
+    arr[[6, 11], 3:5, 3:5] = 21
+    ext = outlined_lr_extent(Scan(arr, spacing=(2.0, 1.0, 1.0), origin=(-10.0, 0.0, 0.0)))
+    assert ext == {20: (-2.0, 20.0), 21: (2.0, 12.0)}
+    flipped = Scan(arr, spacing=(2.0, 1.0, 1.0), origin=(50.0, 0.0, 0.0), direction=np.diag([-1.0, 1.0, 1.0]))
+    assert outlined_lr_extent(flipped)[20] == (20.0, 42.0)  # x = 50 - 2 i for i = 15 .. 4

@@ -181,16 +181,20 @@ def test_build_targets_outlines_soft_band():
 def test_build_targets_outlines_lateral_extent():
     cfg = tiny_config()  # 4 mm voxels
     patch = _outline_patch(cfg)
-    patch.labels["outlines"][8, 5:11, 5:11] = 20  # this body outlined on slices 5 and 8
+    patch.labels["outlines"][8, 5:11, 5:11] = 20  # this body outlined on slices 5 and 8 ...
+    c = (np.array(patch.geometry.shape) - 1) / 2.0
+    x = patch.geometry.voxel_to_world(np.array([[5.0, c[1], c[2]], [8.0, c[1], c[2]]])).coords[:, 0]
+    lr = (float(x[0]), float(x[1]))  # ... which are its outermost outlined slices in the whole scan
     cfg.loss.outline_lateral_margin_mm = 4.0  # one slice beyond the outermost outlined ones may still be body
-    a = build_targets(patch, 20, cfg, kind="outline").seg_allowed
+    assert build_targets(patch, 20, cfg, kind="outline").seg_allowed[:, 0].all()  # extent unknown: no rule
+    a = build_targets(patch, 20, cfg, kind="outline", outline_lr_mm=lr).seg_allowed
     assert a[:, 4].all() and a[:, 9].all() and a[:, 6].all()  # within the margin / between outlined slices: free
     for s in (0, 3, 10, 11):  # beyond it: anything but the centre body
         assert not a[1, s].any() and a[[0, 2, 3, 4], s].all(), s
     # slice 7 lies between the outlined slices: the neighbour's interior stays neighbour, the rest free
     assert a[:, 7, 4, 4].tolist() == [False, False, True, False, True] and a[:, 7, 14, 14].all()
     cfg.loss.outline_lateral_margin_mm = None
-    assert build_targets(patch, 20, cfg, kind="outline").seg_allowed[:, 0].all()  # rule off: unsupervised
+    assert build_targets(patch, 20, cfg, kind="outline", outline_lr_mm=lr).seg_allowed[:, 0].all()  # rule off
 
 
 def test_build_targets_outlines_band_and_unannotated_slices():
