@@ -84,12 +84,12 @@ class LossConfig:
     outline_offset_mm: float = 4.0
     outline_band_mm: float = 2.0
     #: Outlines are drawn on a few sagittal slices spread over the body's left-right extent, the two edge
-    #: slices included: with a value, sagittal slices more than this (mm) beyond this body's outermost
-    #: outlined slices *in the patch* are "not this body". Off by default: on the real data the expert body
-    #: never reaches 2 mm beyond the outermost outlined slices of the scan, but in a 48-mm patch those edge
-    #: slices often fall outside the crop, so the rule cut real body (20 epochs, body Dice 0.72 -> 0.71 with
-    #: the lateral body missing; bench/results/stage2_annotation_outline_lateral.md). It needs the body's
-    #: outlined extent from the whole scan (future work).
+    #: slices included: with a value, patch slices more than this (mm) beyond this body's outermost outlined
+    #: slices *of the whole scan* are "not this body" (on the real data no expert body voxel lies > 2 mm
+    #: beyond them). Off by default: a first version took the outermost outlined slices of the 48-mm patch,
+    #: which often crops the edge slices, and cut real body (body Dice 0.72 -> 0.71,
+    #: bench/results/stage2_annotation_outline_lateral.md); with the whole-scan extent the body usually
+    #: spans the whole patch width, so the rule rarely applies (see stage2_annotation_outline_lateral_scan.md).
     outline_lateral_margin_mm: float | None = None
     #: In the unsupervised band, train the body probability towards P(body | depth inside the contour) =
     #: Phi((depth - outline_offset_mm) / sigma) (soft binary cross entropy), so that the boundary settles
