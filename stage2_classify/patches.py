@@ -364,7 +364,9 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
                 if sigma is not None:
                     # signed depth inside the drawn contour (mm, < 0 outside); the true boundary lies
                     # outline_offset_mm inside it, give or take sigma -> P(body) = Phi((depth - offset) / sigma)
-                    depth = (ndimage.distance_transform_edt(this) - ndimage.distance_transform_edt(~this)) * sp
+                    # (the outline's own edge pixels lie on the drawn contour: depth 0, hence the - 1 inside)
+                    depth = np.where(this, ndimage.distance_transform_edt(this) - 1.0,
+                                     -ndimage.distance_transform_edt(~this)) * sp
                     band_px = ~core & ~not_this & ~oth
                     if body_soft is None:
                         body_soft = np.full(shape, np.nan, np.float32)

@@ -169,9 +169,9 @@ def test_build_targets_outlines_soft_band():
     cfg.loss.outline_offset_mm, cfg.loss.outline_band_mm, cfg.loss.outline_soft_sigma_mm = 4.0, 4.0, 2.0
     t = build_targets(_outline_patch(cfg), 20, cfg, kind="outline")
     q = t.body_soft
-    # band = the two outer rings of the 8 x 8 outline; depth inside the contour 4 mm (ring 1) and 8 mm (ring 2)
-    np.testing.assert_allclose(q[5, 4, 8], norm.cdf((4.0 - 4.0) / 2.0), atol=1e-6)
-    np.testing.assert_allclose(q[5, 5, 8], norm.cdf((8.0 - 4.0) / 2.0), atol=1e-6)
+    # band = the two outer rings of the 8 x 8 outline: ring 1 is the drawn contour (depth 0), ring 2 4 mm inside
+    np.testing.assert_allclose(q[5, 4, 8], norm.cdf((0.0 - 4.0) / 2.0), atol=1e-6)
+    np.testing.assert_allclose(q[5, 5, 8], norm.cdf((4.0 - 4.0) / 2.0), atol=1e-6)
     assert np.isnan(q[5, 7, 7]) and np.isnan(q[5, 0, 0]) and np.isnan(q[0]).all()  # core, outside, other slices
     assert np.isnan(q[7]).all()  # a slice where only the neighbour was outlined
     cfg.loss.outline_soft_sigma_mm = None
