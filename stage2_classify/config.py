@@ -98,10 +98,10 @@ class LossConfig:
     outline_soft_sigma_mm: float | None = 1.5
     #: With outlines / coarse masks, give body and not-body voxels equal weight in the seg loss
     #: (:func:`stage2_classify.losses.set_cross_entropy`; on the real outlines only ~11 % of the supervised
-    #: voxels are body). Needed with hard band targets alone (unbalanced, the head learned "not body" nearly
-    #: everywhere: body Dice 0 at 20 epochs; balanced 0.64), but with the soft band targets below it
-    #: over-segments (0.77 balanced vs 0.79 unbalanced, predicted volume 1.5x vs 1.4x the expert body), so off.
-    balance_loose_body: bool = False
+    #: voxels are body). Unbalanced, the head can learn "not body" nearly everywhere: body Dice 0 at 20
+    #: epochs both with hard band targets alone and with the soft band (depth measured from the contour);
+    #: balanced 0.64 (hard) and 0.82 (soft band, 0.91x full masks; bench/results/stage2_annotation_*.md).
+    balance_loose_body: bool = True
     #: Ignore band (mm) around coarse masks: interior eroded by this is positive, exterior dilated by it negative.
     coarse_band_mm: float = 2.0
     #: Radius (mm) of the positive ball around a point annotation.
