@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
+from scipy.special import erf
 
 from data_prep.scan import Scan, to_sitk
 from stage2_classify.config import (
@@ -371,7 +372,7 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
                     if body_soft is None:
                         body_soft = np.full(shape, np.nan, np.float32)
                     z = (depth[band_px] - cfg.loss.outline_offset_mm) / sigma
-                    body_soft[s][band_px] = 0.5 * (1.0 + _erf(z / np.sqrt(2.0)))
+                    body_soft[s][band_px] = 0.5 * (1.0 + erf(z / np.sqrt(2.0)))
             # (a slice where only other bodies were outlined says nothing about where this one is not)
             _set(a, _erode2d(oth, inner) & not_this, (SEG_NEIGHBOUR, SEG_LESION))
         if outline_lr_mm is not None and cfg.loss.outline_lateral_margin_mm is not None:
@@ -439,11 +440,6 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
     return PatchTargets(kind, body.astype(bool), region.astype(bool), allowed, heat, lesion, box, point_ball,
                         lesion_class, body_soft)
 
-
-def _erf(x: np.ndarray) -> np.ndarray:
-    from scipy.special import erf
-
-    return erf(x)
 
 
 def _erode2d(m: np.ndarray, r: float) -> np.ndarray:
