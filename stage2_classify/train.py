@@ -217,7 +217,7 @@ def collate(samples: list[Sample]) -> dict[str, torch.Tensor]:
         "has_box": torch.tensor([s.targets.box is not None for s in samples]),
         "has_ball": torch.tensor([s.targets.point_ball is not None for s in samples]),
         "loose_body": torch.tensor([s.targets.kind in LOOSE_BODY_KINDS for s in samples]),
-        "body_soft": stack(lambda s: s.targets.body_soft if getattr(s.targets, "body_soft", None) is not None
+        "body_soft": stack(lambda s: s.targets.body_soft if s.targets.body_soft is not None
                            else np.full(shape, np.nan, np.float32)),
     }
     return batch
@@ -353,13 +353,14 @@ class Stage2Trainable(nn.Module):
         if "seg" in out:
             allowed = batch["seg_allowed"] > 0.5
             balance = batch["loose_body"] & cfg.loss.balance_loose_body
-            # body voxels: only the centre body (or a lesion in it) is allowed there
-            positive = allowed[:, SEG_CENTRE] & ~allowed[:, [SEG_BG, SEG_NEIGHBOUR, SEG_DISC]].any(1)
+            positive = None
+            if bool(balance.any()):  # body voxels: only the centre body (or a lesion in it) is allowed there
+                positive = allowed[:, SEG_CENTRE] & ~allowed[:, [SEG_BG, SEG_NEIGHBOUR, SEG_DISC]].any(1)
             seg = set_cross_entropy(out["seg"], allowed, positive, balance)
+            pbody = self.net.body_probability(out["seg"])
             soft = batch["body_soft"]
             if bool((~torch.isnan(soft)).any()):  # outlines: where the boundary probably lies in the band
-                seg = seg + soft_body_loss(self.net.body_probability(out["seg"]), soft)
-            pbody = self.net.body_probability(out["seg"])
+                seg = seg + soft_body_loss(pbody, soft)
             if bool(batch["has_box"].any()):
                 sel = batch["has_box"]
                 seg = seg + box_tightness_loss(pbody[sel], batch["box"][sel] > 0.5)
