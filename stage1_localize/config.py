@@ -146,6 +146,8 @@ class Stage1Config:
     #: (nnU-Net's class-balanced foreground sampling); see ``train.level_balanced_weights``. Off: on fold 0
     #: it finds chu2015's T11/T12 but the level head then names myosegmentum's T12 "L1" (stage1_balance_levels_f0)
     balance_levels: bool = False
+    #: with ``balance_levels``: weights ``count(level) ** -power`` (1: full class balance, 0: uniform)
+    level_balance_power: float = 1.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # decoding. Candidates are cheap: the labeller drops spurious ones (cost rising with the peak height)
     # and the spacing prior rejects those that break the sequence, so the threshold is low. On the 5-fold

@@ -131,15 +131,16 @@ def draw_subject(subjects: list[TrainSubject], rng: np.random.Generator, balance
     return subjects[int(rng.integers(len(subjects)))]
 
 
-def level_balanced_weights(level_ids_per_subject: list[list[int]]) -> list[np.ndarray]:
-    """Per subject, ``(N_s,)`` weights ``1 / count(level)`` where ``count`` is the number of points of that
-    level over all subjects: a level annotated in few scans gets proportionally more foreground patches.
-    E.g. ``[[20, 21], [19, 20]]`` -> ``[[0.5, 1], [1, 0.5]]``."""
+def level_balanced_weights(level_ids_per_subject: list[list[int]], power: float = 1.0) -> list[np.ndarray]:
+    """Per subject, ``(N_s,)`` weights ``count(level) ** -power`` where ``count`` is the number of points of
+    that level over all subjects: with ``power`` 1 a level annotated in few scans gets proportionally more
+    foreground patches, 0 is uniform, in between tempers the balancing.
+    E.g. ``[[20, 21], [19, 20]]`` -> ``[[0.5, 1], [1, 0.5]]``; with ``power=0.5`` ``[[0.707, 1], [1, 0.707]]``."""
     counts: dict[int, int] = {}
     for ids in level_ids_per_subject:
         for v in ids:
             counts[int(v)] = counts.get(int(v), 0) + 1
-    return [np.array([1.0 / counts[int(v)] for v in ids], dtype=np.float64) for ids in level_ids_per_subject]
+    return [np.array([float(counts[int(v)]) ** -power for v in ids], dtype=np.float64) for ids in level_ids_per_subject]
 
 
 def make_batch(subjects: list[TrainSubject], config: Stage1Config, rng: np.random.Generator,
@@ -151,7 +152,8 @@ def make_batch(subjects: list[TrainSubject], config: Stage1Config, rng: np.rando
     ``config.balance_levels`` the foreground centre is drawn by :func:`level_balanced_weights`."""
     spacing = np.asarray(config.target_spacing, dtype=np.float64)
     imgs, heats, levs, weights, offs, omasks = [], [], [], [], [], []
-    point_w = (dict(zip((id(s) for s in subjects), level_balanced_weights([list(s.level_ids) for s in subjects])))
+    point_w = (dict(zip((id(s) for s in subjects), level_balanced_weights([list(s.level_ids) for s in subjects],
+                                                                              config.level_balance_power)))
                if config.balance_levels else {})
     for _ in range(config.batch_size):
         s = draw_subject(subjects, rng, config.balance_groups)

@@ -61,6 +61,10 @@ def test_level_balanced_weights_hand_made():
     w = level_balanced_weights([[20, 21], [19, 20]])
     np.testing.assert_allclose(w[0], [0.5, 1.0])
     np.testing.assert_allclose(w[1], [1.0, 0.5])
+    w = level_balanced_weights([[20, 21], [19, 20], [20]], power=0.5)  # counts 19: 1, 20: 3, 21: 1
+    np.testing.assert_allclose(w[0], [3 ** -0.5, 1.0])
+    np.testing.assert_allclose(w[2], [3 ** -0.5])
+    assert all(np.all(x == 1.0) for x in level_balanced_weights([[20, 21], [20]], power=0.0))
 
 
 def test_sample_patch_point_weights_pick_the_weighted_point():
