@@ -54,7 +54,8 @@ sys.path.insert(0, str(ROOT))
 from bench.overrides import override_config  # noqa: E402
 from data_prep.dataset import discover  # noqa: E402
 from data_prep.io import read_image, read_labelmap, write_csv, write_image, write_text  # noqa: E402
-from data_prep.scan import Scan, centroids_from_labelmap, level_name, reorient, resample_to_spacing  # noqa: E402
+from data_prep.scan import (Scan, anatomical_rank, centroids_from_labelmap, level_id, level_name, reorient,  # noqa: E402
+                            resample_to_spacing)
 from pipeline.metrics import ScanIdentification, identification, summarize_identification  # noqa: E402
 from stage1_localize.config import Stage1Config  # noqa: E402
 from stage1_localize.infer import Localizer  # noqa: E402
@@ -65,6 +66,8 @@ log = logging.getLogger("bench_stage1")
 T_START = time.time()
 COHORTS = ("myosegmentum", "chu2015")
 VARIANTS = ("original", "aniso", "fov_top", "fov_bottom")
+#: columns of the per-level identification table (levels outside it are still counted in the JSON)
+LEVEL_COLUMNS = ("T11", "T12", "L1", "L2", "L3", "L4", "L5")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -157,6 +160,22 @@ def naming_flag_summary(items: list[dict], scans: list[ScanIdentification]) -> d
             "n_right_scans": right.count(True), "right_flagged": sum(f and ok for f, ok in zip(flagged, right))}
 
 
+def identification_by_level(items: list[dict]) -> dict[str, dict]:
+    """Per ground-truth level name: ``{"n_gt", "identified", "id_rate"}`` over the records ``items``
+    (head to foot). Shows *which* levels a run misses, e.g. chu2015's T11 / T12 above the levels every
+    cohort annotates."""
+    n: dict[int, int] = {}
+    hit: dict[int, int] = {}
+    for r in items:
+        gt_ids = [level_id(name) for name in r["gt_levels"]]
+        found = {int(v) for v in r["identified"]}
+        for v in gt_ids:
+            n[v] = n.get(v, 0) + 1
+            hit[v] = hit.get(v, 0) + int(v in found)
+    return {level_name(v): {"n_gt": n[v], "identified": hit[v], "id_rate": hit[v] / n[v]}
+            for v in sorted(n, key=anatomical_rank)}
+
+
 class Results:
     def __init__(self, out_dir: Path, meta: dict):
         self.out_dir = out_dir
@@ -192,6 +211,7 @@ class Results:
                                          "n_unscored": lenient["n_unscored"]})
                             if all(r.get("naming_flagged") is not None for r in items):
                                 summ.update(naming_flag_summary(items, lenient_scans))
+                        summ["by_level"] = identification_by_level(items)
                         out.setdefault(m, {}).setdefault(v, {})[g] = summ
         return out
 
@@ -220,6 +240,16 @@ class Results:
                                  f"{s.get('precision_annotated_run', float('nan')):.3f} | {s['recall']:.3f} | "
                                  f"{s['all_correct']:.3f} / {s.get('all_correct_annotated_run', float('nan')):.3f} | "
                                  f"{s.get('n_unscored', '-')} |")
+        level_rows = [(m, c, s["by_level"]) for m, per_v in summ.items() for v, per_c in per_v.items()
+                      for c, s in per_c.items() if v == "original" and c != "pooled" and s.get("by_level")]
+        if level_rows:
+            lines += ["", "Identification rate by ground-truth level (original scans): identified / ground-truth "
+                      "vertebrae of that level.", "",
+                      "| method | cohort | " + " | ".join(LEVEL_COLUMNS) + " |",
+                      "|---|---|" + "---|" * len(LEVEL_COLUMNS)]
+            for m, c, by in level_rows:
+                cells = [f"{by[lv]['identified']} / {by[lv]['n_gt']}" if lv in by else "-" for lv in LEVEL_COLUMNS]
+                lines.append(f"| {m} | {c} | " + " | ".join(cells) + " |")
         flag_rows = [(m, v, c, s) for m, per_v in summ.items() for v, per_c in per_v.items()
                      for c, s in per_c.items() if "wrong_flagged" in s]
         if flag_rows:

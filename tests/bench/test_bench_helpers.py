@@ -144,6 +144,10 @@ def test_stage1_fold_runs_merge_into_one_table(tmp_path):
     # the wrong scan carried a naming flag, the right one did not
     assert (s["wrong_flagged"], s["n_wrong_scans"], s["right_flagged"], s["n_right_scans"]) == (1, 1, 0, 1)
     assert "| 1 / 1 | 0 / 1 |" in (tmp_path / "joined.md").read_text()
+    # per level: s1 found L1 and L2; s2's only prediction, "L2", sits on L1, so it found neither
+    assert s["by_level"] == {"L1": {"n_gt": 2, "identified": 1, "id_rate": 0.5},
+                             "L2": {"n_gt": 2, "identified": 1, "id_rate": 0.5}}
+    assert "| spinepipe_stage1 | myosegmentum | - | - | 1 / 2 | 1 / 2 | - | - | - |" in (tmp_path / "joined.md").read_text()
     bad = json.loads(files[1].read_text())
     bad["meta"]["seed"] = 7
     files[1].write_text(json.dumps(bad))
