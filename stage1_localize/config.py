@@ -141,10 +141,14 @@ class Stage1Config:
     seed: int = 0
     #: several dataset folders (sites / cohorts): draw each folder equally often, then a subject in it
     balance_groups: bool = True
-    #: foreground patches centre on a vertebra drawn with probability ~ 1 / (training vertebrae of its
-    #: level): rare levels (T11 / T12 annotated in one cohort only) are centred as often as L3
-    #: (nnU-Net's class-balanced foreground sampling); see ``train.level_balanced_weights``. Off: on fold 0
-    #: it finds chu2015's T11/T12 but the level head then names myosegmentum's T12 "L1" (stage1_balance_levels_f0)
+    #: foreground patches centre on a vertebra drawn with probability ~ count(level) ** -level_balance_power
+    #: (count = training vertebrae of that level; nnU-Net's class-balanced foreground sampling), so rare
+    #: levels (T11 / T12, annotated in one cohort only) are centred more often; see
+    #: ``train.level_balanced_weights``. Off: full balance (power 1) on fold 0 found chu2015's T11/T12 but
+    #: doubled the error (stage1_balance_levels_f0); power 0.5 over 5 folds (stage1_balance05.md) found more
+    #: of them (T11 4 / 17, T12 11 / 17 vs 0 / 17, 4 / 17) and raised the pooled id rate 0.846 -> 0.878, but
+    #: missed more of chu2015's L2-L5, raised the median error 3.1 -> 4.3 mm and lowered the partial
+    #: field-of-view rates (top 0.66 -> 0.60, bottom 0.85 -> 0.75)
     balance_levels: bool = False
     #: with ``balance_levels``: weights ``count(level) ** -power`` (1: full class balance, 0: uniform)
     level_balance_power: float = 1.0
