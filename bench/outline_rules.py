@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from data_prep.io import read_labelmap, write_text  # noqa: E402
-from data_prep.weak_labels import _inplane, _sl, fill_outlines  # noqa: E402
+from data_prep.weak_labels import _inplane, _sl, fill_outlines, shrink2d  # noqa: E402
 
 log = logging.getLogger("outline_rules")
 
@@ -49,27 +49,12 @@ RULES: tuple[tuple[str, float, float], ...] = (
 NEAR_MM = 10.0
 
 
-def _disk(r_mm: float, sp2: np.ndarray) -> np.ndarray:
-    r = np.maximum(r_mm / np.asarray(sp2, float), 1e-9)
-    half = np.ceil(r).astype(int)
-    g = np.indices(tuple(2 * half + 1)) - half[:, None, None]
-    return ((g / r[:, None, None]) ** 2).sum(0) <= 1 + 1e-9
-
-
-def shrink(mask: np.ndarray, r_mm: float, sp2: np.ndarray) -> np.ndarray:
-    """Erode a 2D mask by ``r_mm`` (> 0) or dilate it by ``-r_mm`` (< 0), pixel size ``sp2`` (mm)."""
-    if r_mm == 0 or not mask.any():
-        return mask.copy()
-    st = _disk(abs(r_mm), sp2)
-    return ndimage.binary_erosion(mask, st, border_value=0) if r_mm > 0 else ndimage.binary_dilation(mask, st)
-
-
 def rule_counts(filled: np.ndarray, body: np.ndarray, sp2: np.ndarray, offset_mm: float, band_mm: float) -> np.ndarray:
     """Counts for one outlined slice: ``[positives, positives in body, negatives near, negatives near not in
     body, body pixels, body pixels supervised positive]`` (negatives counted within NEAR_MM of the outline)."""
-    pos = shrink(filled, offset_mm + band_mm, sp2)
-    near = shrink(filled, -NEAR_MM, sp2)
-    neg = ~shrink(filled, offset_mm - band_mm, sp2) & near
+    pos = shrink2d(filled, offset_mm + band_mm, sp2)
+    near = shrink2d(filled, -NEAR_MM, sp2)
+    neg = ~shrink2d(filled, offset_mm - band_mm, sp2) & near
     return np.array([pos.sum(), (pos & body).sum(), neg.sum(), (neg & ~body).sum(), body.sum(), (pos & body).sum()],
                     dtype=np.int64)
 

@@ -330,6 +330,22 @@ def thicken_slices(labels: Scan, thickness_mm: float) -> Scan:
     return labels.with_array(out, name=labels.name)
 
 
+def shrink2d(mask: np.ndarray, r_mm: float, spacing: Sequence[float] = (1.0, 1.0)) -> np.ndarray:
+    """Erode a 2D boolean mask by ``r_mm`` (> 0) or dilate it by ``-r_mm`` (< 0); ``spacing`` is the pixel
+    size (mm) along the two axes, so the structuring element is an ellipse of that radius in mm (a disk of
+    ``r`` pixels with the default unit spacing). Erosion treats outside the array as background."""
+    m = np.asarray(mask, dtype=bool)
+    if r_mm == 0 or not m.any():
+        return m.copy()
+    r = np.maximum(abs(float(r_mm)) / np.asarray(spacing, dtype=np.float64).reshape(2), 1e-9)
+    half = np.ceil(r).astype(int)
+    g = np.indices(tuple(2 * half + 1)) - half[:, None, None]
+    disk = ((g / r[:, None, None]) ** 2).sum(0) <= 1 + 1e-9
+    if r_mm > 0:
+        return ndi.binary_erosion(m, structure=disk, border_value=0)
+    return ndi.binary_dilation(m, structure=disk)
+
+
 def outlined_lr_extent(outlines: Scan) -> dict[int, tuple[float, float]]:
     """For each label: world x (LPS, mm; patient left-right) of its first and last outlined sagittal slice."""
     arr = np.rint(np.asarray(outlines.array)).astype(np.int64)

@@ -37,6 +37,7 @@ from scipy import ndimage
 from scipy.special import erf
 
 from data_prep.scan import Scan, to_sitk
+from data_prep.weak_labels import shrink2d
 from stage2_classify.config import (
     SEG_BG,
     SEG_CENTRE,
@@ -356,9 +357,9 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
             this = sl == label
             oth = (sl > 0) & ~this
             a = allowed[:, s]
-            not_this = ~_shrink2d(this, outer)
+            not_this = ~shrink2d(this, outer)
             if this.any():  # this body was outlined on this slice: inside = body, far outside = not it
-                core = _erode2d(this, inner)
+                core = shrink2d(this, max(inner, 0.0))
                 _set(a, core, (SEG_CENTRE, SEG_LESION))
                 _set(a, not_this & ~oth, (SEG_BG, SEG_NEIGHBOUR, SEG_DISC, SEG_LESION))
                 body[s] = this
@@ -374,7 +375,7 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
                     z = (depth[band_px] - cfg.loss.outline_offset_mm) / sigma
                     body_soft[s][band_px] = 0.5 * (1.0 + erf(z / np.sqrt(2.0)))
             # (a slice where only other bodies were outlined says nothing about where this one is not)
-            _set(a, _erode2d(oth, inner) & not_this, (SEG_NEIGHBOUR, SEG_LESION))
+            _set(a, shrink2d(oth, max(inner, 0.0)) & not_this, (SEG_NEIGHBOUR, SEG_LESION))
         if outline_lr_mm is not None and cfg.loss.outline_lateral_margin_mm is not None:
             # beyond the body's outermost outlined slices of the scan (edge slices are outlined) + margin:
             # not this body. World x of each patch slice along its centre line (x = patient left-right, LPS).
@@ -440,25 +441,6 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
     return PatchTargets(kind, body.astype(bool), region.astype(bool), allowed, heat, lesion, box, point_ball,
                         lesion_class, body_soft)
 
-
-
-def _erode2d(m: np.ndarray, r: float) -> np.ndarray:
-    if r <= 0:
-        return m.copy()
-    g = np.indices((2 * int(np.ceil(r)) + 1,) * 2) - int(np.ceil(r))
-    return ndimage.binary_erosion(m, structure=(g**2).sum(0) <= r * r + 1e-9, border_value=0)
-
-
-def _shrink2d(m: np.ndarray, r: float) -> np.ndarray:
-    """Erode by ``r`` voxels (``r`` > 0) or dilate by ``-r`` (``r`` < 0)."""
-    return _erode2d(m, r) if r >= 0 else _dilate2d(m, -r)
-
-
-def _dilate2d(m: np.ndarray, r: float) -> np.ndarray:
-    if r <= 0 or not m.any():
-        return m.copy()
-    g = np.indices((2 * int(np.ceil(r)) + 1,) * 2) - int(np.ceil(r))
-    return ndimage.binary_dilation(m, structure=(g**2).sum(0) <= r * r + 1e-9)
 
 
 __all__ = [

@@ -255,12 +255,13 @@ def test_stage2_bench_rejects_unknown_annotation_kind(tmp_path, capsys):
 
 
 def test_outline_rules_on_a_hand_made_slice():
-    from bench.outline_rules import contour_offsets, rule_counts, shrink
+    from bench.outline_rules import contour_offsets, rule_counts
+    from data_prep.weak_labels import shrink2d
 
     sp2 = np.array([1.0, 0.5])  # anisotropic pixels: 1 mm x 0.5 mm
     body = np.zeros((60, 120), bool)
     body[20:40, 40:80] = True  # 20 mm x 20 mm
-    drawn = shrink(body, -4.0, sp2)  # a user outline 4 mm around the body
+    drawn = shrink2d(body, -4.0, sp2)  # a user outline 4 mm around the body
     off = contour_offsets(drawn, body, sp2)
     assert off.size and 3.0 <= off.min() and off.max() <= 5.7 and abs(np.median(off) - 4.0) <= 0.6
     c = rule_counts(drawn, body, sp2, offset_mm=4.0, band_mm=2.0)

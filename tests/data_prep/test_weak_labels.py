@@ -248,3 +248,24 @@ def test_outlined_lr_extent_in_world_mm():
     assert ext == {20: (-2.0, 20.0), 21: (2.0, 12.0)}
     flipped = Scan(arr, spacing=(2.0, 1.0, 1.0), origin=(50.0, 0.0, 0.0), direction=np.diag([-1.0, 1.0, 1.0]))
     assert outlined_lr_extent(flipped)[20] == (20.0, 42.0)  # x = 50 - 2 i for i = 15 .. 4
+
+
+def test_shrink2d_uses_a_radius_in_mm_on_anisotropic_pixels():
+    from data_prep.weak_labels import shrink2d
+
+    m = np.zeros((9, 9), bool)
+    m[4, 4] = True
+    # dilate 2 mm with 1 x 2 mm pixels: 2 rows up/down, 1 column left/right (an ellipse, not a square)
+    d = shrink2d(m, -2.0, (1.0, 2.0))
+    assert np.argwhere(d[:, 4]).ravel().tolist() == [2, 3, 4, 5, 6]
+    assert np.argwhere(d[4]).ravel().tolist() == [3, 4, 5]
+    assert not d[3, 3] and d.sum() == 7  # (1, 1) px = (1, 2) mm is sqrt(5) mm away: outside the 2-mm ellipse
+    # erode back: a 5 x 3 block loses its border ring with unit pixels; 0 mm and empty masks are copies
+    block = np.zeros((9, 9), bool)
+    block[2:7, 3:6] = True
+    assert np.argwhere(shrink2d(block, 1.0)).tolist() == [[3, 4], [4, 4], [5, 4]]
+    assert np.array_equal(shrink2d(block, 0.0), block) and shrink2d(block, 0.0) is not block
+    assert not shrink2d(np.zeros((4, 4), bool), -3.0).any()
+    # the border counts as background when eroding
+    full = np.ones((5, 5), bool)
+    assert np.argwhere(shrink2d(full, 1.0)).min() == 1
