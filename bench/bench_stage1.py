@@ -276,6 +276,17 @@ class Results:
         write_text("\n".join(lines) + "\n", self.out_dir / f"{self.meta.get('name', 'stage1')}.md")
 
 
+def _with_defaults(config, defaults: dict):
+    """``config`` (a saved config dict) with the keys it lacks taken from ``defaults``, recursively."""
+    if not isinstance(config, dict):
+        return config
+    out = {k: _with_defaults(v, defaults.get(k, {}) if isinstance(defaults, dict) else {}) for k, v in config.items()}
+    if isinstance(defaults, dict):
+        for k, v in defaults.items():
+            out.setdefault(k, json.loads(json.dumps(v)))  # tuples -> lists, as in the saved JSON
+    return out
+
+
 def merge_results(files: list[Path], out_dir: Path, name: str) -> int:
     """Join result files of separate fold runs (same protocol) into ``<out_dir>/<name>.json/.md``."""
     docs = []
@@ -286,9 +297,13 @@ def merge_results(files: list[Path], out_dir: Path, name: str) -> int:
             print(f"error: {f}: not a readable stage-1 result file ({exc})", file=sys.stderr)
             return 2
     meta = dict(docs[0]["meta"], name=name, merged_from=[str(f) for f in files])
+    defaults = dataclasses.asdict(Stage1Config())
     for f, d in zip(files, docs):
         for key in ("k", "seed", "config"):
-            if d["meta"].get(key) != meta.get(key):
+            mine, first = d["meta"].get(key), meta.get(key)
+            if key == "config":  # a field added since one of the runs counts as its default (as checkpoints load)
+                mine, first = _with_defaults(mine, defaults), _with_defaults(first, defaults)
+            if mine != first:
                 print(f"error: {f}: its {key!r} differs from {files[0]}'s; only runs of one protocol can be merged",
                       file=sys.stderr)
                 return 2

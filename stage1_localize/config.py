@@ -144,14 +144,14 @@ class Stage1Config:
     #: foreground patches centre on a vertebra drawn with probability ~ count(level) ** -level_balance_power
     #: (count = training vertebrae of that level; nnU-Net's class-balanced foreground sampling), so rare
     #: levels (T11 / T12, annotated in one cohort only) are centred more often; see
-    #: ``train.level_balanced_weights``. Off: full balance (power 1) on fold 0 found chu2015's T11/T12 but
-    #: doubled the error (stage1_balance_levels_f0); power 0.5 over 5 folds (stage1_balance05.md) found more
-    #: of them (T11 4 / 17, T12 11 / 17 vs 0 / 17, 4 / 17) and raised the pooled id rate 0.846 -> 0.878, but
-    #: missed more of chu2015's L2-L5, raised the median error 3.1 -> 4.3 mm and lowered the partial
-    #: field-of-view rates (top 0.66 -> 0.60, bottom 0.85 -> 0.75)
-    balance_levels: bool = False
+    #: ``train.level_balanced_weights``. On by default at power 0.5: over 5 folds against a same-code,
+    #: same-machine rerun without it (stage1_balance05.md vs stage1_rerun_s10.md) the pooled id rate rose
+    #: 0.840 -> 0.878 (4 of 5 folds better), all-correct (annotated run) 0.61 -> 0.69, chu2015's T11 0 -> 4 / 17
+    #: and T12 4 -> 11 / 17, partial fields of view unchanged (0.60 / 0.75), but the median error rose
+    #: 3.5 -> 4.3 mm. Full balance (power 1) on fold 0 doubled the error (stage1_balance_levels_f0).
+    balance_levels: bool = True
     #: with ``balance_levels``: weights ``count(level) ** -power`` (1: full class balance, 0: uniform)
-    level_balance_power: float = 1.0
+    level_balance_power: float = 0.5
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # decoding. Candidates are cheap: the labeller drops spurious ones (cost rising with the peak height)
     # and the spacing prior rejects those that break the sequence, so the threshold is low. On the 5-fold

@@ -148,6 +148,21 @@ def test_stage1_fold_runs_merge_into_one_table(tmp_path):
     assert s["by_level"] == {"L1": {"n_gt": 2, "identified": 1, "id_rate": 0.5},
                              "L2": {"n_gt": 2, "identified": 1, "id_rate": 0.5}}
     assert "| spinepipe_stage1 | myosegmentum | - | - | 1 / 2 | 1 / 2 | - | - | - |" in (tmp_path / "joined.md").read_text()
+    # a run from before a config field existed merges with one that has it at its default, not at another value
+    from stage1_localize.config import Stage1Config
+
+    for fold, path in enumerate(files):
+        doc = json.loads(path.read_text())
+        doc["meta"]["config"] = {"epochs": 60, **({"level_balance_power": Stage1Config().level_balance_power}
+                                                   if fold else {})}
+        path.write_text(json.dumps(doc))
+    assert b1.main(["--merge", *map(str, files), "--name", "joined2", "--out", str(tmp_path)]) == 0
+    doc = json.loads(files[1].read_text())
+    doc["meta"]["config"]["level_balance_power"] = Stage1Config().level_balance_power + 0.25
+    files[1].write_text(json.dumps(doc))
+    assert b1.main(["--merge", *map(str, files), "--name", "x", "--out", str(tmp_path)]) == 2
+    doc["meta"]["config"]["level_balance_power"] = Stage1Config().level_balance_power
+    files[1].write_text(json.dumps(doc))
     bad = json.loads(files[1].read_text())
     bad["meta"]["seed"] = 7
     files[1].write_text(json.dumps(bad))
