@@ -277,7 +277,11 @@ class Results:
 
 
 def _with_defaults(config, defaults: dict):
-    """``config`` (a saved config dict) with the keys it lacks taken from ``defaults``, recursively."""
+    """``config`` (a saved config dict) with the keys it lacks taken from ``defaults``, recursively.
+
+    A field added after a run was saved is read at today's default, as checkpoints load; if that default
+    is not what the older code did (a default changed since), two runs of one protocol can be refused:
+    a safe, visible error, never a silent mix."""
     if not isinstance(config, dict):
         return config
     out = {k: _with_defaults(v, defaults.get(k, {}) if isinstance(defaults, dict) else {}) for k, v in config.items()}

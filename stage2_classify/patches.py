@@ -347,8 +347,9 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
         if outl is None:
             raise ValueError("kind='outline' needs an 'outlines' label crop")
         sigma = cfg.loss.outline_soft_sigma_mm
-        inner = (cfg.loss.outline_offset_mm + cfg.loss.outline_band_mm) / sp  # erode by this: surely the body
-        outer = (cfg.loss.outline_offset_mm - cfg.loss.outline_band_mm) / sp  # outside this: surely not
+        inner_mm = max(cfg.loss.outline_offset_mm + cfg.loss.outline_band_mm, 0.0)  # erode by this: surely the body
+        outer_mm = cfg.loss.outline_offset_mm - cfg.loss.outline_band_mm  # outside this: surely not
+        px = (sp, sp)  # in-plane pixel size of the isotropic patch (mm)
         body = np.zeros(shape, bool)
         for s in range(shape[0]):  # sagittal slices = patch axis 0 (left-right)
             sl = outl[s]
@@ -357,9 +358,9 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
             this = sl == label
             oth = (sl > 0) & ~this
             a = allowed[:, s]
-            not_this = ~shrink2d(this, outer)
+            not_this = ~shrink2d(this, outer_mm, px)
             if this.any():  # this body was outlined on this slice: inside = body, far outside = not it
-                core = shrink2d(this, max(inner, 0.0))
+                core = shrink2d(this, inner_mm, px)
                 _set(a, core, (SEG_CENTRE, SEG_LESION))
                 _set(a, not_this & ~oth, (SEG_BG, SEG_NEIGHBOUR, SEG_DISC, SEG_LESION))
                 body[s] = this
@@ -375,7 +376,7 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
                     z = (depth[band_px] - cfg.loss.outline_offset_mm) / sigma
                     body_soft[s][band_px] = 0.5 * (1.0 + erf(z / np.sqrt(2.0)))
             # (a slice where only other bodies were outlined says nothing about where this one is not)
-            _set(a, shrink2d(oth, max(inner, 0.0)) & not_this, (SEG_NEIGHBOUR, SEG_LESION))
+            _set(a, shrink2d(oth, inner_mm, px) & not_this, (SEG_NEIGHBOUR, SEG_LESION))
         if outline_lr_mm is not None and cfg.loss.outline_lateral_margin_mm is not None:
             # beyond the body's outermost outlined slices of the scan (edge slices are outlined) + margin:
             # not this body. World x of each patch slice along its centre line (x = patient left-right, LPS).
