@@ -443,7 +443,6 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
                         lesion_class, body_soft)
 
 
-
 __all__ = [
     "Patch",
     "PatchSampler",
