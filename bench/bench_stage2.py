@@ -475,26 +475,41 @@ def _pooled_sections(res: Results, n_folds: int, run: list[int], preds: list[dic
     res.add(f"{prefix}_predictions", preds)
 
 
+#: Sections whose rows several runs of one configuration can contribute (``--ablation-sizes`` /
+#: ``--ablation-heads`` / ``--site-shift-train`` in parallel processes), with the fields that name a row.
+TABLE_SECTIONS = {"ablation": ("heads", "n_subjects"), "site_shift": ("train", "test")}
+
+
 def merge_fold_runs(paths: list[Path], out_dir: Path, name: str, samples: list[Sample] | None = None) -> Results:
     """Merge result files of one configuration run fold by fold (``--fold-ids``, e.g. in parallel processes)
     into one: their ``cv_folds`` and ``cv_curve`` rows, and the pooled / per-cohort metrics recomputed from
-    their held-out predictions. Refuses files that differ in configuration or repeat a fold."""
+    their held-out predictions; the rows of :data:`TABLE_SECTIONS` are concatenated. Refuses files that
+    differ in configuration or repeat a fold or a table row."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     ref = runs[0]["meta"]
     for p, r in zip(paths, runs):
         if any(r["meta"].get(k) != ref.get(k) for k in ("config", "seed", "train_lesion_seeds")):
             raise SystemExit(f"error: {p}: configuration or seed differs from {paths[0]}; only runs of one "
                              "configuration can be merged")
+    meta = {**ref, "merged_from": [Path(p).name for p in paths]}
+    res = Results(out_dir, meta, name=name)
+    if "data" in runs[0]["sections"]:
+        res.add("data", runs[0]["sections"]["data"])
+    for section, key in TABLE_SECTIONS.items():  # rows of the other tables: concatenated, each row once
+        rows = [row for r in runs for row in r["sections"].get(section, [])]
+        ids = [tuple(row.get(k) for k in key) for row in rows]
+        dup = sorted({i for i in ids if ids.count(i) > 1}, key=str)
+        if dup:
+            raise SystemExit(f"error: {section} row(s) {dup} appear in more than one file")
+        if rows:
+            res.add(section, rows)
+    if not any("cv_folds" in r["sections"] for r in runs):
+        return res
     folds_rows = [row for r in runs for row in r["sections"].get("cv_folds", [])]
     fold_ids = [row["fold"] for row in folds_rows]
     if len(set(fold_ids)) != len(fold_ids):
         raise SystemExit(f"error: fold(s) {sorted(f for f in set(fold_ids) if fold_ids.count(f) > 1)} appear in more "
                          "than one file")
-    meta = {**ref, "merged_from": [Path(p).name for p in paths]}
-    res = Results(out_dir, meta, name=name)
-    for key in ("data",):
-        if key in runs[0]["sections"]:
-            res.add(key, runs[0]["sections"][key])
     curve = [row for r in runs for row in r["sections"].get("cv_curve", [])]
     if curve:
         res.add("cv_curve", sorted(curve, key=lambda row: (row["fold"], row["epoch"])))
@@ -591,12 +606,19 @@ def section_ablation(samples, cfg, work, args, res: Results):
     sizes = [n for n in (10, 25) if n < len(train_subjects)] + [len(train_subjects)]
     if args.quick:
         sizes = sizes[-1:]
+    if args.ablation_sizes:  # a subset of the rows, e.g. to spread the table over processes (join with --merge)
+        sizes = [len(train_subjects) if n == "all" else int(n) for n in args.ablation_sizes]
+        too_many = [n for n in sizes if n > len(train_subjects)]
+        if too_many:
+            raise SystemExit(f"error: --ablation-sizes {too_many}: only {len(train_subjects)} training subjects")
     rows = []
     for n in sizes:
         keep = set(train_subjects[:n])
         sub = [samples[i] for i in tr if samples[i].subject in keep]
         for name, heads in ABLATIONS.items():
             if args.quick and name not in ("cls", "all"):
+                continue
+            if args.ablation_heads and name not in args.ablation_heads:
                 continue
             c = copy.deepcopy(cfg)
             c.heads = heads
@@ -609,6 +631,8 @@ def section_ablation(samples, cfg, work, args, res: Results):
 def section_site_shift(samples, cfg, work, args, res: Results):
     rows = []
     for a, b in ((COHORTS[0], COHORTS[1]), (COHORTS[1], COHORTS[0])):
+        if args.site_shift_train and a not in args.site_shift_train:
+            continue
         tr = [s for s in samples if s.subject.startswith(a)]
         te = [s for s in samples if s.subject.startswith(b)]
         if not tr or not te:
@@ -700,6 +724,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="override a Stage2Config field (dotted, JSON values), e.g. patch.spacing_mm=1.5")
     ap.add_argument("--annotation-kinds", type=lambda v: [x for x in v.split(",") if x], default=list(ANNOTATION_ROWS),
                     help=f"annotation: which body annotations to train from (comma list of {','.join(ANNOTATION_ROWS)})")
+    ap.add_argument("--ablation-sizes", type=lambda v: [x for x in v.split(",") if x], default=None,
+                    help="ablation: only these numbers of training subjects (comma list; 'all' = the whole "
+                         "training half), e.g. to spread the table over processes and join them with --merge")
+    ap.add_argument("--ablation-heads", type=lambda v: [x for x in v.split(",") if x], default=None,
+                    help=f"ablation: only these head sets (comma list of {','.join(ABLATIONS)})")
+    ap.add_argument("--site-shift-train", type=lambda v: [x for x in v.split(",") if x], default=None,
+                    help=f"site_shift: only the rows trained on these cohorts (comma list of {','.join(COHORTS)})")
     ap.add_argument("--name", default="stage2", help="result file stem under --out")
     ap.add_argument("--device", default="cpu", help="training/evaluation device of cv/ablation/site_shift/annotation")
     ap.add_argument("--samples-cache", type=Path, default=None,
@@ -712,6 +743,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.annotation_kinds) - set(ANNOTATION_ROWS))
     if unknown:
         ap.error(f"--annotation-kinds: unknown {unknown}; expected some of {list(ANNOTATION_ROWS)}")
+    for opt, given, known in (("--ablation-heads", args.ablation_heads, ABLATIONS),
+                              ("--site-shift-train", args.site_shift_train, COHORTS)):
+        if given and sorted(set(given) - set(known)):
+            ap.error(f"{opt}: unknown {sorted(set(given) - set(known))}; expected some of {list(known)}")
+    bad_sizes = [n for n in args.ablation_sizes or [] if n != "all" and not (n.isdigit() and int(n) > 0)]
+    if bad_sizes:
+        ap.error(f"--ablation-sizes: expected positive integers or 'all', got {bad_sizes}")
     if args.merge:
         cache = None
         if args.samples_cache is not None:

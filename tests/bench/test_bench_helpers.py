@@ -207,6 +207,51 @@ def test_merge_fold_runs_pools_predictions_and_refuses_mixtures(tmp_path):
         merge_fold_runs([p0, other], tmp_path, "mixed")
 
 
+def test_table_rows_from_parallel_runs_merge_and_duplicates_are_refused(tmp_path):
+    from bench.bench_stage2 import Results, merge_fold_runs
+
+    meta = {"seed": 0, "config": {"classes": ["normal", "inflammation", "fat"]}}
+    a = Results(tmp_path, meta, name="a")
+    a.add("data", {"n_vertebrae": 3})
+    a.add("ablation", [{"heads": "cls", "n_subjects": 33, "given_mask_auc": [0.9, 0.8, 0.7]}])
+    a.add("site_shift", [{"train": "myosegmentum", "test": "chu2015"}])
+    b = Results(tmp_path, meta, name="b")
+    b.add("ablation", [{"heads": "cls", "n_subjects": 10}, {"heads": "all", "n_subjects": 10}])
+    res = merge_fold_runs([tmp_path / "a.json", tmp_path / "b.json"], tmp_path, "ab")
+    sec = res.data["sections"]
+    assert [(r["heads"], r["n_subjects"]) for r in sec["ablation"]] == [("cls", 33), ("cls", 10), ("all", 10)]
+    assert sec["site_shift"] == [{"train": "myosegmentum", "test": "chu2015"}] and sec["data"] == {"n_vertebrae": 3}
+    assert "cv_pooled" not in sec and "| all | 10 |" in (tmp_path / "ab.md").read_text()
+    with pytest.raises(SystemExit, match=r"ablation row\(s\) \[\('cls', 33\)\]"):
+        merge_fold_runs([tmp_path / "a.json", tmp_path / "a.json"], tmp_path, "aa")
+
+
+def test_ablation_and_site_shift_row_selection(tmp_path, monkeypatch):
+    import argparse
+
+    import bench.bench_stage2 as b2
+    from bench.bench_stage2 import Results
+    from stage2_classify.config import tiny_config
+
+    trained = []
+    monkeypatch.setattr(b2, "train", lambda s, c, runs, tag, device: (trained.append((tag, len(s))), 0.0)[::-1])
+    monkeypatch.setattr(b2, "evaluate", lambda module, test, cfg: {"n_test": len(test)})
+    samples = [argparse.Namespace(subject=f"{c}-{i:03d}") for c in b2.COHORTS for i in range(20)]
+    args = argparse.Namespace(seed=0, quick=False, runs=tmp_path, device="cpu", ablation_sizes=["10", "all"],
+                              ablation_heads=["cls", "all"], site_shift_train=["chu2015"])
+    res = Results(tmp_path, {}, name="sel")
+    b2.section_ablation(samples, tiny_config(), tmp_path, args, res)
+    b2.section_site_shift(samples, tiny_config(), tmp_path, args, res)
+    rows = res.data["sections"]["ablation"]
+    assert [(r["heads"], r["n_subjects"]) for r in rows] == [("cls", 10), ("all", 10), ("cls", 20), ("all", 20)]
+    assert all(r["n_test"] == 20 for r in rows)  # the other half of the 40 subjects, one sample each
+    assert [t for t, n in trained][:2] == ["abl_cls_10", "abl_all_10"] and trained[0][1] == 10
+    assert res.data["sections"]["site_shift"] == [{"train": "chu2015", "test": "myosegmentum", "n_test": 20}]
+    args.ablation_sizes = ["21"]
+    with pytest.raises(SystemExit, match="only 20 training subjects"):
+        b2.section_ablation(samples, tiny_config(), tmp_path, args, res)
+
+
 def test_load_trained_round_trip_and_refuses_other_config(tmp_path):
     import torch
 
@@ -284,3 +329,13 @@ def test_outline_rules_on_a_hand_made_slice():
     assert c[4] == body.sum() and c[5] == 16 * 32  # 16 mm x 16 mm of pixels 1 x 0.5 mm: erode 6 mm from the outline = erode 2 mm from the body
     tight = rule_counts(body, body, sp2, offset_mm=4.0, band_mm=2.0)  # an outline on the body edge itself
     assert tight[3] < tight[2]  # now some "negatives" (inside the outline) are body: the rule can be wrong
+
+
+@pytest.mark.parametrize("argv", [["--ablation-sizes", "0"], ["--ablation-sizes", "ten"],
+                                  ["--ablation-heads", "cls,seg"], ["--site-shift-train", "verse"]])
+def test_bench_stage2_rejects_bad_row_selections(argv, capsys):
+    import bench.bench_stage2 as b2
+
+    with pytest.raises(SystemExit) as exc:
+        b2.main(argv + ["--sections", "ablation"])
+    assert exc.value.code == 2 and argv[0] in capsys.readouterr().err
