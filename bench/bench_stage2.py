@@ -13,6 +13,8 @@ lesions, so every table is labelled **semi-synthetic**. Sections (each appended 
    neighbours' probabilities move (should be ~0: their regions exclude the planted body).
 3. ``ablation``: heads (cls only / +seg / +seg+heatmap / all) x training subjects (10 / 25 / all).
 4. ``site_shift``: train on one cohort, test on the other.
+   (``--ablation-sizes`` / ``--ablation-heads`` / ``--site-shift-train`` pick rows of 3 and 4, so that
+   processes can share them out; ``--merge`` joins their files.)
 5. ``annotation``: full masks vs real loose outlines vs boxes vs points (simulated from the masks):
    accuracy and centre-body Dice of the seg head against the expert masks.
 6. ``times``: training seconds per epoch, inference seconds per vertebra with / without evidence.
@@ -478,6 +480,9 @@ def _pooled_sections(res: Results, n_folds: int, run: list[int], preds: list[dic
 #: Sections whose rows several runs of one configuration can contribute (``--ablation-sizes`` /
 #: ``--ablation-heads`` / ``--site-shift-train`` in parallel processes), with the fields that name a row.
 TABLE_SECTIONS = {"ablation": ("heads", "n_subjects"), "site_shift": ("train", "test")}
+_TABLE_ORDER = {"ablation": lambda r: (r.get("n_subjects") or 0, list(ABLATIONS).index(r["heads"])
+                                       if r.get("heads") in ABLATIONS else len(ABLATIONS)),
+                "site_shift": lambda r: COHORTS.index(r["train"]) if r.get("train") in COHORTS else len(COHORTS)}
 
 
 def merge_fold_runs(paths: list[Path], out_dir: Path, name: str, samples: list[Sample] | None = None) -> Results:
@@ -502,7 +507,7 @@ def merge_fold_runs(paths: list[Path], out_dir: Path, name: str, samples: list[S
         if dup:
             raise SystemExit(f"error: {section} row(s) {dup} appear in more than one file")
         if rows:
-            res.add(section, rows)
+            res.add(section, sorted(rows, key=_TABLE_ORDER[section]))
     if not any("cv_folds" in r["sections"] for r in runs):
         return res
     folds_rows = [row for r in runs for row in r["sections"].get("cv_folds", [])]

@@ -219,7 +219,7 @@ def test_table_rows_from_parallel_runs_merge_and_duplicates_are_refused(tmp_path
     b.add("ablation", [{"heads": "cls", "n_subjects": 10}, {"heads": "all", "n_subjects": 10}])
     res = merge_fold_runs([tmp_path / "a.json", tmp_path / "b.json"], tmp_path, "ab")
     sec = res.data["sections"]
-    assert [(r["heads"], r["n_subjects"]) for r in sec["ablation"]] == [("cls", 33), ("cls", 10), ("all", 10)]
+    assert [(r["heads"], r["n_subjects"]) for r in sec["ablation"]] == [("cls", 10), ("all", 10), ("cls", 33)]
     assert sec["site_shift"] == [{"train": "myosegmentum", "test": "chu2015"}] and sec["data"] == {"n_vertebrae": 3}
     assert "cv_pooled" not in sec and "| all | 10 |" in (tmp_path / "ab.md").read_text()
     with pytest.raises(SystemExit, match=r"ablation row\(s\) \[\('cls', 33\)\]"):
