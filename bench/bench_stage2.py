@@ -45,6 +45,7 @@ from stage2_classify.config import HeadsConfig, Stage2Config  # noqa: E402
 from stage2_classify.evidence import fraction_inside, integrated_gradients, pointing_game  # noqa: E402
 from stage2_classify.infer import predicted_body  # noqa: E402
 from stage2_classify.patches import dilate  # noqa: E402
+from stage2_classify.config import contrast_index  # noqa: E402
 from stage2_classify.train import Sample, Stage2Trainable, build_samples, collate, train_on_samples  # noqa: E402
 
 log = logging.getLogger("bench_stage2")
@@ -168,7 +169,17 @@ def load_samples(folders: dict[str, Path], cfg: Stage2Config, annotation: str = 
     out: list[Sample] = []
     for f in folders.values():
         out.extend(build_samples(f, cfg, annotation=annotation))
-    return out
+    return with_contrast(out)
+
+
+def with_contrast(samples: list[Sample]) -> list[Sample]:
+    """Set each sample's image contrast from its cohort (:data:`data_prep.lesions.COHORT_CONTRAST`; the
+    simulator inserted the lesions with that contrast's polarity). Returns ``samples``."""
+    from data_prep.lesions import COHORT_CONTRAST
+
+    for s in samples:
+        s.contrast = COHORT_CONTRAST.get(cohort_of(s.subject), "")
+    return samples
 
 
 CACHE_LO, CACHE_SCALE = 0.25, 255.0 / 2.5  # uint8 code = (x + 0.25) * 102
@@ -225,7 +236,7 @@ def load_sample_cache(path: Path, cfg: Stage2Config) -> list[Sample]:
              for k, v in r["targets"].items()}
         out.append(Sample(r["image"].astype(np.float32) / CACHE_SCALE - CACHE_LO, PatchTargets(**t), r["cls"], r["confidence"],
                           r["subject"], r["label"]))
-    return out
+    return with_contrast(out)
 
 
 def folds_by_subject(samples: list[Sample], k: int, seed: int) -> list[tuple[list[int], list[int]]]:
@@ -278,7 +289,7 @@ def predict(module: Stage2Trainable, samples: list[Sample], predicted_region: bo
             dices.extend((2 * inter / (pb.flatten(1).sum(1) + body.flatten(1).sum(1)).clamp_min(1)).tolist())
         else:
             region = b["region"]
-        probs.append(torch.softmax(net.forward_cls(b["image"], region), 1).cpu())
+        probs.append(torch.softmax(net.forward_cls(b["image"], region, b["contrast"]), 1).cpu())
     return torch.cat(probs).numpy(), dices
 
 
@@ -289,14 +300,15 @@ def evidence_stats(module: Stage2Trainable, samples: list[Sample], n_max: int, s
     for s in samples[:n_max]:
         img = torch.from_numpy(s.image)[None, None].to(dev)
         reg = torch.from_numpy(s.targets.region.astype(np.float32))[None, None].to(dev)
-        attr, _ = integrated_gradients(net, img, reg, n_steps=steps)
+        ci = contrast_index(s.contrast)
+        attr, _ = integrated_gradients(net, img, reg, n_steps=steps, contrast=ci)
         inside.append(fraction_inside(attr, s.targets.body))
         if s.cls != 0 and s.targets.lesion.any():
             hits.append(pointing_game(attr, s.targets.lesion, tolerance_vox=1))
         # as deployed without masks: the region from the seg head (or the prior), scored against the expert body
         body, _ = predicted_body(net, img)
         pred_reg = torch.from_numpy(dilate(body, net.margin_vox).astype(np.float32))[None, None].to(dev)
-        attr_p, _ = integrated_gradients(net, img, pred_reg, n_steps=steps)
+        attr_p, _ = integrated_gradients(net, img, pred_reg, n_steps=steps, contrast=ci)
         inside_pred.append(fraction_inside(attr_p, s.targets.body))
     return {"evidence_inside_mean": _r(np.mean(inside)) if inside else None,
             "evidence_inside_predicted_region_mean": _r(np.mean(inside_pred)) if inside_pred else None,
@@ -389,9 +401,17 @@ CNR_BINS = (0.0, 1.0, 2.0, 3.0, np.inf)
 
 
 def lesion_cnr(sample: Sample) -> float | None:
-    """Visibility of a lesion vertebra's lesion on its patch: |mean intensity of the lesion voxels - median of
-    the body's other marrow| / standard deviation of that marrow (the marrow excludes the lesion dilated by
-    two voxels). ``None`` for a vertebra without lesion voxels (normal, or no lesion map)."""
+    """Visibility of a lesion vertebra's lesion on its patch: the absolute value of :func:`lesion_contrast`
+    (``None`` for a vertebra without lesion voxels: normal, or no lesion map)."""
+    c = lesion_contrast(sample)
+    return None if c is None else abs(c)
+
+
+def lesion_contrast(sample: Sample) -> float | None:
+    """Signed contrast of a lesion vertebra's lesion on its patch: (mean intensity of the lesion voxels -
+    median of the body's other marrow) / standard deviation of that marrow (the marrow excludes the lesion
+    dilated by two voxels); > 0 brighter than the marrow. ``None`` for a vertebra without lesion voxels
+    (normal, or no lesion map) or with under 10 marrow voxels."""
     from scipy import ndimage as ndi
 
     t = sample.targets
@@ -405,7 +425,7 @@ def lesion_cnr(sample: Sample) -> float | None:
     if marrow.sum() < 10:
         return None
     m = sample.image[marrow]
-    return float(abs(sample.image[les].mean() - np.median(m)) / max(float(m.std()), 1e-6))
+    return float((sample.image[les].mean() - np.median(m)) / max(float(m.std()), 1e-6))
 
 
 def _by_visibility(preds: list[dict]) -> list[dict]:

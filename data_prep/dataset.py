@@ -19,8 +19,12 @@ A dataset is one folder holding, per subject ``<id>``:
 
 and optionally, once per folder, ``vertebra_labels.csv`` (``id,level,class[,confidence]``). A folder
 level ``subjects.csv`` table, ``README*`` files, ``synth_meta.json`` and ``<id>_overview.png`` previews
-are allowed and ignored; dot-files are ignored. Anything else is reported as a warning by
-:func:`check_dataset`.
+are allowed; dot-files are ignored. Anything else is reported as a warning by :func:`check_dataset`.
+``subjects.csv`` (column ``id``) may say each scan's image contrast in a ``contrast`` column (``t1``,
+``t2``, ``stir``, ``water``, or empty = unknown) or, failing that, a ``sequence`` column whose common names
+(``t2-tse``, ``dixon-water`` ...) are read the same way; ``synth_meta.json`` gives it for synthetic cohorts
+(:func:`read_subject_contrasts`). Stage 2 uses it to type lesions (fat is dark on STIR / Dixon water and
+bright on T1 / T2-TSE).
 
 :func:`discover` lists the subjects, :func:`check_dataset` verifies everything it can and returns one
 :class:`Problem` per finding (never raising on a bad file), :func:`load_subject` reads one subject with
@@ -122,6 +126,74 @@ class SubjectData(NamedTuple):
     points: tuple[list[int], Points] | None = None
     boxes: tuple[list[int], np.ndarray] | None = None
     structures: Scan | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-subject image contrast
+# ---------------------------------------------------------------------------------------------
+#: Image contrasts the pipeline knows (same names as ``data_prep.lesions.CONTRASTS``).
+IMAGE_CONTRASTS: tuple[str, ...] = ("t1", "t2", "stir", "water")
+#: Common sequence names (lower case, ``_`` and spaces read as ``-``) -> contrast, for a ``sequence`` column.
+SEQUENCE_ALIASES: dict[str, str] = {
+    "t1": "t1", "t1w": "t1", "t1-tse": "t1", "t1-fse": "t1", "t1-se": "t1",
+    "t2": "t2", "t2w": "t2", "t2-tse": "t2", "t2-fse": "t2",
+    "stir": "stir", "tirm": "stir", "t2-stir": "stir", "t2-fs": "stir", "t2-fatsat": "stir",
+    "water": "water", "dixon-water": "water", "dixon-w": "water", "t2-dixon-water": "water",
+}
+
+
+def parse_contrast(value, source: str | os.PathLike | None = None) -> str:
+    """``value`` as one of :data:`IMAGE_CONTRASTS`, or ``""`` (unknown) for an empty/NaN value; raises
+    :class:`SpinepipeInputError` naming ``source`` and the known names for anything else."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    v = str(value).strip().lower()
+    if v in ("", "unknown", "nan"):
+        return ""
+    if v not in IMAGE_CONTRASTS:
+        raise SpinepipeInputError(source, f"unknown image contrast {value!r}; expected one of {IMAGE_CONTRASTS} "
+                                          "or empty for unknown")
+    return v
+
+
+def read_subject_contrasts(dataset_dir: str | os.PathLike) -> dict[str, str]:
+    """``{subject id: contrast}`` of a dataset folder (contrast in :data:`IMAGE_CONTRASTS`; subjects without
+    one are left out).
+
+    Sources, later ones winning: ``synth_meta.json`` (``subjects.<id>.contrast``, synthetic cohorts), then
+    ``subjects.csv``: its ``contrast`` column (an unknown value is an error naming the file), else its
+    ``sequence`` column read through :data:`SEQUENCE_ALIASES` (an unrecognised sequence name = unknown).
+    """
+    import json
+
+    root = Path(dataset_dir)
+    out: dict[str, str] = {}
+    meta = root / "synth_meta.json"
+    if meta.is_file():
+        try:
+            subjects = json.loads(meta.read_text()).get("subjects", {})
+        except (OSError, ValueError) as exc:
+            raise SpinepipeInputError(meta, f"cannot read JSON: {exc}") from None
+        for sid, rec in subjects.items():
+            c = parse_contrast(rec.get("contrast") if isinstance(rec, dict) else None, meta)
+            if c:
+                out[str(sid)] = c
+    table = root / "subjects.csv"
+    if table.is_file():
+        try:
+            df = pd.read_csv(table, dtype=str, keep_default_na=False)
+        except (OSError, ValueError) as exc:
+            raise SpinepipeInputError(table, f"cannot read CSV: {exc}") from None
+        if "id" in df.columns and ("contrast" in df.columns or "sequence" in df.columns):
+            for rec in df.to_dict("records"):
+                if "contrast" in df.columns:
+                    c = parse_contrast(rec["contrast"], table)
+                else:
+                    key = re.sub(r"[\s_]+", "-", str(rec["sequence"]).strip().lower())
+                    c = SEQUENCE_ALIASES.get(key, "")
+                if c:
+                    out[str(rec["id"])] = c
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
+from data_prep.dataset import IMAGE_CONTRASTS
 from data_prep.errors import SpinepipeInputError
 from data_prep.io import atomic_path, read_image, read_labelmap, write_csv, write_image, write_text
 from data_prep.scan import VERSE_LEVELS, Scan, level_name, sort_head_to_foot
@@ -47,8 +48,8 @@ log = logging.getLogger(__name__)
 
 #: Per-vertebra classes (index = class id used in tables and ``vertebra_labels.csv``).
 CLASSES: tuple[str, ...] = ("normal", "inflammation", "fat")
-#: Image contrasts understood by the simulator.
-CONTRASTS: tuple[str, ...] = ("t1", "t2", "stir", "water")
+#: Image contrasts understood by the simulator (the pipeline's :data:`data_prep.dataset.IMAGE_CONTRASTS`).
+CONTRASTS: tuple[str, ...] = IMAGE_CONTRASTS
 
 #: Values of the lesion label map.
 NO_LESION, INFLAMMATION, FAT, HARD_NEGATIVE, DISTRACTOR = 0, 1, 2, 3, 4

@@ -7,6 +7,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+#: Image contrasts the classifier can be told about (``model.contrast_input``); index = position of the
+#: one-hot code, unknown = all zeros.
+from data_prep.dataset import IMAGE_CONTRASTS, parse_contrast
+
+
+def contrast_index(contrast: str | None) -> int:
+    """Index of ``contrast`` in :data:`IMAGE_CONTRASTS` (case-insensitive), -1 when empty or None (unknown);
+    :class:`~data_prep.errors.SpinepipeInputError` naming the known ones for anything else."""
+    c = parse_contrast(contrast)
+    return IMAGE_CONTRASTS.index(c) if c else -1
+
+
 #: Default per-vertebra classes (kept in sync with ``data_prep.lesions.CLASSES``).
 DEFAULT_CLASSES: tuple[str, ...] = ("normal", "inflammation", "fat")
 
@@ -58,6 +70,11 @@ class ModelConfig:
     dropout: float = 0.1  # before the class logits only
     #: Standardise the classification path's input by mean/std inside the region (see model docstring).
     region_norm: bool = True
+    #: Tell the classification path which contrast the scan is (one of :data:`IMAGE_CONTRASTS`, or unknown):
+    #: a lesion's kind follows from its brightness only *given* the sequence (fat is dark on Dixon water and
+    #: STIR, bright on T1 and T2-TSE), and inside the masked region the network cannot see the sequence.
+    #: Metadata, not voxels: the evidence guarantee is unchanged.
+    contrast_input: bool = False
 
 
 @dataclass
@@ -129,6 +146,9 @@ class TrainConfig:
     lr_flip: bool = True
     region_jitter_prob: float = 0.3
     num_threads: int = 0  # torch threads while training (restored afterwards); 0 = leave torch's default
+    #: With ``model.contrast_input``: probability of hiding a training sample's contrast (so that a scan of
+    #: unknown contrast still gets a sensible verdict).
+    contrast_dropout: float = 0.2
 
 
 @dataclass

@@ -26,18 +26,19 @@ EVIDENCE_FLAG = "evidence_outside_body"
 
 
 def integrated_gradients(net: Stage2Net, image: torch.Tensor, region: torch.Tensor, target: int | None = None,
-                         n_steps: int = 32) -> tuple[np.ndarray, int]:
+                         n_steps: int = 32, contrast: int = -1) -> tuple[np.ndarray, int]:
     """IG attribution ``(I, J, K)`` of the class probability w.r.t. the input patch.
 
-    ``image`` and ``region`` are ``(1, 1, I, J, K)``; ``target`` defaults to the predicted class.
-    Baseline: zeros. Returns ``(attribution, target)``.
+    ``image`` and ``region`` are ``(1, 1, I, J, K)``; ``target`` defaults to the predicted class;
+    ``contrast`` is the scan's index into ``IMAGE_CONTRASTS`` (-1 unknown). Baseline: zeros. Returns
+    ``(attribution, target)``.
     """
     from captum.attr import IntegratedGradients
 
     was_training = net.training
     net.eval()
     try:
-        path = ClassifierPath(net, region.detach())
+        path = ClassifierPath(net, region.detach(), contrast=contrast)
         with torch.no_grad():
             probs = path(image)
         if target is None:
@@ -90,9 +91,9 @@ class Evidence:
 
 
 def explain(net: Stage2Net, image: torch.Tensor, region: torch.Tensor, body: np.ndarray, geometry: Scan,
-            threshold: float = 0.9, n_steps: int = 32, target: int | None = None) -> Evidence:
+            threshold: float = 0.9, n_steps: int = 32, target: int | None = None, contrast: int = -1) -> Evidence:
     """IG on the classification path + fraction of |IG| inside the (undilated) ``body`` mask."""
-    attr, tgt = integrated_gradients(net, image, region, target, n_steps)
+    attr, tgt = integrated_gradients(net, image, region, target, n_steps, contrast)
     inside = fraction_inside(attr, body)
     flagged = inside < threshold
     if flagged:

@@ -24,7 +24,7 @@ from scipy import ndimage
 from data_prep.checkpoint import load_model, load_state_into
 from data_prep.errors import SpinepipeInputError
 from data_prep.scan import Scan, Vertebra, VertebraVerdict
-from stage2_classify.config import Stage2Config
+from stage2_classify.config import Stage2Config, contrast_index
 from stage2_classify.evidence import EVIDENCE_FLAG, explain, merge_evidence
 from stage2_classify.model import Stage2Net
 from stage2_classify.patches import Patch, PatchSampler, dilate, ellipsoid_prior, paste_to_reference
@@ -85,8 +85,11 @@ class Classifier:
     ``make train-stage2``) or a tampered/mismatched one.
     """
 
-    def __init__(self, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, device: str | torch.device = "cpu"):
+    def __init__(self, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, device: str | torch.device = "cpu",
+                 contrast: str | None = None):
         folder = Path(model_dir)
+        #: Default image contrast of the scans this classifier sees (``None`` = unknown), see :meth:`classify`.
+        self.contrast = contrast
         if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
             raise SpinepipeInputError(folder, MISSING_MODEL_HINT)
         state, cfg, extra = load_model(folder, Stage2Config, kind="stage2")
@@ -106,7 +109,7 @@ class Classifier:
     def from_network(cls, net: Stage2Net) -> "Classifier":
         """Wrap an in-memory network (tests, benchmarks) without files."""
         self = cls.__new__(cls)
-        self.config, self.extra, self.device = net.cfg, {}, torch.device("cpu")
+        self.config, self.extra, self.device, self.contrast = net.cfg, {}, torch.device("cpu"), None
         self.net = net.eval()
         return self
 
@@ -130,7 +133,7 @@ class Classifier:
 
     # -- main API -------------------------------------------------------------------------------
     def classify(self, scan: Scan, vertebrae: list[Vertebra], masks: Scan | None = None, with_evidence: bool = True,
-                 keep_evidence_maps: bool = False) -> list[dict]:
+                 keep_evidence_maps: bool = False, contrast: str | None = None) -> list[dict]:
         """Classify each vertebra of ``scan``.
 
         Parameters
@@ -141,6 +144,9 @@ class Classifier:
         masks: optional VerSe label map on any grid (vertebral bodies).
         with_evidence: run Integrated Gradients and report ``evidence_inside``.
         keep_evidence_maps: include the patch attribution (Scan, patch grid) as ``"evidence"``.
+        contrast: the scan's image contrast (``t1``, ``t2``, ``stir``, ``water``; default: the one given to
+            the constructor, else unknown). Read by models trained with ``model.contrast_input``, whose
+            lesion typing depends on it (fat is dark on STIR / Dixon water, bright on T1 / T2-TSE).
 
         Returns
         -------
@@ -150,6 +156,10 @@ class Classifier:
         ``geometry`` (patch Scan); ``evidence`` when asked.
         """
         cfg = self.config
+        ci = contrast_index(contrast if contrast is not None else self.contrast)
+        if ci < 0 and getattr(self.net, "contrast_input", False):
+            log.info("image contrast not given: this model types lesions less well without it (--contrast)")
+        extra = (torch.tensor([ci], dtype=torch.long, device=self.device),) if ci >= 0 else ()
         if masks is None and any(v.mask is not None for v in vertebrae):
             lab = np.zeros(scan.shape, np.int16)
             for v in vertebrae:
@@ -167,7 +177,7 @@ class Classifier:
             region_np = dilate(body, cfg.margin_vox)
             region = torch.from_numpy(region_np.astype(np.float32))[None, None].to(self.device)
             with torch.no_grad():
-                probs = torch.softmax(self.net.forward_cls(img, region), 1)[0].cpu().numpy()
+                probs = torch.softmax(self.net.forward_cls(img, region, *extra), 1)[0].cpu().numpy()
             if patch.fov < 0.9:
                 flags.append("patch_outside_fov")
             k = int(np.argmax(probs))
@@ -184,7 +194,8 @@ class Classifier:
                 "geometry": patch.geometry,
             }
             if with_evidence:
-                ev = explain(self.net, img, region, body, patch.geometry, cfg.evidence_threshold, cfg.ig_steps, target=k)
+                ev = explain(self.net, img, region, body, patch.geometry, cfg.evidence_threshold, cfg.ig_steps, target=k,
+                             contrast=ci)
                 rec["evidence_inside"] = ev.inside
                 if ev.flagged:
                     flags.append(EVIDENCE_FLAG)

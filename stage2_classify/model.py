@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stage2_classify.config import SEG_CENTRE, SEG_CLASSES, SEG_LESION, Stage2Config
+from stage2_classify.config import IMAGE_CONTRASTS, SEG_CENTRE, SEG_CLASSES, SEG_LESION, Stage2Config
 
 
 def ball_kernel(radius: int) -> torch.Tensor:
@@ -242,9 +242,14 @@ class Stage2Net(nn.Module):
         n_cls = len(cfg.classes)
         # lesion typing on the classification path: per-voxel class (0 = no lesion), part of segmentation
         self.lesion_typing = bool(heads.cls and heads.seg)
+        self.contrast_input = bool(heads.cls and cfg.model.contrast_input)
+        n_contrast = len(IMAGE_CONTRASTS) if self.contrast_input else 0
         if heads.cls:
             mods["cls"] = MaskedPoolClassifier([chans[0], chans[-1]], n_cls, cfg.model.dropout,
-                                               n_extra=N_PROFILE + (3 * (n_cls - 1) if self.lesion_typing else 0))
+                                               n_extra=N_PROFILE + (3 * (n_cls - 1) if self.lesion_typing else 0)
+                                               + n_contrast)
+            if self.contrast_input:  # per-contrast shift of the cls path's full-resolution features
+                mods["contrast"] = nn.Linear(n_contrast, chans[0], bias=False)
             if self.lesion_typing:
                 mods["lesion"] = nn.Conv3d(chans[0], n_cls, 1)
         if heads.seg:
@@ -301,20 +306,39 @@ class Stage2Net(nn.Module):
         empty = core.flatten(1).sum(1) < 0.5
         return torch.where(empty[:, None, None, None, None], r, core)
 
-    def forward_cls(self, image: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-        """Class logits ``(B, K)`` from ``image`` ``(B, 1, I, J, K)`` seen only through ``region``
-        ``(B, 1, I, J, K)`` (binary, already dilated). A function of ``image * region`` and ``region`` only."""
-        return self.classification_path(image, region)["cls"]
+    def contrast_code(self, contrast: torch.Tensor | None, batch: int, like: torch.Tensor) -> torch.Tensor:
+        """One-hot ``(B, len(IMAGE_CONTRASTS))`` from ``contrast`` ``(B,)`` indices into
+        :data:`~stage2_classify.config.IMAGE_CONTRASTS` (-1 or ``None`` = unknown: all zeros)."""
+        n = len(IMAGE_CONTRASTS)
+        if contrast is None:
+            return like.new_zeros(batch, n)
+        c = contrast.to(device=like.device, dtype=torch.long).reshape(-1)
+        if c.shape[0] != batch:
+            raise ValueError(f"expected {batch} contrast indices, got shape {tuple(contrast.shape)}")
+        if bool(((c < -1) | (c >= n)).any()):
+            raise ValueError(f"contrast indices must be -1 (unknown) or 0..{n - 1} {IMAGE_CONTRASTS}, got {c.tolist()}")
+        return F.one_hot(c.clamp_min(0), n).to(like.dtype) * (c >= 0).to(like.dtype)[:, None]
 
-    def classification_path(self, image: torch.Tensor, region: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward_cls(self, image: torch.Tensor, region: torch.Tensor,
+                    contrast: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits ``(B, K)`` from ``image`` ``(B, 1, I, J, K)`` seen only through ``region``
+        ``(B, 1, I, J, K)`` (binary, already dilated). A function of ``image * region``, ``region`` and the
+        scan-level ``contrast`` ``(B,)`` (indices, used with ``model.contrast_input``) only."""
+        return self.classification_path(image, region, contrast)["cls"]
+
+    def classification_path(self, image: torch.Tensor, region: torch.Tensor,
+                            contrast: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The masked path: ``{"cls": (B, K), "lesion": (B, K, I, J, K) (when lesion typing is on),
-        "pool": (B, 1, I, J, K)}``, all functions of ``image * region`` and ``region`` only.
+        "pool": (B, 1, I, J, K)}``, all functions of ``image * region``, ``region`` and ``contrast`` only.
 
         The whole encoder-decoder runs on ``(image * region, region)``. Full-resolution decoder features
         (small corner lesions are 2-4 voxels across at 2 mm), the coarsest encoder features and, with the
         seg head on, the per-voxel lesion-class probabilities of the ``lesion`` head (its max / mean /
         top-1 % per class, :func:`lesion_summary`) are pooled inside :meth:`pooling_mask`, together with
-        the body's intensity distribution (:func:`intensity_profile`).
+        the body's intensity distribution (:func:`intensity_profile`). With ``model.contrast_input`` the
+        contrast's one-hot code ``(B, 4)`` (:meth:`contrast_code`) shifts the decoder features (learned, per
+        channel) and joins the pooled features: the same bright spot means oedema on Dixon water and may be
+        fat on T2-TSE.
         """
         r = (region > 0.5).to(image.dtype)
         if self.region_norm:
@@ -329,6 +353,10 @@ class Stage2Net(nn.Module):
         dec = self.cls_decoder(feats)
         out: dict[str, torch.Tensor] = {"pool": pool}
         extra = [intensity_profile(image * r, pool)]
+        if self.contrast_input:
+            code = self.contrast_code(contrast, image.shape[0], image)
+            dec = dec + self.heads["contrast"](code)[:, :, None, None, None]
+            extra.append(code)
         if self.lesion_typing:
             les = self.heads["lesion"](dec)
             extra.append(lesion_summary(les, pool_p))
@@ -340,7 +368,8 @@ class Stage2Net(nn.Module):
         """Region from the seg head: centre-body probability > 0.5, dilated by ``margin_vox`` ``(B, 1, I, J, K)``."""
         return dilate_mask((self.body_probability(seg_logits) > 0.5).float(), self.margin_vox)
 
-    def forward(self, image: torch.Tensor, region_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor, region_mask: torch.Tensor | None = None,
+                contrast: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Run all enabled heads.
 
         Parameters
@@ -348,6 +377,8 @@ class Stage2Net(nn.Module):
         image: ``(B, 1, I, J, K)`` normalised intensities (any I, J, K; padded internally).
         region_mask: ``(B, 1, I, J, K)`` binary region for the classification path, already dilated by
             the margin. ``None``: predicted by the seg head (then dilated here).
+        contrast: ``(B,)`` indices into :data:`~stage2_classify.config.IMAGE_CONTRASTS` (-1 = unknown);
+            read by the classification path with ``model.contrast_input``, else ignored.
 
         Returns
         -------
@@ -365,7 +396,7 @@ class Stage2Net(nn.Module):
                 region_mask = self.predicted_region(out["seg"].detach())
             if region_mask.shape != image.shape:
                 raise ValueError(f"region_mask shape {tuple(region_mask.shape)} != image shape {tuple(image.shape)}")
-            path = self.classification_path(image, region_mask)
+            path = self.classification_path(image, region_mask, contrast)
             out["cls"] = path["cls"]
             out["pool"] = path["pool"]
             if "lesion" in path:
@@ -377,15 +408,20 @@ class Stage2Net(nn.Module):
 class ClassifierPath(nn.Module):
     """``f(image) = softmax(cls logits)`` with a fixed region: the module Captum attributes (``(B, 1, I, J, K)`` -> ``(B, K)``)."""
 
-    def __init__(self, net: Stage2Net, region: torch.Tensor, probabilities: bool = True):
+    def __init__(self, net: Stage2Net, region: torch.Tensor, probabilities: bool = True, contrast: int = -1):
         super().__init__()
         self.net = net
         self.register_buffer("region", region)
         self.probabilities = probabilities
+        self.contrast = int(contrast)  # index into IMAGE_CONTRASTS, -1 = unknown
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         region = self.region.expand(image.shape[0], *self.region.shape[1:])
-        logits = self.net.forward_cls(image, region)
+        if self.contrast < 0:  # unknown: the two-argument call (any network with forward_cls(image, region))
+            logits = self.net.forward_cls(image, region)
+        else:
+            contrast = torch.full((image.shape[0],), self.contrast, dtype=torch.long, device=image.device)
+            logits = self.net.forward_cls(image, region, contrast)
         return torch.softmax(logits, dim=1) if self.probabilities else logits
 
 

@@ -36,7 +36,8 @@ from data_prep.checkpoint import (
 from data_prep.distributed import DistInfo, cleanup_distributed, init_distributed, seed_everything
 from data_prep.errors import SpinepipeInputError
 from data_prep.io import write_csv
-from stage2_classify.config import SEG_BG, SEG_CENTRE, SEG_DISC, SEG_NEIGHBOUR, Stage2Config
+from stage2_classify.config import (IMAGE_CONTRASTS, SEG_BG, SEG_CENTRE, SEG_DISC, SEG_NEIGHBOUR, Stage2Config,
+                                    contrast_index)
 from stage2_classify.losses import (
     UncertaintyWeighting,
     box_emptiness_loss,
@@ -78,13 +79,15 @@ class Sample:
     confidence: float = 1.0
     subject: str = ""
     label: int = 0
+    #: Image contrast of the scan (one of ``IMAGE_CONTRASTS``; "" = unknown), read with ``model.contrast_input``.
+    contrast: str = ""
 
 
 def sample_from_patch(patch: Patch, label: int, cls: int, cfg: Stage2Config, *, confidence: float = 1.0,
-                      subject: str = "", kind: str = "full", **target_kwargs) -> Sample:
+                      subject: str = "", kind: str = "full", contrast: str = "", **target_kwargs) -> Sample:
     """Build a :class:`Sample` from a cropped patch (see :func:`~stage2_classify.patches.build_targets`)."""
     t = build_targets(patch, label, cfg, kind=kind, **target_kwargs)
-    return Sample(patch.image.astype(np.float32), t, int(cls), float(confidence), subject, int(label))
+    return Sample(patch.image.astype(np.float32), t, int(cls), float(confidence), subject, int(label), contrast)
 
 
 def _choose_kind(annotation: str, data) -> str:
@@ -123,15 +126,16 @@ def _centroid_of(vid: int, data) -> np.ndarray | None:
 
 
 def build_samples(data_dir: str | Path, cfg: Stage2Config, *, annotation: str = "auto",
-                  ids: list[str] | None = None) -> list[Sample]:
+                  ids: list[str] | None = None, contrast: str | None = None) -> list[Sample]:
     """Patches + targets for every labelled vertebra of a canonical dataset folder (cached in memory).
 
     ``annotation`` forces which body annotation is used (``"full"``, ``"coarse"``, ``"outline"``,
     ``"box"``, ``"point"``, ``"none"``; ``"auto"`` = the strongest available per subject). Lesion maps
     (``<id>_lesions``) are used when present, and ``<id>_structures.nii.gz`` (synthetic cohorts) gives
-    the disc class with full masks.
+    the disc class with full masks. Each sample's image contrast is ``contrast`` when given, else the
+    folder's per-subject one (:func:`data_prep.dataset.read_subject_contrasts`), else unknown.
     """
-    from data_prep.dataset import VERTEBRA_LABELS_FILE, discover, load_subject
+    from data_prep.dataset import VERTEBRA_LABELS_FILE, discover, load_subject, parse_contrast, read_subject_contrasts
     from data_prep.io import read_labelmap, read_vertebra_labels_csv
 
     if annotation not in ANNOTATION_KINDS:
@@ -142,6 +146,8 @@ def build_samples(data_dir: str | Path, cfg: Stage2Config, *, annotation: str = 
     if not labels_path.is_file():
         raise SpinepipeInputError(labels_path, "per-vertebra class labels not found (columns id,level,class[,confidence])")
     table = read_vertebra_labels_csv(labels_path, list(cfg.classes))
+    forced = parse_contrast(contrast, "--contrast") if contrast else ""
+    contrasts = read_subject_contrasts(data_dir)
     wanted = set(ids) if ids is not None else None
     samples: list[Sample] = []
     for s in subjects:
@@ -186,8 +192,9 @@ def build_samples(data_dir: str | Path, cfg: Stage2Config, *, annotation: str = 
                 raise SpinepipeInputError(s.image, "annotation 'full' requested but no <id>_vertebrae file")
             patch = sampler.crop(centre)
             samples.append(sample_from_patch(patch, vid, int(r["class"]), cfg, confidence=float(r["confidence"]),
-                                             subject=s.id, kind=kind, **kw))
-        log.info("%s: %d vertebra patches (%s)", s.id, len(rows), kind)
+                                             subject=s.id, kind=kind, contrast=forced or contrasts.get(s.id, ""), **kw))
+        log.info("%s: %d vertebra patches (%s, contrast %s)", s.id, len(rows), kind,
+                 forced or contrasts.get(s.id) or "unknown")
     if not samples:
         raise SpinepipeInputError(data_dir, "no labelled vertebra could be cropped (check vertebra_labels.csv ids/levels)")
     return samples
@@ -217,6 +224,7 @@ def collate(samples: list[Sample]) -> dict[str, torch.Tensor]:
         "has_box": torch.tensor([s.targets.box is not None for s in samples]),
         "has_ball": torch.tensor([s.targets.point_ball is not None for s in samples]),
         "loose_body": torch.tensor([s.targets.kind in LOOSE_BODY_KINDS for s in samples]),
+        "contrast": torch.tensor([contrast_index(s.contrast) for s in samples], dtype=torch.long),
         "body_soft": stack(lambda s: s.targets.body_soft if s.targets.body_soft is not None
                            else np.full(shape, np.nan, np.float32)),
     }
@@ -242,7 +250,8 @@ def augment(batch: dict[str, torch.Tensor], cfg: Stage2Config, gen: torch.Genera
     head-foot flip. Boxes stay axis-aligned: box samples get translation/flip only.
     Intensity (pivot-based, no patch statistics): gamma, contrast about 0.5, smooth multiplicative bias
     field, Gaussian noise. Region jitter: with ``train.region_jitter_prob`` the classification region
-    grows or shrinks by one voxel (never below the body), like a predicted mask at inference.
+    grows or shrinks by one voxel (never below the body), like a predicted mask at inference. Contrast
+    dropout: with ``model.contrast_input``, the scan's contrast is hidden (-1) with ``train.contrast_dropout``.
     """
     tc = cfg.train
     out = dict(batch)
@@ -309,6 +318,12 @@ def augment(batch: dict[str, torch.Tensor], cfg: Stage2Config, gen: torch.Genera
     out["region"] = torch.where(pick < tc.region_jitter_prob / 2, grown,
                                 torch.where(pick < tc.region_jitter_prob, torch.maximum(shrunk, out["body"]), reg))
 
+    # hide the contrast sometimes (unknown at inference); drawn only when it is used, so that runs without
+    # contrast input keep their random stream
+    if cfg.model.contrast_input and "contrast" in batch and tc.contrast_dropout > 0:
+        hide = u(0, 1, (b,)) < tc.contrast_dropout
+        out["contrast"] = torch.where(hide.to(dev), torch.full_like(batch["contrast"], -1), batch["contrast"])
+
     x = out["image"]
     gam = torch.exp(u(-0.3, 0.3, (b, 1, 1, 1, 1))).to(dev)
     x = torch.sign(x) * x.abs().pow(gam)
@@ -340,7 +355,7 @@ class Stage2Trainable(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
         """``(total loss, per-head losses, class logits (B, K) or None)``."""
         cfg = self.cfg
-        out = self.net(batch["image"], batch["region"] if "cls" in self.net.heads else None)
+        out = self.net(batch["image"], batch["region"] if "cls" in self.net.heads else None, batch.get("contrast"))
         parts: dict[str, torch.Tensor] = {}
         if "cls" in out:
             t = soft_targets(batch["cls"], batch["confidence"], len(cfg.classes))
@@ -513,13 +528,16 @@ def _write_epoch(out_dir: Path, module: Stage2Trainable, opt, cfg: Stage2Config,
 
 
 def train_stage2(data_dir: str | Path, out_dir: str | Path, config: Stage2Config | None = None,
-                 resume: bool = False, *, annotation: str = "auto", ids: list[str] | None = None) -> Path:
-    """Train stage 2 on a canonical dataset folder; returns ``out_dir`` (a loadable model folder)."""
+                 resume: bool = False, *, annotation: str = "auto", ids: list[str] | None = None,
+                 contrast: str | None = None) -> Path:
+    """Train stage 2 on a canonical dataset folder; returns ``out_dir`` (a loadable model folder).
+    ``contrast``: the image contrast of every scan (default: per subject from the folder, see
+    :func:`build_samples`)."""
     cfg = config or Stage2Config()
     cfg.validate()
     di = init_distributed()
     try:
-        samples = build_samples(data_dir, cfg, annotation=annotation, ids=ids)
+        samples = build_samples(data_dir, cfg, annotation=annotation, ids=ids, contrast=contrast)
         log.info("%d vertebra patches; classes %s", len(samples),
                  np.bincount([s.cls for s in samples], minlength=len(cfg.classes)).tolist())
         return train_on_samples(samples, cfg, out_dir, resume=resume, dist_info=di)
@@ -562,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--config", help="Stage2Config JSON (fields of the dataclass)")
     ap.add_argument("--annotation", default="auto", choices=ANNOTATION_KINDS)
+    ap.add_argument("--contrast", default=None, choices=IMAGE_CONTRASTS,
+                    help="image contrast of every scan (default: per subject from subjects.csv / synth_meta.json)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_config_json(args.config) if args.config else Stage2Config()
@@ -570,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed is not None:
         cfg.train.seed = args.seed
     try:
-        train_stage2(args.data, args.out, cfg, resume=args.resume, annotation=args.annotation)
+        train_stage2(args.data, args.out, cfg, resume=args.resume, annotation=args.annotation, contrast=args.contrast)
     except SpinepipeInputError as exc:
         logging.getLogger(__name__).error("%s", exc)
         return 2

@@ -12,8 +12,9 @@ from pipeline.cli import main
 DEFAULT_MODELS = Path("models")
 
 
-def load_models(models_dir: str | Path = DEFAULT_MODELS, device: str = "cpu"):
-    """``(Localizer, Classifier)`` from ``models_dir/stage1`` and ``models_dir/stage2``.
+def load_models(models_dir: str | Path = DEFAULT_MODELS, device: str = "cpu", contrast: str | None = None):
+    """``(Localizer, Classifier)`` from ``models_dir/stage1`` and ``models_dir/stage2``; ``contrast`` is the
+    image contrast of the scans (stage 2, see :meth:`stage2_classify.infer.Classifier.classify`).
 
     A missing model raises a one-line error naming the make target that trains it.
     """
@@ -21,7 +22,8 @@ def load_models(models_dir: str | Path = DEFAULT_MODELS, device: str = "cpu"):
     from stage2_classify.infer import Classifier
 
     models_dir = Path(models_dir)
-    return Localizer(models_dir / "stage1", device=device), Classifier(models_dir / "stage2", device=device)
+    return (Localizer(models_dir / "stage1", device=device),
+            Classifier(models_dir / "stage2", device=device, contrast=contrast))
 
 
 @main.command("predict")
@@ -34,14 +36,19 @@ def load_models(models_dir: str | Path = DEFAULT_MODELS, device: str = "cpu"):
               help="Also write <name>_evidence.nii.gz (Integrated Gradients map on the input grid).")
 @click.option("-j", "--workers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Worker processes for a batch of scans (each loads the models once).")
-def predict_cmd(scans: tuple[Path, ...], out_dir: Path, models_dir: Path, evidence: bool, workers: int) -> None:
+@click.option("--contrast", type=click.Choice(["t1", "t2", "stir", "water"]), default=None,
+              help="Image contrast of the scan(s): t1, t2 (T2-TSE without fat suppression), stir, water (Dixon water). "
+                   "Models trained with model.contrast_input type lesions by it (fat is dark on stir/water, bright on "
+                   "t1/t2); default unknown.")
+def predict_cmd(scans: tuple[Path, ...], out_dir: Path, models_dir: Path, evidence: bool, workers: int,
+                contrast: str | None) -> None:
     """Find, name and classify every vertebra of each SCAN (file, DICOM folder, or folder of scans)."""
     from pipeline.predict import predict_many
     from pipeline.validate import collect_scans
 
     paths = collect_scans(list(scans))
     load_models(models_dir)  # fail fast, once, with a clear message, before any worker starts
-    make = functools.partial(load_models, models_dir)
+    make = functools.partial(load_models, models_dir, contrast=contrast)
     failures = 0
     with click.progressbar(length=len(paths), label="predicting", file=sys.stderr,
                            show_pos=True) if len(paths) > 1 else _NullBar() as bar:

@@ -29,7 +29,12 @@ def _scan_name(path: Path) -> str:
 @click.option("--masks", type=click.Path(path_type=Path), default=None,
               help="Optional vertebral-body label map (VerSe ids) on the scan's grid; else the model segments.")
 @click.option("--evidence", is_flag=True, help="Also compute Integrated Gradients and write <name>_evidence.nii.gz.")
-def classify_cmd(scan: Path, centroids: Path, out_dir: Path, models_dir: Path, masks: Path | None, evidence: bool) -> None:
+@click.option("--contrast", type=click.Choice(["t1", "t2", "stir", "water"]), default=None,
+              help="Image contrast of the scan(s): t1, t2 (T2-TSE without fat suppression), stir, water (Dixon water). "
+                   "Models trained with model.contrast_input type lesions by it (fat is dark on stir/water, bright on "
+                   "t1/t2); default unknown.")
+def classify_cmd(scan: Path, centroids: Path, out_dir: Path, models_dir: Path, masks: Path | None, evidence: bool,
+                 contrast: str | None) -> None:
     """Classify every vertebra listed in --centroids: writes <name>_classes.csv."""
     from data_prep.io import read_image, read_labelmap, write_csv, write_image
     from stage2_classify.infer import Classifier, classes_table, evidence_map, read_centroids_csv
@@ -40,7 +45,8 @@ def classify_cmd(scan: Path, centroids: Path, out_dir: Path, models_dir: Path, m
     image = read_image(scan)
     mask_scan = read_labelmap(masks, reference=image) if masks is not None else None
     verts = read_centroids_csv(centroids)
-    records = clf.classify(image, verts, masks=mask_scan, with_evidence=evidence, keep_evidence_maps=evidence)
+    records = clf.classify(image, verts, masks=mask_scan, with_evidence=evidence, keep_evidence_maps=evidence,
+                           contrast=contrast)
     for r, v in zip(records, verts):
         r["flags"] = list(dict.fromkeys(list(v.flags) + list(r["flags"])))
     name = _scan_name(scan)
@@ -69,8 +75,12 @@ def classify_cmd(scan: Path, centroids: Path, out_dir: Path, models_dir: Path, m
               help="Without --data: number of synthetic subjects.")
 @click.option("--work", "work_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Without --data: where to write the synthetic cohort (default <out>_synth_data beside <out>).")
+@click.option("--contrast", type=click.Choice(["t1", "t2", "stir", "water"]), default=None,
+              help="Image contrast of every training scan (default: per subject from the folder's subjects.csv "
+                   "'contrast' or 'sequence' column, or synth_meta.json; else unknown).")
 def train_stage2_cmd(data_dir: Path | None, out_dir: Path, epochs: int | None, resume: bool, seed: int | None,
-                     config_json: Path | None, annotation: str, n_synth: int, work_dir: Path | None) -> None:
+                     config_json: Path | None, annotation: str, n_synth: int, work_dir: Path | None,
+                     contrast: str | None) -> None:
     """Train the stage-2 per-vertebra classifier (writes model.safetensors, config.json, train_log.csv)."""
     from stage2_classify.config import Stage2Config
     from stage2_classify.train import load_config_json, synthesize_training_data, train_stage2
@@ -86,5 +96,5 @@ def train_stage2_cmd(data_dir: Path | None, out_dir: Path, epochs: int | None, r
             click.echo(f"no --data: writing {n_synth} synthetic subjects with lesions to {work}", err=True)
             synthesize_training_data(work, n_synth, cfg.train.seed)
         data_dir = work
-    out = train_stage2(data_dir, out_dir, cfg, resume=resume, annotation=annotation)
+    out = train_stage2(data_dir, out_dir, cfg, resume=resume, annotation=annotation, contrast=contrast)
     click.echo(f"stage-2 model written to {out}")

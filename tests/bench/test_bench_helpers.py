@@ -277,7 +277,7 @@ def test_load_trained_round_trip_and_refuses_other_config(tmp_path):
 
 
 def test_lesion_cnr_and_visibility_table():
-    from bench.bench_stage2 import _by_visibility, lesion_cnr
+    from bench.bench_stage2 import _by_visibility, lesion_cnr, lesion_contrast
     from stage2_classify.patches import PatchTargets
     from stage2_classify.train import Sample
 
@@ -296,6 +296,9 @@ def test_lesion_cnr_and_visibility_table():
         return Sample(image, t, cls)
 
     assert abs(lesion_cnr(sample(1, lesion_class)) - 5.0) < 1e-3  # |1.5 - 1.0| / 0.1
+    image[lesion_class > 0] = 0.7  # a dark lesion: signed contrast -3, visibility 3
+    assert abs(lesion_contrast(sample(2, lesion_class)) + 3.0) < 1e-3 and abs(lesion_cnr(sample(2, lesion_class)) - 3.0) < 1e-3
+    image[lesion_class > 0] = 1.5
     assert lesion_cnr(sample(0, np.zeros(shape, np.int64))) is None and lesion_cnr(sample(0, None)) is None
     preds = [{"cls": 0, "p": [0.9, 0.05, 0.05]}, {"cls": 0, "p": [0.4, 0.3, 0.3]},
              {"cls": 1, "cnr": 0.5, "p": [0.6, 0.3, 0.1]},   # between the two normals

@@ -412,3 +412,21 @@ def test_real_cohorts_are_clean(shared_data, cohort, n):
     assert [str(p) for p in problems] == []
     subjects = discover(d)
     assert all(s.vertebrae is not None and s.outlines is not None for s in subjects)
+
+
+def test_read_subject_contrasts_from_table_sequence_names_and_synth_meta(tmp_path):
+    import json
+
+    from data_prep.dataset import parse_contrast, read_subject_contrasts
+
+    assert read_subject_contrasts(tmp_path) == {}
+    (tmp_path / "subjects.csv").write_text("id,sequence\na,Dixon water\nb,T2_TSE\nc,PD\nd,\n")
+    assert read_subject_contrasts(tmp_path) == {"a": "water", "b": "t2"}  # PD / empty: unknown
+    (tmp_path / "synth_meta.json").write_text(json.dumps({"subjects": {"a": {"contrast": "t1"}, "e": {"contrast": "stir"}}}))
+    assert read_subject_contrasts(tmp_path) == {"a": "water", "b": "t2", "e": "stir"}  # subjects.csv wins
+    (tmp_path / "subjects.csv").write_text("id,contrast,sequence\na,STIR,dixon-water\nb,,t2\n")
+    assert read_subject_contrasts(tmp_path) == {"a": "stir", "e": "stir"}  # an explicit column beats sequence names
+    (tmp_path / "subjects.csv").write_text("id,contrast\na,flair\n")
+    with pytest.raises(SpinepipeInputError, match=r"subjects\.csv.*unknown image contrast 'flair'.*t1"):
+        read_subject_contrasts(tmp_path)
+    assert parse_contrast(" Water ") == "water" and parse_contrast(float("nan")) == "" and parse_contrast(None) == ""

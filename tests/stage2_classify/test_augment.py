@@ -41,3 +41,21 @@ def test_augment_keeps_soft_body_targets_soft_and_absent_where_absent():
         assert torch.isnan(out[1:]).all()  # no target appears where none was given (nor from padding)
         given = out[0][~torch.isnan(out[0])]
         assert given.numel() > 0 and torch.all(given == 0.25)
+
+
+def test_contrast_dropout_only_with_contrast_input():
+    from stage2_classify.config import ModelConfig
+
+    cfg = tiny_config()
+    samples = toy_samples(cfg, 64, seed=0)
+    for s in samples:
+        s.contrast = "water"
+    batch = collate(samples)
+    assert batch["contrast"].tolist() == [3] * 64
+    out = augment(batch, cfg, torch.Generator().manual_seed(0))
+    assert out["contrast"].tolist() == [3] * 64  # contrast input off: never hidden, random stream untouched
+    cfg.model = ModelConfig(base_channels=8, levels=3, dropout=0.0, contrast_input=True)
+    cfg.train.contrast_dropout = 0.5
+    hidden = augment(batch, cfg, torch.Generator().manual_seed(0))["contrast"]
+    assert set(hidden.tolist()) == {-1, 3} and 12 <= int((hidden == -1).sum()) <= 52
+    assert batch["contrast"].tolist() == [3] * 64  # input batch untouched

@@ -37,6 +37,12 @@ def test_samples_for_every_annotation_kind(cohort):
     # synthetic cohorts carry discs (structures): some voxels are labelled disc exactly
     assert any((s.targets.seg_allowed.sum(0) == 1)[s.targets.seg_allowed[3]].any() for s in full)
     assert [s.cls for s in full] == [int(c) for c in labels["class"]]
+    # the image contrast comes from synth_meta.json (or --contrast for the whole folder)
+    import json
+
+    meta = json.loads((cohort["full"] / "synth_meta.json").read_text())["subjects"]
+    assert [s.contrast for s in full] == [meta[s.subject]["contrast"] for s in full]
+    assert {s.contrast for s in build_samples(cohort["full"], cfg, contrast="STIR")} == {"stir"}
     boxes = build_samples(cohort["boxes"], cfg, annotation="box")
     assert {s.targets.kind for s in boxes} == {"box"} and all(s.targets.box.any() for s in boxes)
     points = build_samples(cohort["points"], cfg, annotation="point")

@@ -92,3 +92,38 @@ def test_cli_missing_model_and_bad_centroids(tmp_path):
 
     with pytest.raises(SpinepipeInputError, match="line 2"):
         read_centroids_csv(tmp_path / "c.csv")
+
+
+def test_contrast_reaches_a_contrast_aware_model(tmp_path):
+    from stage2_classify.config import ModelConfig
+
+    torch.manual_seed(0)
+    cfg = tiny_config(model=ModelConfig(base_channels=8, levels=3, dropout=0.0, contrast_input=True))
+    net = Stage2Net(cfg)
+    with torch.no_grad():  # make the contrast code matter visibly
+        net.heads["contrast"].weight.mul_(20.0)
+    folder = save_model(tmp_path / "stage2", net.state_dict(), cfg, kind="stage2")
+    scan, lab = _scan()
+    from data_prep.scan import vertebrae_from_labelmap
+
+    verts = vertebrae_from_labelmap(lab)
+
+    def probs(clf, **kw):
+        return np.array([list(r["probabilities"].values()) for r in clf.classify(scan, verts, masks=lab,
+                                                                                  with_evidence=False, **kw)])
+
+    clf = Classifier(folder)
+    unknown, water, t2 = probs(clf), probs(clf, contrast="water"), probs(clf, contrast="t2")
+    assert np.abs(water - t2).max() > 1e-3 and np.abs(unknown - water).max() > 1e-3
+    assert np.array_equal(probs(Classifier(folder, contrast="water")), water)  # constructor default
+    assert np.array_equal(probs(Classifier(folder, contrast="water"), contrast="t2"), t2)  # per call wins
+    from data_prep.errors import SpinepipeInputError
+
+    with pytest.raises(SpinepipeInputError, match="unknown image contrast 'flair'"):
+        probs(clf, contrast="flair")
+    # the CLI option: a bad value is refused by click (exit 2) before anything is written
+    write_image(scan, tmp_path / "s_image.nii.gz")
+    (tmp_path / "c.csv").write_text("level,label,x_mm,y_mm,z_mm,confidence,flags\n")
+    r = CliRunner().invoke(main, ["classify", str(tmp_path / "s_image.nii.gz"), "--centroids", str(tmp_path / "c.csv"),
+                                  "-o", str(tmp_path / "o"), "--models", str(folder), "--contrast", "flair"])
+    assert r.exit_code == 2 and "flair" in r.output and not (tmp_path / "o").exists()

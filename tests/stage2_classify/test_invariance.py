@@ -133,3 +133,29 @@ def test_scan_level_verdict_ignores_everything_outside_the_vertebra():
     dp21 = max(abs(before[1]["probabilities"][c] - after[1]["probabilities"][c]) for c in cfg.classes)
     assert dp20 <= 1e-4
     assert dp21 > 1e-3
+
+
+def test_contrast_input_is_metadata_not_voxels():
+    """With ``model.contrast_input`` the verdict depends on the stated contrast, and still on no outside voxel."""
+    net, image, region = _setup(7, model=ModelConfig(base_channels=8, levels=3, dropout=0.0, contrast_input=True))
+    net.eval()
+
+    def probs(img, c):
+        with torch.no_grad():
+            return torch.softmax(net.forward_cls(img, region, None if c is None else torch.tensor([c])), 1)
+
+    p = {c: probs(image, c) for c in (None, -1, 0, 1, 2, 3)}
+    assert torch.equal(p[None], p[-1])  # unknown = all-zero code
+    assert float((p[3] - p[1]).abs().max()) > 1e-4  # water vs t2: a different verdict is possible
+    changed = image.clone()
+    changed[region < 0.5] = 1e3 * torch.randn(int((region < 0.5).sum()))
+    for c in (-1, 1, 3):
+        assert float((probs(changed, c) - p[c]).abs().max()) <= 1e-6
+    with pytest.raises(ValueError, match="contrast indices"):
+        probs(image, 4)
+    # a model without contrast input ignores it
+    plain, image2, region2 = _setup(7)
+    with torch.no_grad():
+        a = plain.forward_cls(image2, region2, torch.tensor([3]))
+        b = plain.forward_cls(image2, region2)
+    assert torch.equal(a, b)
