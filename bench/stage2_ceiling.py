@@ -160,6 +160,9 @@ def ceiling_table(rows: list[dict], bounds: dict[str, dict]) -> list[dict]:
         rec["per_class_auc_perfect_detection"] = [_r(x) for x in one_vs_rest_auc(cls, scores, 3)]
         if p_all is not None:
             rec["typing_network"] = typing_auc(cls, p_all[idx], CLASSES)
+            found = p_all[idx, 0] < 0.5  # the lesion vertebrae the network calls abnormal
+            rec["typing_network_detected"] = typing_auc(cls[found], p_all[idx][found], CLASSES)
+            rec["n_lesion_detected"] = int(((cls > 0) & found).sum())
             rec["per_class_auc_network"] = [_r(x) for x in one_vs_rest_auc(cls, p_all[idx], 3)]
         out.append(rec)
     return out

@@ -55,6 +55,8 @@ def test_ceiling_table_rows_and_pooled_network_order():
     p = np.array([r["p"] for r in rows])
     expect = [round(float(x), 3) for x in one_vs_rest_auc(y, p, 3)]
     assert table["pooled"]["per_class_auc_network"] == expect  # scores stay aligned with their rows
+    detected = sum(1 for r in rows if r["cls"] > 0 and r["p"][0] < 0.5)
+    assert table["pooled"]["n_lesion_detected"] == detected
 
 
 def test_main_without_data_or_cache_fails_cleanly(tmp_path, caplog):
