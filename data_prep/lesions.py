@@ -772,7 +772,8 @@ def make_semisynthetic(
     Reads ``<id>_image.nii.gz`` + ``<id>_vertebrae.nii.gz`` from ``src_dir`` and writes to ``out_dir``:
     ``<id>_image.nii.gz`` (float32), ``<id>_vertebrae.nii.gz`` (copy), ``<id>_lesions.nii.gz``,
     ``<id>_outlines.nii.gz`` (copied when present), ``vertebra_labels.csv`` (``id,level,class,confidence``),
-    ``subjects.csv`` (rows of the processed subjects, when the source has one), ``README_lesion_table.csv``
+    ``subjects.csv`` (the source's rows of the processed subjects, when it has one, with a ``contrast``
+    column: the contrast the lesions were made for), ``README_lesion_table.csv``
     (all per-vertebra lesion details) and ``README_semisynthetic.md`` (provenance: semi-synthetic, seed,
     contrasts, configuration). The ``README*`` names are ignored by ``check-data``. Returns the
     concatenated table (with ``id`` and ``contrast`` columns).
@@ -820,11 +821,15 @@ def make_semisynthetic(
     full = pd.concat(tables, ignore_index=True)
     write_csv(pd.DataFrame(label_rows, columns=["id", "level", "class", "confidence"]), dst / "vertebra_labels.csv")
     write_csv(full, dst / "README_lesion_table.csv")
+    # the contrast the lesions were inserted for, per subject (read back by data_prep.dataset.read_subject_contrasts)
+    subjects = pd.DataFrame({"id": all_ids})
     if (src / "subjects.csv").exists():
-        subjects = pd.read_csv(src / "subjects.csv", dtype=str)
-        if "id" in subjects.columns:
-            subjects = subjects[subjects["id"].str.strip().isin(all_ids)]
-        write_csv(subjects, dst / "subjects.csv")
+        given = pd.read_csv(src / "subjects.csv", dtype=str)
+        if "id" in given.columns:
+            given = given.assign(id=given["id"].str.strip())
+            subjects = given[given["id"].isin(all_ids)].drop(columns=["contrast"], errors="ignore")
+    subjects = subjects.assign(contrast=subjects["id"].map(contrasts))
+    write_csv(subjects, dst / "subjects.csv")
     prov = json.dumps({"semi_synthetic": True, "source": str(src), "seed": int(seed), "classes": list(CLASSES),
                        "contrast": contrasts, "config": asdict(config)}, indent=2, default=list)
     write_text(

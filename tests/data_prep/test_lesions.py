@@ -251,6 +251,14 @@ def test_make_semisynthetic_writes_a_consistent_folder(tmp_path):
     cfg = LesionConfig(class_probs=(0.3, 0.4, 0.3))
     table = make_semisynthetic(src, out, seed=5, config=cfg)
     assert set(table.contrast) == {"water"}
+    from data_prep.dataset import read_subject_contrasts
+
+    assert read_subject_contrasts(out) == {"s1": "water", "s2": "water"}  # subjects.csv says what the lesions assumed
+    (src / "subjects.csv").write_text("id,sequence,contrast\ns2,t2-tse,t2\ns1,dixon-water,\n")
+    make_semisynthetic(src, tmp_path / "semi2", seed=5, config=cfg, contrast_by_cohort="stir")
+    written = pd.read_csv(tmp_path / "semi2" / "subjects.csv", dtype=str)
+    assert written["id"].tolist() == ["s2", "s1"] and written["sequence"].tolist() == ["t2-tse", "dixon-water"]
+    assert read_subject_contrasts(tmp_path / "semi2") == {"s1": "stir", "s2": "stir"}
     assert (out / "s1_outlines.nii.gz").exists() and not (out / "s2_outlines.nii.gz").exists()
     labels = read_vertebra_labels_csv(out / "vertebra_labels.csv", classes=list(CLASSES))
     assert len(labels) == 6
