@@ -145,6 +145,9 @@ class TrainConfig:
     max_rotation_deg: float = 10.0
     lr_flip: bool = True
     region_jitter_prob: float = 0.3
+    #: Gaussian noise augmentation: per-sample std drawn from [0, noise_std_max] (normalised intensities;
+    #: marrow noise is ~0.03-0.05 on the real data and faint lesions differ from marrow by ~0.1).
+    noise_std_max: float = 0.05
     num_threads: int = 0  # torch threads while training (restored afterwards); 0 = leave torch's default
     #: With ``model.contrast_input``: probability of hiding a training sample's contrast (so that a scan of
     #: unknown contrast still gets a sensible verdict).
@@ -188,6 +191,9 @@ class Stage2Config:
             raise ValueError("patch size and spacing must be positive")
         if self.margin_mm < 0:
             raise ValueError("margin_mm must be >= 0")
+        if self.train.noise_std_max < 0 or not 0.0 <= self.train.contrast_dropout <= 1.0:
+            raise ValueError(f"train.noise_std_max must be >= 0 and train.contrast_dropout in [0, 1], got "
+                             f"{self.train.noise_std_max} and {self.train.contrast_dropout}")
         if self.loss.outline_soft_sigma_mm is not None and self.loss.outline_soft_sigma_mm <= 0:
             raise ValueError(f"loss.outline_soft_sigma_mm must be > 0 or None, got {self.loss.outline_soft_sigma_mm}")
         if self.loss.outline_lateral_margin_mm is not None and self.loss.outline_lateral_margin_mm < 0:

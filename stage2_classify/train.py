@@ -331,7 +331,7 @@ def augment(batch: dict[str, torch.Tensor], cfg: Stage2Config, gen: torch.Genera
     coords = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, s, device=dev) for s in size], indexing="ij"))  # (3, I, J, K)
     coef = u(-0.15, 0.15, (b, 3, 1, 1, 1)).to(dev)
     x = x * torch.exp((coef * coords[None]).sum(1, keepdim=True))
-    x = x + u(0.0, 0.05, (b, 1, 1, 1, 1)).to(dev) * torch.randn(x.shape, generator=gen).to(dev)
+    x = x + u(0.0, tc.noise_std_max, (b, 1, 1, 1, 1)).to(dev) * torch.randn(x.shape, generator=gen).to(dev)
     out["image"] = x
     return out
 
