@@ -14,6 +14,21 @@ import click
 from data_prep.errors import SpinepipeInputError
 
 
+#: ``--contrast`` choices of the stage-2 commands: :data:`data_prep.dataset.IMAGE_CONTRASTS`, spelled out here
+#: so that the CLI starts without importing the imaging stack (tests/pipeline/test_predict.py checks they agree).
+CONTRAST_CHOICES: tuple[str, ...] = ("t1", "t2", "stir", "water")
+
+
+def contrast_option(help_text: str):
+    """The ``--contrast`` option (one of :data:`CONTRAST_CHOICES`, default unknown)."""
+    return click.option("--contrast", type=click.Choice(CONTRAST_CHOICES), default=None, help=help_text)
+
+
+CONTRAST_HELP = ("Image contrast of the scan(s): t1, t2 (T2-TSE without fat suppression), stir, water (Dixon water). "
+                 "Models trained with model.contrast_input type lesions by it (fat is dark on stir/water, bright on "
+                 "t1/t2); default unknown.")
+
+
 class _Group(click.Group):
     """Click group that reports bad input as a one-line error with a non-zero exit."""
 

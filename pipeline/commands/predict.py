@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli import main
+from pipeline.cli import CONTRAST_HELP, contrast_option, main
 
 DEFAULT_MODELS = Path("models")
 
@@ -36,10 +36,7 @@ def load_models(models_dir: str | Path = DEFAULT_MODELS, device: str = "cpu", co
               help="Also write <name>_evidence.nii.gz (Integrated Gradients map on the input grid).")
 @click.option("-j", "--workers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Worker processes for a batch of scans (each loads the models once).")
-@click.option("--contrast", type=click.Choice(["t1", "t2", "stir", "water"]), default=None,
-              help="Image contrast of the scan(s): t1, t2 (T2-TSE without fat suppression), stir, water (Dixon water). "
-                   "Models trained with model.contrast_input type lesions by it (fat is dark on stir/water, bright on "
-                   "t1/t2); default unknown.")
+@contrast_option(CONTRAST_HELP)
 def predict_cmd(scans: tuple[Path, ...], out_dir: Path, models_dir: Path, evidence: bool, workers: int,
                 contrast: str | None) -> None:
     """Find, name and classify every vertebra of each SCAN (file, DICOM folder, or folder of scans)."""

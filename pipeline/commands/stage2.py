@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli import main
+from pipeline.cli import CONTRAST_HELP, contrast_option, main
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +29,7 @@ def _scan_name(path: Path) -> str:
 @click.option("--masks", type=click.Path(path_type=Path), default=None,
               help="Optional vertebral-body label map (VerSe ids) on the scan's grid; else the model segments.")
 @click.option("--evidence", is_flag=True, help="Also compute Integrated Gradients and write <name>_evidence.nii.gz.")
-@click.option("--contrast", type=click.Choice(["t1", "t2", "stir", "water"]), default=None,
-              help="Image contrast of the scan(s): t1, t2 (T2-TSE without fat suppression), stir, water (Dixon water). "
-                   "Models trained with model.contrast_input type lesions by it (fat is dark on stir/water, bright on "
-                   "t1/t2); default unknown.")
+@contrast_option(CONTRAST_HELP)
 def classify_cmd(scan: Path, centroids: Path, out_dir: Path, models_dir: Path, masks: Path | None, evidence: bool,
                  contrast: str | None) -> None:
     """Classify every vertebra listed in --centroids: writes <name>_classes.csv."""
@@ -75,9 +72,8 @@ def classify_cmd(scan: Path, centroids: Path, out_dir: Path, models_dir: Path, m
               help="Without --data: number of synthetic subjects.")
 @click.option("--work", "work_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Without --data: where to write the synthetic cohort (default <out>_synth_data beside <out>).")
-@click.option("--contrast", type=click.Choice(["t1", "t2", "stir", "water"]), default=None,
-              help="Image contrast of every training scan (default: per subject from the folder's subjects.csv "
-                   "'contrast' or 'sequence' column, or synth_meta.json; else unknown).")
+@contrast_option("Image contrast of every training scan (default: per subject from the folder's subjects.csv "
+                 "'contrast' or 'sequence' column, or synth_meta.json; else unknown).")
 def train_stage2_cmd(data_dir: Path | None, out_dir: Path, epochs: int | None, resume: bool, seed: int | None,
                      config_json: Path | None, annotation: str, n_synth: int, work_dir: Path | None,
                      contrast: str | None) -> None:

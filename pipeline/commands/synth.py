@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli import main
+from pipeline.cli import CONTRAST_CHOICES, main
 
 
 @main.command("synth")
@@ -14,7 +14,7 @@ from pipeline.cli import main
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output folder (created if missing; existing synth files are overwritten).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Cohort seed (same seed = same files).")
-@click.option("--contrast", "contrasts", multiple=True, type=click.Choice(["t1", "t2", "stir", "water"]),
+@click.option("--contrast", "contrasts", multiple=True, type=click.Choice(CONTRAST_CHOICES),
               help="Restrict to these contrasts (repeatable; default: a realistic mix).")
 @click.option("--overview/--no-overview", default=False, show_default=True,
               help="Also write <id>_overview.png (mid-sagittal slice with level contours).")

@@ -116,3 +116,12 @@ def test_failure_midway_leaves_no_partial_output(scan_file, tmp_path):
     with pytest.raises(ValueError):
         predict_scan(scan_file, out, StandInLocalizer({20: (6, 10, 10)}), Broken(), overview=False)
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_cli_contrast_choices_match_the_library():
+    from data_prep.dataset import IMAGE_CONTRASTS
+    from data_prep.lesions import CONTRASTS
+    from pipeline.cli import CONTRAST_CHOICES
+    from stage2_classify.config import IMAGE_CONTRASTS as STAGE2_CONTRASTS
+
+    assert CONTRAST_CHOICES == IMAGE_CONTRASTS == CONTRASTS == STAGE2_CONTRASTS
