@@ -41,11 +41,10 @@ if str(ROOT) not in sys.path:
 
 from bench.overrides import override_config  # noqa: E402
 from data_prep.distributed import DistInfo  # noqa: E402
-from stage2_classify.config import HeadsConfig, Stage2Config  # noqa: E402
+from stage2_classify.config import HeadsConfig, Stage2Config, contrast_index  # noqa: E402
 from stage2_classify.evidence import fraction_inside, integrated_gradients, pointing_game  # noqa: E402
 from stage2_classify.infer import predicted_body  # noqa: E402
 from stage2_classify.patches import dilate  # noqa: E402
-from stage2_classify.config import contrast_index  # noqa: E402
 from stage2_classify.train import Sample, Stage2Trainable, build_samples, collate, train_on_samples  # noqa: E402
 
 log = logging.getLogger("bench_stage2")
