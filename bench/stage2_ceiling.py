@@ -40,15 +40,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.bench_stage2 import (cohort_of, lesion_contrast, load_sample_cache, load_samples,  # noqa: E402
+from bench.bench_stage2 import (_r, cohort_of, lesion_contrast, load_sample_cache, load_samples,  # noqa: E402
                                 prepare, typing_auc)
 from data_prep.io import write_text  # noqa: E402
-from data_prep.lesions import COHORT_CONTRAST, CONTRASTS, LesionConfig, _draw_ratio  # noqa: E402
+from data_prep.lesions import CLASSES, COHORT_CONTRAST, CONTRASTS, LesionConfig, _draw_ratio  # noqa: E402
 from pipeline.metrics import one_vs_rest_auc  # noqa: E402
 from stage2_classify.config import Stage2Config  # noqa: E402
 
 log = logging.getLogger("stage2_ceiling")
-CLASSES = ("normal", "inflammation", "fat")
 
 
 def _auc(positive: np.ndarray, score: np.ndarray) -> float:
@@ -117,10 +116,6 @@ def perfect_detection_scores(cls: np.ndarray, contrast: np.ndarray) -> np.ndarra
     return out
 
 
-def _r(v, nd=3):
-    return None if v is None or (isinstance(v, float) and not np.isfinite(v)) else round(float(v), nd)
-
-
 def ceiling_table(rows: list[dict], bounds: dict[str, dict]) -> list[dict]:
     """Per cohort and pooled: class counts, lesion contrast, typing AUCs and per-class AUCs.
 
@@ -147,23 +142,23 @@ def ceiling_table(rows: list[dict], bounds: dict[str, dict]) -> list[dict]:
         if name == "pooled":
             rec["typing_bound"] = None
             scores = scores_all
-            rec["typing_oracle"] = _r(_auc(cls[lm] == 1, scores[lm, 1])) if len(np.unique(cls[lm])) == 2 else None
+            rec["typing_oracle"] = _r(_auc(cls[lm] == 1, scores[lm, 1]), 3) if len(np.unique(cls[lm])) == 2 else None
         else:
             b = bounds[rec["contrast"]]
             rec["typing_bound"] = b["auc"]
             brighter = b["brighter"] == "inflammation"
             m = lm & np.isfinite(c)
-            rec["typing_oracle"] = (_r(_auc(cls[m] == 1, c[m] if brighter else -c[m]))
+            rec["typing_oracle"] = (_r(_auc(cls[m] == 1, c[m] if brighter else -c[m]), 3)
                                     if len(np.unique(cls[m])) == 2 else None)
             scores = perfect_detection_scores(cls, c)
             scores_all[idx] = scores
-        rec["per_class_auc_perfect_detection"] = [_r(x) for x in one_vs_rest_auc(cls, scores, 3)]
+        rec["per_class_auc_perfect_detection"] = [_r(x, 3) for x in one_vs_rest_auc(cls, scores, 3)]
         if p_all is not None:
             rec["typing_network"] = typing_auc(cls, p_all[idx], CLASSES)
             found = p_all[idx, 0] < 0.5  # the lesion vertebrae the network calls abnormal
             rec["typing_network_detected"] = typing_auc(cls[found], p_all[idx][found], CLASSES)
             rec["n_lesion_detected"] = int(((cls > 0) & found).sum())
-            rec["per_class_auc_network"] = [_r(x) for x in one_vs_rest_auc(cls, p_all[idx], 3)]
+            rec["per_class_auc_network"] = [_r(x, 3) for x in one_vs_rest_auc(cls, p_all[idx], 3)]
         out.append(rec)
     return out
 

@@ -158,7 +158,7 @@ class Classifier:
         cfg = self.config
         ci = contrast_index(contrast if contrast is not None else self.contrast)
         if ci < 0 and getattr(self.net, "contrast_input", False):
-            log.info("image contrast not given: this model types lesions less well without it (--contrast)")
+            log.info("this model reads the image contrast; none given, so it is treated as unknown (--contrast)")
         extra = (torch.tensor([ci], dtype=torch.long, device=self.device),) if ci >= 0 else ()
         if masks is None and any(v.mask is not None for v in vertebrae):
             lab = np.zeros(scan.shape, np.int16)
