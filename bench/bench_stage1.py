@@ -60,7 +60,8 @@ from data_prep.scan import (Scan, anatomical_rank, centroids_from_labelmap, leve
 from pipeline.metrics import ScanIdentification, identification, summarize_identification  # noqa: E402
 from stage1_localize.config import Stage1Config  # noqa: E402
 from stage1_localize.infer import Localizer  # noqa: E402
-from stage1_localize.labelling import AMBIGUOUS_FLAG, TRANSITIONAL_FLAG  # noqa: E402
+from stage1_localize.labelling import (AMBIGUOUS_FLAG, EXTRAPOLATED_FLAG, INTERPOLATED_FLAG,  # noqa: E402
+                                      TRANSITIONAL_FLAG)
 from stage1_localize.train import train_stage1  # noqa: E402
 
 log = logging.getLogger("bench_stage1")
@@ -148,6 +149,7 @@ def variants(image: Scan, gt: dict[int, np.ndarray], which=VARIANTS):
 # ---------------------------------------------------------------------------------------------------
 # Results
 NAMING_FLAGS = (AMBIGUOUS_FLAG, TRANSITIONAL_FLAG)
+COMPLETION_FLAGS = frozenset({INTERPOLATED_FLAG, EXTRAPOLATED_FLAG})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,6 +215,9 @@ class Results:
                             if all(r.get("naming_flagged") is not None for r in items):
                                 summ.update(naming_flag_summary(items, lenient_scans))
                         summ["by_level"] = identification_by_level(items)
+                        added = [(v, r) for r in items for v in r.get("completed", [])]
+                        summ["completed"] = {"n": len(added),
+                                             "identified": sum(v in r["identified"] for v, r in added)}
                         out.setdefault(m, {}).setdefault(v, {})[g] = summ
         return out
 
@@ -260,6 +265,14 @@ class Results:
                       "| method | variant | cohort | wrong scans flagged | all-correct scans flagged |", "|---|---|---|---|---|"]
             lines += [f"| {m} | {v} | {c} | {s['wrong_flagged']} / {s['n_wrong_scans']} | "
                       f"{s['right_flagged']} / {s['n_right_scans']} |" for m, v, c, s in flag_rows]
+        done_rows = [(m, v, c, s["completed"]) for m, per_v in summ.items() for v, per_c in per_v.items()
+                     for c, s in per_c.items() if s.get("completed", {}).get("n")]
+        if done_rows:
+            lines += ["", "Run completion (`labelling.fill_gaps` / `extend_ends`): predictions flagged `interpolated` "
+                      "or `extrapolated`, and how many of them are identified (the rest are wrong or lie beyond the "
+                      "annotated run, e.g. a T12 above myosegmentum's L1).", "",
+                      "| method | variant | cohort | added | identified |", "|---|---|---|---|---|"]
+            lines += [f"| {m} | {v} | {c} | {d['n']} | {d['identified']} |" for m, v, c, d in done_rows]
         lines += ["", "| fold | method | train scans | train wall-clock (s) | mean inference (s/scan) | notes |",
                   "|---|---|---|---|---|---|"]
         for f in self.folds:
@@ -321,13 +334,15 @@ def merge_results(files: list[Path], out_dir: Path, name: str) -> int:
     return 0
 
 
-def record(method, fold, case, variant, pred, gt, seconds, naming_flagged: bool | None = None) -> dict:
+def record(method, fold, case, variant, pred, gt, seconds, naming_flagged: bool | None = None,
+           completed: list[int] | None = None) -> dict:
     """One scan's result; ``naming_flagged``: did any named vertebra carry a naming flag (level_ambiguous /
-    transitional?), None for methods without flags (nnU-Net)."""
+    transitional?), None for methods without flags (nnU-Net); ``completed``: VerSe ids of the predictions
+    added by run completion (flags interpolated / extrapolated)."""
     r = identification(pred, gt)
     lenient = identification(pred, gt, score_beyond_annotation=False)
     return {"method": method, "fold": fold, "id": case["id"], "cohort": case["cohort"], "variant": variant,
-            "naming_flagged": naming_flagged,
+            "naming_flagged": naming_flagged, "completed": [int(v) for v in (completed or [])],
             "n_gt": r.n_gt, "n_pred": r.n_pred, "n_unscored": lenient.n_unscored, "identified": r.identified,
             "pred_world_mm": {str(k): [round(float(c), 2) for c in np.asarray(p).reshape(3)] for k, p in pred.items()},
             "errors_mm": {str(k): v for k, v in r.errors_mm.items()},
@@ -511,8 +526,10 @@ def main(argv=None) -> int:
                 dt = time.perf_counter() - t1
                 infer_s.append(dt)
                 flagged = any(f in NAMING_FLAGS for v in verts for f in v.flags)
+                completed = [v.label for v in verts if COMPLETION_FLAGS & set(v.flags)]
                 results.add(record("spinepipe_stage1", fold, case, variant,
-                                   {v.label: v.centroid_world for v in verts}, g, dt, naming_flagged=flagged))
+                                   {v.label: v.centroid_world for v in verts}, g, dt, naming_flagged=flagged,
+                                   completed=completed))
                 test_items.append((case, variant, scan, g))
         results.folds.append({"fold": fold, "method": "spinepipe_stage1", "n_train": len(train),
                               "train_seconds": train_s, "infer_seconds": float(np.mean(infer_s)) if infer_s else float("nan")})

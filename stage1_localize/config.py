@@ -103,6 +103,14 @@ class LabellingConfig:
     #: named run, flags the run "level_ambiguous" (a count conflict: one more body than names); 1.0: off
     conflict_score: float = 0.4
     min_prob: float = 1e-4             # floor on probabilities before taking logs
+    #: after naming (``labelling.complete_run``): report each standard level the path skipped (L1 -> L3:
+    #: L2 undetected) at its interpolated place, moved to the heat maximum nearby; flag "interpolated"
+    fill_gaps: bool = False
+    #: ... and one level beyond each end of the named run (last step repeated) where the heat nearby
+    #: reaches ``fill_min_heat``, e.g. a weak T11 on the slope of T12's peak; flag "extrapolated"
+    extend_ends: bool = False
+    fill_min_heat: float = 0.1         # heat needed to move a gap / to add an end level
+    fill_search_mm: float = 10.0       # search radius around the interpolated / extrapolated point
 
 
 @dataclass

@@ -15,7 +15,9 @@ Pipeline per scan:
 4. peak voxel -> world LPS mm through the prepared grid's own geometry (``Scan.voxel_to_world``), which
    is exact for any orientation and spacing of the input;
 5. ``labelling.assign_levels`` names the candidates (anatomical order, spacing prior, transitional
-   flags); centroids within ``border_mm`` of the input volume's edge get ``"cut_by_fov"``.
+   flags); with ``labelling.fill_gaps`` / ``extend_ends``, ``labelling.complete_run`` adds the levels the
+   named run skipped or that continue it where the heatmap supports them (:func:`heat_probe`); centroids
+   within ``border_mm`` of the input volume's edge get ``"cut_by_fov"``.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from data_prep.errors import SpinepipeInputError
 from data_prep.io import write_csv
 from data_prep.scan import Scan, Vertebra, sort_head_to_foot
 from stage1_localize.config import Stage1Config
-from stage1_localize.labelling import assign_levels
+from stage1_localize.labelling import AMBIGUOUS_FLAG, Probe, assign_levels, complete_run
 from stage1_localize.model import LocalizerNet, activate, predict_sliding_window, predict_volume
 from stage1_localize.preprocess import prepare, zscore
 
@@ -205,8 +207,16 @@ class Localizer:
         neighbourhood of ``voxel + offset`` (:func:`refine_with_offsets`); else the heatmap-weighted
         mean of the voxel positions (:func:`find_peaks`).
         """
+        world, scores, logprobs, grid, _ = self._candidates_and_maps(scan)
+        return world, scores, logprobs, grid
+
+    def _candidates_and_maps(self, scan: Scan):
         grid = prepare(scan, self.config)
         maps = self.predict_maps(grid)
+        world, scores, logprobs = self._peaks(maps, grid)
+        return world, scores, logprobs, grid, maps
+
+    def _peaks(self, maps: dict[str, np.ndarray], grid: Scan):
         heat, levels = maps["heatmap"], maps["levels"]
         use_offset = "offset" in maps and self.config.use_offsets
         if use_offset and self.config.offset_voting:
@@ -216,27 +226,69 @@ class Localizer:
             ijk, scores = find_peaks(heat, grid.spacing, self.config.peak_threshold, self.config.nms_radius_mm,
                                      self.config.max_candidates, refine=not use_offset)
         if len(ijk) == 0:
-            return np.zeros((0, 3)), np.zeros(0), np.zeros((0, len(self.config.levels))), grid
+            return np.zeros((0, 3)), np.zeros(0), np.zeros((0, len(self.config.levels)))
         probs = np.stack([levels[(slice(None),) + _neighbourhood(heat.shape, np.round(p))].reshape(len(levels), -1).mean(1)
                           for p in ijk])
         if use_offset:
             ijk = refine_with_offsets(heat, maps["offset"], grid.spacing, ijk)
         world = grid.voxel_to_world(ijk).coords
-        return world, scores, np.log(np.clip(probs, 1e-6, 1.0)), grid
+        return world, scores, np.log(np.clip(probs, 1e-6, 1.0))
 
     def localize(self, scan: Scan) -> list[Vertebra]:
         """Every vertebra in view, head to foot (see module docstring)."""
-        world, scores, logprobs, _ = self.candidates(scan)
+        world, scores, logprobs, grid, maps = self._candidates_and_maps(scan)
         lab_cfg = dataclasses.replace(self.config.labelling, score_floor=self.config.peak_threshold)
         res = assign_levels(world, scores, logprobs, self.config.levels, lab_cfg)
+        named = [(a.label, world[a.index], a.confidence, list(a.flags)) for a in res.assignments]
+        if named and (lab_cfg.fill_gaps or lab_cfg.extend_ends):
+            offsets = maps.get("offset") if self.config.use_offsets else None
+            probe = heat_probe(maps["heatmap"], grid, offsets)
+            run_flags = [AMBIGUOUS_FLAG] if any(AMBIGUOUS_FLAG in f for *_, f in named) else []
+            for c in complete_run(np.array([w for _, w, _, _ in named]), [lab for lab, *_ in named], probe,
+                                  self.config.levels, lab_cfg):
+                named.append((c.label, c.position_mm, c.score, [c.flag] + run_flags))
         out = []
-        for a in res.assignments:
-            flags = list(a.flags)
-            if cut_by_fov(scan, world[a.index], self.config.border_mm):
+        for label, w, conf, flags in named:
+            if cut_by_fov(scan, w, self.config.border_mm):
                 flags.append(CUT_FLAG)
-            out.append(Vertebra(a.label, world[a.index], confidence=a.confidence, flags=flags))
-        log.info("%s: %d candidates, %d vertebrae named", scan.name or "scan", len(world), len(out))
+            out.append(Vertebra(label, w, confidence=conf, flags=flags))
+        by_id = {v.label: v for v in out}
+        out = [by_id[i] for i in sort_head_to_foot(by_id)]
+        log.info("%s: %d candidates, %d vertebrae named (%d added by completion)", scan.name or "scan",
+                 len(world), len(out), len(out) - len(res.assignments))
         return out
+
+
+def heat_probe(heat: np.ndarray, grid: Scan, offset_mm: np.ndarray | None = None) -> Probe:
+    """A :data:`labelling.Probe` on a prepared grid's ``heat (I, J, K)``: the heat maximum within a ball of
+    ``radius_mm`` (world mm) around a world point, placed like a peak (offset-refined with ``offset_mm``
+    ``(3, I, J, K)``, else the heat-weighted 3x3x3 mean); ``(point, 0.0)`` if the ball misses the grid."""
+    spacing = np.asarray(grid.spacing, dtype=np.float64).reshape(3)
+    shape = np.asarray(heat.shape)
+
+    def probe(world_mm: np.ndarray, radius_mm: float) -> tuple[np.ndarray, float]:
+        point = np.asarray(world_mm, dtype=np.float64).reshape(3)
+        ijk = grid.world_to_voxel(point.reshape(1, 3)).coords[0]
+        r = np.ceil(radius_mm / spacing).astype(int)
+        lo = np.maximum(np.floor(ijk).astype(int) - r, 0)
+        hi = np.minimum(np.ceil(ijk).astype(int) + r + 1, shape)
+        if np.any(hi <= lo):
+            return point, 0.0
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        axes = np.meshgrid(*[(np.arange(a, b) - c) * sp for a, b, c, sp in zip(lo, hi, ijk, spacing)], indexing="ij")
+        inside = sum(g**2 for g in axes) <= radius_mm**2
+        if not inside.any():
+            return point, 0.0
+        vals = np.where(inside, heat[box], -np.inf)
+        k = np.unravel_index(int(np.argmax(vals)), vals.shape)
+        peak = lo + np.asarray(k)
+        if offset_mm is not None:
+            where = refine_with_offsets(heat, offset_mm, spacing, peak[None])[0]
+        else:
+            where = _refine(heat, peak)
+        return grid.voxel_to_world(np.asarray(where).reshape(1, 3)).coords[0], float(vals[k])
+
+    return probe
 
 
 def localize(scan: Scan, model_dir: str | os.PathLike) -> list[Vertebra]:

@@ -38,7 +38,7 @@ Complexity ``O(N^2 S^2)`` with N candidates (<= ~40) and S level states (~13): m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -47,6 +47,10 @@ from stage1_localize.config import LabellingConfig
 
 TRANSITIONAL_FLAG = "transitional?"
 AMBIGUOUS_FLAG = "level_ambiguous"
+INTERPOLATED_FLAG = "interpolated"
+EXTRAPOLATED_FLAG = "extrapolated"
+#: a completion's probed position must lie at least this fraction of the local step from a named neighbour
+MIN_STEP_FRACTION = 0.6
 
 _STANDARD_RANKS = np.array(sorted(anatomical_rank(v) for v in VERSE_LEVELS if v not in TRANSITIONAL_IDS))
 
@@ -74,6 +78,29 @@ class LabellingResult:
     alternatives: dict[str, float] = field(default_factory=dict)
     #: input row of a dropped candidate that contradicts the count of the named run (see ``count_conflict``)
     conflict_index: int | None = None
+
+
+@dataclass
+class Completion:
+    """A level the named run implies but no candidate carries (:func:`complete_run`).
+
+    ``position_mm`` ``(3,)`` world LPS; ``score`` the heat found there (0 when none: an interior gap is
+    then placed by interpolation alone); ``flag`` :data:`INTERPOLATED_FLAG` or :data:`EXTRAPOLATED_FLAG`.
+    """
+
+    label: int
+    position_mm: np.ndarray
+    score: float
+    flag: str
+
+    @property
+    def level(self) -> str:
+        return level_name(self.label)
+
+
+#: ``probe(world_mm (3,), radius_mm) -> (world_mm (3,), heat)``: the best detector position within
+#: ``radius_mm`` of a world point and the heat there (heat 0 where the point is outside the image).
+Probe = Callable[[np.ndarray, float], tuple[np.ndarray, float]]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -363,3 +390,88 @@ def path_cost(
     step_fixed = np.where(allowed, cfg.skip_cost * skip, np.inf)
     path = sorted((int(inv[r]), states.index(int(v))) for r, v in labels.items())
     return _path_cost(path, node, drop, pos, allowed, step_fixed, expected, cfg)
+
+
+def _standard_neighbour(verse_id: int, direction: int) -> int | None:
+    """The standard level just cranial (``direction=-1``) or caudal (``+1``) of ``verse_id``."""
+    r = anatomical_rank(verse_id)
+    std = [v for v in VERSE_LEVELS if v not in TRANSITIONAL_IDS]
+    side = [v for v in std if (anatomical_rank(v) - r) * direction > 0]
+    if not side:
+        return None
+    return min(side, key=lambda v: abs(anatomical_rank(v) - r))
+
+
+def complete_run(
+    positions_mm: np.ndarray,
+    labels: Sequence[int],
+    probe: Probe,
+    levels: Sequence[int],
+    config: LabellingConfig | None = None,
+) -> list[Completion]:
+    """Levels the named run implies but no candidate carries: a pure function of the run and ``probe``.
+
+    ``positions_mm`` ``(M, 3)`` world LPS centroids of the named vertebrae, ``labels`` their ``M`` VerSe ids
+    (any order). With ``config.fill_gaps``, every *standard* level the run skips (the labeller allows
+    ``max_skip`` missing levels between two kept candidates, e.g. L1 -> L3) is placed on the straight line
+    between its named neighbours, at equal steps, then moved to the detector's best position within
+    ``fill_search_mm`` when the heat there reaches ``fill_min_heat``; flagged :data:`INTERPOLATED_FLAG`.
+    With ``config.extend_ends``, one level beyond each end of the run (the last step repeated) is added
+    where the heat within ``fill_search_mm`` of that point reaches ``fill_min_heat``; flagged
+    :data:`EXTRAPOLATED_FLAG`. A probed position closer than :data:`MIN_STEP_FRACTION` x the local step
+    to a named neighbour is the shoulder of that neighbour's peak, not another body: a gap then keeps the
+    interpolated point, an end adds nothing. Never a transitional level (T13 / L6: an anatomical claim the path did not
+    make), never S1 or below (the detector is trained to treat the sacrum as background), never a level
+    outside ``levels`` (the model's vocabulary). Returns completions head to foot.
+    """
+    cfg = config or LabellingConfig()
+    pos = np.asarray(positions_mm, dtype=np.float64).reshape(-1, 3)
+    labs = [int(v) for v in labels]
+    if len(labs) != len(pos):
+        raise ValueError(f"got {len(pos)} positions and {len(labs)} labels")
+    if not (cfg.fill_gaps or cfg.extend_ends) or len(labs) < 2:
+        return []
+    order = np.argsort([anatomical_rank(v) for v in labs], kind="stable")
+    pos, labs = pos[order], [labs[i] for i in order]
+    vocab = {int(v) for v in levels}
+    sacrum = anatomical_rank(26)
+
+    def usable(v: int | None) -> bool:
+        return v is not None and v in vocab and v not in TRANSITIONAL_IDS and anatomical_rank(v) < sacrum
+
+    def clear_of(where: np.ndarray, neighbours: Sequence[np.ndarray], step_mm: float) -> bool:
+        return all(np.linalg.norm(where - q) >= MIN_STEP_FRACTION * step_mm for q in neighbours)
+
+    def extend(end: int, inner: int, direction: int) -> Completion | None:
+        level = _standard_neighbour(labs[end], direction)
+        if not usable(level):
+            return None
+        n_steps = 1 + _standard_between(*sorted((anatomical_rank(labs[end]), anatomical_rank(labs[inner]))))
+        step = (pos[end] - pos[inner]) / n_steps
+        where, heat = probe(pos[end] + step, cfg.fill_search_mm)
+        where = np.asarray(where, dtype=np.float64).reshape(3)
+        if heat < cfg.fill_min_heat or not clear_of(where, [pos[end]], float(np.linalg.norm(step))):
+            return None
+        return Completion(int(level), where, float(heat), EXTRAPOLATED_FLAG)
+
+    out: list[Completion] = []
+    if cfg.extend_ends and (c := extend(0, 1, -1)) is not None:
+        out.append(c)
+    if cfg.fill_gaps:
+        for a in range(len(labs) - 1):
+            ra, rb = anatomical_rank(labs[a]), anatomical_rank(labs[a + 1])
+            missing = sorted((v for v in VERSE_LEVELS if v not in TRANSITIONAL_IDS and ra < anatomical_rank(v) < rb),
+                             key=anatomical_rank)
+            step_mm = float(np.linalg.norm(pos[a + 1] - pos[a])) / (len(missing) + 1)
+            for t, v in enumerate(missing, start=1):
+                if not usable(v):
+                    continue
+                guess = pos[a] + (pos[a + 1] - pos[a]) * t / (len(missing) + 1)
+                where, heat = probe(guess, cfg.fill_search_mm)
+                where = np.asarray(where, dtype=np.float64).reshape(3)
+                if heat < cfg.fill_min_heat or not clear_of(where, [pos[a], pos[a + 1]], step_mm):
+                    where = guess
+                out.append(Completion(int(v), where, float(heat), INTERPOLATED_FLAG))
+    if cfg.extend_ends and (c := extend(len(labs) - 1, len(labs) - 2, +1)) is not None:
+        out.append(c)
+    return out

@@ -125,7 +125,7 @@ def test_stage1_fold_runs_merge_into_one_table(tmp_path):
     gt = {20: (0.0, 0.0, 100.0), 21: (0.0, 0.0, 65.0)}
     case = {"id": "s1", "cohort": "myosegmentum"}
     right = b1.record("spinepipe_stage1", 0, case, "original", {**gt, 19: (0.0, 0.0, 135.0)}, gt, 0.5,
-                      naming_flagged=False)
+                      naming_flagged=False, completed=[19, 21])  # T12 beyond the annotated run, L2 identified
     wrong = b1.record("spinepipe_stage1", 1, dict(case, id="s2"), "original", {21: gt[20]}, gt, 0.7, naming_flagged=True)
     assert right["n_unscored"] == 1 and wrong["n_unscored"] == 0
     files = []
@@ -148,6 +148,9 @@ def test_stage1_fold_runs_merge_into_one_table(tmp_path):
     assert s["by_level"] == {"L1": {"n_gt": 2, "identified": 1, "id_rate": 0.5},
                              "L2": {"n_gt": 2, "identified": 1, "id_rate": 0.5}}
     assert "| spinepipe_stage1 | myosegmentum | - | - | 1 / 2 | 1 / 2 | - | - | - |" in (tmp_path / "joined.md").read_text()
+    # run completion: two predictions added on s1, of which L2 is identified (T12 has no ground truth)
+    assert s["completed"] == {"n": 2, "identified": 1}
+    assert "| spinepipe_stage1 | original | pooled | 2 | 1 |" in (tmp_path / "joined.md").read_text()
     # a run from before a config field existed merges with one that has it at its default, not at another value
     from stage1_localize.config import Stage1Config
 

@@ -234,3 +234,42 @@ def test_vote_peaks_split_a_ridge_that_local_maxima_merge():
     np.testing.assert_allclose(scores, [0.77, 0.77])
     # nothing above the threshold: no candidate
     assert len(vote_peaks(heat * 0.0, off, sp, 0.1, 15.0, 10)[0]) == 0
+
+
+def _levels_logits(cfg, grid, truth_ijk, names):
+    idx = level_indices([level_id(n) for n in names], cfg.levels)
+    lmap = level_map(grid.shape, truth_ijk, idx, grid.spacing, 15.0)
+    logits = torch.zeros((len(cfg.levels),) + grid.shape)
+    for c in range(len(cfg.levels)):
+        logits[c][torch.from_numpy(lmap == c)] = 8.0
+    return logits
+
+
+def test_completion_reports_an_undetected_level_and_a_weak_end_flagged():
+    """L1, L3, L4 give clear peaks; L2 has no heat at all and L5 only a weak blob (0.08, below the peak
+    threshold 0.1, so no candidate): the labeller names L1, L3, L4; completion adds L2 (interpolated) and
+    L5 (extrapolated, heat >= fill_min_heat 0.05) near their true places, and nothing above L1 (no heat)."""
+    from stage1_localize.labelling import EXTRAPOLATED_FLAG, INTERPOLATED_FLAG
+
+    base = _config()
+    truth = _truth_world()
+    scan = _scan_with_blobs(truth)
+    grid = prepare(scan, base)
+    ijk = grid.world_to_voxel(truth).coords
+    logits = _levels_logits(base, grid, ijk[[0, 2, 3]], ["L1", "L3", "L4"])
+    heat = centre_heatmap(grid.shape, ijk[[0, 2, 3]], grid.spacing, 6.0)
+    l5 = truth[3] + (truth[3] - truth[2])  # one step below L4, inside the scan
+    heat = np.maximum(heat, 0.08 * centre_heatmap(grid.shape, grid.world_to_voxel(l5[None]).coords, grid.spacing, 6.0))
+    plain = Localizer(net=StandIn(heat, logits), config=base).localize(scan)
+    assert [v.level for v in plain] == ["L1", "L3", "L4"]
+    cfg = _config()
+    cfg.labelling.fill_gaps = cfg.labelling.extend_ends = True
+    cfg.labelling.fill_min_heat = 0.05
+    full = Localizer(net=StandIn(heat, logits), config=cfg).localize(scan)
+    by = {v.level: v for v in full}
+    assert list(by) == ["L1", "L2", "L3", "L4", "L5"]
+    assert INTERPOLATED_FLAG in by["L2"].flags and EXTRAPOLATED_FLAG in by["L5"].flags
+    assert not by["L1"].flags and not by["L3"].flags
+    assert np.linalg.norm(by["L2"].centroid_world - truth[1]) < 4.0  # midpoint of L1 and L3 (no heat there)
+    assert np.linalg.norm(by["L5"].centroid_world - l5) < 3.5  # the weak blob's own maximum
+    assert by["L5"].confidence == pytest.approx(0.08, abs=0.01) and by["L2"].confidence < 1e-3  # stand-in heat floor

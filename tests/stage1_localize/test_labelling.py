@@ -175,3 +175,79 @@ def test_count_conflict_pure_function_on_hand_made_run():
     assert count_conflict(pos, sc, [0, 1, 2, 3, 4], cfg) is None
     assert count_conflict(pos, sc, [1, 2, 3, 4], cfg) == 0   # top
     assert count_conflict(pos, sc, [], cfg) is None
+
+
+# ----- completing the named run: skipped levels and one level beyond each end (pure, probe stand-ins) -----
+from stage1_localize.labelling import EXTRAPOLATED_FLAG, INTERPOLATED_FLAG, complete_run  # noqa: E402
+
+FILL = LabellingConfig(fill_gaps=True, extend_ends=True, fill_min_heat=0.1, fill_search_mm=10.0)
+
+
+def _no_heat(point, radius_mm):
+    return np.asarray(point, dtype=float), 0.0
+
+
+def _heat_at(spots: dict[tuple, float]):
+    """Probe over hand-placed heat spots {(x, y, z): heat}: the strongest spot within the radius."""
+    def probe(point, radius_mm):
+        best, where = 0.0, np.asarray(point, dtype=float)
+        for xyz, h in spots.items():
+            if np.linalg.norm(np.asarray(xyz) - point) <= radius_mm and h > best:
+                best, where = h, np.asarray(xyz, dtype=float)
+        return where, best
+    return probe
+
+
+def test_gap_without_heat_is_filled_at_the_midpoint():
+    pos = np.array([[0.0, 0.0, 0.0], [0.0, 4.0, -72.0]])
+    out = complete_run(pos, [level_id("L1"), level_id("L3")], _no_heat, LEVELS, FILL)
+    assert [(c.level, c.flag) for c in out] == [("L2", INTERPOLATED_FLAG)]
+    np.testing.assert_allclose(out[0].position_mm, [0.0, 2.0, -36.0])
+    assert out[0].score == 0.0
+
+
+def test_gap_moves_to_the_heat_nearby_but_not_onto_a_neighbours_shoulder():
+    pos = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -72.0]])
+    ids = [level_id("L1"), level_id("L3")]
+    out = complete_run(pos, ids, _heat_at({(0.0, 3.0, -40.0): 0.3}), LEVELS, FILL)
+    np.testing.assert_allclose(out[0].position_mm, [0.0, 3.0, -40.0])
+    assert out[0].score == pytest.approx(0.3)
+    # a spot 19 mm from L1 (< 0.6 x the 36-mm step) is L1's shoulder: keep the midpoint
+    out = complete_run(pos, ids, _heat_at({(0.0, 0.0, -19.0): 0.5}), LEVELS, FILL)
+    np.testing.assert_allclose(out[0].position_mm, [0.0, 0.0, -36.0])
+
+
+def test_ends_extend_one_level_only_where_the_heat_supports_it():
+    pos = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -30.0], [0.0, 0.0, -64.0]])
+    ids = [level_id("T12"), level_id("L1"), level_id("L2")]  # given out of order on purpose
+    perm = [2, 0, 1]
+    spots = {(0.0, 1.0, 31.0): 0.15, (0.0, 0.0, -99.0): 0.6}
+    out = complete_run(pos[perm], [ids[i] for i in perm], _heat_at(spots), LEVELS, FILL)
+    assert [(c.level, c.flag) for c in out] == [("T11", EXTRAPOLATED_FLAG), ("L3", EXTRAPOLATED_FLAG)]
+    np.testing.assert_allclose(out[0].position_mm, [0.0, 1.0, 31.0])
+    np.testing.assert_allclose(out[1].position_mm, [0.0, 0.0, -99.0])
+    # below the heat threshold, or only a neighbour's shoulder: nothing
+    assert complete_run(pos, ids, _heat_at({(0.0, 0.0, 31.0): 0.09}), LEVELS, FILL) == []
+    assert complete_run(pos, ids, _heat_at({(0.0, 0.0, 15.0): 0.9}), LEVELS, FILL) == []
+
+
+def test_completion_never_invents_sacrum_transitional_or_unknown_levels():
+    pos = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -36.0]])
+    everywhere = lambda p, r: (np.asarray(p, dtype=float), 0.9)  # noqa: E731
+    # L4 -> L5 run: the caudal neighbour would be S1 (the detector's background): only L3 above is added
+    assert [c.level for c in complete_run(pos, [level_id("L4"), level_id("L5")], everywhere, LEVELS, FILL)] == ["L3"]
+    # T12 -> L1 with T13 possible in between: no gap (T13 is optional, the path did not claim it)
+    out = complete_run(pos, [level_id("T12"), level_id("L1")], everywhere, LEVELS, FILL)
+    assert [c.level for c in out] == ["T11", "L2"]
+    # a vocabulary without T11: nothing above T12
+    vocab = [v for v in LEVELS if v != level_id("T11")]
+    assert [c.level for c in complete_run(pos, [level_id("T12"), level_id("L1")], everywhere, vocab, FILL)] == ["L2"]
+
+
+def test_completion_off_by_default_and_needs_two_named():
+    pos = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -72.0]])
+    ids = [level_id("L1"), level_id("L3")]
+    assert complete_run(pos, ids, _no_heat, LEVELS, LabellingConfig()) == []
+    assert complete_run(pos[:1], ids[:1], _no_heat, LEVELS, FILL) == []
+    with pytest.raises(ValueError):
+        complete_run(pos, ids[:1], _no_heat, LEVELS, FILL)
