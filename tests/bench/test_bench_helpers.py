@@ -166,6 +166,16 @@ def test_stage1_fold_runs_merge_into_one_table(tmp_path):
     assert b1.main(["--merge", *map(str, files), "--name", "x", "--out", str(tmp_path)]) == 2
     doc["meta"]["config"]["level_balance_power"] = Stage1Config().level_balance_power
     files[1].write_text(json.dumps(doc))
+    # decoding overrides are part of the protocol: shown in the table header, and a mixture is refused
+    doc = json.loads(files[0].read_text())
+    doc["meta"].update(decode=["labelling.fill_gaps=true"], pretrained="/m/fold{fold}/model")
+    files[0].write_text(json.dumps(doc))
+    assert b1.main(["--merge", *map(str, files), "--name", "x", "--out", str(tmp_path)]) == 2
+    files[1].write_text(json.dumps(dict(json.loads(files[1].read_text()), meta=doc["meta"])))
+    assert b1.main(["--merge", *map(str, files), "--name", "joined3", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "joined3.md").read_text()
+    assert "Decoding overrides of the saved configs: `labelling.fill_gaps=true`." in md
+    assert "Models evaluated without training: `/m/fold{fold}/model`." in md
     bad = json.loads(files[1].read_text())
     bad["meta"]["seed"] = 7
     files[1].write_text(json.dumps(bad))
