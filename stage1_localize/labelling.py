@@ -33,6 +33,13 @@ one end and may have shifted every label; a radiologist must count (:func:`count
 Confidence combines the detection score, the level probability and the posterior of the chosen path
 against those alternatives.
 
+After naming, :func:`complete_run` (also pure; the heatmap enters only through a ``probe`` callable)
+reports what the path implies but no candidate carries: a standard level the path skipped (L1 -> L3) is
+placed between its neighbours, and one level beyond each end of the run is added where the heatmap has
+a weak body there (a T11 on the slope of T12's peak has no local maximum of its own, so it is never a
+candidate). Both are flagged (``"interpolated"`` / ``"extrapolated"``) so a reader knows they were
+inferred, not detected.
+
 Complexity ``O(N^2 S^2)`` with N candidates (<= ~40) and S level states (~13): milliseconds in numpy.
 """
 from __future__ import annotations

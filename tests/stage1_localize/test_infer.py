@@ -260,10 +260,11 @@ def test_completion_reports_an_undetected_level_and_a_weak_end_flagged():
     heat = centre_heatmap(grid.shape, ijk[[0, 2, 3]], grid.spacing, 6.0)
     l5 = truth[3] + (truth[3] - truth[2])  # one step below L4, inside the scan
     heat = np.maximum(heat, 0.08 * centre_heatmap(grid.shape, grid.world_to_voxel(l5[None]).coords, grid.spacing, 6.0))
+    base.labelling.fill_gaps = base.labelling.extend_ends = False
     plain = Localizer(net=StandIn(heat, logits), config=base).localize(scan)
     assert [v.level for v in plain] == ["L1", "L3", "L4"]
     cfg = _config()
-    cfg.labelling.fill_gaps = cfg.labelling.extend_ends = True
+    assert cfg.labelling.fill_gaps and cfg.labelling.extend_ends  # the defaults
     cfg.labelling.fill_min_heat = 0.05
     full = Localizer(net=StandIn(heat, logits), config=cfg).localize(scan)
     by = {v.level: v for v in full}

@@ -244,10 +244,10 @@ def test_completion_never_invents_sacrum_transitional_or_unknown_levels():
     assert [c.level for c in complete_run(pos, [level_id("T12"), level_id("L1")], everywhere, vocab, FILL)] == ["L2"]
 
 
-def test_completion_off_by_default_and_needs_two_named():
+def test_completion_switches_off_and_needs_two_named():
     pos = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -72.0]])
     ids = [level_id("L1"), level_id("L3")]
-    assert complete_run(pos, ids, _no_heat, LEVELS, LabellingConfig()) == []
+    assert complete_run(pos, ids, _no_heat, LEVELS, LabellingConfig(fill_gaps=False, extend_ends=False)) == []
     assert complete_run(pos[:1], ids[:1], _no_heat, LEVELS, FILL) == []
     with pytest.raises(ValueError):
         complete_run(pos, ids[:1], _no_heat, LEVELS, FILL)
