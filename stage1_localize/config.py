@@ -109,8 +109,9 @@ class LabellingConfig:
     #: ... and one level beyond each end of the named run (last step repeated) where the heat nearby
     #: reaches ``fill_min_heat``, e.g. a weak T11 on the slope of T12's peak (no local maximum of its own,
     #: so never a candidate); flag "extrapolated". Both on by default: on the same 5-fold models (60
-    #: epochs) identification 0.808 -> 0.870, chu2015 0.689 -> 0.824, precision 0.870 -> 0.803 strict / 0.901 -> 0.875 annotated run (bench/results/stage1_completion.md vs
-    #: stage1_rerun_s13.md; most added vertebrae the benchmark cannot score: a T12 above myosegmentum's L1)
+    #: epochs) identification 0.808 -> 0.870, chu2015 0.689 -> 0.824, precision 0.870 -> 0.803 strict /
+    #: 0.901 -> 0.875 annotated run (bench/results/stage1_completion.md vs stage1_rerun_s13.md; most added
+    #: vertebrae the benchmark cannot score: a T12 above myosegmentum's L1)
     extend_ends: bool = True
     fill_min_heat: float = 0.1         # heat needed to move a gap / to add an end level
     fill_search_mm: float = 10.0       # search radius around the interpolated / extrapolated point

@@ -427,10 +427,10 @@ def complete_run(
     where the heat within ``fill_search_mm`` of that point reaches ``fill_min_heat``; flagged
     :data:`EXTRAPOLATED_FLAG`. A probed position closer than :data:`MIN_STEP_FRACTION` x the local step
     to a named neighbour is the shoulder of that neighbour's peak, not another body: a gap then keeps the
-    interpolated point, an end adds nothing. Never a transitional level (T13 / L6: an anatomical claim the path did not
-    make), never S1 or below (the detector is trained to treat the sacrum as background), never a level
-    outside ``levels`` (the model's vocabulary). Returns completions head to foot.
-    """
+    interpolated point, an end adds nothing. Never a transitional level (T13 / L6: an anatomical claim
+    the path did not make), never S1 or below (the detector is trained to treat the sacrum as
+    background), never a level outside ``levels`` (the model's vocabulary). Returns completions head to
+    foot."""
     cfg = config or LabellingConfig()
     pos = np.asarray(positions_mm, dtype=np.float64).reshape(-1, 3)
     labs = [int(v) for v in labels]
