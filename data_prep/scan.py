@@ -82,6 +82,14 @@ def sort_head_to_foot(verse_ids: Iterable[int]) -> list[int]:
     return sorted((int(v) for v in verse_ids), key=anatomical_rank)
 
 
+def standard_neighbour(verse_id: int, direction: int) -> int | None:
+    """The standard (non-transitional) level just cranial (``direction=-1``: L1 -> T12, also T13 -> T12) or
+    caudal (``+1``: T12 -> L1) of ``verse_id``; None beyond C1 / S1."""
+    r = anatomical_rank(verse_id)
+    side = [v for v in VERSE_LEVELS if v not in TRANSITIONAL_IDS and (anatomical_rank(v) - r) * direction > 0]
+    return min(side, key=lambda v: abs(anatomical_rank(v) - r)) if side else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Points: (N, 3) landmarks with an explicit space tag
 # ---------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from data_prep.scan import TRANSITIONAL_IDS, VERSE_LEVELS, anatomical_rank, level_name
+from data_prep.scan import TRANSITIONAL_IDS, VERSE_LEVELS, anatomical_rank, level_name, standard_neighbour
 from stage1_localize.config import LabellingConfig
 
 TRANSITIONAL_FLAG = "transitional?"
@@ -399,16 +399,6 @@ def path_cost(
     return _path_cost(path, node, drop, pos, allowed, step_fixed, expected, cfg)
 
 
-def _standard_neighbour(verse_id: int, direction: int) -> int | None:
-    """The standard level just cranial (``direction=-1``) or caudal (``+1``) of ``verse_id``."""
-    r = anatomical_rank(verse_id)
-    std = [v for v in VERSE_LEVELS if v not in TRANSITIONAL_IDS]
-    side = [v for v in std if (anatomical_rank(v) - r) * direction > 0]
-    if not side:
-        return None
-    return min(side, key=lambda v: abs(anatomical_rank(v) - r))
-
-
 def complete_run(
     positions_mm: np.ndarray,
     labels: Sequence[int],
@@ -450,7 +440,7 @@ def complete_run(
         return all(np.linalg.norm(where - q) >= MIN_STEP_FRACTION * step_mm for q in neighbours)
 
     def extend(end: int, inner: int, direction: int) -> Completion | None:
-        level = _standard_neighbour(labs[end], direction)
+        level = standard_neighbour(labs[end], direction)
         if not usable(level):
             return None
         n_steps = 1 + _standard_between(*sorted((anatomical_rank(labs[end]), anatomical_rank(labs[inner]))))

@@ -45,7 +45,7 @@ from typing import Sequence
 
 import numpy as np
 
-from data_prep.scan import TRANSITIONAL_IDS, VERSE_LEVELS, anatomical_rank
+from data_prep.scan import TRANSITIONAL_IDS, anatomical_rank, standard_neighbour
 
 IGNORE = -1
 
@@ -178,13 +178,6 @@ def annotated_span_weight(
     return w * keep.astype(np.float32)[tuple(view)]
 
 
-def _standard_predecessor(verse_id: int) -> int | None:
-    """The standard (non-transitional) level just cranial of ``verse_id`` (L1 -> T12), None for C1."""
-    rank = anatomical_rank(verse_id)
-    above = [v for v in VERSE_LEVELS if v not in TRANSITIONAL_IDS and anatomical_rank(v) < rank]
-    return max(above, key=anatomical_rank) if above else None
-
-
 def extrapolate_cranial(
     world_mm: np.ndarray, level_ids: Sequence[int], n_levels: int = 1, superior: Sequence[float] = (0.0, 0.0, 1.0)
 ) -> tuple[list[int], np.ndarray]:
@@ -208,9 +201,9 @@ def extrapolate_cranial(
     sup = np.asarray(superior, dtype=np.float64).reshape(3)
     new_ids, new_pts = [], []
     for _ in range(n_levels):
-        pred = _standard_predecessor(top_id)
+        pred = standard_neighbour(top_id, -1)
         if top_id in TRANSITIONAL_IDS or next_id in TRANSITIONAL_IDS or pred is None \
-                or _standard_predecessor(next_id) != top_id or float((top - nxt) @ sup) <= 0:
+                or standard_neighbour(next_id, -1) != top_id or float((top - nxt) @ sup) <= 0:
             break
         p = top + (top - nxt)
         new_ids.append(pred)

@@ -251,3 +251,13 @@ def test_completion_switches_off_and_needs_two_named():
     assert complete_run(pos[:1], ids[:1], _no_heat, LEVELS, FILL) == []
     with pytest.raises(ValueError):
         complete_run(pos, ids[:1], _no_heat, LEVELS, FILL)
+
+
+def test_standard_neighbour_skips_transitional_levels_and_stops_at_the_ends():
+    from data_prep.scan import standard_neighbour
+
+    assert level_id("T12") == standard_neighbour(level_id("L1"), -1) == standard_neighbour(level_id("T13"), -1)
+    assert standard_neighbour(level_id("T12"), +1) == level_id("L1")  # not T13
+    assert standard_neighbour(level_id("L5"), +1) == level_id("S1")  # not L6
+    assert standard_neighbour(level_id("L6"), -1) == level_id("L5")
+    assert standard_neighbour(1, -1) is None and standard_neighbour(level_id("S1"), +1) is None
