@@ -53,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.overrides import override_config  # noqa: E402
+from data_prep import checkpoint  # noqa: E402
 from data_prep.dataset import discover  # noqa: E402
 from data_prep.io import read_image, read_labelmap, write_csv, write_image, write_text  # noqa: E402
 from data_prep.scan import (Scan, anatomical_rank, centroids_from_labelmap, level_id, level_name, reorient,  # noqa: E402
@@ -60,8 +61,7 @@ from data_prep.scan import (Scan, anatomical_rank, centroids_from_labelmap, leve
 from pipeline.metrics import ScanIdentification, identification, summarize_identification  # noqa: E402
 from stage1_localize.config import Stage1Config  # noqa: E402
 from stage1_localize.infer import Localizer  # noqa: E402
-from stage1_localize.labelling import (AMBIGUOUS_FLAG, EXTRAPOLATED_FLAG, INTERPOLATED_FLAG,  # noqa: E402
-                                      TRANSITIONAL_FLAG)
+from stage1_localize.labelling import AMBIGUOUS_FLAG, COMPLETION_FLAGS, TRANSITIONAL_FLAG  # noqa: E402
 from stage1_localize.train import train_stage1  # noqa: E402
 
 log = logging.getLogger("bench_stage1")
@@ -149,7 +149,6 @@ def variants(image: Scan, gt: dict[int, np.ndarray], which=VARIANTS):
 # ---------------------------------------------------------------------------------------------------
 # Results
 NAMING_FLAGS = (AMBIGUOUS_FLAG, TRANSITIONAL_FLAG)
-COMPLETION_FLAGS = frozenset({INTERPOLATED_FLAG, EXTRAPOLATED_FLAG})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -339,6 +338,17 @@ def merge_results(files: list[Path], out_dir: Path, name: str) -> int:
     return 0
 
 
+def export_raw_weights(model_dir: Path, out_dir: Path) -> Path | None:
+    """When ``model_dir`` holds a weight average (``ema_decay`` > 0) and its ``train_state.pt``: write the
+    run's last raw weights as a model folder ``out_dir`` (same config) and return it; else None."""
+    _, cfg, extra = checkpoint.load_model(model_dir, Stage1Config, kind="stage1")
+    state = checkpoint.load_train_state(model_dir)
+    if extra.get("weights") != "ema" or state is None:
+        return None
+    checkpoint.save_model(out_dir, state["model"], cfg, kind="stage1", extra={**extra, "weights": "raw"})
+    return out_dir
+
+
 def record(method, fold, case, variant, pred, gt, seconds, naming_flagged: bool | None = None,
            completed: list[int] | None = None) -> dict:
     """One scan's result; ``naming_flagged``: did any named vertebra carry a naming flag (level_ambiguous /
@@ -519,27 +529,36 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             model_dir = train_stage1(cohort_dirs, fold_dir / "model", cfg)
             train_s = time.perf_counter() - t0
-        loc = Localizer(model_dir, device=device)
-        if args.decode:  # decoding-only overrides of the saved config (peak threshold, labelling costs ...)
-            loc.config = override_config(loc.config, args.decode)
-        test_items, infer_s = [], []
-        for case in test:
-            image = read_image(case["image"])
-            gt = gt_centroids(case, image)
-            for variant, scan, g in variants(image, gt, which):
-                t1 = time.perf_counter()
-                verts = loc.localize(scan)
-                dt = time.perf_counter() - t1
-                infer_s.append(dt)
-                flagged = any(f in NAMING_FLAGS for v in verts for f in v.flags)
-                completed = [v.label for v in verts if COMPLETION_FLAGS & set(v.flags)]
-                results.add(record("spinepipe_stage1", fold, case, variant,
-                                   {v.label: v.centroid_world for v in verts}, g, dt, naming_flagged=flagged,
-                                   completed=completed))
-                test_items.append((case, variant, scan, g))
-        results.folds.append({"fold": fold, "method": "spinepipe_stage1", "n_train": len(train),
-                              "train_seconds": train_s, "infer_seconds": float(np.mean(infer_s)) if infer_s else float("nan")})
-        results.write()
+        # a weight-averaged model (ema_decay > 0) is also scored with the last raw weights of the same run
+        # (method spinepipe_stage1_raw): a paired comparison, free of run-to-run variation
+        models = [("spinepipe_stage1", model_dir)]
+        raw_dir = export_raw_weights(model_dir, fold_dir / "model_raw")
+        if raw_dir is not None:
+            models.append(("spinepipe_stage1_raw", raw_dir))
+        test_items = []
+        for method, mdir in models:
+            loc = Localizer(mdir, device=device)
+            if args.decode:  # decoding-only overrides of the saved config (peak threshold, labelling costs ...)
+                loc.config = override_config(loc.config, args.decode)
+            infer_s = []
+            for case in test:
+                image = read_image(case["image"])
+                gt = gt_centroids(case, image)
+                for variant, scan, g in variants(image, gt, which):
+                    t1 = time.perf_counter()
+                    verts = loc.localize(scan)
+                    dt = time.perf_counter() - t1
+                    infer_s.append(dt)
+                    flagged = any(f in NAMING_FLAGS for v in verts for f in v.flags)
+                    completed = [v.label for v in verts if COMPLETION_FLAGS & set(v.flags)]
+                    results.add(record(method, fold, case, variant,
+                                       {v.label: v.centroid_world for v in verts}, g, dt, naming_flagged=flagged,
+                                       completed=completed))
+                    if method == "spinepipe_stage1":
+                        test_items.append((case, variant, scan, g))
+            results.folds.append({"fold": fold, "method": method, "n_train": len(train), "train_seconds": train_s,
+                                  "infer_seconds": float(np.mean(infer_s)) if infer_s else float("nan")})
+            results.write()
         if args.nnunet:
             budgets = [("same", train_s) if b.strip() == "same" else (f"{float(b):.0f}s", float(b))
                        for b in args.nnunet_budgets.split(",") if b.strip()]

@@ -254,7 +254,9 @@ def train(samples: list[Sample], cfg: Stage2Config, runs: Path, tag: str,
           device: str = "cpu", on_epoch=None) -> tuple[Stage2Trainable, float]:
     """Train on ``samples``; checkpoints go to ``runs/<tag>`` (``runs`` = ``<work>/runs/<--name>``, so
     concurrent benchmarks with different names can share one ``--work`` and its semi-synthetic data).
-    ``on_epoch(epoch, module, log_row)``, if given, runs after every epoch (learning curves)."""
+    ``on_epoch(epoch, module, log_row)``, if given, runs after every epoch (learning curves; it sees the raw
+    training weights). Returns the model as saved (the weight average with ``train.ema_decay`` > 0, loaded
+    back from the folder; its ``raw`` attribute then holds the last raw weights) and seconds per epoch."""
     holder: dict = {}
     t0 = time.time()
 
@@ -265,11 +267,19 @@ def train(samples: list[Sample], cfg: Stage2Config, runs: Path, tag: str,
 
     train_on_samples(samples, cfg, runs / tag, dist_info=DistInfo(0, 1, 0, torch.device(device)), callback=callback)
     secs = (time.time() - t0) / max(cfg.train.epochs, 1)
-    return holder["module"], secs
+    module = holder["module"]
+    if cfg.train.ema_decay > 0:
+        raw, module = module, load_trained(runs / tag, cfg, device)
+        module.raw = raw
+    return module, secs
 
 
 @torch.no_grad()
-def predict(module: Stage2Trainable, samples: list[Sample], predicted_region: bool = False, bs: int = 8):
+def predict(module: Stage2Trainable, samples: list[Sample], predicted_region: bool = False, bs: int = 8,
+            flip_lr: bool = False):
+    """Class probabilities ``(N, K)`` of ``samples`` (and body Dice per sample with ``predicted_region``).
+    ``flip_lr``: test-time augmentation, the mean of the probabilities of each patch and its left-right
+    mirror (axis I of the LPS patch; training flips left-right too)."""
     net = module.net.eval()
     dev = next(net.parameters()).device
     probs, dices = [], []
@@ -288,7 +298,11 @@ def predict(module: Stage2Trainable, samples: list[Sample], predicted_region: bo
             dices.extend((2 * inter / (pb.flatten(1).sum(1) + body.flatten(1).sum(1)).clamp_min(1)).tolist())
         else:
             region = b["region"]
-        probs.append(torch.softmax(net.forward_cls(b["image"], region, b["contrast"]), 1).cpu())
+        p = torch.softmax(net.forward_cls(b["image"], region, b["contrast"]), 1)
+        if flip_lr:
+            mirrored = net.forward_cls(torch.flip(b["image"], dims=[2]), torch.flip(region, dims=[2]), b["contrast"])
+            p = 0.5 * (p + torch.softmax(mirrored, 1))
+        probs.append(p.cpu())
     return torch.cat(probs).numpy(), dices
 
 
@@ -353,6 +367,7 @@ def _curve_recorder(fold: int, test: list[Sample], cfg: Stage2Config, every: int
 def section_cv(samples, cfg, work, args, res: Results):
     rows, ys, ps = [], [], []
     ev_all = []
+    paired: dict[str, list[np.ndarray]] = {}
     folds = folds_by_subject(samples, args.folds, args.seed)
     bad = [f for f in (args.fold_ids or []) if not 0 <= f < len(folds)]
     if bad:
@@ -386,11 +401,20 @@ def section_cv(samples, cfg, work, args, res: Results):
         p, _ = predict(module, test)
         ys.append(np.array([s.cls for s in test]))
         ps.append(p)
+        # paired variants of the same run (section cv_paired): left-right test-time flip, raw weights
+        variants = {"p_flip": (module, True)}
+        if getattr(module, "raw", None) is not None:
+            variants.update({"p_raw": (module.raw, False), "p_raw_flip": (module.raw, True)})
+        for key, (mod, flip) in variants.items():
+            paired.setdefault(key, []).append(predict(mod, test, flip_lr=flip)[0])
         rows.append({"fold": f, "n_train": None if getattr(args, "pretrained", None) else len(train_set), "n_test": len(te), **_flat(ev), **evs, "s_per_epoch": _r(spe, 2)})
         res.add("cv_folds", rows)
     order = [i for f in run for i in folds[f][1]]
     preds = [{"subject": samples[i].subject, "label": samples[i].label, "cls": int(y), "p": [round(float(x), 4) for x in pr]}
              for i, y, pr in zip(order, np.concatenate(ys), np.concatenate(ps))]
+    for key, chunks in paired.items():
+        for row, pr in zip(preds, np.concatenate(chunks)):
+            row[key] = [round(float(x), 4) for x in pr]
     attach_cnr(preds, samples)
     _pooled_sections(res, args.folds, run, preds, ev_all, cfg.classes)
 
@@ -493,7 +517,19 @@ def _pooled_sections(res: Results, n_folds: int, run: list[int], preds: list[dic
     res.add(f"{prefix}_by_cohort", rows)
     if any(r.get("cnr") is not None for r in preds):
         res.add(f"{prefix}_by_visibility", _by_visibility(preds))
+    paired = [k for k in PAIRED_VARIANTS if k != "p" and all(k in r for r in preds)]
+    if paired:
+        res.add(f"{prefix}_paired", [{"variant": PAIRED_VARIANTS[k], **_metrics(y_all, np.array([r[k] for r in preds], float),
+                                                                                len(classes))}
+                                     for k in ("p", *paired)])
     res.add(f"{prefix}_predictions", preds)
+
+
+#: Predictions of one run scored in section ``cv_paired`` (same models, same held-out vertebrae): key in the
+#: prediction rows -> variant name. ``p`` is what the saved model gives (the weight average with
+#: ``train.ema_decay`` > 0).
+PAIRED_VARIANTS = {"p": "saved model", "p_flip": "saved model + left-right flip TTA", "p_raw": "last raw weights",
+                   "p_raw_flip": "last raw weights + left-right flip TTA"}
 
 
 #: Sections whose rows several runs of one configuration can contribute (``--ablation-sizes`` /

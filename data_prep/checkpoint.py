@@ -200,3 +200,40 @@ def load_train_state(folder: str | os.PathLike) -> dict | None:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure of the restricted loader means a bad file
         raise SpinepipeInputError(p, f"cannot resume from this training state: {str(exc).splitlines()[0][:200]}") from None
+
+
+def make_ema(module: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """Exponential moving average of ``module``'s parameters (``decay`` per update; torch's own
+    ``AveragedModel`` + ``get_ema_multi_avg_fn``), or None when ``decay`` is 0 (off).
+
+    Call ``ema.update_parameters(module)`` after every optimiser step; ``ema.module`` is the averaged copy.
+    :func:`ema_state` / :func:`load_ema_state` carry it through the training state for resume (through the
+    wrapped network's own ``state_dict``, which may rename tensors). Buffers are copied, not averaged (the
+    networks here use InstanceNorm, which keeps none).
+    """
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1), got {decay}")
+    if decay == 0.0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay))
+
+
+def weights_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached CPU copy of ``module.state_dict()`` (what :func:`save_model` writes)."""
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def ema_state(ema: torch.optim.swa_utils.AveragedModel) -> dict:
+    """``{"weights": ..., "updates": n}`` of a :func:`make_ema` average, for the training state."""
+    return {"weights": weights_of(ema.module), "updates": int(ema.n_averaged)}
+
+
+def load_ema_state(ema: torch.optim.swa_utils.AveragedModel, state: dict | None, source: str | os.PathLike) -> None:
+    """Restore what :func:`ema_state` saved; one-line :class:`SpinepipeInputError` naming ``source`` if absent."""
+    if not state or "weights" not in state:
+        raise SpinepipeInputError(source, "cannot resume: this run averages its weights (ema_decay > 0) "
+                                          "but the training state holds no average")
+    load_state_into(ema.module, state["weights"], source)
+    ema.n_averaged.fill_(int(state["updates"]))

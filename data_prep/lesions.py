@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
-from data_prep.dataset import IMAGE_CONTRASTS
+from data_prep.dataset import IMAGE_CONTRASTS, parse_contrast
 from data_prep.errors import SpinepipeInputError
 from data_prep.io import atomic_path, read_image, read_labelmap, write_csv, write_image, write_text
 from data_prep.scan import VERSE_LEVELS, Scan, level_name, sort_head_to_foot
@@ -549,10 +549,18 @@ def _blend(out: np.ndarray, b: _Body, w: np.ndarray, ratio: float, rng: np.rando
 # ---------------------------------------------------------------------------------------------
 # Main API
 # ---------------------------------------------------------------------------------------------
+def known_contrast(value, source=None) -> str:
+    """``value`` as one of :data:`CONTRASTS` (case-insensitive, :func:`data_prep.dataset.parse_contrast`);
+    the simulator needs a known contrast, so an empty or unknown one is a :class:`SpinepipeInputError`
+    naming ``source``."""
+    c = parse_contrast(value, source)
+    if not c:
+        raise SpinepipeInputError(source, f"no image contrast given ({value!r}); the lesion simulator needs one of {CONTRASTS}")
+    return c
+
+
 def _check_inputs(image: Scan, vertebrae: Scan, contrast: str) -> str:
-    c = str(contrast).strip().lower()
-    if c not in CONTRASTS:
-        raise SpinepipeInputError(image.name or None, f"unknown contrast {contrast!r}; expected one of {CONTRASTS}")
+    c = known_contrast(contrast, image.name or None)
     if not image.same_geometry(vertebrae):
         raise SpinepipeInputError(vertebrae.name or None, "vertebra label map is not on the image grid")
     arr = np.asarray(vertebrae.array)
@@ -739,20 +747,14 @@ def infer_contrast(src_dir: str | Path, subject_id: str = "",
                    contrast_by_cohort: Mapping[str, str] | str | None = None) -> str:
     """Contrast of a dataset folder: explicit (str or ``{cohort: contrast}``), else from the folder/id name."""
     if isinstance(contrast_by_cohort, str):
-        c = contrast_by_cohort.strip().lower()
-        if c not in CONTRASTS:
-            raise SpinepipeInputError(src_dir, f"unknown contrast {contrast_by_cohort!r}; expected one of {CONTRASTS}")
-        return c
+        return known_contrast(contrast_by_cohort, src_dir)
     table = {k.lower(): v for k, v in COHORT_CONTRAST.items()}
     if contrast_by_cohort:
-        table = {**table, **{k.lower(): v.lower() for k, v in contrast_by_cohort.items()}}
+        table = {**table, **{k.lower(): v for k, v in contrast_by_cohort.items()}}
     keys = [Path(src_dir).name.lower(), subject_id.lower()]
     for name in sorted(table, key=len, reverse=True):
         if any(name in k for k in keys):
-            c = table[name]
-            if c not in CONTRASTS:
-                raise SpinepipeInputError(src_dir, f"contrast {c!r} for cohort {name!r} is not one of {CONTRASTS}")
-            return c
+            return known_contrast(table[name], src_dir)
     raise SpinepipeInputError(
         src_dir, f"cannot infer the image contrast from the folder name; pass contrast_by_cohort "
         f"(known cohorts: {sorted(table)}; contrasts: {CONTRASTS})"
@@ -866,6 +868,7 @@ __all__ = [
     "insert_lesions",
     "plant_in_neighbour",
     "infer_contrast",
+    "known_contrast",
     "subject_rng",
     "make_semisynthetic",
 ]

@@ -150,6 +150,10 @@ class Stage1Config:
     batch_size: int = 2
     lr: float = 3e-3
     weight_decay: float = 1e-5
+    #: > 0: the saved model is an exponential moving average of the training weights (``decay`` per step;
+    #: torch.optim.swa_utils, ``data_prep.checkpoint.make_ema``); the last raw weights stay in
+    #: ``train_state.pt``. 0: the saved model is the last raw weights.
+    ema_decay: float = 0.0
     seed: int = 0
     #: several dataset folders (sites / cohorts): draw each folder equally often, then a subject in it
     balance_groups: bool = True

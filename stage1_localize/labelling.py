@@ -59,7 +59,8 @@ EXTRAPOLATED_FLAG = "extrapolated"
 #: a completion's probed position must lie at least this fraction of the local step from a named neighbour
 MIN_STEP_FRACTION = 0.6
 
-_STANDARD_RANKS = np.array(sorted(anatomical_rank(v) for v in VERSE_LEVELS if v not in TRANSITIONAL_IDS))
+#: Standard (non-transitional) VerSe levels, head to foot.
+_STANDARD_LEVELS = tuple(sorted((v for v in VERSE_LEVELS if v not in TRANSITIONAL_IDS), key=anatomical_rank))
 
 
 @dataclass
@@ -105,6 +106,10 @@ class Completion:
         return level_name(self.label)
 
 
+#: Flags of the vertebrae :func:`complete_run` adds (benchmarks count them).
+COMPLETION_FLAGS = frozenset({INTERPOLATED_FLAG, EXTRAPOLATED_FLAG})
+
+
 #: ``probe(world_mm (3,), radius_mm) -> (world_mm (3,), heat)``: the best detector position within
 #: ``radius_mm`` of a world point and the heat there (heat 0 where the point is outside the image).
 Probe = Callable[[np.ndarray, float], tuple[np.ndarray, float]]
@@ -113,9 +118,14 @@ Probe = Callable[[np.ndarray, float], tuple[np.ndarray, float]]
 # ---------------------------------------------------------------------------------------------------
 # Prior tables over level states
 # ---------------------------------------------------------------------------------------------------
+def _standard_levels_between(ra: int, rb: int) -> list[int]:
+    """Standard (non-transitional) levels with rank strictly between ``ra`` and ``rb``, head to foot."""
+    return [v for v in _STANDARD_LEVELS if ra < anatomical_rank(v) < rb]
+
+
 def _standard_between(ra: int, rb: int) -> int:
-    """Number of standard (non-transitional) levels with rank strictly between ``ra`` and ``rb``."""
-    return int(np.sum((_STANDARD_RANKS > ra) & (_STANDARD_RANKS < rb)))
+    """Number of standard levels with rank strictly between ``ra`` and ``rb``."""
+    return len(_standard_levels_between(ra, rb))
 
 
 def _step_spacing_mm(vid: int, cfg: LabellingConfig) -> float:
@@ -456,9 +466,7 @@ def complete_run(
         out.append(c)
     if cfg.fill_gaps:
         for a in range(len(labs) - 1):
-            ra, rb = anatomical_rank(labs[a]), anatomical_rank(labs[a + 1])
-            missing = sorted((v for v in VERSE_LEVELS if v not in TRANSITIONAL_IDS and ra < anatomical_rank(v) < rb),
-                             key=anatomical_rank)
+            missing = _standard_levels_between(anatomical_rank(labs[a]), anatomical_rank(labs[a + 1]))
             step_mm = float(np.linalg.norm(pos[a + 1] - pos[a])) / (len(missing) + 1)
             for t, v in enumerate(missing, start=1):
                 if not usable(v):

@@ -13,7 +13,8 @@
   are <1 % of voxels) + ``level_loss_weight`` x cross-entropy of the level head inside the balls
   + ``offset_loss_weight`` x smooth-L1 of the offset head (vector to the nearest centroid, in units of
   ``offset_radius_mm``) inside the offset balls.
-* AdamW with nnU-Net's polynomial decay ``lr * (1 - epoch / epochs) ** 0.9``.
+* AdamW with nnU-Net's polynomial decay ``lr * (1 - epoch / epochs) ** 0.9``; with ``config.ema_decay``
+  the saved model is the exponential moving average of the weights (the raw ones stay in the state).
 * Deterministic: the sampling RNG of epoch ``e`` on rank ``r`` is ``default_rng([seed, e, r])`` and torch
   is seeded per epoch, so a resumed run replays exactly the epochs an uninterrupted run would.
 * ``torchrun``: ``data_prep.distributed.init_distributed`` joins the group (gloo on CPU, NCCL on GPU);
@@ -251,10 +252,13 @@ def train_stage1(
     seed_everything(config.seed)
     net = LocalizerNet(config).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    ema = checkpoint.make_ema(net, config.ema_decay)
     start_epoch, rows = 0, []
     if state is not None:
         checkpoint.load_state_into(net, state["model"], out_dir / checkpoint.TRAIN_STATE)
         opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            checkpoint.load_ema_state(ema, state.get("ema"), out_dir / checkpoint.TRAIN_STATE)
         start_epoch = int(state["epoch"])
         if (out_dir / LOG_FILE).is_file():
             rows = pd.read_csv(out_dir / LOG_FILE).to_dict("records")[:start_epoch]
@@ -282,6 +286,8 @@ def train_stage1(
                 losses["loss"].backward()
                 torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
                 opt.step()
+                if ema is not None:
+                    ema.update_parameters(net)
                 sums += torch.tensor([float(losses[k].detach()) for k in ("loss", "heatmap", "levels", "offset")],
                                      dtype=torch.float64)
             if dist_info.distributed:
@@ -292,7 +298,7 @@ def train_stage1(
                    "offset_loss": means[3], "lr": lr, "seconds": round(time.perf_counter() - t0, 2)}
             rows.append(row)
             if dist_info.is_main:
-                _save(out_dir, net, opt, config, epoch + 1, rows, subjects)
+                _save(out_dir, net, opt, config, epoch + 1, rows, subjects, ema)
                 log.info("epoch %d/%d loss %.4f (heatmap %.4f, levels %.4f, offset %.4f) %.1fs", epoch + 1, config.epochs,
                          *means, row["seconds"])
     finally:
@@ -301,11 +307,17 @@ def train_stage1(
 
 
 def _save(out_dir: Path, net: torch.nn.Module, opt, config: Stage1Config, epoch: int, rows: list[dict],
-          subjects: list[TrainSubject]) -> None:
-    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+          subjects: list[TrainSubject], ema: torch.nn.Module | None = None) -> None:
+    """Model folder (the weight average when ``ema`` is given, else the raw weights) + resumable state."""
+    state = checkpoint.weights_of(net)
     extra = {"epochs_done": epoch, "n_train_subjects": len(subjects),
-             "train_subjects": [s.id for s in subjects][:1000], "torch": torch.__version__}
-    checkpoint.save_model(out_dir, state, config, kind="stage1", extra=extra)
-    checkpoint.save_train_state(out_dir, {"epoch": epoch, "model": state, "optimizer": opt.state_dict(),
-                                          "config": json.dumps(checkpoint.config_to_dict(config))})
+             "train_subjects": [s.id for s in subjects][:1000], "torch": torch.__version__,
+             "weights": "ema" if ema is not None else "raw"}
+    checkpoint.save_model(out_dir, checkpoint.weights_of(ema.module) if ema is not None else state, config,
+                          kind="stage1", extra=extra)
+    train_state = {"epoch": epoch, "model": state, "optimizer": opt.state_dict(),
+                   "config": json.dumps(checkpoint.config_to_dict(config))}
+    if ema is not None:
+        train_state["ema"] = checkpoint.ema_state(ema)
+    checkpoint.save_train_state(out_dir, train_state)
     write_csv(pd.DataFrame(rows), out_dir / LOG_FILE)

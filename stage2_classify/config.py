@@ -138,6 +138,9 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 2e-3
     weight_decay: float = 1e-4
+    #: > 0: the saved model is an exponential moving average of the network's weights (``decay`` per step;
+    #: ``data_prep.checkpoint.make_ema``); the last raw weights stay in ``train_state.pt``. 0: raw weights.
+    ema_decay: float = 0.0
     seed: int = 0
     #: Augmentation: probability of each transform; rotation only about the left-right axis (in the
     #: sagittal plane) plus small tilts; LR flips allowed, head-foot flips never.
@@ -191,6 +194,8 @@ class Stage2Config:
             raise ValueError("patch size and spacing must be positive")
         if self.margin_mm < 0:
             raise ValueError("margin_mm must be >= 0")
+        if not 0.0 <= self.train.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1), got {self.train.ema_decay}")
         if self.train.noise_std_max < 0 or not 0.0 <= self.train.contrast_dropout <= 1.0:
             raise ValueError(f"train.noise_std_max must be >= 0 and train.contrast_dropout in [0, 1], got "
                              f"{self.train.noise_std_max} and {self.train.contrast_dropout}")

@@ -29,9 +29,13 @@ import torch.nn.functional as F
 from data_prep.checkpoint import (
     config_from_dict,
     config_to_dict,
+    ema_state,
+    load_ema_state,
     load_train_state,
+    make_ema,
     save_model,
     save_train_state,
+    weights_of,
 )
 from data_prep.distributed import DistInfo, cleanup_distributed, init_distributed, seed_everything
 from data_prep.errors import SpinepipeInputError
@@ -450,6 +454,7 @@ def _train_loop(samples, cfg: Stage2Config, out_dir: Path, resume: bool, stop_af
     groups = [{"params": list(module.net.parameters()), "lr_scale": 1.0, "weight_decay": tc.weight_decay},
               {"params": list(module.weighting.parameters()), "lr_scale": cfg.loss.weighting_lr_scale, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=tc.lr)
+    ema = make_ema(module.net, tc.ema_decay)  # the network only (not the loss-balancing weights)
     start, rows = 0, []
     if resume:
         state = load_train_state(out_dir)
@@ -462,6 +467,8 @@ def _train_loop(samples, cfg: Stage2Config, out_dir: Path, resume: bool, stop_af
                                           "cannot resume: the saved training configuration differs from this run's")
             module.load_state_dict(state["module"])
             opt.load_state_dict(state["optimizer"])
+            if ema is not None:
+                load_ema_state(ema, state.get("ema"), out_dir / "train_state.pt")
             start = int(state["epoch"])
             rows = list(state.get("log", []))
             log.info("resuming at epoch %d", start + 1)
@@ -489,6 +496,8 @@ def _train_loop(samples, cfg: Stage2Config, out_dir: Path, resume: bool, stop_af
             total.backward()
             torch.nn.utils.clip_grad_norm_(module.parameters(), 5.0)
             opt.step()
+            if ema is not None:
+                ema.update_parameters(module.net)
             n_batches += 1
             sums["loss"] = sums.get("loss", 0.0) + float(total.detach())
             for k, v in parts.items():
@@ -507,23 +516,28 @@ def _train_loop(samples, cfg: Stage2Config, out_dir: Path, resume: bool, stop_af
                **{f"w_{k}": v for k, v in module.weighting.weights().items()}}
         rows.append(row)
         if di.is_main:
-            _write_epoch(out_dir, module, opt, cfg, epoch + 1, rows, len(samples))
+            _write_epoch(out_dir, module, opt, cfg, epoch + 1, rows, len(samples), ema)
         log.info("epoch %d/%d loss %.4f acc %.3f (%.1fs)", epoch + 1, tc.epochs, row["loss"], row["train_acc"], row["seconds"])
         if callback is not None:
             callback(epoch + 1, module, row)
         if di.distributed:
             torch.distributed.barrier()
     if di.is_main and start >= end and not (out_dir / "config.json").exists():
-        _write_epoch(out_dir, module, opt, cfg, end, rows, len(samples))
+        _write_epoch(out_dir, module, opt, cfg, end, rows, len(samples), ema)
     return out_dir
 
 
 def _write_epoch(out_dir: Path, module: Stage2Trainable, opt, cfg: Stage2Config, epoch: int, rows: list[dict],
-                 n_samples: int) -> None:
-    save_model(out_dir, module.net.state_dict(), cfg, kind="stage2",
-               extra={"epoch": epoch, "n_samples": n_samples, "loss_weights": module.weighting.weights()})
-    save_train_state(out_dir, {"epoch": epoch, "module": module.state_dict(), "optimizer": opt.state_dict(),
-                               "config": config_to_dict(cfg), "log": rows})
+                 n_samples: int, ema: nn.Module | None = None) -> None:
+    """Model folder (the weight average when ``ema`` is given, else the raw weights) + resumable state."""
+    save_model(out_dir, weights_of(ema.module) if ema is not None else module.net.state_dict(), cfg, kind="stage2",
+               extra={"epoch": epoch, "n_samples": n_samples, "loss_weights": module.weighting.weights(),
+                      "weights": "ema" if ema is not None else "raw"})
+    state = {"epoch": epoch, "module": module.state_dict(), "optimizer": opt.state_dict(),
+             "config": config_to_dict(cfg), "log": rows}
+    if ema is not None:
+        state["ema"] = ema_state(ema)
+    save_train_state(out_dir, state)
     write_csv(pd.DataFrame(rows), out_dir / LOG_FILE)
 
 

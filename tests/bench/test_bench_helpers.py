@@ -355,3 +355,58 @@ def test_bench_stage2_rejects_bad_row_selections(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         b2.main(argv + ["--sections", "ablation"])
     assert exc.value.code == 2 and argv[0] in capsys.readouterr().err
+
+
+def test_paired_variants_section_scores_each_prediction_key(tmp_path):
+    from bench.bench_stage2 import merge_fold_runs
+
+    cfg = {"classes": ["normal", "inflammation", "fat"]}
+    good, bad = [0.8, 0.1, 0.1], [0.1, 0.1, 0.8]
+    rows = [{"subject": "chu2015-001", "label": 20, "cls": 0, "p": good, "p_flip": good, "p_raw": bad, "p_raw_flip": good},
+            {"subject": "chu2015-001", "label": 21, "cls": 2, "p": bad, "p_flip": bad, "p_raw": good, "p_raw_flip": bad}]
+    res = merge_fold_runs([_fold_result(tmp_path, 0, rows, cfg)], tmp_path, "paired")
+    table = {r["variant"]: r for r in res.data["sections"]["cv_paired"]}
+    assert list(table) == ["saved model", "saved model + left-right flip TTA", "last raw weights",
+                           "last raw weights + left-right flip TTA"]
+    assert table["saved model"]["balanced_accuracy"] == 1.0 and table["last raw weights"]["balanced_accuracy"] == 0.0
+    del rows[1]["p_raw"]  # a key missing from any row: that variant is not scored
+    res = merge_fold_runs([_fold_result(tmp_path / "b", 0, rows, cfg)], tmp_path, "paired_b")
+    assert "last raw weights" not in {r["variant"] for r in res.data["sections"]["cv_paired"]}
+
+
+def test_predict_with_flip_averages_the_mirror():
+    """A stand-in whose logits read only the left half of the patch: the flip TTA averages left and right."""
+    import torch
+
+    from bench.bench_stage2 import predict
+    from stage2_classify.config import tiny_config
+    from stage2_classify.train import Stage2Trainable
+    from tests.stage2_classify.conftest import toy_samples
+
+    cfg = tiny_config()
+    samples = toy_samples(cfg, 2, seed=0)
+
+    class Left(torch.nn.Module):
+        heads: dict = {}
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward_cls(self, image, region, contrast=None):
+            half = image.shape[2] // 2
+            s = image[:, 0, :half].flatten(1).mean(1)
+            return torch.stack([s, torch.zeros_like(s), torch.zeros_like(s)], 1)
+
+    module = Stage2Trainable(cfg)
+    module.net = Left()
+    p, _ = predict(module, samples)
+    pf, _ = predict(module, samples, flip_lr=True)
+    for n, s in enumerate(samples):
+        half = s.image.shape[0] // 2
+        left = torch.tensor(s.image[:half].mean())
+        right = torch.tensor(s.image[::-1][:half].mean())
+        expect = 0.5 * (torch.softmax(torch.stack([left, torch.tensor(0.0), torch.tensor(0.0)]), 0)
+                        + torch.softmax(torch.stack([right, torch.tensor(0.0), torch.tensor(0.0)]), 0))
+        assert np.allclose(pf[n], expect.numpy(), atol=1e-5)
+        assert np.allclose(p[n][0], torch.softmax(torch.stack([left, torch.tensor(0.0), torch.tensor(0.0)]), 0)[0], atol=1e-5)

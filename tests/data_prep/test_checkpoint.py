@@ -125,3 +125,48 @@ def test_train_state_round_trip_and_restricted_loading(tmp_path):
     torch.save({"x": Evil()}, tmp_path / TRAIN_STATE)
     with pytest.raises(SpinepipeInputError, match="cannot resume"):
         load_train_state(tmp_path)
+
+
+def test_make_ema_exact_values_and_off_switch():
+    """First update copies the weights, later ones blend: ema = d * ema + (1 - d) * w."""
+    import pytest
+    import torch
+
+    from data_prep.checkpoint import make_ema
+
+    lin = torch.nn.Linear(1, 1, bias=False)
+    assert make_ema(lin, 0.0) is None
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="ema_decay"):
+            make_ema(lin, bad)
+    ema = make_ema(lin, 0.75)
+    with torch.no_grad():
+        lin.weight.fill_(2.0)
+    ema.update_parameters(lin)
+    assert float(ema.module.weight) == 2.0
+    with torch.no_grad():
+        lin.weight.fill_(6.0)
+    ema.update_parameters(lin)
+    assert float(ema.module.weight) == 0.75 * 2.0 + 0.25 * 6.0  # 3.0
+    assert float(lin.weight) == 6.0
+
+
+def test_ema_state_round_trip_and_missing_average(tmp_path):
+    import pytest
+    import torch
+
+    from data_prep.checkpoint import ema_state, load_ema_state, make_ema
+    from data_prep.errors import SpinepipeInputError
+
+    lin = torch.nn.Linear(2, 1)
+    ema = make_ema(lin, 0.5)
+    for _ in range(3):
+        ema.update_parameters(lin)
+    saved = ema_state(ema)
+    assert saved["updates"] == 3
+    other = make_ema(torch.nn.Linear(2, 1), 0.5)
+    load_ema_state(other, saved, tmp_path / "train_state.pt")
+    assert int(other.n_averaged) == 3
+    assert torch.equal(other.module.weight, ema.module.weight)
+    with pytest.raises(SpinepipeInputError, match="train_state.pt.*no average"):
+        load_ema_state(other, None, tmp_path / "train_state.pt")

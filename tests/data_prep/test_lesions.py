@@ -285,6 +285,10 @@ def test_infer_contrast():
     assert infer_contrast("/x/anything", contrast_by_cohort="t1") == "t1"
     with pytest.raises(SpinepipeInputError, match="contrast"):
         infer_contrast("/x/unknown_site")
+    with pytest.raises(SpinepipeInputError, match="unknown_site.*'flair'"):
+        infer_contrast("/x/unknown_site", contrast_by_cohort="flair")
+    with pytest.raises(SpinepipeInputError, match="site3.*no image contrast"):
+        infer_contrast("/x/site3", "site3-001", {"site3": ""})
 
 
 @pytest.mark.slow

@@ -261,3 +261,15 @@ def test_standard_neighbour_skips_transitional_levels_and_stops_at_the_ends():
     assert standard_neighbour(level_id("L5"), +1) == level_id("S1")  # not L6
     assert standard_neighbour(level_id("L6"), -1) == level_id("L5")
     assert standard_neighbour(1, -1) is None and standard_neighbour(level_id("S1"), +1) is None
+
+
+def test_standard_levels_between_skips_transitional_levels():
+    from data_prep.scan import anatomical_rank
+    from stage1_localize.labelling import _standard_between, _standard_levels_between
+
+    r = anatomical_rank
+    assert _standard_levels_between(r(20), r(23)) == [21, 22]  # L1 .. L4: L2, L3
+    assert _standard_levels_between(r(18), r(20)) == [19]  # T11 .. L1: T12 (never T13)
+    assert _standard_levels_between(r(19), r(20)) == []  # T12 .. L1: T13 is transitional
+    assert _standard_levels_between(r(24), r(26)) == []  # L5 .. S1: L6 is transitional
+    assert _standard_between(r(17), r(24)) == 6  # T10 .. L5: T11, T12, L1 .. L4

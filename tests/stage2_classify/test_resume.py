@@ -21,8 +21,10 @@ def _cfg():
     return cfg
 
 
-def test_resume_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.5])
+def test_resume_matches_uninterrupted(tmp_path, ema_decay):
     cfg = _cfg()
+    cfg.train.ema_decay = ema_decay  # with a weight average the saved model is the average: it must resume too
     samples = toy_samples(cfg, 10, seed=1)
     full = train_on_samples(samples, cfg, tmp_path / "full")
     part = train_on_samples(samples, cfg, tmp_path / "part", stop_after_epoch=1)  # "killed" after epoch 1
@@ -42,6 +44,10 @@ def test_resume_matches_uninterrupted(tmp_path):
     sb = torch.load(part / "train_state.pt", weights_only=True)
     for k in sa["module"]:
         assert torch.equal(sa["module"][k], sb["module"][k])
+    if ema_decay:  # the saved model is the average of the 6 steps, not the raw network
+        assert sa["ema"]["updates"] == 6
+        assert all(torch.equal(a[k], sa["ema"]["weights"][k]) for k in a)
+        assert any(not torch.equal(a[k], sa["module"][f"net.{k}"]) for k in a)
 
 
 def test_resume_refuses_a_different_config(tmp_path):
@@ -49,5 +55,14 @@ def test_resume_refuses_a_different_config(tmp_path):
     samples = toy_samples(cfg, 4, seed=2)
     train_on_samples(samples, cfg, tmp_path / "m", stop_after_epoch=1)
     cfg.train.lr = 0.5
+    with pytest.raises(SpinepipeInputError, match="configuration differs"):
+        train_on_samples(samples, cfg, tmp_path / "m", resume=True)
+
+
+def test_resume_cannot_switch_weight_averaging_on(tmp_path):
+    cfg = _cfg()
+    samples = toy_samples(cfg, 4, seed=2)
+    train_on_samples(samples, cfg, tmp_path / "m", stop_after_epoch=1)  # saved without an average
+    cfg.train.ema_decay = 0.9
     with pytest.raises(SpinepipeInputError, match="configuration differs"):
         train_on_samples(samples, cfg, tmp_path / "m", resume=True)
