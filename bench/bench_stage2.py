@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.mdtable import md_table  # noqa: E402
 from bench.overrides import override_config  # noqa: E402
 from data_prep.distributed import DistInfo  # noqa: E402
 from stage2_classify.config import HeadsConfig, Stage2Config, contrast_index  # noqa: E402
@@ -101,12 +102,7 @@ class Results:
                 continue
             lines.append(f"## {name} ({LABEL})")
             lines.append("")
-            rows = sec if isinstance(sec, list) else [sec]
-            keys = list(dict.fromkeys(k for r in rows for k in r))
-            lines.append("| " + " | ".join(keys) + " |")
-            lines.append("|" + "---|" * len(keys))
-            for r in rows:
-                lines.append("| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
+            lines += md_table(sec if isinstance(sec, list) else [sec], _fmt)
             lines.append("")
         return "\n".join(lines)
 

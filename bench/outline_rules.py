@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.mdtable import md_table  # noqa: E402
 from data_prep.io import read_labelmap, write_text  # noqa: E402
 from data_prep.weak_labels import _inplane, _sl, fill_outlines, shrink2d  # noqa: E402
 
@@ -120,10 +121,7 @@ def _table(per: dict) -> tuple[list[dict], list[dict]]:
 
 
 def _md(rows: list[dict]) -> str:
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join("" if r[k] is None else str(r[k]) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(md_table(rows))
 
 
 def main(argv: list[str] | None = None) -> int:

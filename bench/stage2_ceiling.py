@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:
 
 from bench.bench_stage2 import (_r, cohort_of, lesion_contrast, load_sample_cache, load_samples,  # noqa: E402
                                 prepare, typing_auc)
+from bench.mdtable import md_table  # noqa: E402
 from data_prep.io import write_text  # noqa: E402
 from data_prep.lesions import CLASSES, COHORT_CONTRAST, CONTRASTS, LesionConfig, _draw_ratio  # noqa: E402
 from pipeline.metrics import one_vs_rest_auc  # noqa: E402
@@ -164,10 +165,6 @@ def ceiling_table(rows: list[dict], bounds: dict[str, dict]) -> list[dict]:
 
 
 def _md(rows: list[dict]) -> str:
-    keys = list(rows[0])
-    for r in rows[1:]:
-        keys += [k for k in r if k not in keys]
-
     def fmt(v):
         if v is None:
             return "-"
@@ -175,9 +172,7 @@ def _md(rows: list[dict]) -> str:
             return " / ".join(fmt(x) for x in v)
         return f"{v:g}" if isinstance(v, float) else str(v)
 
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(md_table(rows, fmt))
 
 
 def main(argv: list[str] | None = None) -> int:

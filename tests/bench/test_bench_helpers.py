@@ -410,3 +410,12 @@ def test_predict_with_flip_averages_the_mirror():
                         + torch.softmax(torch.stack([right, torch.tensor(0.0), torch.tensor(0.0)]), 0))
         assert np.allclose(pf[n], expect.numpy(), atol=1e-5)
         assert np.allclose(p[n][0], torch.softmax(torch.stack([left, torch.tensor(0.0), torch.tensor(0.0)]), 0)[0], atol=1e-5)
+
+
+def test_md_table_union_of_keys_and_formatter():
+    from bench.mdtable import md_table
+
+    assert md_table([]) == []
+    lines = md_table([{"a": 1, "b": None}, {"a": 2.5, "c": "x"}])
+    assert lines == ["| a | b | c |", "|---|---|---|", "| 1 |  |  |", "| 2.5 |  | x |"]
+    assert md_table([{"a": 0.12345}], lambda v: f"{v:.2f}")[2] == "| 0.12 |"
