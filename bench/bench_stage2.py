@@ -302,6 +302,31 @@ def predict(module: Stage2Trainable, samples: list[Sample], predicted_region: bo
     return torch.cat(probs).numpy(), dices
 
 
+#: Voxels averaged per class by :func:`predict_lesion_head` (about a 2 x 2 x 2 cube at 2 mm).
+LESION_TOP_K = 8
+
+
+@torch.no_grad()
+def predict_lesion_head(module: Stage2Trainable, samples: list[Sample], bs: int = 8) -> np.ndarray:
+    """A verdict read off the voxel-level lesion head of the classification path alone (diagnostic, no MLP):
+    per lesion class k the mean of its ``LESION_TOP_K`` highest voxel probabilities inside the pooling mask,
+    and 1 - the largest of those for "normal"; rows renormalised to sum to 1. ``(N, K)``; None when the
+    model has no lesion head (``heads.seg`` or ``heads.cls`` off)."""
+    net = module.net.eval()
+    if not getattr(net, "lesion_typing", False):
+        return None
+    dev = next(net.parameters()).device
+    rows = []
+    for i in range(0, len(samples), bs):
+        b = {k: v.to(dev) for k, v in collate(samples[i : i + bs]).items()}
+        path = net.classification_path(b["image"], b["region"], b["contrast"])
+        p = torch.softmax(path["lesion"], 1)[:, 1:] * (path["pool"] > 0.5)  # (B, K-1, I, J, K), 0 outside
+        top = p.flatten(2).topk(min(LESION_TOP_K, p[0, 0].numel()), dim=-1).values.mean(-1)  # (B, K-1)
+        s = torch.cat([1.0 - top.amax(1, keepdim=True), top], 1)
+        rows.append((s / s.sum(1, keepdim=True).clamp_min(1e-6)).cpu())
+    return torch.cat(rows).numpy()
+
+
 def evidence_stats(module: Stage2Trainable, samples: list[Sample], n_max: int, steps: int) -> dict:
     net = module.net.eval()
     dev = next(net.parameters()).device
@@ -403,6 +428,9 @@ def section_cv(samples, cfg, work, args, res: Results):
             variants.update({"p_raw": (module.raw, False), "p_raw_flip": (module.raw, True)})
         for key, (mod, flip) in variants.items():
             paired.setdefault(key, []).append(predict(mod, test, flip_lr=flip)[0])
+        p_lesion = predict_lesion_head(module, test)
+        if p_lesion is not None:
+            paired.setdefault("p_lesion_head", []).append(p_lesion)
         rows.append({"fold": f, "n_train": None if getattr(args, "pretrained", None) else len(train_set), "n_test": len(te), **_flat(ev), **evs, "s_per_epoch": _r(spe, 2)})
         res.add("cv_folds", rows)
     order = [i for f in run for i in folds[f][1]]
@@ -525,7 +553,8 @@ def _pooled_sections(res: Results, n_folds: int, run: list[int], preds: list[dic
 #: prediction rows -> variant name. ``p`` is what the saved model gives (the weight average with
 #: ``train.ema_decay`` > 0).
 PAIRED_VARIANTS = {"p": "saved model", "p_flip": "saved model + left-right flip TTA", "p_raw": "last raw weights",
-                   "p_raw_flip": "last raw weights + left-right flip TTA"}
+                   "p_raw_flip": "last raw weights + left-right flip TTA",
+                   "p_lesion_head": "saved model, verdict from the lesion head alone (top-8 voxels per class)"}
 
 
 #: Sections whose rows several runs of one configuration can contribute (``--ablation-sizes`` /

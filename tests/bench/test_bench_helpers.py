@@ -419,3 +419,41 @@ def test_md_table_union_of_keys_and_formatter():
     lines = md_table([{"a": 1, "b": None}, {"a": 2.5, "c": "x"}])
     assert lines == ["| a | b | c |", "|---|---|---|", "| 1 |  |  |", "| 2.5 |  | x |"]
     assert md_table([{"a": 0.12345}], lambda v: f"{v:.2f}")[2] == "| 0.12 |"
+
+
+def test_predict_lesion_head_reads_the_top_voxels_inside_the_pool():
+    import torch
+
+    from bench.bench_stage2 import LESION_TOP_K, predict_lesion_head
+    from stage2_classify.config import tiny_config
+    from stage2_classify.train import Stage2Trainable
+    from tests.stage2_classify.conftest import toy_samples
+
+    cfg = tiny_config()
+    samples = toy_samples(cfg, 2, seed=0)
+
+    class Planted(torch.nn.Module):
+        """Lesion logits: 'fat' certain on LESION_TOP_K voxels inside the pool, 'no lesion' elsewhere."""
+        lesion_typing = True
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def classification_path(self, image, region, contrast=None):
+            pool = (region > 0.5).float()
+            logits = torch.zeros(image.shape[0], 3, *image.shape[2:])
+            logits[:, 0] = 20.0
+            for b in range(image.shape[0]):
+                idx = torch.nonzero(pool[b, 0])[:LESION_TOP_K]
+                logits[b, 0, idx[:, 0], idx[:, 1], idx[:, 2]] = -20.0
+                logits[b, 2, idx[:, 0], idx[:, 1], idx[:, 2]] = 20.0
+            return {"lesion": logits, "pool": pool}
+
+    module = Stage2Trainable(cfg)
+    module.net = Planted()
+    p = predict_lesion_head(module, samples)
+    assert p.shape == (2, 3)
+    assert np.allclose(p, [[0.0, 0.0, 1.0]] * 2, atol=1e-6)
+    module.net.lesion_typing = False
+    assert predict_lesion_head(module, samples) is None
