@@ -92,6 +92,13 @@ class LabellingConfig:
     spacing_lumbar_mm: float = 36.0
     spacing_rel_sd: float = 0.3        # relative standard deviation of the spacing prior
     spacing_weight: float = 1.0
+    #: tilt prior: a step between named neighbours more than ``max_tilt_deg`` off the superior (LPS +z)
+    #: axis costs ``tilt_weight * (angle - max_tilt_deg)^2 / (2 tilt_sd_deg^2)``. The lumbar curve tilts a
+    #: step by up to ~35 deg (L5 on the sacrum); a weak peak on a spinous process, ~45 mm behind its body,
+    #: passes the distance prior at a near-horizontal step. 0: off
+    tilt_weight: float = 0.0
+    max_tilt_deg: float = 35.0
+    tilt_sd_deg: float = 10.0
     skip_cost: float = 1.5             # one missing (undetected) level between two kept candidates
     max_skip: int = 1                  # at most this many missing levels between kept candidates
     drop_bias: float = 1.0             # cost of discarding a candidate at the score floor

@@ -16,6 +16,8 @@ bodies, or a transitional spine (L6 / T13). Here the naming is a **minimum-cost 
 * a spacing prior scores the 3D distance between consecutive kept centroids against the expected
   distance for the number of anatomical steps (log-normal: ``(log(d / d_expected))^2 / 2 sd^2``), so a
   doubled gap prefers "one level missing" and a half gap prefers "one candidate is spurious";
+* an optional tilt prior (``tilt_weight``) scores the angle of that step to the superior axis beyond
+  ``max_tilt_deg``, so a near-horizontal step (to a weak peak on a spinous process) is not a vertebral step;
 * the first and last kept candidates may be any level, so any contiguous run of levels (partial field
   of view; no sacrum, no thoracic spine) is equally acceptable a priori — the level probabilities anchor
   the run.
@@ -168,6 +170,19 @@ def _spacing_cost(dist_mm: np.ndarray | float, expected_mm: np.ndarray, cfg: Lab
     return cfg.spacing_weight * np.log(d / expected_mm) ** 2 / (2.0 * cfg.spacing_rel_sd**2)
 
 
+def _tilt_cost(step_mm: np.ndarray, superior: np.ndarray, cfg: LabellingConfig) -> float:
+    """Cost of the angle between a step between two named neighbours (``(3,)`` world mm, either sign) and
+    the superior axis: ``tilt_weight * max(0, angle - max_tilt_deg)^2 / (2 tilt_sd_deg^2)``; 0 when off."""
+    if cfg.tilt_weight <= 0.0:
+        return 0.0
+    d = float(np.linalg.norm(step_mm))
+    if d < 1e-6:
+        return 0.0
+    cos = abs(float(np.dot(step_mm, superior))) / (d * float(np.linalg.norm(superior)))
+    excess = max(0.0, float(np.degrees(np.arccos(min(1.0, cos)))) - cfg.max_tilt_deg)
+    return cfg.tilt_weight * excess**2 / (2.0 * cfg.tilt_sd_deg**2)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------------
@@ -234,7 +249,7 @@ def assign_levels(
             best[c, s, tbit[s]] = drop_prefix[c] + node[c, s]
         for a in range(c):
             d = float(np.linalg.norm(pos[c] - pos[a]))
-            tr = step_fixed + _spacing_cost(d, expected, cfg)  # (S', S)
+            tr = step_fixed + _spacing_cost(d, expected, cfg) + _tilt_cost(pos[c] - pos[a], sup, cfg)  # (S', S)
             between = drop_prefix[c] - drop_prefix[a + 1]
             for bit in (0, 1):
                 prev = best[a, :, bit]
@@ -277,7 +292,7 @@ def assign_levels(
     for shift in (-1, 1):
         shifted = _shift_states(path, states, shift)
         if shifted is not None:
-            c_alt = _path_cost(shifted, node, drop, pos, allowed, step_fixed, expected, cfg)
+            c_alt = _path_cost(shifted, node, drop, pos, allowed, step_fixed, expected, cfg, sup)
             alternatives[f"shift{shift:+d}"] = c_alt
             alt_costs.append(c_alt)
     other = cost_tr if kind == "standard" else cost_std
@@ -360,7 +375,7 @@ def _shift_states(path: list[tuple[int, int]], states: list[int], shift: int) ->
     return out
 
 
-def _path_cost(path, node, drop, pos, allowed, step_fixed, expected, cfg) -> float:
+def _path_cost(path, node, drop, pos, allowed, step_fixed, expected, cfg, superior) -> float:
     """Cost of a fixed path (kept candidates with states); ``inf`` if it breaks the order rules."""
     kept = {c for c, _ in path}
     total = float(sum(drop[c] for c in range(len(drop)) if c not in kept))
@@ -371,7 +386,8 @@ def _path_cost(path, node, drop, pos, allowed, step_fixed, expected, cfg) -> flo
             if not allowed[sa, s]:
                 return float("inf")
             d = float(np.linalg.norm(pos[c] - pos[a]))
-            total += float(step_fixed[sa, s] + _spacing_cost(d, expected[sa, s], cfg))
+            total += float(step_fixed[sa, s] + _spacing_cost(d, expected[sa, s], cfg)
+                           + _tilt_cost(pos[c] - pos[a], superior, cfg))
     return total
 
 
@@ -406,7 +422,7 @@ def path_cost(
     allowed, skip, expected = _state_tables(states, cfg)
     step_fixed = np.where(allowed, cfg.skip_cost * skip, np.inf)
     path = sorted((int(inv[r]), states.index(int(v))) for r, v in labels.items())
-    return _path_cost(path, node, drop, pos, allowed, step_fixed, expected, cfg)
+    return _path_cost(path, node, drop, pos, allowed, step_fixed, expected, cfg, np.asarray(superior, dtype=np.float64))
 
 
 def complete_run(

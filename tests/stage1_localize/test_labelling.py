@@ -273,3 +273,31 @@ def test_standard_levels_between_skips_transitional_levels():
     assert _standard_levels_between(r(19), r(20)) == []  # T12 .. L1: T13 is transitional
     assert _standard_levels_between(r(24), r(26)) == []  # L5 .. S1: L6 is transitional
     assert _standard_between(r(17), r(24)) == 6  # T10 .. L5: T11, T12, L1 .. L4
+
+
+def test_tilt_prior_drops_a_peak_behind_the_column():
+    """The myosegmentum-010 pattern: L1's body is not detected, a weak peak 45 mm behind (a spinous process)
+    lies a plausible 46 mm above L2's body and its level head says L1. The distance prior alone names it L1;
+    the tilt prior (a near-horizontal step) drops it."""
+    ids, pos, sc, lp = _column(["L2", "L3", "L4", "L5"])
+    junk_pos = pos[0] + np.array([0.0, 45.0, 10.0])  # 45 mm posterior, 10 mm superior: 77 deg off the axis
+    pos = np.vstack([junk_pos, pos])
+    sc = np.concatenate([[0.15], sc])
+    lp = np.vstack([_probs(level_id("L1"), p_true=0.8), lp])
+    plain = assign_levels(pos, sc, lp, LEVELS, LabellingConfig())
+    assert _labels(plain) == ["L1", "L2", "L3", "L4", "L5"]
+    tilted = assign_levels(pos, sc, lp, LEVELS, LabellingConfig(tilt_weight=1.0))
+    assert _labels(tilted) == ["L2", "L3", "L4", "L5"]
+    assert [a.index for a in tilted.assignments] == [1, 2, 3, 4]
+
+
+def test_tilt_cost_exact_values():
+    from stage1_localize.labelling import _tilt_cost
+
+    cfg = LabellingConfig(tilt_weight=2.0, max_tilt_deg=30.0, tilt_sd_deg=10.0)
+    sup = np.array([0.0, 0.0, 1.0])
+    assert _tilt_cost(np.array([0.0, 10.0, -30.0]), sup, cfg) == 0.0  # 18.4 deg: free
+    step = np.array([0.0, np.sin(np.radians(50.0)), np.cos(np.radians(50.0))]) * 35.0  # 50 deg: 20 over
+    assert _tilt_cost(step, sup, cfg) == pytest.approx(2.0 * 20.0**2 / 200.0)
+    assert _tilt_cost(-step, sup, cfg) == pytest.approx(4.0)  # either sign
+    assert _tilt_cost(step, sup, LabellingConfig()) == 0.0  # off by default
