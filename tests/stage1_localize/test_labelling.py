@@ -284,7 +284,7 @@ def test_tilt_prior_drops_a_peak_behind_the_column():
     pos = np.vstack([junk_pos, pos])
     sc = np.concatenate([[0.15], sc])
     lp = np.vstack([_probs(level_id("L1"), p_true=0.8), lp])
-    plain = assign_levels(pos, sc, lp, LEVELS, LabellingConfig())
+    plain = assign_levels(pos, sc, lp, LEVELS, LabellingConfig(tilt_weight=0.0))
     assert _labels(plain) == ["L1", "L2", "L3", "L4", "L5"]
     tilted = assign_levels(pos, sc, lp, LEVELS, LabellingConfig(tilt_weight=1.0))
     assert _labels(tilted) == ["L2", "L3", "L4", "L5"]
@@ -300,4 +300,4 @@ def test_tilt_cost_exact_values():
     step = np.array([0.0, np.sin(np.radians(50.0)), np.cos(np.radians(50.0))]) * 35.0  # 50 deg: 20 over
     assert _tilt_cost(step, sup, cfg) == pytest.approx(2.0 * 20.0**2 / 200.0)
     assert _tilt_cost(-step, sup, cfg) == pytest.approx(4.0)  # either sign
-    assert _tilt_cost(step, sup, LabellingConfig()) == 0.0  # off by default
+    assert _tilt_cost(step, sup, LabellingConfig(tilt_weight=0.0)) == 0.0  # off switch
