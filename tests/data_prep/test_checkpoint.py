@@ -143,12 +143,12 @@ def test_make_ema_exact_values_and_off_switch():
     with torch.no_grad():
         lin.weight.fill_(2.0)
     ema.update_parameters(lin)
-    assert float(ema.module.weight) == 2.0
+    assert ema.module.weight.item() == 2.0
     with torch.no_grad():
         lin.weight.fill_(6.0)
     ema.update_parameters(lin)
-    assert float(ema.module.weight) == 0.75 * 2.0 + 0.25 * 6.0  # 3.0
-    assert float(lin.weight) == 6.0
+    assert ema.module.weight.item() == 0.75 * 2.0 + 0.25 * 6.0  # 3.0
+    assert lin.weight.item() == 6.0
 
 
 def test_ema_state_round_trip_and_missing_average(tmp_path):
