@@ -98,7 +98,8 @@ class LabellingConfig:
     #: passes the distance prior at a near-horizontal step. On by default: on the 5-fold models of
     #: stage1_completion.md (decoding only, bench/results/stage1_tilt1.md) precision rose in all four variants
     #: (strict 0.803 -> 0.808 whole scans, 0.688 -> 0.726 bottom field of view), all-correct scans (strict) in
-    #: all four (0.179 -> 0.194 whole scans), identified vertebrae net unchanged (+1 / +1 / +1 / -3). 0: off
+    #: all four (0.179 -> 0.194 whole scans), identified vertebrae net unchanged (+1 / +1 / +1 / -3); on the
+    #: 80-epoch models identification 0.892 -> 0.900, better or equal in every fold (stage1_e80_tilt1.md). 0: off
     tilt_weight: float = 1.0
     max_tilt_deg: float = 35.0
     tilt_sd_deg: float = 10.0
