@@ -9,7 +9,7 @@ export PYTHONHASHSEED := 0
 # Two cores on the reference machines: keep torch from oversubscribing.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test test-fast demo train-stage1 train-stage2 stage2 bench bench-stage1 bench-stage2 bench-stage2-ceiling bench-outlines bench-pipeline clean
+.PHONY: install test test-fast demo train-stage1 train-stage2 stage2 bench bench-stage1 bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-pipeline clean
 
 install: $(STAMP)
 
@@ -42,7 +42,7 @@ train-stage2: $(STAMP)
 stage2: train-stage2
 
 ## Benchmarks: JSON + markdown under bench/results/ (real-data parts need ../shared/data).
-bench: bench-stage1 bench-stage2 bench-stage2-ceiling bench-outlines bench-pipeline
+bench: bench-stage1 bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-pipeline
 
 bench-stage1: $(STAMP)
 	$(PY) bench/bench_stage1.py $(BENCH_ARGS)
@@ -53,6 +53,10 @@ bench-stage2: $(STAMP)
 ## What any classifier could do on the semi-synthetic stage-2 data, next to the network (no training).
 bench-stage2-ceiling: $(STAMP)
 	$(PY) bench/stage2_ceiling.py
+
+## A floor for the network: logistic regression on the body's intensity tails (seconds, no deep learning).
+bench-stage2-baseline: $(STAMP)
+	$(PY) bench/stage2_baseline.py
 
 ## How right the stage-2 reading of the real loose outlines is (no training, real data only).
 bench-outlines: $(STAMP)

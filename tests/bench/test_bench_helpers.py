@@ -457,3 +457,25 @@ def test_predict_lesion_head_reads_the_top_voxels_inside_the_pool():
     assert np.allclose(p, [[0.0, 0.0, 1.0]] * 2, atol=1e-6)
     module.net.lesion_typing = False
     assert predict_lesion_head(module, samples) is None
+
+
+def test_stage2_baseline_tail_features():
+    from bench.stage2_baseline import FEATURES, tail_features
+
+    rng = np.random.default_rng(0)
+    img = rng.normal(1.0, 0.05, (12, 12, 12))
+    body = np.zeros(img.shape, bool)
+    body[2:10, 2:10, 2:10] = True
+    base = tail_features(img, body)
+    assert base.shape == (len(FEATURES),)
+    assert np.allclose(tail_features(3.0 * img + 7.0, body), base)  # robust standardisation: affine-invariant
+    spot = img.copy()
+    spot[4:6, 4:6, 4:6] += 1.0  # a bright 8-voxel lesion inside the body
+    lit = tail_features(spot, body)
+    for name, rise in (("max_sigma0", 10.0), ("max_sigma1", 2.0), ("p99.5_sigma0", 5.0)):
+        i = FEATURES.index(name)
+        assert lit[i] > base[i] + rise, name
+    outside = img.copy()
+    outside[0, 0, 0] = 100.0  # outside the mask: no effect
+    assert np.allclose(tail_features(outside, body), base)
+    assert np.all(tail_features(img, np.zeros_like(body)) == 0.0)
