@@ -16,7 +16,7 @@ bodies, or a transitional spine (L6 / T13). Here the naming is a **minimum-cost 
 * a spacing prior scores the 3D distance between consecutive kept centroids against the expected
   distance for the number of anatomical steps (log-normal: ``(log(d / d_expected))^2 / 2 sd^2``), so a
   doubled gap prefers "one level missing" and a half gap prefers "one candidate is spurious";
-* an optional tilt prior (``tilt_weight``) scores the angle of that step to the superior axis beyond
+* a tilt prior (``tilt_weight``, 0 = off) scores the angle of that step to the superior axis beyond
   ``max_tilt_deg``, so a near-horizontal step (to a weak peak on a spinous process) is not a vertebral step;
 * the first and last kept candidates may be any level, so any contiguous run of levels (partial field
   of view; no sacrum, no thoracic spine) is equally acceptable a priori — the level probabilities anchor
@@ -170,6 +170,13 @@ def _spacing_cost(dist_mm: np.ndarray | float, expected_mm: np.ndarray, cfg: Lab
     return cfg.spacing_weight * np.log(d / expected_mm) ** 2 / (2.0 * cfg.spacing_rel_sd**2)
 
 
+def _check_config(cfg: LabellingConfig) -> None:
+    """``ValueError`` naming the field for prior widths that would divide by zero."""
+    for name in ("spacing_rel_sd", "tilt_sd_deg"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"labelling.{name} must be > 0, got {getattr(cfg, name)}")
+
+
 def _tilt_cost(step_mm: np.ndarray, superior: np.ndarray, cfg: LabellingConfig) -> float:
     """Cost of the angle between a step between two named neighbours (``(3,)`` world mm, either sign) and
     the superior axis: ``tilt_weight * max(0, angle - max_tilt_deg)^2 / (2 tilt_sd_deg^2)``; 0 when off."""
@@ -210,6 +217,7 @@ def assign_levels(
     rows through ``Assignment.index``. Dropped candidates do not appear.
     """
     cfg = config or LabellingConfig()
+    _check_config(cfg)
     pos = np.asarray(positions_mm, dtype=np.float64).reshape(-1, 3)
     n = len(pos)
     sc = np.clip(np.asarray(scores, dtype=np.float64).reshape(-1), 0.01, 0.99)

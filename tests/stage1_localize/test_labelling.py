@@ -301,3 +301,10 @@ def test_tilt_cost_exact_values():
     assert _tilt_cost(step, sup, cfg) == pytest.approx(2.0 * 20.0**2 / 200.0)
     assert _tilt_cost(-step, sup, cfg) == pytest.approx(4.0)  # either sign
     assert _tilt_cost(step, sup, LabellingConfig(tilt_weight=0.0)) == 0.0  # off switch
+
+
+@pytest.mark.parametrize("field", ["spacing_rel_sd", "tilt_sd_deg"])
+def test_zero_prior_width_is_a_clear_error(field):
+    ids, pos, sc, lp = _column(["L1", "L2"])
+    with pytest.raises(ValueError, match=f"labelling.{field} must be > 0"):
+        assign_levels(pos, sc, lp, LEVELS, LabellingConfig(**{field: 0.0}))
