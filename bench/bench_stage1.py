@@ -20,6 +20,8 @@ Protocol
   myosegmentum annotates L1-L5 while T12 (often T11) is in view, and the FOV crops leave partly
   visible vertebrae without a centroid, so a correct T12 there is not an error. A per-level table
   (identified / ground-truth vertebrae of each level, original scans) shows which levels a run misses.
+* With ``--set ema_decay=...`` (weight averaging) the trained model is the average, and the same run's last
+  raw weights are scored too (method ``spinepipe_stage1_raw``): a paired comparison on one training run.
 * ``--nnunet``: nnU-Net v2 out of the box (3d_fullres vertebra-level semantic segmentation trained from the
   *expert masks*, i.e. more supervision than our points), via ``bench/nnunet_reference.py``: for each budget
   in ``--nnunet-budgets`` ("same" = the wall-clock our model took in that fold; or seconds) a speed probe

@@ -307,7 +307,7 @@ LESION_TOP_K = 8
 
 
 @torch.no_grad()
-def predict_lesion_head(module: Stage2Trainable, samples: list[Sample], bs: int = 8) -> np.ndarray:
+def predict_lesion_head(module: Stage2Trainable, samples: list[Sample], bs: int = 8) -> np.ndarray | None:
     """A verdict read off the voxel-level lesion head of the classification path alone (diagnostic, no MLP):
     per lesion class k the mean of its ``LESION_TOP_K`` highest voxel probabilities inside the pooling mask,
     and 1 - the largest of those for "normal"; rows renormalised to sum to 1. ``(N, K)``; None when the
