@@ -149,6 +149,23 @@ def prepare(data: Path, work: Path, seed: int, n_per_cohort: int | None, lesion_
     return out
 
 
+def script_samples(cfg: Stage2Config, data: Path, work: Path, seed: int, cache: Path | None,
+                   logger: logging.Logger) -> tuple[list[Sample], str] | None:
+    """The benchmark's full-mask samples for the no-training scripts (``stage2_ceiling``, ``stage2_baseline``):
+    from ``cache`` (a ``--samples-cache`` file) when given, else built from ``data`` (lesion seed ``seed``,
+    semi-synthetic copies in ``work``). Returns ``(samples, source)``, or None after logging one error line
+    (missing cache file or data folder)."""
+    if cache is not None:
+        if not cache.is_file():
+            logger.error("--samples-cache %s: no such file", cache)
+            return None
+        return load_sample_cache(cache, cfg), str(cache)
+    if not (data / "myosegmentum").is_dir():
+        logger.error("real data not available: %s is absent; nothing measured", data)
+        return None
+    return load_samples(prepare(data, work, seed, None), cfg, "full"), str(data)
+
+
 def weak_copy(src: Path, work: Path, kind: str, seed: int) -> Path:
     from data_prep.weak_labels import derive_weak_labels
 

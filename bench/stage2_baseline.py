@@ -30,8 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.bench_stage2 import (LABEL, _metrics, cohort_of, folds_by_subject, load_sample_cache,  # noqa: E402
-                                load_samples, prepare)
+from bench.bench_stage2 import LABEL, _metrics, cohort_of, folds_by_subject, script_samples  # noqa: E402
 from bench.mdtable import md_table  # noqa: E402
 from data_prep.io import write_text  # noqa: E402
 from stage2_classify.config import Stage2Config  # noqa: E402
@@ -94,16 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t0 = time.time()
     cfg = Stage2Config()
-    if args.samples_cache is not None:
-        if not args.samples_cache.is_file():
-            log.error("--samples-cache %s: no such file", args.samples_cache)
-            return 2
-        samples = load_sample_cache(args.samples_cache, cfg)
-    else:
-        if not (args.data / "myosegmentum").is_dir():
-            log.error("real data not available: %s is absent; nothing measured", args.data)
-            return 2
-        samples = load_samples(prepare(args.data, args.work, args.seed, None), cfg, "full")
+    loaded = script_samples(cfg, args.data, args.work, args.seed, args.samples_cache, log)
+    if loaded is None:
+        return 2
+    samples, _ = loaded
     x = np.stack([tail_features(s.image, s.targets.body > 0.5) for s in samples])
     y = np.array([s.cls for s in samples])
     n_classes = len(cfg.classes)

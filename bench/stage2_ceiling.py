@@ -40,8 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.bench_stage2 import (_r, cohort_of, lesion_contrast, load_sample_cache, load_samples,  # noqa: E402
-                                prepare, typing_auc)
+from bench.bench_stage2 import _r, cohort_of, lesion_contrast, script_samples, typing_auc  # noqa: E402
 from bench.mdtable import md_table  # noqa: E402
 from data_prep.io import write_text  # noqa: E402
 from data_prep.lesions import CLASSES, COHORT_CONTRAST, CONTRASTS, LesionConfig, _draw_ratio  # noqa: E402
@@ -191,18 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t0 = time.time()
     cfg = Stage2Config()
-    if args.samples_cache is not None:
-        if not args.samples_cache.is_file():
-            log.error("--samples-cache %s: no such file", args.samples_cache)
-            return 2
-        samples = load_sample_cache(args.samples_cache, cfg)
-        source = str(args.samples_cache)
-    else:
-        if not (args.data / "myosegmentum").is_dir():
-            log.error("real data not available: %s is absent; nothing measured", args.data)
-            return 2
-        samples = load_samples(prepare(args.data, args.work, args.seed, None), cfg, "full")
-        source = str(args.data)
+    loaded = script_samples(cfg, args.data, args.work, args.seed, args.samples_cache, log)
+    if loaded is None:
+        return 2
+    samples, source = loaded
     preds = {}
     pred_file = None if str(args.predictions) == "none" else args.predictions
     if pred_file is not None:
