@@ -55,8 +55,9 @@ def sample_patch(
 ) -> Patch:
     """Cut an augmented patch from a prepared ``(I, J, K)`` [0, 1] image (``aug=None``: plain crop).
 
-    ``point_weights`` (``(N,)``, one per point, any positive scale; None: uniform) is the probability
-    with which a foreground patch is centred on each point (see ``train.level_balanced_weights``).
+    ``point_weights`` (``(N,)``, one per point, non-negative, any scale; None: uniform) is the probability
+    with which a foreground patch is centred on each point (see ``train.level_balanced_weights``); a
+    zero-weight point is never a centre (but still moves with the patch).
     """
     shape = np.asarray(image.shape, dtype=np.float64)
     P = np.asarray(patch_size, dtype=np.float64)
@@ -69,8 +70,9 @@ def sample_patch(
             n = int(rng.integers(len(pts)))
         else:
             w = np.asarray(point_weights, dtype=np.float64).reshape(-1)
-            if w.shape != (len(pts),) or not np.all(w > 0):
-                raise ValueError(f"point_weights: expected {len(pts)} positive weights, got {w.tolist()}")
+            if w.shape != (len(pts),) or not np.all(w >= 0) or not w.sum() > 0:
+                raise ValueError(f"point_weights: expected {len(pts)} non-negative weights with a positive sum, "
+                                 f"got {w.tolist()}")
             n = int(rng.choice(len(pts), p=w / w.sum()))
         c_in = pts[n] + rng.uniform(-0.25, 0.25, 3) * P
     else:

@@ -150,7 +150,11 @@ class Stage1Config:
     #: (L1-L5 annotated -> T12 extrapolated; ``targets.extrapolate_cranial``); 0: off. Experimental: on
     #: fold 0 of the real benchmark it lowered identification in every trial (bench/results/stage1_*_f0.md)
     extrapolate_cranial: int = 0
-    #: extrapolated pseudo-centroids supervise only the level head (not the heatmap, offsets or span)
+    #: pseudo-centroids added below the most caudal annotated level (L5 annotated -> S1 one step below;
+    #: ``targets.extrapolate_caudal``), so the level head learns to call the sacrum S1; 0: off
+    extrapolate_caudal: int = 0
+    #: extrapolated pseudo-centroids supervise only the level head (not the heatmap, offsets or span) and
+    #: are never drawn as the centre of a foreground patch
     extrapolated_level_only: bool = False
     # heatmap loss ignored beyond this margin outside the annotated run of levels (None: off); see targets.py
     span_margin_mm: Optional[float] = 20.0

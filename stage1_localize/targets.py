@@ -35,9 +35,15 @@ learns "the top-most body in view is L1" and names a visible T12 "L1", shifting 
 myosegmentum). :func:`extrapolate_cranial` therefore adds pseudo-points above the most cranial annotated
 level by repeating the last inter-centroid step (T12 = L1 + (L1 - L2)); at the thoraco-lumbar junction
 the spine is nearly straight, and on chu2015 (T11-L5 annotated) this places T12 within 2.6 mm median /
-5.9 mm max of the expert centroid and T11 (from T12, L1) within 2.9 / 10.0 mm (17 scans). No
-extrapolation at the caudal end: the lordosis and the sacral angle make it inaccurate (L5 from L3-L4:
-8.6 / 15.7 mm), and the sacrum below L5 is handled by :data:`CLOSED_BELOW`.
+5.9 mm max of the expert centroid and T11 (from T12, L1) within 2.9 / 10.0 mm (17 scans).
+
+At the caudal end the heatmap already treats the sacrum below an annotated L5 as background
+(:data:`CLOSED_BELOW`), but the *level head* is never told what that body is: when the detector still fires
+on the sacrum, the level head, which has only seen L5 as the lowest level, calls it "L5" and the labeller
+shifts the whole run one level up (the commonest whole-scan error on the real benchmark: myosegmentum-010,
+-013 and chu2015-019 in ``stage1_e80_tilt1``). :func:`extrapolate_caudal` adds an S1 pseudo-point one step
+below L5 (L5 + (L5 - L4)); the lordosis and the sacral angle make that position approximate (L5 from
+L3-L4: 8.6 / 15.7 mm), so it is meant to supervise the level map only (``level_only``), not the heatmap.
 """
 from __future__ import annotations
 
@@ -178,6 +184,34 @@ def annotated_span_weight(
     return w * keep.astype(np.float32)[tuple(view)]
 
 
+def _extrapolate(world_mm: np.ndarray, level_ids: Sequence[int], n_levels: int, direction: int,
+                 superior: Sequence[float]) -> tuple[list[int], np.ndarray]:
+    """Shared body of :func:`extrapolate_cranial` (``direction=-1``) and :func:`extrapolate_caudal` (``+1``)."""
+    pts = np.asarray(world_mm, dtype=np.float64).reshape(-1, 3)
+    ids = [int(v) for v in level_ids]
+    if len(ids) != len(pts):
+        raise ValueError(f"{len(pts)} points but {len(ids)} level ids")
+    if len(ids) < 2 or n_levels <= 0:
+        return [], np.zeros((0, 3))
+    # end = the annotated level at the extrapolated end of the run, inner = its neighbour inside the run
+    order = sorted(range(len(ids)), key=lambda n: direction * anatomical_rank(ids[n]), reverse=True)
+    end_id, inner_id = ids[order[0]], ids[order[1]]
+    end, inner = pts[order[0]], pts[order[1]]
+    # the step must point head-wards when extending cranially, foot-wards when extending caudally
+    toward = -direction * np.asarray(superior, dtype=np.float64).reshape(3)
+    new_ids, new_pts = [], []
+    for _ in range(n_levels):
+        nxt = standard_neighbour(end_id, direction)
+        if end_id in TRANSITIONAL_IDS or inner_id in TRANSITIONAL_IDS or nxt is None \
+                or standard_neighbour(inner_id, direction) != end_id or float((end - inner) @ toward) <= 0:
+            break
+        p = end + (end - inner)
+        new_ids.append(nxt)
+        new_pts.append(p)
+        end_id, inner_id, end, inner = nxt, end_id, p, end
+    return new_ids, np.asarray(new_pts, dtype=np.float64).reshape(-1, 3)
+
+
 def extrapolate_cranial(
     world_mm: np.ndarray, level_ids: Sequence[int], n_levels: int = 1, superior: Sequence[float] = (0.0, 0.0, 1.0)
 ) -> tuple[list[int], np.ndarray]:
@@ -189,27 +223,20 @@ def extrapolate_cranial(
     Returns ``(ids, (M, 3) world mm)`` of the *added* points only (M <= n_levels), head-most last.
     E.g. L1 at z = 0 and L2 at z = -30 -> ``([19], [[0, 0, 30]])`` (T12).
     """
-    pts = np.asarray(world_mm, dtype=np.float64).reshape(-1, 3)
-    ids = [int(v) for v in level_ids]
-    if len(ids) != len(pts):
-        raise ValueError(f"{len(pts)} points but {len(ids)} level ids")
-    if len(ids) < 2 or n_levels <= 0:
-        return [], np.zeros((0, 3))
-    order = sorted(range(len(ids)), key=lambda n: anatomical_rank(ids[n]))
-    top_id, next_id = ids[order[0]], ids[order[1]]
-    top, nxt = pts[order[0]], pts[order[1]]
-    sup = np.asarray(superior, dtype=np.float64).reshape(3)
-    new_ids, new_pts = [], []
-    for _ in range(n_levels):
-        pred = standard_neighbour(top_id, -1)
-        if top_id in TRANSITIONAL_IDS or next_id in TRANSITIONAL_IDS or pred is None \
-                or standard_neighbour(next_id, -1) != top_id or float((top - nxt) @ sup) <= 0:
-            break
-        p = top + (top - nxt)
-        new_ids.append(pred)
-        new_pts.append(p)
-        top_id, next_id, top, nxt = pred, top_id, p, top
-    return new_ids, np.asarray(new_pts, dtype=np.float64).reshape(-1, 3)
+    return _extrapolate(world_mm, level_ids, n_levels, -1, superior)
+
+
+def extrapolate_caudal(
+    world_mm: np.ndarray, level_ids: Sequence[int], n_levels: int = 1, superior: Sequence[float] = (0.0, 0.0, 1.0)
+) -> tuple[list[int], np.ndarray]:
+    """Pseudo-centroids for the ``n_levels`` standard levels below the most caudal annotated one, repeating the
+    last step towards the feet (L4 at z = 0, L5 at z = -30 -> ``([26], [[0, 0, -60]])``, S1: the standard
+    level after L5; nothing after S1). Same rules and return value as :func:`extrapolate_cranial`, foot-most
+    last. The lordosis makes the position approximate (L5 from L3-L4: 8.6 mm median, 15.7 mm max on chu2015),
+    so these points are meant for the level head only (``Stage1Config.extrapolated_level_only``): a body
+    seen below an annotated L5 is the sacrum, and the level head should call it S1, not L5.
+    """
+    return _extrapolate(world_mm, level_ids, n_levels, +1, superior)
 
 
 def level_indices(level_ids: Sequence[int], levels: Sequence[int]) -> np.ndarray:

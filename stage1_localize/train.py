@@ -7,7 +7,9 @@
   lumbar scan is ~0.4 M voxels). With ``config.extrapolate_cranial`` the run of points is extended
   head-wards by extrapolated pseudo-centroids (``targets.extrapolate_cranial``: a visible T12 above an
   L1-L5 annotation is taught as T12, not left for the level head to call "L1"; experimental, off by
-  default: it lowered identification in the fold-0 trials, see ``config.py``).
+  default: it lowered identification in the fold-0 trials, see ``config.py``); ``config.extrapolate_caudal``
+  likewise adds S1 below an annotated L5 (``targets.extrapolate_caudal``), so that the level head calls
+  the sacrum S1 instead of "L5". Level-only pseudo-points are never patch centres.
 * Each step draws ``batch_size`` augmented patches (``augment.sample_patch``) and builds targets on the
   patch grid (the heatmap loss ignores what lies beyond the annotated run of levels, see ``targets.py``). Loss = weighted BCE on the centre heatmap (weight ``1 + pos_weight * target``, the centres
   are <1 % of voxels) + ``level_loss_weight`` x cross-entropy of the level head inside the balls
@@ -48,7 +50,7 @@ from stage1_localize.config import Stage1Config
 from stage1_localize.model import LocalizerNet
 from stage1_localize.plan import plan_network
 from stage1_localize.preprocess import prepare, zscore
-from stage1_localize.targets import IGNORE, extrapolate_cranial, make_targets
+from stage1_localize.targets import IGNORE, extrapolate_caudal, extrapolate_cranial, make_targets
 
 log = logging.getLogger(__name__)
 LOG_FILE = "train_log.csv"
@@ -64,7 +66,7 @@ class TrainSubject:
     level_ids: list[int]
     #: index of the dataset folder the subject came from (batches balance folders, see ``make_batch``)
     group: int = 0
-    #: levels of extrapolated pseudo-centroids among ``level_ids`` (``config.extrapolate_cranial``)
+    #: levels of extrapolated pseudo-centroids among ``level_ids`` (``config.extrapolate_cranial`` / ``_caudal``)
     pseudo_ids: tuple[int, ...] = ()
 
 
@@ -107,12 +109,13 @@ def load_subjects(data_dir, config: Stage1Config) -> list[TrainSubject]:
                 continue
             image = read_image(img_path)
             ids, world = subject_points(image, pts_path, vert_path)
-            if config.extrapolate_cranial > 0 and len(world):
-                extra_ids, extra = extrapolate_cranial(world, ids, config.extrapolate_cranial)
-                ids, world = list(ids) + extra_ids, np.concatenate([world, extra]) if len(extra) else world
-                pseudo = tuple(extra_ids)
-            else:
-                pseudo = ()
+            pseudo: tuple[int, ...] = ()
+            for n_levels, extrapolate in ((config.extrapolate_cranial, extrapolate_cranial),
+                                          (config.extrapolate_caudal, extrapolate_caudal)):
+                if n_levels > 0 and len(world):
+                    extra_ids, extra = extrapolate(world, ids, n_levels)
+                    ids, world = list(ids) + extra_ids, np.concatenate([world, extra]) if len(extra) else world
+                    pseudo += tuple(extra_ids)
             grid = prepare(image, config)
             ijk = grid.world_to_voxel(world).coords if len(world) else np.zeros((0, 3))
             out.append(TrainSubject(sid, grid, np.asarray(ijk), ids, group, pseudo))
@@ -144,6 +147,29 @@ def level_balanced_weights(level_ids_per_subject: list[list[int]], power: float 
     return [np.array([float(counts[int(v)]) ** -power for v in ids], dtype=np.float64) for ids in level_ids_per_subject]
 
 
+def centre_weights(subjects: list[TrainSubject], config: Stage1Config) -> dict[int, np.ndarray | None]:
+    """Per subject (keyed by ``id(subject)``), the ``(N_s,)`` weights with which a foreground patch is
+    centred on each of its points (None: uniform): :func:`level_balanced_weights` with
+    ``config.balance_levels``, and zero for level-only pseudo-points (``config.extrapolated_level_only``),
+    which are not detections. Level-only pseudo-points are not counted, so the real points' weights are
+    those of the same subjects without them (and with ``balance_levels``, as the pseudo-points come last,
+    so are the draws among the real points).
+    """
+    level_only = config.extrapolated_level_only
+    real = [np.array([not (level_only and int(v) in s.pseudo_ids) for v in s.level_ids]) for s in subjects]
+    balanced = (level_balanced_weights([[v for v, r in zip(s.level_ids, keep) if r] for s, keep in zip(subjects, real)],
+                                       config.level_balance_power) if config.balance_levels else None)
+    out: dict[int, np.ndarray | None] = {}
+    for n, (s, keep) in enumerate(zip(subjects, real)):
+        if balanced is None and keep.all():
+            out[id(s)] = None
+            continue
+        w = np.zeros(len(keep))
+        w[keep] = balanced[n] if balanced is not None else 1.0
+        out[id(s)] = w
+    return out
+
+
 def make_batch(subjects: list[TrainSubject], config: Stage1Config, rng: np.random.Generator,
                augment: bool = True) -> dict[str, torch.Tensor]:
     """``{"image": (B,1,I,J,K) z-scored, "heatmap": (B,1,I,J,K), "levels": (B,I,J,K) int64,
@@ -153,13 +179,11 @@ def make_batch(subjects: list[TrainSubject], config: Stage1Config, rng: np.rando
     ``config.balance_levels`` the foreground centre is drawn by :func:`level_balanced_weights`."""
     spacing = np.asarray(config.target_spacing, dtype=np.float64)
     imgs, heats, levs, weights, offs, omasks = [], [], [], [], [], []
-    point_w = (dict(zip((id(s) for s in subjects), level_balanced_weights([list(s.level_ids) for s in subjects],
-                                                                              config.level_balance_power)))
-               if config.balance_levels else {})
+    point_w = centre_weights(subjects, config)
     for _ in range(config.batch_size):
         s = draw_subject(subjects, rng, config.balance_groups)
         p = sample_patch(s.grid.array, s.points_ijk, s.level_ids, config.plan.patch_size, spacing, rng,
-                         config.augment if augment else None, point_weights=point_w.get(id(s)))
+                         config.augment if augment else None, point_weights=point_w[id(s)])
         level_only = ([int(v) in s.pseudo_ids for v in p.level_ids]
                       if config.extrapolated_level_only and s.pseudo_ids else None)
         t = make_targets(p.image.shape, p.points_ijk, p.level_ids, spacing, levels=config.levels,

@@ -81,6 +81,27 @@ def test_sample_patch_point_weights_pick_the_weighted_point():
         centre = (np.array([8, 8, 16]) - 1) / 2
         assert np.all(np.abs(patch.points_ijk[1] - centre) <= 0.25 * np.array([8, 8, 16]) + 1e-6)
         assert np.abs(patch.points_ijk[0][2] - centre[2]) > 100
-    with pytest.raises(ValueError, match="positive weights"):
+    with pytest.raises(ValueError, match="non-negative weights"):
         sample_patch(img, pts, [20, 21], (8, 8, 16), np.array([3.0, 3.0, 3.0]), rng, aug,
                      point_weights=np.array([1.0]))
+    for bad in ([0.0, 0.0], [-1.0, 2.0]):
+        with pytest.raises(ValueError, match="positive sum"):
+            sample_patch(img, pts, [20, 21], (8, 8, 16), np.array([3.0, 3.0, 3.0]), rng, aug,
+                         point_weights=np.array(bad))
+
+
+def test_sample_patch_zero_weight_point_is_never_a_centre_and_leaves_the_draws_unchanged():
+    """A trailing zero-weight point (a level-only pseudo-point) is never drawn, and appending it does not
+    change which real point is drawn nor the rest of the patch (same RNG stream)."""
+    img = np.random.default_rng(1).random((40, 40, 200)).astype(np.float32)
+    pts = np.array([[20.0, 20.0, 30.0], [20.0, 20.0, 100.0], [20.0, 20.0, 170.0]])
+    aug = AugmentConfig(p_foreground=1.0)
+    for seed in range(20):
+        a = sample_patch(img, pts[:2], [20, 21], (8, 8, 16), np.array([3.0, 3.0, 3.0]),
+                         np.random.default_rng(seed), aug, point_weights=np.array([1.0, 2.0]))
+        b = sample_patch(img, pts, [20, 21, 26], (8, 8, 16), np.array([3.0, 3.0, 3.0]),
+                         np.random.default_rng(seed), aug, point_weights=np.array([1.0, 2.0, 0.0]))
+        assert np.array_equal(a.image, b.image)
+        real = [n for n, v in enumerate(b.level_ids) if v != 26]
+        assert list(a.level_ids) == [b.level_ids[n] for n in real]
+        np.testing.assert_allclose(a.points_ijk, b.points_ijk[real])

@@ -108,6 +108,42 @@ def test_extrapolate_cranial_hand_made():
     np.testing.assert_allclose(pts, [[0.0, -4.0, 30.0], [0.0, -8.0, 60.0]])
 
 
+def test_extrapolate_caudal_hand_made():
+    """L5 annotated last: S1 one step below; nothing below S1; an L6 (transitional) end is not extended."""
+    from stage1_localize.targets import extrapolate_caudal
+    world = np.array([[0.0, 0.0, -30.0], [0.0, 5.0, 0.0], [0.0, 2.0, 30.0]])  # L5, L4, L3 (any order)
+    ids, pts = extrapolate_caudal(world, [24, 23, 22])
+    assert ids == [26]
+    np.testing.assert_allclose(pts, [[0.0, -5.0, -60.0]])
+    # L4 last, two levels: L5 then S1
+    ids, pts = extrapolate_caudal(np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -30.0]]), [22, 23], n_levels=2)
+    assert ids == [24, 26]
+    np.testing.assert_allclose(pts, [[0.0, 0.0, -60.0], [0.0, 0.0, -90.0]])
+    # S1 already annotated (nothing below it), L6 at the end, a gap, or a step pointing head-wards: nothing
+    assert extrapolate_caudal(np.array([[0, 0, 0.0], [0, 0, -30.0]]), [24, 26])[0] == []
+    assert extrapolate_caudal(np.array([[0, 0, 0.0], [0, 0, -30.0]]), [24, 25])[0] == []
+    assert extrapolate_caudal(np.array([[0, 0, 0.0], [0, 0, -60.0]]), [22, 24])[0] == []
+    assert extrapolate_caudal(np.array([[0, 0, -30.0], [0, 0, 0.0]]), [23, 24])[0] == []
+
+
+def test_make_targets_level_only_sacrum_point_names_the_level_map_but_not_the_heatmap():
+    """An S1 pseudo-point below L5 (``level_only``): S1 in the level map around it, no heat, no offsets, and
+    the sacrum stays a heatmap negative (span closed below L5)."""
+    from stage1_localize.targets import IGNORE
+    pts = np.array([[4.0, 4.0, 10.0], [4.0, 4.0, 6.0]])  # L5 above, S1 pseudo-point 12 mm below (k = superior)
+    kw = dict(levels=(23, 24, 26), sigma_mm=2.0, level_radius_mm=9.0, span_margin_mm=6.0, offset_radius_mm=6.0)
+    t = make_targets((9, 9, 20), pts, [24, 26], (3.0, 3.0, 3.0), level_only=[False, True], **kw)
+    assert t["levels"][4, 4, 6] == 2 and t["levels"][4, 4, 10] == 1
+    assert t["levels"][4, 4, 9] == 1 and t["levels"][4, 4, 7] == 2  # nearest point wins between the balls
+    assert t["levels"][0, 0, 0] == IGNORE
+    assert t["heatmap"][4, 4, 6] < 1e-6 and t["heatmap"][4, 4, 10] == pytest.approx(1.0)
+    assert not t["offset_mask"][4, 4, 6] and t["offset_mask"][4, 4, 10]
+    assert np.all(t["heatmap_weight"][:, :, :10] == 1.0)  # below L5 is the sacrum: no ignore band there
+    plain = make_targets((9, 9, 20), pts[:1], [24], (3.0, 3.0, 3.0), **kw)
+    assert np.array_equal(t["heatmap"], plain["heatmap"]) and np.array_equal(t["offset"], plain["offset"])
+    assert np.array_equal(t["heatmap_weight"], plain["heatmap_weight"])
+
+
 def test_extrapolate_cranial_refuses_gaps_transitional_and_wrong_direction():
     from stage1_localize.targets import extrapolate_cranial
     # L1 and L3 (L2 missing): the step is not one level

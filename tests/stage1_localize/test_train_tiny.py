@@ -16,7 +16,7 @@ from stage1_localize.config import Stage1Config
 from stage1_localize.infer import Localizer
 from stage1_localize.model import LocalizerNet
 from stage1_localize.plan import plan_network
-from stage1_localize.train import LOG_FILE, load_subjects, train_stage1
+from stage1_localize.train import LOG_FILE, load_subjects, make_batch, train_stage1
 
 N_SUBJECTS = 6
 
@@ -132,6 +132,39 @@ def test_load_subjects_extrapolate_cranial_adds_one_level_above_the_run(cohort, 
         assert len(added) == 1
         top = min(plain.level_ids, key=anatomical_rank)
         assert anatomical_rank(added[0]) < anatomical_rank(top)
+
+
+def test_load_subjects_extrapolate_caudal_adds_the_level_below_the_run(cohort, subjects):
+    """``extrapolate_caudal=1``: a subject gains the standard level below its lowest annotated one (S1 below
+    L5), none when S1 is annotated."""
+    from data_prep.scan import anatomical_rank, standard_neighbour
+    ext = load_subjects(cohort, _tiny_config(extrapolate_caudal=1))
+    for plain, more in zip(subjects, ext):
+        assert list(more.level_ids[:len(plain.level_ids)]) == list(plain.level_ids)
+        added = list(more.level_ids[len(plain.level_ids):])
+        bottom = max(plain.level_ids, key=anatomical_rank)
+        assert added == ([] if bottom == 26 else [standard_neighbour(bottom, +1)])
+        assert tuple(added) == more.pseudo_ids
+
+
+def test_level_only_pseudo_points_change_only_the_level_targets(cohort, subjects):
+    """With ``extrapolated_level_only`` the pseudo-points are never patch centres (zero draw weight, after
+    the real points): the same RNG gives the same patches, heatmaps and offsets as without them; only the
+    level map gains the pseudo-levels."""
+    cfg = _tiny_config(extrapolate_cranial=1, extrapolated_level_only=True)
+    ext = load_subjects(cohort, cfg)
+    assert any(s.pseudo_ids for s in ext)
+    pseudo_index = {cfg.levels.index(v) for s in ext for v in s.pseudo_ids}
+    gained = 0
+    for seed in range(6):
+        a = make_batch(subjects, _tiny_config(), np.random.default_rng(seed))
+        b = make_batch(ext, cfg, np.random.default_rng(seed))
+        for key in ("image", "heatmap", "heatmap_weight", "offset", "offset_mask"):
+            assert torch.equal(a[key], b[key]), key
+        changed = a["levels"] != b["levels"]
+        assert set(b["levels"][changed].tolist()) <= pseudo_index  # only pseudo-levels were added
+        gained += int(changed.sum())
+    assert gained > 0
 
 
 def test_weight_average_is_saved_and_resumes_exactly(cohort, subjects, tmp_path):
