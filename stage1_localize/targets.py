@@ -54,6 +54,8 @@ import numpy as np
 from data_prep.scan import TRANSITIONAL_IDS, anatomical_rank, standard_neighbour
 
 IGNORE = -1
+#: VerSe id of S1 / the sacrum
+SACRUM_ID = 26
 
 
 def _box(center: np.ndarray, radius_vox: np.ndarray, shape: Sequence[int]) -> tuple[slice, slice, slice] | None:
@@ -184,8 +186,17 @@ def annotated_span_weight(
     return w * keep.astype(np.float32)[tuple(view)]
 
 
+def _rotate_about_x(v: np.ndarray, deg: float) -> np.ndarray:
+    """``v`` (3,) rotated by ``deg`` about the LPS x (left) axis: a positive angle turns a foot-ward (-z) vector
+    towards posterior (+y), e.g. (0, 0, -1) by 90 deg -> (0, 1, 0)."""
+    t = np.deg2rad(deg)
+    c, s = np.cos(t), np.sin(t)
+    return np.array([v[0], c * v[1] - s * v[2], s * v[1] + c * v[2]])
+
+
 def _extrapolate(world_mm: np.ndarray, level_ids: Sequence[int], n_levels: int, direction: int,
-                 superior: Sequence[float]) -> tuple[list[int], np.ndarray]:
+                 superior: Sequence[float], sacral_bend_deg: float = 0.0,
+                 sacral_step_scale: float = 1.0) -> tuple[list[int], np.ndarray]:
     """Shared body of :func:`extrapolate_cranial` (``direction=-1``) and :func:`extrapolate_caudal` (``+1``)."""
     pts = np.asarray(world_mm, dtype=np.float64).reshape(-1, 3)
     ids = [int(v) for v in level_ids]
@@ -205,7 +216,8 @@ def _extrapolate(world_mm: np.ndarray, level_ids: Sequence[int], n_levels: int, 
         if end_id in TRANSITIONAL_IDS or inner_id in TRANSITIONAL_IDS or nxt is None \
                 or standard_neighbour(inner_id, direction) != end_id or float((end - inner) @ toward) <= 0:
             break
-        p = end + (end - inner)
+        step = end - inner
+        p = end + (sacral_step_scale * _rotate_about_x(step, sacral_bend_deg) if nxt == SACRUM_ID else step)
         new_ids.append(nxt)
         new_pts.append(p)
         end_id, inner_id, end, inner = nxt, end_id, p, end
@@ -227,7 +239,8 @@ def extrapolate_cranial(
 
 
 def extrapolate_caudal(
-    world_mm: np.ndarray, level_ids: Sequence[int], n_levels: int = 1, superior: Sequence[float] = (0.0, 0.0, 1.0)
+    world_mm: np.ndarray, level_ids: Sequence[int], n_levels: int = 1, superior: Sequence[float] = (0.0, 0.0, 1.0),
+    sacral_bend_deg: float = 0.0, sacral_step_scale: float = 1.0,
 ) -> tuple[list[int], np.ndarray]:
     """Pseudo-centroids for the ``n_levels`` standard levels below the most caudal annotated one, repeating the
     last step towards the feet (L4 at z = 0, L5 at z = -30 -> ``([26], [[0, 0, -60]])``, S1: the standard
@@ -235,8 +248,14 @@ def extrapolate_caudal(
     last. The lordosis makes the position approximate (L5 from L3-L4: 8.6 mm median, 15.7 mm max on chu2015),
     so these points are meant for the level head only (``Stage1Config.extrapolated_level_only``): a body
     seen below an annotated L5 is the sacrum, and the level head should call it S1, not L5.
+
+    ``sacral_bend_deg`` turns the step *into S1* by that angle about the left-right (LPS x) axis towards
+    posterior (the lumbosacral angle: the upper sacrum lies behind the line of the lumbar bodies); it
+    assumes ``superior`` is LPS +z (a sagittal plane y-z), and ``sacral_step_scale`` scales its length (the
+    upper sacral body is nearer than a lumbar step). E.g. L4 at z = 0, L5 at z = -30, 90 deg -> S1 at
+    y = +30, z = -30; with scale 0.5 at y = +15, z = -30.
     """
-    return _extrapolate(world_mm, level_ids, n_levels, +1, superior)
+    return _extrapolate(world_mm, level_ids, n_levels, +1, superior, sacral_bend_deg, sacral_step_scale)
 
 
 def level_indices(level_ids: Sequence[int], levels: Sequence[int]) -> np.ndarray:

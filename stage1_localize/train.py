@@ -28,6 +28,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -110,8 +111,10 @@ def load_subjects(data_dir, config: Stage1Config) -> list[TrainSubject]:
             image = read_image(img_path)
             ids, world = subject_points(image, pts_path, vert_path)
             pseudo: tuple[int, ...] = ()
+            caudal = functools.partial(extrapolate_caudal, sacral_bend_deg=config.sacral_bend_deg,
+                                       sacral_step_scale=config.sacral_step_scale)
             for n_levels, extrapolate in ((config.extrapolate_cranial, extrapolate_cranial),
-                                          (config.extrapolate_caudal, extrapolate_caudal)):
+                                          (config.extrapolate_caudal, caudal)):
                 if n_levels > 0 and len(world):
                     extra_ids, extra = extrapolate(world, ids, n_levels)
                     ids, world = list(ids) + extra_ids, np.concatenate([world, extra]) if len(extra) else world
