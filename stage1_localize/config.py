@@ -153,9 +153,9 @@ class Stage1Config:
     #: pseudo-centroids added below the most caudal annotated level (L5 annotated -> S1 one step below;
     #: ``targets.extrapolate_caudal``), so the level head learns to call the sacrum S1; 0: off
     extrapolate_caudal: int = 0
-    #: the extrapolated step into S1 turned this many degrees towards posterior (lumbosacral angle) and
-    #: scaled by ``sacral_step_scale`` (``targets.extrapolate_caudal``)
-    sacral_bend_deg: float = 0.0
+    #: one S1 pseudo-point per angle: the extrapolated step into S1 turned this many degrees towards
+    #: posterior (lumbosacral angle) and scaled by ``sacral_step_scale`` (``targets.extrapolate_caudal``)
+    sacral_bend_deg: tuple[float, ...] = (0.0,)
     sacral_step_scale: float = 1.0
     #: extrapolated pseudo-centroids supervise only the level head (not the heatmap, offsets or span) and
     #: are never drawn as the centre of a foreground patch

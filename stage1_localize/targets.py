@@ -195,7 +195,7 @@ def _rotate_about_x(v: np.ndarray, deg: float) -> np.ndarray:
 
 
 def _extrapolate(world_mm: np.ndarray, level_ids: Sequence[int], n_levels: int, direction: int,
-                 superior: Sequence[float], sacral_bend_deg: float = 0.0,
+                 superior: Sequence[float], sacral_bend_deg: Sequence[float] = (0.0,),
                  sacral_step_scale: float = 1.0) -> tuple[list[int], np.ndarray]:
     """Shared body of :func:`extrapolate_cranial` (``direction=-1``) and :func:`extrapolate_caudal` (``+1``)."""
     pts = np.asarray(world_mm, dtype=np.float64).reshape(-1, 3)
@@ -217,7 +217,12 @@ def _extrapolate(world_mm: np.ndarray, level_ids: Sequence[int], n_levels: int, 
                 or standard_neighbour(inner_id, direction) != end_id or float((end - inner) @ toward) <= 0:
             break
         step = end - inner
-        p = end + (sacral_step_scale * _rotate_about_x(step, sacral_bend_deg) if nxt == SACRUM_ID else step)
+        if nxt == SACRUM_ID:  # nothing below it: one point per bend angle, then stop
+            for deg in sacral_bend_deg:
+                new_ids.append(nxt)
+                new_pts.append(end + sacral_step_scale * _rotate_about_x(step, deg))
+            break
+        p = end + step
         new_ids.append(nxt)
         new_pts.append(p)
         end_id, inner_id, end, inner = nxt, end_id, p, end
@@ -240,7 +245,7 @@ def extrapolate_cranial(
 
 def extrapolate_caudal(
     world_mm: np.ndarray, level_ids: Sequence[int], n_levels: int = 1, superior: Sequence[float] = (0.0, 0.0, 1.0),
-    sacral_bend_deg: float = 0.0, sacral_step_scale: float = 1.0,
+    sacral_bend_deg: Sequence[float] = (0.0,), sacral_step_scale: float = 1.0,
 ) -> tuple[list[int], np.ndarray]:
     """Pseudo-centroids for the ``n_levels`` standard levels below the most caudal annotated one, repeating the
     last step towards the feet (L4 at z = 0, L5 at z = -30 -> ``([26], [[0, 0, -60]])``, S1: the standard
@@ -249,11 +254,12 @@ def extrapolate_caudal(
     so these points are meant for the level head only (``Stage1Config.extrapolated_level_only``): a body
     seen below an annotated L5 is the sacrum, and the level head should call it S1, not L5.
 
-    ``sacral_bend_deg`` turns the step *into S1* by that angle about the left-right (LPS x) axis towards
-    posterior (the lumbosacral angle: the upper sacrum lies behind the line of the lumbar bodies); it
-    assumes ``superior`` is LPS +z (a sagittal plane y-z), and ``sacral_step_scale`` scales its length (the
-    upper sacral body is nearer than a lumbar step). E.g. L4 at z = 0, L5 at z = -30, 90 deg -> S1 at
-    y = +30, z = -30; with scale 0.5 at y = +15, z = -30.
+    The step *into S1* gives one S1 point per angle of ``sacral_bend_deg``, each the step turned by that
+    angle about the left-right (LPS x) axis towards posterior and scaled by ``sacral_step_scale``: the
+    sacrum lies behind the line of the lumbar bodies by a lumbosacral angle that varies between people, so
+    an arc of points (e.g. 15 / 30 / 45 deg) covers where its upper body may be. It assumes ``superior`` is
+    LPS +z (a sagittal plane y-z). E.g. L4 at z = 0, L5 at z = -30, angle 90 deg -> S1 at y = +30, z = -30;
+    with scale 0.5 at y = +15, z = -30; angles (0, 90) -> both (0, 0, -60) and (0, 30, -30).
     """
     return _extrapolate(world_mm, level_ids, n_levels, +1, superior, sacral_bend_deg, sacral_step_scale)
 

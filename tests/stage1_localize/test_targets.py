@@ -120,13 +120,18 @@ def test_extrapolate_caudal_hand_made():
     assert ids == [24, 26]
     np.testing.assert_allclose(pts, [[0.0, 0.0, -60.0], [0.0, 0.0, -90.0]])
     # the step into S1 (only that one) turned towards posterior (+y) by the lumbosacral bend
-    ids, pts = extrapolate_caudal(np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -30.0]]), [23, 24], sacral_bend_deg=90.0)
+    ids, pts = extrapolate_caudal(np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -30.0]]), [23, 24], sacral_bend_deg=(90.0,))
     np.testing.assert_allclose(pts, [[0.0, 30.0, -30.0]], atol=1e-9)
-    pts = extrapolate_caudal(np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -30.0]]), [23, 24], sacral_bend_deg=90.0,
+    pts = extrapolate_caudal(np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -30.0]]), [23, 24], sacral_bend_deg=(90.0,),
                              sacral_step_scale=0.5)[1]
     np.testing.assert_allclose(pts, [[0.0, 15.0, -30.0]], atol=1e-9)
+    # an arc: one S1 point per angle, and nothing after S1 even when more levels are asked for
+    ids, pts = extrapolate_caudal(np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -30.0]]), [23, 24], n_levels=3,
+                                  sacral_bend_deg=(0.0, 90.0))
+    assert ids == [26, 26]
+    np.testing.assert_allclose(pts, [[0.0, 0.0, -60.0], [0.0, 30.0, -30.0]], atol=1e-9)
     ids, pts = extrapolate_caudal(np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -30.0]]), [22, 23], n_levels=2,
-                                  sacral_bend_deg=30.0)
+                                  sacral_bend_deg=(30.0,))
     assert ids == [24, 26]
     np.testing.assert_allclose(pts, [[0.0, 0.0, -60.0], [0.0, 15.0, -60.0 - 15.0 * np.sqrt(3.0)]], atol=1e-9)
     # S1 already annotated (nothing below it), L6 at the end, a gap, or a step pointing head-wards: nothing
