@@ -151,10 +151,15 @@ class Stage1Config:
     #: fold 0 of the real benchmark it lowered identification in every trial (bench/results/stage1_*_f0.md)
     extrapolate_cranial: int = 0
     #: pseudo-centroids added below the most caudal annotated level (L5 annotated -> S1 one step below;
-    #: ``targets.extrapolate_caudal``), so the level head learns to call the sacrum S1; 0: off
+    #: ``targets.extrapolate_caudal``), so the level head learns to call the sacrum S1; 0: off.
+    #: Experimental (with ``extrapolated_level_only``): on the 5-fold real benchmark it fixed 2 of 3
+    #: whole-run shifts and raised identification 0.900 -> 0.921, but lowered the bottom partial fields of
+    #: view 0.816 -> 0.762 and all-correct scans 0.73 -> 0.61 (bench/results/stage1_sacrum.md): within the
+    #: run-to-run spread of one fold, so it stays off
     extrapolate_caudal: int = 0
     #: one S1 pseudo-point per angle: the extrapolated step into S1 turned this many degrees towards
-    #: posterior (lumbosacral angle) and scaled by ``sacral_step_scale`` (``targets.extrapolate_caudal``)
+    #: posterior (lumbosacral angle) and scaled by ``sacral_step_scale`` (``targets.extrapolate_caudal``).
+    #: An arc (15, 30, 45) x 0.85 on folds 0-1: 0.878 vs 0.910 without S1 (stage1_sacrum_arc_f01.md)
     sacral_bend_deg: tuple[float, ...] = (0.0,)
     sacral_step_scale: float = 1.0
     #: extrapolated pseudo-centroids supervise only the level head (not the heatmap, offsets or span) and
