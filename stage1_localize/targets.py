@@ -261,6 +261,8 @@ def extrapolate_caudal(
     LPS +z (a sagittal plane y-z). E.g. L4 at z = 0, L5 at z = -30, angle 90 deg -> S1 at y = +30, z = -30;
     with scale 0.5 at y = +15, z = -30; angles (0, 90) -> both (0, 0, -60) and (0, 30, -30).
     """
+    if not sacral_step_scale > 0:
+        raise ValueError(f"sacral_step_scale: expected a positive factor, got {sacral_step_scale}")
     return _extrapolate(world_mm, level_ids, n_levels, +1, superior, sacral_bend_deg, sacral_step_scale)
 
 

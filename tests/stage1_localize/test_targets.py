@@ -134,6 +134,8 @@ def test_extrapolate_caudal_hand_made():
                                   sacral_bend_deg=(30.0,))
     assert ids == [24, 26]
     np.testing.assert_allclose(pts, [[0.0, 0.0, -60.0], [0.0, 15.0, -60.0 - 15.0 * np.sqrt(3.0)]], atol=1e-9)
+    with pytest.raises(ValueError, match="sacral_step_scale: expected a positive factor, got 0.0"):
+        extrapolate_caudal(np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -30.0]]), [23, 24], sacral_step_scale=0.0)
     # S1 already annotated (nothing below it), L6 at the end, a gap, or a step pointing head-wards: nothing
     assert extrapolate_caudal(np.array([[0, 0, 0.0], [0, 0, -30.0]]), [24, 26])[0] == []
     assert extrapolate_caudal(np.array([[0, 0, 0.0], [0, 0, -30.0]]), [24, 25])[0] == []
