@@ -159,7 +159,8 @@ def centre_weights(subjects: list[TrainSubject], config: Stage1Config) -> dict[i
     so are the draws among the real points).
     """
     level_only = config.extrapolated_level_only
-    real = [np.array([not (level_only and int(v) in s.pseudo_ids) for v in s.level_ids]) for s in subjects]
+    real = [np.array([not (level_only and int(v) in s.pseudo_ids) for v in s.level_ids], dtype=bool)
+            for s in subjects]
     balanced = (level_balanced_weights([[v for v, r in zip(s.level_ids, keep) if r] for s, keep in zip(subjects, real)],
                                        config.level_balance_power) if config.balance_levels else None)
     out: dict[int, np.ndarray | None] = {}

@@ -167,6 +167,27 @@ def test_level_only_pseudo_points_change_only_the_level_targets(cohort, subjects
     assert gained > 0
 
 
+def test_centre_weights_hand_made(subjects):
+    """Balanced weights for the real points, zero for level-only pseudo-points, None (uniform) without
+    balancing or pseudo-points, and an empty array for a subject without points."""
+    from stage1_localize.train import TrainSubject, centre_weights
+    grid = subjects[0].grid
+    a = TrainSubject("a", grid, np.zeros((3, 3)), [20, 21, 26], pseudo_ids=(26,))
+    b = TrainSubject("b", grid, np.zeros((2, 3)), [20, 22])
+    empty = TrainSubject("e", grid, np.zeros((0, 3)), [])
+    cfg = _tiny_config(extrapolated_level_only=True, level_balance_power=1.0)
+    w = centre_weights([a, b, empty], cfg)
+    np.testing.assert_allclose(w[id(a)], [0.5, 1.0, 0.0])
+    np.testing.assert_allclose(w[id(b)], [0.5, 1.0])
+    assert w[id(empty)].shape == (0,)
+    w = centre_weights([a, b], dataclasses.replace(cfg, balance_levels=False))
+    np.testing.assert_allclose(w[id(a)], [1.0, 1.0, 0.0])
+    assert w[id(b)] is None
+    # without extrapolated_level_only the pseudo-point is an ordinary point
+    w = centre_weights([a, b], dataclasses.replace(cfg, extrapolated_level_only=False))
+    np.testing.assert_allclose(w[id(a)], [0.5, 1.0, 1.0])
+
+
 def test_weight_average_is_saved_and_resumes_exactly(cohort, subjects, tmp_path):
     """ema_decay > 0: model.safetensors holds the average, train_state.pt the raw weights and the average;
     a resumed run ends with the same average as an uninterrupted one."""
