@@ -159,7 +159,7 @@ class Stage1Config:
     extrapolate_caudal: int = 0
     #: one S1 pseudo-point per angle: the extrapolated step into S1 turned this many degrees towards
     #: posterior (lumbosacral angle) and scaled by ``sacral_step_scale`` (``targets.extrapolate_caudal``).
-    #: An arc (15, 30, 45) x 0.85 on folds 0-1: 0.878 vs 0.910 without S1 (stage1_sacrum_arc_f01.md)
+    #: An arc (15, 30, 45) x 0.85 on folds 0-3: 0.856 vs 0.896 without S1 (stage1_sacrum_arc_f0123.md)
     sacral_bend_deg: tuple[float, ...] = (0.0,)
     sacral_step_scale: float = 1.0
     #: extrapolated pseudo-centroids supervise only the level head (not the heatmap, offsets or span) and
