@@ -190,6 +190,14 @@ def _tilt_cost(step_mm: np.ndarray, superior: np.ndarray, cfg: LabellingConfig) 
     return cfg.tilt_weight * excess**2 / (2.0 * cfg.tilt_sd_deg**2)
 
 
+def _transition_cost(fixed, step_mm: np.ndarray, expected_mm, superior: np.ndarray, cfg: LabellingConfig):
+    """Cost of stepping between two kept candidates ``step_mm`` (``(3,)`` world mm) apart: the state-pair
+    cost ``fixed`` (skip penalty) + the spacing prior + the tilt prior. ``fixed`` / ``expected_mm`` are the
+    ``(S', S)`` tables in the dynamic programme, scalars for one fixed path (:func:`_path_cost`)."""
+    d = float(np.linalg.norm(step_mm))
+    return fixed + _spacing_cost(d, expected_mm, cfg) + _tilt_cost(step_mm, superior, cfg)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------------
@@ -256,8 +264,7 @@ def assign_levels(
         for s in range(S):
             best[c, s, tbit[s]] = drop_prefix[c] + node[c, s]
         for a in range(c):
-            d = float(np.linalg.norm(pos[c] - pos[a]))
-            tr = step_fixed + _spacing_cost(d, expected, cfg) + _tilt_cost(pos[c] - pos[a], sup, cfg)  # (S', S)
+            tr = _transition_cost(step_fixed, pos[c] - pos[a], expected, sup, cfg)  # (S', S)
             between = drop_prefix[c] - drop_prefix[a + 1]
             for bit in (0, 1):
                 prev = best[a, :, bit]
@@ -393,9 +400,7 @@ def _path_cost(path, node, drop, pos, allowed, step_fixed, expected, cfg, superi
             a, sa = path[i - 1]
             if not allowed[sa, s]:
                 return float("inf")
-            d = float(np.linalg.norm(pos[c] - pos[a]))
-            total += float(step_fixed[sa, s] + _spacing_cost(d, expected[sa, s], cfg)
-                           + _tilt_cost(pos[c] - pos[a], superior, cfg))
+            total += float(_transition_cost(step_fixed[sa, s], pos[c] - pos[a], expected[sa, s], superior, cfg))
     return total
 
 

@@ -103,6 +103,9 @@ def load_subjects(data_dir, config: Stage1Config) -> list[TrainSubject]:
     the index of their folder as ``group``.
     """
     out = []
+    caudal = functools.partial(extrapolate_caudal, sacral_bend_deg=config.sacral_bend_deg,
+                               sacral_step_scale=config.sacral_step_scale)
+    extrapolations = ((config.extrapolate_cranial, extrapolate_cranial), (config.extrapolate_caudal, caudal))
     for group, folder in enumerate(_as_dirs(data_dir)):
         for sid, img_path, pts_path, vert_path in list_subjects(folder):
             if pts_path is None and vert_path is None:
@@ -111,10 +114,7 @@ def load_subjects(data_dir, config: Stage1Config) -> list[TrainSubject]:
             image = read_image(img_path)
             ids, world = subject_points(image, pts_path, vert_path)
             pseudo: tuple[int, ...] = ()
-            caudal = functools.partial(extrapolate_caudal, sacral_bend_deg=config.sacral_bend_deg,
-                                       sacral_step_scale=config.sacral_step_scale)
-            for n_levels, extrapolate in ((config.extrapolate_cranial, extrapolate_cranial),
-                                          (config.extrapolate_caudal, caudal)):
+            for n_levels, extrapolate in extrapolations:
                 if n_levels > 0 and len(world):
                     extra_ids, extra = extrapolate(world, ids, n_levels)
                     ids, world = list(ids) + extra_ids, np.concatenate([world, extra]) if len(extra) else world
