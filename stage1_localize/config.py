@@ -124,6 +124,13 @@ class LabellingConfig:
     #: 0.901 -> 0.875 annotated run (bench/results/stage1_completion.md vs stage1_rerun_s13.md; most added
     #: vertebrae the benchmark cannot score: a T12 above myosegmentum's L1)
     extend_ends: bool = True
+    #: how many levels to add beyond each end, one at a time (each step repeats the last one; stops at
+    #: the first level without heat): 2 reaches a chu2015 T11 above a T12 that was itself extrapolated
+    extend_levels: int = 1
+    #: a probed gap / end position closer than this fraction of the local step to a named neighbour is the
+    #: shoulder of that neighbour's peak, not another body (a gap keeps its interpolated point, an end adds
+    #: nothing). Neighbouring centroid steps differ by < 25 % along the lumbar and lower thoracic spine.
+    min_step_fraction: float = 0.6
     fill_min_heat: float = 0.1         # heat needed to move a gap / to add an end level
     fill_search_mm: float = 10.0       # search radius around the interpolated / extrapolated point
 

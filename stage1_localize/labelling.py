@@ -58,8 +58,6 @@ TRANSITIONAL_FLAG = "transitional?"
 AMBIGUOUS_FLAG = "level_ambiguous"
 INTERPOLATED_FLAG = "interpolated"
 EXTRAPOLATED_FLAG = "extrapolated"
-#: a completion's probed position must lie at least this fraction of the local step from a named neighbour
-MIN_STEP_FRACTION = 0.6
 
 #: Standard (non-transitional) VerSe levels, head to foot.
 _STANDARD_LEVELS = tuple(sorted((v for v in VERSE_LEVELS if v not in TRANSITIONAL_IDS), key=anatomical_rank))
@@ -452,9 +450,10 @@ def complete_run(
     ``max_skip`` missing levels between two kept candidates, e.g. L1 -> L3) is placed on the straight line
     between its named neighbours, at equal steps, then moved to the detector's best position within
     ``fill_search_mm`` when the heat there reaches ``fill_min_heat``; flagged :data:`INTERPOLATED_FLAG`.
-    With ``config.extend_ends``, one level beyond each end of the run (the last step repeated) is added
-    where the heat within ``fill_search_mm`` of that point reaches ``fill_min_heat``; flagged
-    :data:`EXTRAPOLATED_FLAG`. A probed position closer than :data:`MIN_STEP_FRACTION` x the local step
+    With ``config.extend_ends``, up to ``extend_levels`` levels beyond each end of the run are added, one
+    at a time (the last step repeated from the last level added) while the heat within ``fill_search_mm``
+    of the next point reaches ``fill_min_heat``; flagged :data:`EXTRAPOLATED_FLAG`. A probed position
+    closer than ``min_step_fraction`` x the local step
     to a named neighbour is the shoulder of that neighbour's peak, not another body: a gap then keeps the
     interpolated point, an end adds nothing. Never a transitional level (T13 / L6: an anatomical claim
     the path did not make), never S1 or below (the detector is trained to treat the sacrum as
@@ -476,23 +475,29 @@ def complete_run(
         return v is not None and v in vocab and v not in TRANSITIONAL_IDS and anatomical_rank(v) < sacrum
 
     def clear_of(where: np.ndarray, neighbours: Sequence[np.ndarray], step_mm: float) -> bool:
-        return all(np.linalg.norm(where - q) >= MIN_STEP_FRACTION * step_mm for q in neighbours)
+        return all(np.linalg.norm(where - q) >= cfg.min_step_fraction * step_mm for q in neighbours)
 
-    def extend(end: int, inner: int, direction: int) -> Completion | None:
-        level = standard_neighbour(labs[end], direction)
-        if not usable(level):
-            return None
+    def extend(end: int, inner: int, direction: int) -> list[Completion]:
+        """Up to ``extend_levels`` completions beyond ``labs[end]``, nearest first."""
+        added: list[Completion] = []
+        label, here = labs[end], pos[end]
         n_steps = 1 + _standard_between(*sorted((anatomical_rank(labs[end]), anatomical_rank(labs[inner]))))
         step = (pos[end] - pos[inner]) / n_steps
-        where, heat = probe(pos[end] + step, cfg.fill_search_mm)
-        where = np.asarray(where, dtype=np.float64).reshape(3)
-        if heat < cfg.fill_min_heat or not clear_of(where, [pos[end]], float(np.linalg.norm(step))):
-            return None
-        return Completion(int(level), where, float(heat), EXTRAPOLATED_FLAG)
+        for _ in range(max(int(cfg.extend_levels), 0)):
+            level = standard_neighbour(label, direction)
+            if not usable(level):
+                break
+            where, heat = probe(here + step, cfg.fill_search_mm)
+            where = np.asarray(where, dtype=np.float64).reshape(3)
+            if heat < cfg.fill_min_heat or not clear_of(where, [here], float(np.linalg.norm(step))):
+                break
+            added.append(Completion(int(level), where, float(heat), EXTRAPOLATED_FLAG))
+            step, label, here = where - here, int(level), where
+        return added
 
     out: list[Completion] = []
-    if cfg.extend_ends and (c := extend(0, 1, -1)) is not None:
-        out.append(c)
+    if cfg.extend_ends:
+        out.extend(reversed(extend(0, 1, -1)))
     if cfg.fill_gaps:
         for a in range(len(labs) - 1):
             missing = _standard_levels_between(anatomical_rank(labs[a]), anatomical_rank(labs[a + 1]))
@@ -506,6 +511,6 @@ def complete_run(
                 if heat < cfg.fill_min_heat or not clear_of(where, [pos[a], pos[a + 1]], step_mm):
                     where = guess
                 out.append(Completion(int(v), where, float(heat), INTERPOLATED_FLAG))
-    if cfg.extend_ends and (c := extend(len(labs) - 1, len(labs) - 2, +1)) is not None:
-        out.append(c)
+    if cfg.extend_ends:
+        out.extend(extend(len(labs) - 1, len(labs) - 2, +1))
     return out
