@@ -125,11 +125,13 @@ class LabellingConfig:
     #: vertebrae the benchmark cannot score: a T12 above myosegmentum's L1)
     extend_ends: bool = True
     #: how many levels to add beyond each end, one at a time (each step repeats the last one; stops at
-    #: the first level without heat): 2 reaches a chu2015 T11 above a T12 that was itself extrapolated
+    #: the first level without heat): 2 would reach a chu2015 T11 above an extrapolated T12; on the re-run S1
+    #: models it changed nothing (no heat there; bench/results/stage1_sacrum_msf07_ext2.md)
     extend_levels: int = 1
     #: a probed gap / end position closer than this fraction of the local step to a named neighbour is the
     #: shoulder of that neighbour's peak, not another body (a gap keeps its interpolated point, an end adds
-    #: nothing). Neighbouring centroid steps differ by < 25 % along the lumbar and lower thoracic spine.
+    #: nothing). 0.7 removed one false T12 completion of 67 whole scans and lost nothing on the re-run S1
+    #: models (bench/results/stage1_sacrum_msf07.md): too little to change the default
     min_step_fraction: float = 0.6
     fill_min_heat: float = 0.1         # heat needed to move a gap / to add an end level
     fill_search_mm: float = 10.0       # search radius around the interpolated / extrapolated point
