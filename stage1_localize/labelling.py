@@ -464,6 +464,9 @@ def complete_run(
     labs = [int(v) for v in labels]
     if len(labs) != len(pos):
         raise ValueError(f"got {len(pos)} positions and {len(labs)} labels")
+    if int(cfg.extend_levels) < 0 or not 0.0 <= cfg.min_step_fraction <= 1.0:
+        raise ValueError(f"labelling.extend_levels must be >= 0 and min_step_fraction in [0, 1]; got "
+                         f"{cfg.extend_levels} and {cfg.min_step_fraction}")
     if not (cfg.fill_gaps or cfg.extend_ends) or len(labs) < 2:
         return []
     order = np.argsort([anatomical_rank(v) for v in labs], kind="stable")
@@ -483,7 +486,7 @@ def complete_run(
         label, here = labs[end], pos[end]
         n_steps = 1 + _standard_between(*sorted((anatomical_rank(labs[end]), anatomical_rank(labs[inner]))))
         step = (pos[end] - pos[inner]) / n_steps
-        for _ in range(max(int(cfg.extend_levels), 0)):
+        for _ in range(int(cfg.extend_levels)):
             level = standard_neighbour(label, direction)
             if not usable(level):
                 break

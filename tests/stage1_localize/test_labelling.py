@@ -261,6 +261,9 @@ def test_min_step_fraction_decides_what_is_a_neighbours_shoulder():
     cfg = dataclasses.replace(FILL, fill_gaps=False)
     assert [c.level for c in complete_run(pos, ids, spot, LEVELS, cfg)] == ["T11"]
     assert complete_run(pos, ids, spot, LEVELS, dataclasses.replace(cfg, min_step_fraction=0.7)) == []
+    for bad in (dict(min_step_fraction=-0.1), dict(min_step_fraction=1.5), dict(extend_levels=-1)):
+        with pytest.raises(ValueError, match="extend_levels must be >= 0"):
+            complete_run(pos, ids, spot, LEVELS, dataclasses.replace(cfg, **bad))
 
 
 def test_completion_never_invents_sacrum_transitional_or_unknown_levels():
