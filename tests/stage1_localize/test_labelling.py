@@ -1,6 +1,8 @@
 """Hand-made candidate sets for the pure anatomical labeller."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -232,29 +234,26 @@ def test_ends_extend_one_level_only_where_the_heat_supports_it():
 
 
 def test_ends_extend_several_levels_one_step_at_a_time():
-    import dataclasses
-
     pos = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -30.0]])
     ids = [level_id("T12"), level_id("L1")]
     two = dataclasses.replace(FILL, fill_gaps=False, extend_levels=2)
-    # T11 one step above T12 (moved 2 mm forward); T10 one *T11-based* step above it: the second step repeats
-    # the first one actually taken (0, 2, 30) -> guess (0, 4, 60), within 10 mm of the spot at (0, 5, 62)
-    spots = {(0.0, 2.0, 30.0): 0.3, (0.0, 5.0, 62.0): 0.2, (0.0, 0.0, -60.0): 0.5, (0.0, 0.0, -90.0): 0.5}
+    # T11 one step above T12 (moved 9 mm forward); T10 one *T11-based* step above it: the second step repeats
+    # the first one actually taken (0, 9, 30) -> guess (0, 18, 60), 2 mm from the spot at (0, 20, 60); the
+    # run's own step (0, 0, 30) would guess (0, 9, 60), 11 mm away, outside the 10-mm search
+    spots = {(0.0, 9.0, 30.0): 0.3, (0.0, 20.0, 60.0): 0.2, (0.0, 0.0, -60.0): 0.5, (0.0, 0.0, -90.0): 0.5}
     out = complete_run(pos, ids, _heat_at(spots), LEVELS, two)
     assert [c.level for c in out] == ["T10", "T11", "L2", "L3"]  # head to foot
-    np.testing.assert_allclose(out[0].position_mm, [0.0, 5.0, 62.0])
+    np.testing.assert_allclose(out[0].position_mm, [0.0, 20.0, 60.0])
     assert all(c.flag == EXTRAPOLATED_FLAG for c in out)
     # one level (the default) stops after the first; a chain stops at the first level without heat
     assert [c.level for c in complete_run(pos, ids, _heat_at(spots), LEVELS,
                                           dataclasses.replace(two, extend_levels=1))] == ["T11", "L2"]
-    no_t11 = {k: v for k, v in spots.items() if k != (0.0, 2.0, 30.0)}
+    no_t11 = {k: v for k, v in spots.items() if k != (0.0, 9.0, 30.0)}
     assert [c.level for c in complete_run(pos, ids, _heat_at(no_t11), LEVELS, two)] == ["L2", "L3"]
     assert complete_run(pos, ids, _heat_at(spots), LEVELS, dataclasses.replace(two, extend_levels=0)) == []
 
 
 def test_min_step_fraction_decides_what_is_a_neighbours_shoulder():
-    import dataclasses
-
     pos = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -30.0]])
     ids = [level_id("T12"), level_id("L1")]
     spot = _heat_at({(0.0, 0.0, 20.0): 0.5})  # 20 mm above T12 = 0.67 x the 30-mm step
