@@ -133,6 +133,13 @@ class LabellingConfig:
     #: nothing). 0.7 removed one false T12 completion of 67 whole scans and lost nothing on the re-run S1
     #: models (bench/results/stage1_sacrum_msf07.md): too little to change the default
     min_step_fraction: float = 0.6
+    #: an end level whose repeated step finds no heat (or only a neighbour's shoulder) is still added at
+    #: the repeated step itself when that point lies at least this far (mm) inside the scan's field of view:
+    #: the spine does not stop between two visible bodies, so a body is there even where the detector is
+    #: blind (chu2015's T11s at the top of the detector's range have heat 0.03-0.04 two steps above L1).
+    #: Flag "extrapolated_no_heat" (no image evidence; confidence = the heat found). ``None``: off. Needs
+    #: the field of view (``complete_run(..., fov_depth=...)``); never S1 or a transitional level.
+    extend_inside_mm: Optional[float] = None
     fill_min_heat: float = 0.1         # heat needed to move a gap / to add an end level
     fill_search_mm: float = 10.0       # search radius around the interpolated / extrapolated point
 

@@ -140,12 +140,17 @@ def _refine(heatmap: np.ndarray, p: np.ndarray) -> np.ndarray:
     return np.array([(c * w).sum() / w.sum() for c in coords])
 
 
+def fov_depth_mm(scan: Scan, world_mm: np.ndarray) -> float:
+    """How far (mm) a world LPS point lies inside ``scan``'s field of view: the distance to the nearest face
+    of the image volume (voxel edges, along the voxel axes); negative outside."""
+    ijk = scan.world_to_voxel(np.asarray(world_mm, dtype=np.float64).reshape(1, 3)).coords[0]
+    shape = np.asarray(scan.shape, dtype=np.float64)
+    return float(np.min(np.minimum(ijk + 0.5, shape - 0.5 - ijk) * np.asarray(scan.spacing, dtype=np.float64)))
+
+
 def cut_by_fov(scan: Scan, world_mm: np.ndarray, border_mm: float) -> bool:
     """True when the centroid lies within ``border_mm`` of the edge of ``scan``'s field of view."""
-    ijk = scan.world_to_voxel(np.asarray(world_mm).reshape(1, 3)).coords[0]
-    shape = np.asarray(scan.shape, dtype=np.float64)
-    dist = np.minimum(ijk + 0.5, shape - 0.5 - ijk) * scan.spacing
-    return bool(np.any(dist < border_mm))
+    return fov_depth_mm(scan, world_mm) < border_mm
 
 
 class Localizer:
@@ -245,7 +250,7 @@ class Localizer:
             probe = heat_probe(maps["heatmap"], grid, offsets)
             run_flags = [AMBIGUOUS_FLAG] if any(AMBIGUOUS_FLAG in f for *_, f in named) else []
             for c in complete_run(np.array([w for _, w, _, _ in named]), [lab for lab, *_ in named], probe,
-                                  self.config.levels, lab_cfg):
+                                  self.config.levels, lab_cfg, fov_depth=lambda w: fov_depth_mm(scan, w)):
                 named.append((c.label, c.position_mm, c.score, [c.flag] + run_flags))
         out = []
         for label, w, conf, flags in named:

@@ -39,8 +39,9 @@ After naming, :func:`complete_run` (also pure; the heatmap enters only through a
 reports what the path implies but no candidate carries: a standard level the path skipped (L1 -> L3) is
 placed between its neighbours, and one level beyond each end of the run is added where the heatmap has
 a weak body there (a T11 on the slope of T12's peak has no local maximum of its own, so it is never a
-candidate). Both are flagged (``"interpolated"`` / ``"extrapolated"``) so a reader knows they were
-inferred, not detected.
+candidate). Optionally (``extend_inside_mm``) an end level is added even without heat when the repeated
+step lies well inside the field of view (``"extrapolated_no_heat"``). All are flagged (``"interpolated"`` /
+``"extrapolated"`` / ``"extrapolated_no_heat"``) so a reader knows they were inferred, not detected.
 
 Complexity ``O(N^2 S^2)`` with N candidates (<= ~40) and S level states (~13): milliseconds in numpy.
 """
@@ -58,6 +59,8 @@ TRANSITIONAL_FLAG = "transitional?"
 AMBIGUOUS_FLAG = "level_ambiguous"
 INTERPOLATED_FLAG = "interpolated"
 EXTRAPOLATED_FLAG = "extrapolated"
+#: an end level placed by the repeated step alone (no heat there; ``LabellingConfig.extend_inside_mm``)
+EXTRAPOLATED_NO_HEAT_FLAG = "extrapolated_no_heat"
 
 #: Standard (non-transitional) VerSe levels, head to foot.
 _STANDARD_LEVELS = tuple(sorted((v for v in VERSE_LEVELS if v not in TRANSITIONAL_IDS), key=anatomical_rank))
@@ -93,7 +96,8 @@ class Completion:
     """A level the named run implies but no candidate carries (:func:`complete_run`).
 
     ``position_mm`` ``(3,)`` world LPS; ``score`` the heat found there (0 when none: an interior gap is
-    then placed by interpolation alone); ``flag`` :data:`INTERPOLATED_FLAG` or :data:`EXTRAPOLATED_FLAG`.
+    then placed by interpolation alone); ``flag`` :data:`INTERPOLATED_FLAG`, :data:`EXTRAPOLATED_FLAG` or
+    :data:`EXTRAPOLATED_NO_HEAT_FLAG`.
     """
 
     label: int
@@ -107,12 +111,16 @@ class Completion:
 
 
 #: Flags of the vertebrae :func:`complete_run` adds (benchmarks count them).
-COMPLETION_FLAGS = frozenset({INTERPOLATED_FLAG, EXTRAPOLATED_FLAG})
+COMPLETION_FLAGS = frozenset({INTERPOLATED_FLAG, EXTRAPOLATED_FLAG, EXTRAPOLATED_NO_HEAT_FLAG})
 
 
 #: ``probe(world_mm (3,), radius_mm) -> (world_mm (3,), heat)``: the best detector position within
 #: ``radius_mm`` of a world point and the heat there (heat 0 where the point is outside the image).
 Probe = Callable[[np.ndarray, float], tuple[np.ndarray, float]]
+
+#: ``fov_depth(world_mm (3,)) -> mm``: how far a world point lies inside the scan's field of view (distance
+#: to the nearest face of the image volume; negative outside).
+FovDepth = Callable[[np.ndarray], float]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -442,8 +450,10 @@ def complete_run(
     probe: Probe,
     levels: Sequence[int],
     config: LabellingConfig | None = None,
+    fov_depth: FovDepth | None = None,
 ) -> list[Completion]:
-    """Levels the named run implies but no candidate carries: a pure function of the run and ``probe``.
+    """Levels the named run implies but no candidate carries: a pure function of the run, ``probe`` and
+    ``fov_depth``.
 
     ``positions_mm`` ``(M, 3)`` world LPS centroids of the named vertebrae, ``labels`` their ``M`` VerSe ids
     (any order). With ``config.fill_gaps``, every *standard* level the run skips (the labeller allows
@@ -455,7 +465,9 @@ def complete_run(
     of the next point reaches ``fill_min_heat``; flagged :data:`EXTRAPOLATED_FLAG`. A probed position
     closer than ``min_step_fraction`` x the local step
     to a named neighbour is the shoulder of that neighbour's peak, not another body: a gap then keeps the
-    interpolated point, an end adds nothing. Never a transitional level (T13 / L6: an anatomical claim
+    interpolated point, an end adds nothing -- unless ``config.extend_inside_mm`` is set and ``fov_depth``
+    puts the repeated step at least that far inside the field of view: the level is then added at the
+    repeated step itself (flag :data:`EXTRAPOLATED_NO_HEAT_FLAG`, score = the heat found). Never a transitional level (T13 / L6: an anatomical claim
     the path did not make), never S1 or below (the detector is trained to treat the sacrum as
     background), never a level outside ``levels`` (the model's vocabulary). Returns completions head to
     foot."""
@@ -467,6 +479,8 @@ def complete_run(
     if int(cfg.extend_levels) < 0 or not 0.0 <= cfg.min_step_fraction <= 1.0:
         raise ValueError(f"labelling.extend_levels must be >= 0 and min_step_fraction in [0, 1]; got "
                          f"{cfg.extend_levels} and {cfg.min_step_fraction}")
+    if cfg.extend_inside_mm is not None and cfg.extend_inside_mm < 0:
+        raise ValueError(f"labelling.extend_inside_mm must be >= 0 or None; got {cfg.extend_inside_mm}")
     if not (cfg.fill_gaps or cfg.extend_ends) or len(labs) < 2:
         return []
     order = np.argsort([anatomical_rank(v) for v in labs], kind="stable")
@@ -490,11 +504,16 @@ def complete_run(
             level = standard_neighbour(label, direction)
             if not usable(level):
                 break
-            where, heat = probe(here + step, cfg.fill_search_mm)
+            guess = here + step
+            where, heat = probe(guess, cfg.fill_search_mm)
             where = np.asarray(where, dtype=np.float64).reshape(3)
+            flag = EXTRAPOLATED_FLAG
             if heat < cfg.fill_min_heat or not clear_of(where, [here], float(np.linalg.norm(step))):
-                break
-            added.append(Completion(int(level), where, float(heat), EXTRAPOLATED_FLAG))
+                if (cfg.extend_inside_mm is None or fov_depth is None
+                        or float(fov_depth(guess)) < cfg.extend_inside_mm):
+                    break
+                where, flag = guess, EXTRAPOLATED_NO_HEAT_FLAG  # the body is there, the detector is blind
+            added.append(Completion(int(level), where, float(heat), flag))
             step, label, here = where - here, int(level), where
         return added
 

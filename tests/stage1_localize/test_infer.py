@@ -274,3 +274,44 @@ def test_completion_reports_an_undetected_level_and_a_weak_end_flagged():
     assert np.linalg.norm(by["L2"].centroid_world - truth[1]) < 4.0  # midpoint of L1 and L3 (no heat there)
     assert np.linalg.norm(by["L5"].centroid_world - l5) < 3.5  # the weak blob's own maximum
     assert by["L5"].confidence == pytest.approx(0.08, abs=0.01) and by["L2"].confidence < 1e-3  # stand-in heat floor
+
+
+def test_fov_depth_is_the_distance_to_the_nearest_face_in_mm():
+    """Hand-computed on the oblique, anisotropic test scan (250 x 150 x 14 voxels of 0.8 x 0.8 x 4 mm;
+    voxel axis i runs to world -z from z = 120, k to world +x from x = -30)."""
+    from stage1_localize.infer import cut_by_fov, fov_depth_mm
+
+    scan = _scan_with_blobs(_truth_world())
+    # L1 at (-7.3, 10, 85): k = 5.675 -> 6.175 x 4 mm = 24.7 mm from the x = -32 face (i: 35.4, j: 59.6 mm)
+    assert fov_depth_mm(scan, np.array([-7.3, 10.0, 85.0])) == pytest.approx(24.7)
+    # the edge of the first voxel (z = 120 + 0.4) is depth 0; beyond it, negative
+    assert fov_depth_mm(scan, np.array([-7.3, 10.0, 120.4])) == pytest.approx(0.0, abs=1e-9)
+    assert fov_depth_mm(scan, np.array([-7.3, 10.0, 130.4])) == pytest.approx(-10.0)
+    assert cut_by_fov(scan, np.array([-7.3, 10.0, 85.0]), 24.0) is False
+    assert cut_by_fov(scan, np.array([-7.3, 10.0, 85.0]), 25.0) is True
+
+
+def test_end_without_heat_is_added_inside_the_field_of_view_only():
+    """``labelling.extend_inside_mm``: heat only at L1, L3, L4. L2 is filled as before; L5 (one step below
+    L4, 24.6 mm inside the scan) is added without heat at the repeated step, flagged extrapolated_no_heat;
+    T12 (one step above L1) would lie on the scan's top edge and is not added."""
+    from stage1_localize.infer import fov_depth_mm
+    from stage1_localize.labelling import EXTRAPOLATED_NO_HEAT_FLAG
+
+    truth = _truth_world()
+    scan = _scan_with_blobs(truth)
+    cfg = _config()
+    grid = prepare(scan, cfg)
+    ijk = grid.world_to_voxel(truth).coords
+    logits = _levels_logits(cfg, grid, ijk[[0, 2, 3]], ["L1", "L3", "L4"])
+    heat = centre_heatmap(grid.shape, ijk[[0, 2, 3]], grid.spacing, 6.0)
+    l5, t12 = truth[3] + (truth[3] - truth[2]), truth[0] - (truth[2] - truth[0]) / 2
+    assert fov_depth_mm(scan, l5) == pytest.approx(24.6, abs=0.5) and fov_depth_mm(scan, t12) < 1.0
+    assert [v.level for v in Localizer(net=StandIn(heat, logits), config=cfg).localize(scan)] == ["L1", "L2", "L3", "L4"]
+    cfg.labelling.extend_inside_mm = 15.0
+    by = {v.level: v for v in Localizer(net=StandIn(heat, logits), config=cfg).localize(scan)}
+    assert list(by) == ["L1", "L2", "L3", "L4", "L5"]
+    assert EXTRAPOLATED_NO_HEAT_FLAG in by["L5"].flags
+    assert np.linalg.norm(by["L5"].centroid_world - l5) < 3.0  # L4 + the L3 -> L4 step (peaks refined)
+    cfg.labelling.extend_inside_mm = 30.0  # deeper than L5 lies: nothing without heat
+    assert [v.level for v in Localizer(net=StandIn(heat, logits), config=cfg).localize(scan)] == ["L1", "L2", "L3", "L4"]

@@ -265,6 +265,48 @@ def test_min_step_fraction_decides_what_is_a_neighbours_shoulder():
             complete_run(pos, ids, spot, LEVELS, dataclasses.replace(cfg, **bad))
 
 
+
+def test_end_without_heat_is_added_only_well_inside_the_field_of_view():
+    """``extend_inside_mm``: the spine does not stop between two visible bodies; with no heat (or only a
+    neighbour's shoulder) the end level goes at the repeated step itself, if that lies deep enough inside
+    the field of view (a hand-made box: top face at z = +50 mm, bottom face at z = -200 mm)."""
+    from stage1_localize.labelling import EXTRAPOLATED_NO_HEAT_FLAG
+
+    pos = np.array([[0.0, 0.0, 0.0], [0.0, 6.0, -30.0]])
+    ids = [level_id("T12"), level_id("L1")]
+
+    def fov_depth(p):
+        return float(min(50.0 - p[2], p[2] + 200.0, 100.0))
+
+    cfg = dataclasses.replace(FILL, fill_gaps=False, extend_inside_mm=15.0)
+    out = complete_run(pos, ids, _no_heat, LEVELS, cfg, fov_depth=fov_depth)
+    assert [(c.level, c.flag) for c in out] == [("T11", EXTRAPOLATED_NO_HEAT_FLAG), ("L2", EXTRAPOLATED_NO_HEAT_FLAG)]
+    np.testing.assert_allclose(out[0].position_mm, [0.0, -6.0, 30.0])  # the run's step repeated upwards
+    np.testing.assert_allclose(out[1].position_mm, [0.0, 12.0, -60.0])
+    assert out[0].score == 0.0
+    # T11 at z = 30 is 20 mm inside: not with a 25-mm requirement; L2 (140 mm inside) still is
+    assert [c.level for c in complete_run(pos, ids, _no_heat, LEVELS, dataclasses.replace(cfg, extend_inside_mm=25.0),
+                                          fov_depth=fov_depth)] == ["L2"]
+    # a neighbour's shoulder only (a spot 8 mm from the guess but 22.6 mm from T12, < 0.8 x the 30.6-mm
+    # step): the repeated step, not the shoulder
+    shoulder = dataclasses.replace(cfg, min_step_fraction=0.8)
+    out = complete_run(pos, ids, _heat_at({(0.0, -5.0, 22.0): 0.9}), LEVELS, shoulder, fov_depth=fov_depth)
+    np.testing.assert_allclose(out[0].position_mm, [0.0, -6.0, 30.0])
+    assert out[0].flag == EXTRAPOLATED_NO_HEAT_FLAG and out[0].score == pytest.approx(0.9)
+    # heat there: the ordinary extrapolation wins (moved to the heat, ordinary flag)
+    out = complete_run(pos, ids, _heat_at({(0.0, -4.0, 33.0): 0.2}), LEVELS, cfg, fov_depth=fov_depth)
+    assert (out[0].flag, list(out[0].position_mm)) == (EXTRAPOLATED_FLAG, [0.0, -4.0, 33.0])
+    # off (None), or no field of view given: nothing without heat; never S1 below L5 either
+    assert complete_run(pos, ids, _no_heat, LEVELS, dataclasses.replace(cfg, extend_inside_mm=None),
+                        fov_depth=fov_depth) == []
+    assert complete_run(pos, ids, _no_heat, LEVELS, cfg) == []
+    low = np.array([[0.0, 0.0, -120.0], [0.0, 0.0, -150.0]])
+    assert [c.level for c in complete_run(low, [level_id("L4"), level_id("L5")], _no_heat, LEVELS, cfg,
+                                          fov_depth=fov_depth)] == ["L3"]
+    with pytest.raises(ValueError, match="extend_inside_mm must be >= 0"):
+        complete_run(pos, ids, _no_heat, LEVELS, dataclasses.replace(cfg, extend_inside_mm=-1.0), fov_depth=fov_depth)
+
+
 def test_completion_never_invents_sacrum_transitional_or_unknown_levels():
     pos = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -36.0]])
     everywhere = lambda p, r: (np.asarray(p, dtype=float), 0.9)  # noqa: E731
