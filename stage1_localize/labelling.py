@@ -467,7 +467,9 @@ def complete_run(
     to a named neighbour is the shoulder of that neighbour's peak, not another body: a gap then keeps the
     interpolated point, an end adds nothing -- unless ``config.extend_inside_mm`` is set and ``fov_depth``
     puts the repeated step at least that far inside the field of view: the level is then added at the
-    repeated step itself (flag :data:`EXTRAPOLATED_NO_HEAT_FLAG`, score = the heat found). Never a transitional level (T13 / L6: an anatomical claim
+    repeated step itself (flag :data:`EXTRAPOLATED_NO_HEAT_FLAG`, score = the heat found). With
+    ``extend_inside_mm`` and ``fov_depth``, an end level found *with* heat is also added only that far
+    inside the field of view (closer to the edge, the body is cut and its centroid is not in view). Never a transitional level (T13 / L6: an anatomical claim
     the path did not make), never S1 or below (the detector is trained to treat the sacrum as
     background), never a level outside ``levels`` (the model's vocabulary). Returns completions head to
     foot."""
@@ -494,6 +496,9 @@ def complete_run(
     def clear_of(where: np.ndarray, neighbours: Sequence[np.ndarray], step_mm: float) -> bool:
         return all(np.linalg.norm(where - q) >= cfg.min_step_fraction * step_mm for q in neighbours)
 
+    def deep_enough(where: np.ndarray) -> bool:
+        return cfg.extend_inside_mm is None or fov_depth is None or float(fov_depth(where)) >= cfg.extend_inside_mm
+
     def extend(end: int, inner: int, direction: int) -> list[Completion]:
         """Up to ``extend_levels`` completions beyond ``labs[end]``, nearest first."""
         added: list[Completion] = []
@@ -508,9 +513,11 @@ def complete_run(
             where, heat = probe(guess, cfg.fill_search_mm)
             where = np.asarray(where, dtype=np.float64).reshape(3)
             flag = EXTRAPOLATED_FLAG
-            if heat < cfg.fill_min_heat or not clear_of(where, [here], float(np.linalg.norm(step))):
-                if (cfg.extend_inside_mm is None or fov_depth is None
-                        or float(fov_depth(guess)) < cfg.extend_inside_mm):
+            if heat >= cfg.fill_min_heat and clear_of(where, [here], float(np.linalg.norm(step))):
+                if not deep_enough(where):  # a body cut by the field of view: its centroid is not in view
+                    break
+            else:
+                if cfg.extend_inside_mm is None or fov_depth is None or not deep_enough(guess):
                     break
                 where, flag = guess, EXTRAPOLATED_NO_HEAT_FLAG  # the body is there, the detector is blind
             added.append(Completion(int(level), where, float(heat), flag))

@@ -296,6 +296,12 @@ def test_end_without_heat_is_added_only_well_inside_the_field_of_view():
     # heat there: the ordinary extrapolation wins (moved to the heat, ordinary flag)
     out = complete_run(pos, ids, _heat_at({(0.0, -4.0, 33.0): 0.2}), LEVELS, cfg, fov_depth=fov_depth)
     assert (out[0].flag, list(out[0].position_mm)) == (EXTRAPOLATED_FLAG, [0.0, -4.0, 33.0])
+    # heat near T11 but only 13 mm inside the field of view (a body cut by its top face): not added with
+    # the depth requirement, added without it
+    near_edge = _heat_at({(0.0, -6.0, 37.0): 0.5})
+    assert [c.level for c in complete_run(pos, ids, near_edge, LEVELS, cfg, fov_depth=fov_depth)] == ["L2"]
+    assert [c.level for c in complete_run(pos, ids, near_edge, LEVELS, dataclasses.replace(cfg, extend_inside_mm=None),
+                                          fov_depth=fov_depth)] == ["T11"]
     # off (None), or no field of view given: nothing without heat; never S1 below L5 either
     assert complete_run(pos, ids, _no_heat, LEVELS, dataclasses.replace(cfg, extend_inside_mm=None),
                         fov_depth=fov_depth) == []
