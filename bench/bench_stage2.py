@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:
 from bench.mdtable import md_table  # noqa: E402
 from bench.overrides import override_config  # noqa: E402
 from data_prep.distributed import DistInfo  # noqa: E402
+from data_prep.scan import anatomical_rank, level_name  # noqa: E402
 from stage2_classify.config import HeadsConfig, Stage2Config, contrast_index  # noqa: E402
 from stage2_classify.evidence import fraction_inside, integrated_gradients, pointing_game  # noqa: E402
 from stage2_classify.infer import predicted_body  # noqa: E402
@@ -511,6 +512,31 @@ def _by_visibility(preds: list[dict]) -> list[dict]:
     return rows
 
 
+def _by_level(preds: list[dict]) -> list[dict]:
+    """Per cohort and vertebral level (VerSe id): how many normal / lesion vertebrae, the mean p(lesion)
+    (= 1 - p(normal)) of each, and the detection AUC (lesion vs normal by p(lesion); None without both).
+    Tells whether the normals the network calls lesions cluster at one level (e.g. degenerative endplate
+    changes at L5) or one site. Rows cohort by cohort, head to foot."""
+    from pipeline.metrics import one_vs_rest_auc
+
+    rows = []
+    for c in sorted({cohort_of(r["subject"]) for r in preds}):
+        mine = [r for r in preds if cohort_of(r["subject"]) == c]
+        for lv in sorted({int(r["label"]) for r in mine}, key=anatomical_rank):
+            at = [r for r in mine if int(r["label"]) == lv]
+            normal = [1 - r["p"][0] for r in at if r["cls"] == 0]
+            lesion = [1 - r["p"][0] for r in at if r["cls"] != 0]
+            auc = None
+            if normal and lesion:
+                y = np.array([0] * len(normal) + [1] * len(lesion))
+                score = np.array(normal + lesion)
+                auc = _r(one_vs_rest_auc(y, np.stack([1 - score, score], 1), 2)[1])
+            rows.append({"cohort": c, "level": level_name(lv), "n_normal": len(normal),
+                         "normal_mean_p_lesion": _r(np.mean(normal)) if normal else None, "n_lesion": len(lesion),
+                         "lesion_mean_p_lesion": _r(np.mean(lesion)) if lesion else None, "detection_auc": auc})
+    return rows
+
+
 def attach_cnr(preds: list[dict], samples: list[Sample]) -> None:
     """Add ``cnr`` (:func:`lesion_cnr`) to prediction rows, matched by (subject, VerSe label)."""
     by_key = {(s.subject, s.label): s for s in samples}
@@ -558,6 +584,7 @@ def _pooled_sections(res: Results, n_folds: int, run: list[int], preds: list[dic
     res.add(f"{prefix}_by_cohort", rows)
     if any(r.get("cnr") is not None for r in preds):
         res.add(f"{prefix}_by_visibility", _by_visibility(preds))
+    res.add(f"{prefix}_by_level", _by_level(preds))
     paired = [k for k in PAIRED_VARIANTS if k != "p" and all(k in r for r in preds)]
     if paired:
         res.add(f"{prefix}_paired", [{"variant": PAIRED_VARIANTS[k], **_metrics(y_all, np.array([r[k] for r in preds], float),

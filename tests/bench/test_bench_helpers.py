@@ -321,6 +321,23 @@ def test_lesion_cnr_and_visibility_table():
     assert rows["[1, 2)"]["n_lesion_vertebrae"] == 0 and rows["[1, 2)"]["detection_auc"] is None
 
 
+def test_detection_by_level_table():
+    from bench.bench_stage2 import _by_level
+
+    preds = [{"subject": "myosegmentum-001", "label": 24, "cls": 0, "p": [0.2, 0.5, 0.3]},  # p(lesion) 0.8
+             {"subject": "myosegmentum-002", "label": 24, "cls": 1, "p": [0.4, 0.5, 0.1]},  # 0.6: below the normal
+             {"subject": "myosegmentum-003", "label": 24, "cls": 2, "p": [0.1, 0.1, 0.8]},  # 0.9: above it
+             {"subject": "myosegmentum-001", "label": 20, "cls": 0, "p": [0.9, 0.05, 0.05]},
+             {"subject": "chu2015-001", "label": 18, "cls": 1, "p": [0.5, 0.5, 0.0]}]
+    rows = _by_level(preds)
+    assert [(r["cohort"], r["level"]) for r in rows] == [("chu2015", "T11"), ("myosegmentum", "L1"), ("myosegmentum", "L5")]
+    l5 = rows[2]
+    assert (l5["n_normal"], l5["n_lesion"], l5["detection_auc"]) == (1, 2, 0.5)
+    assert l5["normal_mean_p_lesion"] == 0.8 and l5["lesion_mean_p_lesion"] == 0.75
+    assert rows[0]["detection_auc"] is None and rows[0]["normal_mean_p_lesion"] is None  # no normal T11
+    assert rows[1]["n_lesion"] == 0 and rows[1]["normal_mean_p_lesion"] == 0.1
+
+
 def test_stage2_bench_rejects_unknown_annotation_kind(tmp_path, capsys):
     from bench.bench_stage2 import main
 
