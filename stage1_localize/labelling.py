@@ -469,10 +469,10 @@ def complete_run(
     puts the repeated step at least that far inside the field of view: the level is then added at the
     repeated step itself (flag :data:`EXTRAPOLATED_NO_HEAT_FLAG`, score = the heat found). With
     ``extend_inside_mm`` and ``fov_depth``, an end level found *with* heat is also added only that far
-    inside the field of view (closer to the edge, the body is cut and its centroid is not in view). Never a transitional level (T13 / L6: an anatomical claim
-    the path did not make), never S1 or below (the detector is trained to treat the sacrum as
-    background), never a level outside ``levels`` (the model's vocabulary). Returns completions head to
-    foot."""
+    inside the field of view (closer to the edge, the body is cut and its centroid is not in view). Never
+    a transitional level (T13 / L6: an anatomical claim the path did not make), never S1 or below (the
+    detector is trained to treat the sacrum as background), never a level outside ``levels`` (the model's
+    vocabulary). Returns completions head to foot."""
     cfg = config or LabellingConfig()
     pos = np.asarray(positions_mm, dtype=np.float64).reshape(-1, 3)
     labs = [int(v) for v in labels]
