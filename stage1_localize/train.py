@@ -8,8 +8,9 @@
   head-wards by extrapolated pseudo-centroids (``targets.extrapolate_cranial``: a visible T12 above an
   L1-L5 annotation is taught as T12, not left for the level head to call "L1"; experimental, off by
   default: it lowered identification in the fold-0 trials, see ``config.py``); ``config.extrapolate_caudal``
-  likewise adds S1 below an annotated L5 (``targets.extrapolate_caudal``), so that the level head calls
-  the sacrum S1 instead of "L5". Level-only pseudo-points are never patch centres.
+  likewise adds S1 below an annotated L5 (``targets.extrapolate_caudal``, on by default since session 17,
+  level map only), so that the level head calls the sacrum S1 instead of "L5". Level-only pseudo-points
+  are never patch centres.
 * Each step draws ``batch_size`` augmented patches (``augment.sample_patch``) and builds targets on the
   patch grid (the heatmap loss ignores what lies beyond the annotated run of levels, see ``targets.py``). Loss = weighted BCE on the centre heatmap (weight ``1 + pos_weight * target``, the centres
   are <1 % of voxels) + ``level_loss_weight`` x cross-entropy of the level head inside the balls

@@ -62,6 +62,7 @@ def _config(**kw):
 
 def test_peak_world_coordinates_survive_reorientation_and_anisotropy():
     cfg = _config()
+    cfg.labelling.extend_inside_mm = None  # detections only (the default would add L5, 25 mm inside the scan)
     truth = _truth_world()
     scan = _scan_with_blobs(truth)
     assert scan.orientation_code() != "LPS"
@@ -97,6 +98,7 @@ def test_preprocessing_keeps_image_content_at_its_world_position():
 
 def test_vertebra_near_the_fov_edge_is_flagged():
     cfg = _config()
+    cfg.labelling.extend_inside_mm = None  # detections only (the default would add an L5 without heat below)
     truth = _truth_world()
     truth[:, 2] += 30.0  # L1 now 5 mm below the top edge (z = 120 + 0.4 mm)
     scan = _scan_with_blobs(truth)
@@ -140,7 +142,10 @@ def test_offset_head_moves_a_biased_peak_onto_the_centroid():
     biased = true_ijk + np.array([0.0, 0.0, 1.7])
     heat = centre_heatmap(grid.shape, biased, grid.spacing, 6.0)
     off, _ = offset_map(grid.shape, true_ijk, grid.spacing, 30.0)
-    plain = Localizer(net=StandIn(heat, logits), config=_config(offset_radius_mm=None)).localize(scan)
+    cfg.labelling.extend_inside_mm = None  # detections only: no L5 without heat below L4
+    plain_cfg = _config(offset_radius_mm=None)
+    plain_cfg.labelling.extend_inside_mm = None
+    plain = Localizer(net=StandIn(heat, logits), config=plain_cfg).localize(scan)
     fixed = Localizer(net=OffsetStandIn(heat, logits, off / 12.0), config=cfg).localize(scan)
     err_plain = np.linalg.norm(np.array([v.centroid_world for v in plain]) - truth, axis=1)
     err_fixed = np.linalg.norm(np.array([v.centroid_world for v in fixed]) - truth, axis=1)
@@ -307,6 +312,10 @@ def test_end_without_heat_is_added_inside_the_field_of_view_only():
     heat = centre_heatmap(grid.shape, ijk[[0, 2, 3]], grid.spacing, 6.0)
     l5, t12 = truth[3] + (truth[3] - truth[2]), truth[0] - (truth[2] - truth[0]) / 2
     assert fov_depth_mm(scan, l5) == pytest.approx(24.6, abs=0.5) and fov_depth_mm(scan, t12) < 1.0
+    assert cfg.labelling.extend_inside_mm == 15.0  # the default
+    by = {v.level: v for v in Localizer(net=StandIn(heat, logits), config=cfg).localize(scan)}
+    assert list(by) == ["L1", "L2", "L3", "L4", "L5"]
+    cfg.labelling.extend_inside_mm = None  # off: no L5 without heat
     assert [v.level for v in Localizer(net=StandIn(heat, logits), config=cfg).localize(scan)] == ["L1", "L2", "L3", "L4"]
     cfg.labelling.extend_inside_mm = 15.0
     by = {v.level: v for v in Localizer(net=StandIn(heat, logits), config=cfg).localize(scan)}
