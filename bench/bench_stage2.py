@@ -493,20 +493,25 @@ def lesion_contrast(sample: Sample) -> float | None:
     return float((sample.image[les].mean() - np.median(m)) / max(float(m.std()), 1e-6))
 
 
+def _detection_auc(lesion_scores: list[float], normal_scores: list[float]) -> float | None:
+    """ROC AUC of p(lesion) for lesion vs normal vertebrae (rounded; None unless both groups are present)."""
+    from pipeline.metrics import one_vs_rest_auc
+
+    if not lesion_scores or not normal_scores:
+        return None
+    y = np.array([1] * len(lesion_scores) + [0] * len(normal_scores))
+    score = np.array(list(lesion_scores) + list(normal_scores))
+    return _r(one_vs_rest_auc(y, np.stack([1 - score, score], 1), 2)[1])
+
+
 def _by_visibility(preds: list[dict]) -> list[dict]:
     """Detection AUC (lesion vs normal, scored by 1 - p(normal)) of the lesion vertebrae in each
     :data:`CNR_BINS` bin against all normal vertebrae, from prediction rows carrying ``cnr``."""
-    from pipeline.metrics import one_vs_rest_auc
-
     normal = [r for r in preds if r["cls"] == 0]
     rows = []
     for lo, hi in zip(CNR_BINS[:-1], CNR_BINS[1:]):
         les = [r for r in preds if r["cls"] != 0 and r.get("cnr") is not None and lo <= r["cnr"] < hi]
-        auc = None
-        if les and normal:
-            y = np.array([1] * len(les) + [0] * len(normal))
-            score = np.array([1 - r["p"][0] for r in les + normal])
-            auc = _r(one_vs_rest_auc(y, np.stack([1 - score, score], 1), 2)[1])
+        auc = _detection_auc([1 - r["p"][0] for r in les], [1 - r["p"][0] for r in normal])
         rows.append({"cnr": f"[{lo:g}, {hi:g})", "n_lesion_vertebrae": len(les), "n_normal": len(normal),
                      "detection_auc": auc})
     return rows
@@ -517,8 +522,6 @@ def _by_level(preds: list[dict]) -> list[dict]:
     (= 1 - p(normal)) of each, and the detection AUC (lesion vs normal by p(lesion); None without both).
     Tells whether the normals the network calls lesions cluster at one level (e.g. degenerative endplate
     changes at L5) or one site. Rows cohort by cohort, head to foot."""
-    from pipeline.metrics import one_vs_rest_auc
-
     rows = []
     for c in sorted({cohort_of(r["subject"]) for r in preds}):
         mine = [r for r in preds if cohort_of(r["subject"]) == c]
@@ -526,14 +529,10 @@ def _by_level(preds: list[dict]) -> list[dict]:
             at = [r for r in mine if int(r["label"]) == lv]
             normal = [1 - r["p"][0] for r in at if r["cls"] == 0]
             lesion = [1 - r["p"][0] for r in at if r["cls"] != 0]
-            auc = None
-            if normal and lesion:
-                y = np.array([0] * len(normal) + [1] * len(lesion))
-                score = np.array(normal + lesion)
-                auc = _r(one_vs_rest_auc(y, np.stack([1 - score, score], 1), 2)[1])
             rows.append({"cohort": c, "level": level_name(lv), "n_normal": len(normal),
                          "normal_mean_p_lesion": _r(np.mean(normal)) if normal else None, "n_lesion": len(lesion),
-                         "lesion_mean_p_lesion": _r(np.mean(lesion)) if lesion else None, "detection_auc": auc})
+                         "lesion_mean_p_lesion": _r(np.mean(lesion)) if lesion else None,
+                         "detection_auc": _detection_auc(lesion, normal)})
     return rows
 
 
