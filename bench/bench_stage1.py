@@ -11,7 +11,9 @@ Protocol
   cannot use them. The folders are sampled equally often (``Stage1Config.balance_groups``).
 * Test variants per held-out scan: ``original``; ``aniso`` (resampled to a 0.8 x 0.8 x 4 mm sagittal
   acquisition: 4 mm left-right); ``fov_top`` / ``fov_bottom`` (the upper / lower 60 % of the
-  head-to-foot field of view; ground truth = vertebrae whose centroid stays inside).
+  head-to-foot field of view; ground truth = vertebrae whose centroid stays inside). Named in
+  ``--variants`` only: ``inverted`` (foreground contrast inverted, :func:`invert_contrast`: a contrast the
+  training never saw as such; T1-like from Dixon water).
 * Metrics (``pipeline.metrics``, VerSe definitions): identification rate, localisation error (mm),
   per-scan precision / recall, share of scans all-correct; reported per cohort and pooled, per variant.
   Precision and all-correct are given twice: strict (every prediction without a ground-truth match is
@@ -70,6 +72,9 @@ log = logging.getLogger("bench_stage1")
 T_START = time.time()
 COHORTS = ("myosegmentum", "chu2015")
 VARIANTS = ("original", "aniso", "fov_top", "fov_bottom")
+#: stress tests run only when named in ``--variants`` (see the module docstring)
+EXTRA_VARIANTS = ("inverted",)
+ALL_VARIANTS = VARIANTS + EXTRA_VARIANTS
 #: columns of the per-level identification table (levels outside it are still counted in the JSON)
 LEVEL_COLUMNS = ("T11", "T12", "L1", "L2", "L3", "L4", "L5")
 
@@ -146,6 +151,25 @@ def variants(image: Scan, gt: dict[int, np.ndarray], which=VARIANTS):
                 if -0.5 <= ijk[2] <= crop.shape[2] - 0.5:
                     inside[vid] = p
             yield v, crop, inside
+        elif v == "inverted":
+            yield v, invert_contrast(image), gt
+        else:
+            raise ValueError(f"unknown test variant {v!r}; expected one of {ALL_VARIANTS}")
+
+
+def invert_contrast(image: Scan) -> Scan:
+    """The scan with its foreground contrast inverted, geometry unchanged: intensities are mapped to [0, 1]
+    between the 0.5th and 99.5th percentiles, voxels above 0.02 (the foreground, as in the training
+    augmentation ``augment.p_invert``) become ``1 - x``, and the result is mapped back to the original range.
+    On a Dixon-water image this gives bright marrow and fat with dark discs and CSF (T1-like); on a T2-TSE
+    image a contrast no scanner makes. A stress test for an unseen contrast, not a T1 simulation."""
+    x = np.asarray(image.array, np.float32)
+    lo, hi = (float(q) for q in np.percentile(x, [0.5, 99.5]))
+    if not hi > lo:
+        raise ValueError(f"{image.name}: constant image, nothing to invert")
+    y = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+    y = np.where(y > 0.02, 1.0 - y, y)
+    return image.with_array((lo + y * (hi - lo)).astype(np.float32))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -194,7 +218,7 @@ class Results:
         out: dict = {}
         methods = sorted({r["method"] for r in self.records})
         for m in methods:
-            for v in VARIANTS:
+            for v in ALL_VARIANTS:
                 rs = [r for r in self.records if r["method"] == m and r["variant"] == v]
                 if not rs:
                     continue
@@ -470,6 +494,8 @@ def main(argv=None) -> int:
                     help="skip training: evaluate this stage-1 model folder ('{fold}' is replaced by the fold index)")
     ap.add_argument("--decode", action="append", default=[], metavar="KEY=VALUE",
                     help="override a decoding field of the loaded model's config (e.g. peak_threshold=0.1)")
+    ap.add_argument("--variants", default=None,
+                    help=f"comma list of test variants (default: {','.join(VARIANTS)}; also: {','.join(EXTRA_VARIANTS)})")
     ap.add_argument("--fold-ids", default=None, help="comma list of fold indices to run (default: all / --folds)")
     ap.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
                     help="join the per-scan records of these result files into --name (runs no model)")
@@ -480,6 +506,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.merge:
         return merge_results(args.merge, args.out, args.name)
+    which = VARIANTS
+    if args.variants:
+        which = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+        if not which or any(v not in ALL_VARIANTS for v in which):
+            print(f"error: --variants {args.variants}: expected a comma list of {', '.join(ALL_VARIANTS)}",
+                  file=sys.stderr)
+            return 2
     if not (args.data / "myosegmentum").is_dir():
         print(f"error: {args.data}: real data not available (expected myosegmentum/ and chu2015/)", file=sys.stderr)
         return 2
@@ -496,10 +529,9 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(cfg, steps_per_epoch=args.steps)
     if args.set:
         cfg = override_config(cfg, args.set)
-    which = VARIANTS
     if args.quick:
         cfg = dataclasses.replace(cfg, epochs=min(cfg.epochs, 2), steps_per_epoch=5)
-        which = ("original", "fov_top")
+        which = which if args.variants else ("original", "fov_top")
     note = ("SMOKE RUN (--quick): numbers are not results." if args.quick else
             "real data, points-only training (mask centroids), no lesions inserted.")
     results = Results(args.out, {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "k": args.k,

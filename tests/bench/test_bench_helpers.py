@@ -496,3 +496,33 @@ def test_stage2_baseline_tail_features():
     outside[0, 0, 0] = 100.0  # outside the mask: no effect
     assert np.allclose(tail_features(outside, body), base)
     assert np.all(tail_features(img, np.zeros_like(body)) == 0.0)
+
+
+def test_inverted_variant_flips_the_foreground_and_keeps_geometry_and_ground_truth():
+    import bench.bench_stage1 as b1
+
+    arr = np.zeros((3, 4, 5), np.float32)
+    arr[1, 1:3, 1:4] = 100.0  # bright
+    arr[1, 1, 1] = 25.0       # dim foreground
+    arr[0, 0, 0] = 0.5        # below 2 % of the range: background, kept
+    img = Scan(arr, np.array([1.0, 2.0, 3.0]), np.array([5.0, -2.0, 7.0]), np.eye(3)[[2, 0, 1]], name="s")
+    gt = {20: np.array([1.0, 2.0, 3.0])}
+    (name, inv, g), = b1.variants(img, gt, ("inverted",))
+    assert name == "inverted" and g is gt
+    assert np.array_equal(inv.spacing, img.spacing) and np.array_equal(inv.origin, img.origin)
+    assert np.array_equal(inv.direction, img.direction) and inv.array.shape == arr.shape
+    lo, hi = np.percentile(arr, [0.5, 99.5])
+    y = (arr - lo) / (hi - lo)
+    assert np.isclose(inv.array[0, 0, 0], arr[0, 0, 0], atol=1e-5)        # background unchanged
+    assert np.isclose(inv.array[1, 1, 1], lo + (1 - y[1, 1, 1]) * (hi - lo), atol=1e-4)  # dim -> bright
+    assert inv.array[1, 1, 1] > inv.array[1, 2, 2]                        # order reversed in the foreground
+    with pytest.raises(ValueError, match="unknown test variant"):
+        list(b1.variants(img, gt, ("upside_down",)))
+
+
+def test_bench_stage1_rejects_unknown_variants(capsys, tmp_path):
+    import bench.bench_stage1 as b1
+
+    (tmp_path / "myosegmentum").mkdir()
+    code = b1.main(["--data", str(tmp_path), "--variants", "original,sideways", "--out", str(tmp_path / "o")])
+    assert code == 2 and "--variants original,sideways" in capsys.readouterr().err
