@@ -46,7 +46,7 @@ from data_prep.scan import anatomical_rank, level_name  # noqa: E402
 from stage2_classify.config import HeadsConfig, Stage2Config, contrast_index  # noqa: E402
 from stage2_classify.evidence import fraction_inside, integrated_gradients, pointing_game  # noqa: E402
 from stage2_classify.infer import predicted_body  # noqa: E402
-from stage2_classify.patches import dilate  # noqa: E402
+from stage2_classify.patches import vertebra_region  # noqa: E402
 from stage2_classify.train import Sample, Stage2Trainable, build_samples, collate, train_on_samples  # noqa: E402
 
 log = logging.getLogger("bench_stage2")
@@ -289,6 +289,12 @@ def train(samples: list[Sample], cfg: Stage2Config, runs: Path, tag: str,
 
 
 @torch.no_grad()
+def _inference_region(net, img: torch.Tensor) -> np.ndarray:
+    """The region inference builds without masks for one patch ``(1, 1, I, J, K)`` -> ``(I, J, K)`` bool."""
+    body, others, _ = predicted_body(net, img)
+    return vertebra_region(body, net.margin_vox, others)
+
+
 def predict(module: Stage2Trainable, samples: list[Sample], predicted_region: bool = False, bs: int = 8,
             flip_lr: bool = False):
     """Class probabilities ``(N, K)`` of ``samples`` (and body Dice per sample with ``predicted_region``).
@@ -302,10 +308,11 @@ def predict(module: Stage2Trainable, samples: list[Sample], predicted_region: bo
         if predicted_region and "seg" in net.heads:
             seg = net.forward_dense(b["image"])["seg"]
             # the region as inference builds it (stage2_classify.infer.predicted_body: the component nearest
-            # the patch centre, or the prior when the head finds nothing), dilated by the margin
+            # the patch centre, or the prior when the head finds nothing), dilated by the margin but not
+            # onto the bodies the head calls neighbours
             region = torch.stack([
-                torch.from_numpy(dilate(predicted_body(net, b["image"][n:n + 1])[0], net.margin_vox)
-                                 .astype(np.float32))[None] for n in range(b["image"].shape[0])]).to(dev)
+                torch.from_numpy(_inference_region(net, b["image"][n:n + 1]).astype(np.float32))[None]
+                for n in range(b["image"].shape[0])]).to(dev)
             pb = net.body_probability(seg) > 0.5
             body = b["body"] > 0.5
             inter = (pb & body).flatten(1).sum(1).float()
@@ -358,8 +365,7 @@ def evidence_stats(module: Stage2Trainable, samples: list[Sample], n_max: int, s
         if s.cls != 0 and s.targets.lesion.any():
             hits.append(pointing_game(attr, s.targets.lesion, tolerance_vox=1))
         # as deployed without masks: the region from the seg head (or the prior), scored against the expert body
-        body, _ = predicted_body(net, img)
-        pred_reg = torch.from_numpy(dilate(body, net.margin_vox).astype(np.float32))[None, None].to(dev)
+        pred_reg = torch.from_numpy(_inference_region(net, img).astype(np.float32))[None, None].to(dev)
         attr_p, _ = integrated_gradients(net, img, pred_reg, n_steps=steps, contrast=ci)
         inside_pred.append(fraction_inside(attr_p, s.targets.body))
     return {"evidence_inside_mean": _r(np.mean(inside)) if inside else None,

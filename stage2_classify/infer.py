@@ -4,7 +4,8 @@
 unpickled) and classifies every given vertebra of a scan. The region the classification path sees is,
 in order of preference: the vertebra's given mask (``masks`` label map or ``Vertebra.mask``), the seg
 head's centre-body prediction (largest component near the centroid), or a typical-size ellipsoid around
-the centroid (flag ``region_prior``); always dilated by ``margin_mm``.
+the centroid (flag ``region_prior``); always dilated by ``margin_mm``, but never onto another vertebral
+body (given, or as the seg head predicts it; ``patches.vertebra_region``).
 
 Flags per vertebra: ``region_prior`` (no body found, fallback region), ``mask_missing`` (a label map was
 given but this vertebra is not in it), ``patch_outside_fov`` (less than 90 % of the patch inside the
@@ -24,10 +25,10 @@ from scipy import ndimage
 from data_prep.checkpoint import load_model, load_state_into
 from data_prep.errors import SpinepipeInputError
 from data_prep.scan import Scan, Vertebra, VertebraVerdict
-from stage2_classify.config import Stage2Config, contrast_index
+from stage2_classify.config import SEG_NEIGHBOUR, Stage2Config, contrast_index
 from stage2_classify.evidence import EVIDENCE_FLAG, explain, merge_evidence
 from stage2_classify.model import Stage2Net
-from stage2_classify.patches import Patch, PatchSampler, dilate, ellipsoid_prior, paste_to_reference
+from stage2_classify.patches import Patch, PatchSampler, ellipsoid_prior, paste_to_reference, vertebra_region
 
 log = logging.getLogger(__name__)
 
@@ -44,24 +45,28 @@ class ScanClassification:
     evidence: Scan | None = None
 
 
-def predicted_body(net: Stage2Net, img: torch.Tensor) -> tuple[np.ndarray, str]:
+def predicted_body(net: Stage2Net, img: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None, str]:
     """The centre vertebral body of a patch without a given mask, as inference uses it.
 
-    ``img``: ``(1, 1, I, J, K)``. Returns ``(body (I, J, K) bool, source)``: the seg head's body
+    ``img``: ``(1, 1, I, J, K)``. Returns ``(body (I, J, K) bool, others, source)``: the seg head's body
     (probability > 0.5, the component nearest the patch centre; source "predicted"), or, when the head is
-    off or finds nothing, the ellipsoid prior of ``prior_half_extent_mm`` around the centre ("prior").
-    Not yet dilated by the margin.
+    off or finds nothing, the ellipsoid prior of ``prior_half_extent_mm`` around the centre ("prior");
+    ``others`` (bool, or None without a seg head) = where the head calls a neighbouring body more likely
+    than not, which the region must not reach. Not yet dilated (:func:`patches.vertebra_region`).
     """
     shape = tuple(img.shape[2:])
     centre_ijk = (np.array(shape) - 1) / 2.0
+    others = None
     if "seg" in net.heads:
         with torch.no_grad():
-            pb = net.body_probability(net.forward_dense(img)["seg"])[0, 0].cpu().numpy()
+            seg = net.forward_dense(img)["seg"]
+            pb = net.body_probability(seg)[0, 0].cpu().numpy()
+            others = torch.softmax(seg, dim=1)[0, SEG_NEIGHBOUR].cpu().numpy() > 0.5
         body = pb > 0.5
         if body.any():
-            return _largest_near(body, centre_ijk), "predicted"
+            return _largest_near(body, centre_ijk), others, "predicted"
     half = np.asarray(net.cfg.prior_half_extent_mm) / net.cfg.patch.spacing_mm
-    return ellipsoid_prior(shape, centre_ijk, half), "prior"
+    return ellipsoid_prior(shape, centre_ijk, half), others, "prior"
 
 
 def _largest_near(mask: np.ndarray, centre_ijk: np.ndarray) -> np.ndarray:
@@ -118,18 +123,22 @@ class Classifier:
         return tuple(self.config.classes)
 
     # -- regions --------------------------------------------------------------------------------
-    def _body_mask(self, patch: Patch, vert: Vertebra, use_mask: bool, img: torch.Tensor) -> tuple[np.ndarray, str, list[str]]:
+    def _body_mask(self, patch: Patch, vert: Vertebra, use_mask: bool,
+                   img: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None, str, list[str]]:
+        """``(body, others, source, flags)``: the centre body on the patch grid, the other vertebral bodies
+        its region must not reach (given masks, else the seg head's neighbours), where the body came from."""
         flags: list[str] = []
         shape = patch.image.shape
         if use_mask:
-            body = patch.labels.get("vertebrae", np.zeros(shape)) == vert.label
+            labels = patch.labels.get("vertebrae", np.zeros(shape))
+            body = labels == vert.label
             if body.any():
-                return body, "mask", flags
+                return body, (labels > 0) & ~body, "mask", flags
             flags.append("mask_missing")
-        body, source = predicted_body(self.net, img)
+        body, others, source = predicted_body(self.net, img)
         if source == "prior":
             flags.append("region_prior")
-        return body, source, flags
+        return body, others, source, flags
 
     # -- main API -------------------------------------------------------------------------------
     def classify(self, scan: Scan, vertebrae: list[Vertebra], masks: Scan | None = None, with_evidence: bool = True,
@@ -173,8 +182,8 @@ class Classifier:
         for v in vertebrae:
             patch = sampler.crop(v.centroid_world)
             img = torch.from_numpy(patch.image)[None, None].to(self.device)
-            body, source, flags = self._body_mask(patch, v, masks is not None, img)
-            region_np = dilate(body, cfg.margin_vox)
+            body, others, source, flags = self._body_mask(patch, v, masks is not None, img)
+            region_np = vertebra_region(body, cfg.margin_vox, others)
             region = torch.from_numpy(region_np.astype(np.float32))[None, None].to(self.device)
             with torch.no_grad():
                 probs = torch.softmax(self.net.forward_cls(img, region, *extra), 1)[0].cpu().numpy()

@@ -25,9 +25,10 @@ No BatchNorm (its train-mode statistics would mix samples of a batch). With
 ``ModelConfig.region_norm`` (default) the cls path first standardises intensities by their mean/std
 *inside the region*, which also cancels the scan-level intensity window (an affine map), so even that
 does not reach the verdict (up to the window's clipping of extreme voxels). ``tests/stage2_classify/
-test_invariance.py`` checks this numerically. When ``region`` is not given it is the seg head's centre
-body prediction dilated by ``margin_vox``: the guarantee then holds *given* that region (the region's
-shape comes from the full patch; its voxel values never do).
+test_invariance.py`` checks this numerically. The region is the body dilated by ``margin_vox`` without
+the other vertebral bodies (``patches.vertebra_region``). When ``region`` is not given it is the seg
+head's centre body prediction so dilated, without the voxels it calls a neighbouring body: the guarantee
+then holds *given* that region (the region's shape comes from the full patch; its voxel values never do).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stage2_classify.config import IMAGE_CONTRASTS, SEG_CENTRE, SEG_CLASSES, SEG_LESION, Stage2Config
+from stage2_classify.config import IMAGE_CONTRASTS, SEG_CENTRE, SEG_CLASSES, SEG_LESION, SEG_NEIGHBOUR, Stage2Config
 
 
 def ball_kernel(radius: int) -> torch.Tensor:
@@ -365,8 +366,13 @@ class Stage2Net(nn.Module):
         return out
 
     def predicted_region(self, seg_logits: torch.Tensor) -> torch.Tensor:
-        """Region from the seg head: centre-body probability > 0.5, dilated by ``margin_vox`` ``(B, 1, I, J, K)``."""
-        return dilate_mask((self.body_probability(seg_logits) > 0.5).float(), self.margin_vox)
+        """Region from the seg head ``(B, 5, I, J, K)`` -> ``(B, 1, I, J, K)``: centre-body probability > 0.5,
+        dilated by ``margin_vox``, without the voxels where a neighbouring body is more likely than not
+        (the margin never reaches another vertebra; see ``patches.vertebra_region``)."""
+        body = (self.body_probability(seg_logits) > 0.5).float()
+        region = dilate_mask(body, self.margin_vox)
+        neighbour = (torch.softmax(seg_logits, dim=1)[:, SEG_NEIGHBOUR : SEG_NEIGHBOUR + 1] > 0.5).float()
+        return region * torch.maximum(1.0 - neighbour, body)
 
     def forward(self, image: torch.Tensor, region_mask: torch.Tensor | None = None,
                 contrast: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

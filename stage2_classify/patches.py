@@ -207,6 +207,18 @@ def dilate(mask: np.ndarray, radius_vox: float) -> np.ndarray:
     return ndimage.binary_dilation(m, structure=ball(radius_vox))
 
 
+def vertebra_region(body: np.ndarray, margin_vox: float, others: np.ndarray | None = None) -> np.ndarray:
+    """The region the classification path sees: ``body`` dilated by ``margin_vox`` voxels, without the voxels
+    of ``others`` (the other vertebral bodies, when known). The margin gives the convolutions context at the
+    body's edge (endplates, cortex, a corner lesion's partial volume); across a narrow disc a 4-mm margin
+    reaches the neighbour's endplate (13 % of the expert-masked vertebrae in ``../shared/data``), and the
+    neighbour's voxels must not reach this vertebra's verdict. ``body`` voxels are always kept."""
+    region = dilate(body, margin_vox)
+    if others is not None:
+        region &= ~np.asarray(others, dtype=bool) | np.asarray(body, dtype=bool)
+    return region
+
+
 def erode(mask: np.ndarray, radius_vox: float) -> np.ndarray:
     m = np.asarray(mask, dtype=bool)
     if radius_vox <= 0:
@@ -296,6 +308,7 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
     sp = cfg.patch.spacing_mm
     geo = patch.geometry
     allowed = _allowed_all(shape)
+    region_others = None  # other bodies the region must not reach (known with full masks)
     verts = patch.labels.get("vertebrae")
     lesions = patch.labels.get("lesions")
     structures = patch.labels.get("structures")
@@ -326,7 +339,7 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
             _set(allowed, others, (SEG_NEIGHBOUR, SEG_LESION))
         if body.any():
             centre_ijk = np.argwhere(body).mean(0) if centroid_mm is None else centre_ijk
-        region_src = body
+        region_src, region_others = body, others
     elif kind == "coarse":
         coarse = patch.labels.get("coarse")
         if coarse is None:
@@ -431,7 +444,7 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
         # the set loss never penalises and the body (centre + lesion probability) swallows the patch
         allowed[SEG_LESION] = False
         _set(allowed, lesion, (SEG_LESION,))
-    region = dilate(region_src, cfg.margin_vox)
+    region = vertebra_region(region_src, cfg.margin_vox, region_others)
     heat = gaussian_heatmap(shape, centre_ijk, cfg.loss.heatmap_sigma_mm / sp)
     lesion_class = None
     if lesions is not None:
@@ -451,6 +464,7 @@ __all__ = [
     "ball",
     "crop_patch",
     "dilate",
+    "vertebra_region",
     "ellipsoid_prior",
     "erode",
     "fov_fraction",

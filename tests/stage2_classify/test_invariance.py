@@ -159,3 +159,54 @@ def test_contrast_input_is_metadata_not_voxels():
         a = plain.forward_cls(image2, region2, torch.tensor([3]))
         b = plain.forward_cls(image2, region2)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("use_masks", [True, False])
+def test_neighbouring_body_within_the_margin_cannot_reach_the_verdict(use_masks):
+    """Two bodies one voxel (4 mm) apart and a 2-voxel margin: the margin covers the gap and would reach
+    the neighbour's endplate; its voxels are cut from the region (given masks, or a seg head that calls
+    them neighbour), so rewriting the whole neighbour leaves the verdict exactly put. Scan and patch grids
+    coincide (4 mm, identity direction, half-integer centroids), so no interpolation mixes voxels."""
+    from data_prep.scan import Scan, Vertebra
+    from stage2_classify.config import SEG_BG, SEG_CENTRE, SEG_NEIGHBOUR
+    from stage2_classify.infer import Classifier
+
+    torch.manual_seed(0)
+    net = Stage2Net(tiny_config(margin_mm=8.0))
+    shape = (24, 24, 24)
+    lab = np.zeros(shape, np.int16)
+    lab[8:16, 6:18, 2:10] = 20
+    lab[8:16, 6:18, 11:19] = 21  # k = 10 is the 4-mm gap
+    rng = np.random.default_rng(0)
+    arr = rng.normal(40, 8, shape).astype(np.float32)
+    arr[lab > 0] = rng.normal(150, 20, int((lab > 0).sum()))
+    scan = Scan(arr, (4.0, 4.0, 4.0), (0.0, 0.0, 0.0), np.eye(3))
+    centroid = scan.voxel_to_world(np.argwhere(lab == 20).mean(0)).coords[0]
+    verts = [Vertebra(20, centroid)]
+    if not use_masks:  # a stand-in seg head: neighbour where the scan says 21, centre where it says 20
+        def forward_dense(img):
+            logits = torch.full((1, 5, *img.shape[2:]), -5.0)
+            patch_lab = torch.from_numpy(crop_lab(centroid))
+            for value, c in ((0, SEG_BG), (20, SEG_CENTRE), (21, SEG_NEIGHBOUR)):
+                logits[0, c][patch_lab == value] = 5.0
+            return {"seg": logits}
+
+        def crop_lab(c):
+            from stage2_classify.patches import crop_patch
+            return crop_patch(scan.with_array(lab), c, net.cfg.patch, is_label=True).array.astype(np.int64)
+
+        net.forward_dense = forward_dense
+    clf = Classifier.from_network(net)
+    masks = scan.with_array(lab) if use_masks else None
+    before = clf.classify(scan, verts, masks=masks, with_evidence=False)[0]
+    assert before["region_source"] == ("mask" if use_masks else "predicted")
+    new = arr.copy()
+    new[lab == 21] = rng.normal(150, 60, int((lab == 21).sum()))  # a different neighbour, same intensity range
+    after = clf.classify(scan.with_array(new), verts, masks=masks, with_evidence=False)[0]
+    dp = max(abs(before["probabilities"][c] - after["probabilities"][c]) for c in net.cfg.classes)
+    assert dp <= 1e-6
+    # negative control: the gap voxels are inside the margin and do move the verdict
+    gap = arr.copy()
+    gap[8:16, 6:18, 10] += 200.0
+    moved = clf.classify(scan.with_array(gap), verts, masks=masks, with_evidence=False)[0]
+    assert max(abs(before["probabilities"][c] - moved["probabilities"][c]) for c in net.cfg.classes) > 1e-4

@@ -108,3 +108,16 @@ def test_pooling_mask_recovers_the_body_from_the_dilated_region():
     tiny = torch.zeros_like(body)
     tiny[..., 5, 5, 5] = 1  # erosion would be empty: fall back to the region itself
     torch.testing.assert_close(net.pooling_mask(tiny), tiny)
+
+
+def test_predicted_region_stops_at_predicted_neighbours():
+    """Hand-made seg logits ``(1, 5, 1, 1, 9)``: centre body at 2-3, neighbour at 5-7, margin 2 voxels."""
+    from stage2_classify.config import SEG_BG, SEG_CENTRE, SEG_NEIGHBOUR
+
+    net = Stage2Net(tiny_config(margin_mm=8.0))
+    logits = torch.full((1, 5, 1, 1, 9), -5.0)
+    cls = [SEG_BG, SEG_BG, SEG_CENTRE, SEG_CENTRE, SEG_BG, SEG_NEIGHBOUR, SEG_NEIGHBOUR, SEG_NEIGHBOUR, SEG_BG]
+    for k, c in enumerate(cls):
+        logits[0, c, 0, 0, k] = 5.0
+    region = net.predicted_region(logits)[0, 0, 0, 0]
+    assert region.tolist() == [1, 1, 1, 1, 1, 0, 0, 0, 0]

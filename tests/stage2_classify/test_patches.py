@@ -7,6 +7,7 @@ import pytest
 from data_prep.scan import Scan
 from stage2_classify.config import PatchConfig, tiny_config
 from stage2_classify.patches import (
+    Patch,
     PatchSampler,
     build_targets,
     crop_patch,
@@ -247,3 +248,34 @@ def test_given_lesion_map_is_complete_for_weak_body_labels(kind):
     assert np.all(t.seg_allowed[:, lesion].sum(0) == 1)
     assert np.all(t.seg_allowed.sum(0) >= 1)  # no voxel is left without an allowed class
     assert t.lesion_class[5, 5, 5] == 1 and t.lesion_class[2, 1, 1] == 0
+
+
+def test_vertebra_region_keeps_the_margin_off_other_bodies():
+    from stage2_classify.patches import vertebra_region
+
+    body = np.zeros((1, 1, 9), bool)
+    body[0, 0, 2:4] = True
+    others = np.zeros_like(body)
+    others[0, 0, 5:8] = True  # a neighbour one voxel away
+    np.testing.assert_array_equal(vertebra_region(body, 2, None)[0, 0], [1, 1, 1, 1, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(vertebra_region(body, 2, others)[0, 0], [1, 1, 1, 1, 1, 0, 0, 0, 0])
+    clash = others.copy()
+    clash[0, 0, 3] = True  # a voxel claimed by both: the body keeps it
+    np.testing.assert_array_equal(vertebra_region(body, 2, clash)[0, 0], [1, 1, 1, 1, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(vertebra_region(body, 0, others), body)
+
+
+def test_build_targets_full_masks_region_stops_at_the_neighbour():
+    """Two bodies one patch voxel apart: a 2-voxel margin covers the gap but not the neighbour."""
+    cfg = tiny_config(margin_mm=8.0)  # 2 voxels at 4 mm
+    shape = cfg.patch.shape
+    verts = np.zeros(shape, np.int16)
+    verts[3:9, 4:12, 2:7] = 20
+    verts[3:9, 4:12, 8:13] = 21
+    geometry = Scan(np.zeros(shape, np.float32), (4.0, 4.0, 4.0), (0.0, 0.0, 0.0), np.eye(3))
+    patch = Patch(np.zeros(shape, np.float32), geometry, {"vertebrae": verts})
+    t = build_targets(patch, 20, cfg, kind="full")
+    assert t.region[verts == 20].all()
+    assert t.region[3:9, 4:12, 7].all()       # the gap (disc) is inside the margin
+    assert not t.region[verts == 21].any()    # the neighbour never is
+    assert t.region[3:9, 4:12, 0:2].all()     # the margin elsewhere is intact
