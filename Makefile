@@ -9,7 +9,7 @@ export PYTHONHASHSEED := 0
 # Two cores on the reference machines: keep torch from oversubscribing.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test test-fast demo train-stage1 train-stage2 stage2 bench bench-stage1 bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-pipeline clean
+.PHONY: install test test-fast demo train-stage1 train-stage2 stage2 bench bench-stage1 bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-margin-reach bench-pipeline clean
 
 install: $(STAMP)
 
@@ -42,7 +42,7 @@ train-stage2: $(STAMP)
 stage2: train-stage2
 
 ## Benchmarks: JSON + markdown under bench/results/ (real-data parts need ../shared/data).
-bench: bench-stage1 bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-pipeline
+bench: bench-stage1 bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-margin-reach bench-pipeline
 
 bench-stage1: $(STAMP)
 	$(PY) bench/bench_stage1.py $(BENCH_ARGS)
@@ -61,6 +61,10 @@ bench-stage2-baseline: $(STAMP)
 ## How right the stage-2 reading of the real loose outlines is (no training, real data only).
 bench-outlines: $(STAMP)
 	$(PY) bench/outline_rules.py
+
+## How often stage 2's margin would reach a neighbouring body (expert masks, no training, real data only).
+bench-margin-reach: $(STAMP)
+	$(PY) bench/margin_reach.py
 
 bench-pipeline: $(STAMP)
 	$(PY) bench/bench_pipeline.py $(BENCH_ARGS)

@@ -526,3 +526,19 @@ def test_bench_stage1_rejects_unknown_variants(capsys, tmp_path):
     (tmp_path / "myosegmentum").mkdir()
     code = b1.main(["--data", str(tmp_path), "--variants", "original,sideways", "--out", str(tmp_path / "o")])
     assert code == 2 and "--variants original,sideways" in capsys.readouterr().err
+
+
+def test_margin_reach_volumes_on_a_hand_made_label_map():
+    from bench.margin_reach import reach_volumes
+
+    lab = np.zeros((3, 3, 12), np.int16)
+    lab[:, :, 1:4] = 20
+    lab[:, :, 6:9] = 21   # voxel centres 3 -> 6: 6 mm from 20 at 2 mm spacing
+    lab[:, :, 10:12] = 22  # one voxel gap after 21: centres 8 -> 10 are 4 mm apart
+    sp = np.array([1.0, 1.0, 2.0])
+    v = reach_volumes(lab, sp, 4.0)
+    assert v[20] == 0.0                 # nearest 21 voxel is 6 mm away
+    assert v[21] == 9 * 2.0             # one plane of 22 (3 x 3 voxels of 2 mm^3) at 4 mm
+    assert v[22] == 9 * 2.0
+    assert reach_volumes(lab, sp, 6.0)[20] == 9 * 2.0
+    assert reach_volumes(lab, sp, 1.0) == {20: 0.0, 21: 0.0, 22: 0.0}
