@@ -288,13 +288,13 @@ def train(samples: list[Sample], cfg: Stage2Config, runs: Path, tag: str,
     return module, secs
 
 
-@torch.no_grad()
 def _inference_region(net, img: torch.Tensor) -> np.ndarray:
     """The region inference builds without masks for one patch ``(1, 1, I, J, K)`` -> ``(I, J, K)`` bool."""
     body, others, _ = predicted_body(net, img)
     return vertebra_region(body, net.margin_vox, others)
 
 
+@torch.no_grad()
 def predict(module: Stage2Trainable, samples: list[Sample], predicted_region: bool = False, bs: int = 8,
             flip_lr: bool = False):
     """Class probabilities ``(N, K)`` of ``samples`` (and body Dice per sample with ``predicted_region``).
