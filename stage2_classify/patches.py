@@ -275,6 +275,9 @@ class PatchTargets:
     #: Outlines only: probability that a voxel of the unsupervised band is this body, from where the real
     #: body boundary lies relative to a drawn contour (``loss.outline_soft_sigma_mm``); NaN elsewhere.
     body_soft: np.ndarray | None = None
+    #: The other vertebral bodies where they are known (full masks), else None: the region never reaches
+    #: them, neither as built here nor when the training's region jitter grows it (``train.augment``).
+    others: np.ndarray | None = None
 
 
 def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "full",
@@ -453,7 +456,8 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
             if name in cfg.classes:
                 lesion_class[lesions == value] = cfg.classes.index(name)
     return PatchTargets(kind, body.astype(bool), region.astype(bool), allowed, heat, lesion, box, point_ball,
-                        lesion_class, body_soft)
+                        lesion_class, body_soft,
+                        None if region_others is None else np.asarray(region_others, bool) & ~body.astype(bool))
 
 
 __all__ = [

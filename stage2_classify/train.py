@@ -231,6 +231,7 @@ def collate(samples: list[Sample]) -> dict[str, torch.Tensor]:
         "contrast": torch.tensor([contrast_index(s.contrast) for s in samples], dtype=torch.long),
         "body_soft": stack(lambda s: s.targets.body_soft if s.targets.body_soft is not None
                            else np.full(shape, np.nan, np.float32)),
+        "others": stack(lambda s: s.targets.others if s.targets.others is not None else zeros),
     }
     return batch
 
@@ -254,7 +255,8 @@ def augment(batch: dict[str, torch.Tensor], cfg: Stage2Config, gen: torch.Genera
     head-foot flip. Boxes stay axis-aligned: box samples get translation/flip only.
     Intensity (pivot-based, no patch statistics): gamma, contrast about 0.5, smooth multiplicative bias
     field, Gaussian noise. Region jitter: with ``train.region_jitter_prob`` the classification region
-    grows or shrinks by one voxel (never below the body), like a predicted mask at inference. Contrast
+    grows or shrinks by one voxel (never below the body, never onto another body), like a predicted mask
+    at inference. Contrast
     dropout: with ``model.contrast_input``, the scan's contrast is hidden (-1) with ``train.contrast_dropout``.
     """
     tc = cfg.train
@@ -298,8 +300,9 @@ def augment(batch: dict[str, torch.Tensor], cfg: Stage2Config, gen: torch.Genera
 
     for k in ("image", "heatmap"):
         out[k] = warp(batch[k], "bilinear")
-    for k in ("region", "body", "lesion", "box", "ball", "seg_allowed", "lesion_class"):
-        out[k] = warp(batch[k], "nearest")
+    for k in ("region", "body", "lesion", "box", "ball", "seg_allowed", "lesion_class", "others"):
+        if k in batch:
+            out[k] = warp(batch[k], "nearest")
     if "body_soft" in batch:  # NaN = no soft target, also where the warp samples outside the patch
         soft = batch["body_soft"]
         given = warp((~torch.isnan(soft)).float(), "nearest") > 0.5
@@ -307,16 +310,19 @@ def augment(batch: dict[str, torch.Tensor], cfg: Stage2Config, gen: torch.Genera
     flip = torch.tensor(flips, device=dev)
     if flip.any():
         for k in ("image", "heatmap", "region", "body", "lesion", "box", "ball", "seg_allowed", "lesion_class",
-                  "body_soft"):
+                  "body_soft", "others"):
             if k not in out:
                 continue
             x = out[k].clone()
             x[flip] = torch.flip(x[flip], dims=[2])  # axis 0 of (I, J, K) = left-right
             out[k] = x
 
-    # region jitter: grow or shrink the classification region by one voxel (as a predicted mask would)
+    # region jitter: grow or shrink the classification region by one voxel (as a predicted mask would),
+    # never onto another vertebral body (where the annotation says where they are)
     reg = out["region"]
     grown = F.max_pool3d(reg, 3, stride=1, padding=1)
+    if "others" in out:
+        grown = torch.maximum(grown * (1.0 - out["others"]), reg)
     shrunk = 1.0 - F.max_pool3d(1.0 - reg, 3, stride=1, padding=1)
     pick = u(0, 1, (b, 1, 1, 1, 1)).to(dev)
     out["region"] = torch.where(pick < tc.region_jitter_prob / 2, grown,

@@ -59,3 +59,25 @@ def test_contrast_dropout_only_with_contrast_input():
     hidden = augment(batch, cfg, torch.Generator().manual_seed(0))["contrast"]
     assert set(hidden.tolist()) == {-1, 3} and 12 <= int((hidden == -1).sum()) <= 52
     assert batch["contrast"].tolist() == [3] * 64  # input batch untouched
+
+
+def test_region_jitter_never_grows_onto_another_body():
+    """The region abuts a neighbour (full masks): growing it by a voxel must stop at the neighbour."""
+    cfg = tiny_config()
+    cfg.train.aug_prob = 0.0  # no warp: only the region jitter acts
+    cfg.train.region_jitter_prob = 1.0  # half the samples grown, half shrunk
+    batch = collate(toy_samples(cfg, 8, seed=0))
+    shape = batch["region"].shape[-3:]
+    region = torch.zeros(shape)
+    region[2:8, 2:8, 2:7] = 1.0
+    others = torch.zeros(shape)
+    others[2:8, 2:8, 7:10] = 1.0  # the next body starts right where the region stops
+    batch["region"] = region.expand_as(batch["region"]).clone()
+    batch["body"] = batch["region"].clone()
+    batch["others"] = others.expand_as(batch["region"]).clone()
+    grown = 0
+    for seed in range(3):
+        out = augment(batch, cfg, torch.Generator().manual_seed(seed))
+        assert not (out["region"] * batch["others"]).any(), "the jittered region reached the neighbour"
+        grown += int((out["region"].sum(dim=(1, 2, 3, 4)) > region.sum()).sum())
+    assert grown > 0  # the region did grow elsewhere

@@ -279,3 +279,5 @@ def test_build_targets_full_masks_region_stops_at_the_neighbour():
     assert t.region[3:9, 4:12, 7].all()       # the gap (disc) is inside the margin
     assert not t.region[verts == 21].any()    # the neighbour never is
     assert t.region[3:9, 4:12, 0:2].all()     # the margin elsewhere is intact
+    np.testing.assert_array_equal(t.others, verts == 21)  # kept for the training's region jitter
+    assert build_targets(patch, 20, cfg, kind="point", point_mm=np.zeros(3)).others is None
