@@ -214,7 +214,7 @@ def test_gap_moves_to_the_heat_nearby_but_not_onto_a_neighbours_shoulder():
     out = complete_run(pos, ids, _heat_at({(0.0, 3.0, -40.0): 0.3}), LEVELS, FILL)
     np.testing.assert_allclose(out[0].position_mm, [0.0, 3.0, -40.0])
     assert out[0].score == pytest.approx(0.3)
-    # a spot 19 mm from L1 (< 0.6 x the 36-mm step) is L1's shoulder: keep the midpoint
+    # a spot 19 mm from L1 (< 0.7 x the 36-mm step) is L1's shoulder: keep the midpoint
     out = complete_run(pos, ids, _heat_at({(0.0, 0.0, -19.0): 0.5}), LEVELS, FILL)
     np.testing.assert_allclose(out[0].position_mm, [0.0, 0.0, -36.0])
 
@@ -257,9 +257,10 @@ def test_min_step_fraction_decides_what_is_a_neighbours_shoulder():
     pos = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -30.0]])
     ids = [level_id("T12"), level_id("L1")]
     spot = _heat_at({(0.0, 0.0, 20.0): 0.5})  # 20 mm above T12 = 0.67 x the 30-mm step
-    cfg = dataclasses.replace(FILL, fill_gaps=False)
+    cfg = dataclasses.replace(FILL, fill_gaps=False, min_step_fraction=0.6)
     assert [c.level for c in complete_run(pos, ids, spot, LEVELS, cfg)] == ["T11"]
     assert complete_run(pos, ids, spot, LEVELS, dataclasses.replace(cfg, min_step_fraction=0.7)) == []
+    assert complete_run(pos, ids, spot, LEVELS, dataclasses.replace(FILL, fill_gaps=False)) == []  # default 0.7
     for bad in (dict(min_step_fraction=-0.1), dict(min_step_fraction=1.5), dict(extend_levels=-1)):
         with pytest.raises(ValueError, match="extend_levels must be >= 0"):
             complete_run(pos, ids, spot, LEVELS, dataclasses.replace(cfg, **bad))
