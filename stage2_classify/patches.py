@@ -456,8 +456,7 @@ def build_targets(patch: Patch, label: int, cfg: Stage2Config, *, kind: str = "f
             if name in cfg.classes:
                 lesion_class[lesions == value] = cfg.classes.index(name)
     return PatchTargets(kind, body.astype(bool), region.astype(bool), allowed, heat, lesion, box, point_ball,
-                        lesion_class, body_soft,
-                        None if region_others is None else np.asarray(region_others, bool) & ~body.astype(bool))
+                        lesion_class, body_soft, region_others)
 
 
 __all__ = [

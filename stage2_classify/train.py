@@ -256,8 +256,8 @@ def augment(batch: dict[str, torch.Tensor], cfg: Stage2Config, gen: torch.Genera
     Intensity (pivot-based, no patch statistics): gamma, contrast about 0.5, smooth multiplicative bias
     field, Gaussian noise. Region jitter: with ``train.region_jitter_prob`` the classification region
     grows or shrinks by one voxel (never below the body, never onto another body), like a predicted mask
-    at inference. Contrast
-    dropout: with ``model.contrast_input``, the scan's contrast is hidden (-1) with ``train.contrast_dropout``.
+    at inference. Contrast dropout: with ``model.contrast_input``, the scan's contrast is hidden (-1) with
+    ``train.contrast_dropout``.
     """
     tc = cfg.train
     out = dict(batch)
@@ -301,8 +301,7 @@ def augment(batch: dict[str, torch.Tensor], cfg: Stage2Config, gen: torch.Genera
     for k in ("image", "heatmap"):
         out[k] = warp(batch[k], "bilinear")
     for k in ("region", "body", "lesion", "box", "ball", "seg_allowed", "lesion_class", "others"):
-        if k in batch:
-            out[k] = warp(batch[k], "nearest")
+        out[k] = warp(batch[k], "nearest")
     if "body_soft" in batch:  # NaN = no soft target, also where the warp samples outside the patch
         soft = batch["body_soft"]
         given = warp((~torch.isnan(soft)).float(), "nearest") > 0.5
@@ -320,9 +319,7 @@ def augment(batch: dict[str, torch.Tensor], cfg: Stage2Config, gen: torch.Genera
     # region jitter: grow or shrink the classification region by one voxel (as a predicted mask would),
     # never onto another vertebral body (where the annotation says where they are)
     reg = out["region"]
-    grown = F.max_pool3d(reg, 3, stride=1, padding=1)
-    if "others" in out:
-        grown = torch.maximum(grown * (1.0 - out["others"]), reg)
+    grown = torch.maximum(F.max_pool3d(reg, 3, stride=1, padding=1) * (1.0 - out["others"]), reg)
     shrunk = 1.0 - F.max_pool3d(1.0 - reg, 3, stride=1, padding=1)
     pick = u(0, 1, (b, 1, 1, 1, 1)).to(dev)
     out["region"] = torch.where(pick < tc.region_jitter_prob / 2, grown,
