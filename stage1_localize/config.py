@@ -87,11 +87,26 @@ class AugmentConfig:
 class LabellingConfig:
     """Costs of the anatomical labelling (min-cost monotone path; see ``labelling.py``)."""
 
-    #: expected distance (mm) between neighbouring centroids, per level family (scaled per scan)
+    #: expected distance (mm) between neighbouring centroids, per level family (population prior; scaled
+    #: per scan with ``spacing_scan_rel_sd``)
     spacing_thoracic_mm: float = 28.0
     spacing_lumbar_mm: float = 36.0
     spacing_rel_sd: float = 0.3        # relative standard deviation of the spacing prior
     spacing_weight: float = 1.0
+    #: the scan's own spacing prior: a first naming under the population prior above gives the scan's scale
+    #: (median observed / expected step over the named run, >= 3 named); the naming is then redone with the
+    #: expected spacings times that scale and this narrower relative width. Body size varies between people
+    #: more than between neighbours in one spine: on the 67 expert-annotated scans of ../shared/data the
+    #: scale has log-sd 0.06 (0.88-1.14) and a step departs from its scan's scale by log-sd 0.05; predicted
+    #: centroids add ~4-6 mm of noise to a step (~0.15 relative), hence 0.2. With the population width a
+    #: doubled step (a missed body) costs only ~1.2 more than a skip, so a confident level head dropped a
+    #: detected body or named across a missed one as one step. Decoding only, paired on the session-18
+    #: models (bench/results/stage1_scan_spacing.md vs stage1_msf07.md): identification 0.946 -> 0.959,
+    #: all-correct annotated run 59 -> 63 of 67 whole scans, mean error 5.2 -> 4.8 mm, better or equal in all
+    #: four variants; one scan lost a vertebra (myosegmentum-013, whose level head counts one level low
+    #: below a correctly detected L2). 0.15 (the first value tried, before counting the centroid noise) lost
+    #: seven vertebrae where a centroid 8 mm off made two steps disagree; 0.1 lost more. None: off
+    spacing_scan_rel_sd: Optional[float] = 0.2
     #: tilt prior: a step between named neighbours more than ``max_tilt_deg`` off the superior (LPS +z)
     #: axis costs ``tilt_weight * (angle - max_tilt_deg)^2 / (2 tilt_sd_deg^2)``. The lumbar curve tilts a
     #: step by up to ~35 deg (L5 on the sacrum); a weak peak on a spinous process, ~45 mm behind its body,

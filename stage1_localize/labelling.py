@@ -15,7 +15,11 @@ bodies, or a transitional spine (L6 / T13). Here the naming is a **minimum-cost 
   ``skip_cost`` each. T13 / L6 are optional states: T12 -> L1 is a normal step, T12 -> T13 -> L1 too;
 * a spacing prior scores the 3D distance between consecutive kept centroids against the expected
   distance for the number of anatomical steps (log-normal: ``(log(d / d_expected))^2 / 2 sd^2``), so a
-  doubled gap prefers "one level missing" and a half gap prefers "one candidate is spurious";
+  doubled gap prefers "one level missing" and a half gap prefers "one candidate is spurious". It is
+  the scan's own prior (``spacing_scan_rel_sd``): a first pass under the population prior (wide: people
+  differ in size) measures the scan's scale from its named steps, and the naming is redone with the
+  expected spacings times that scale and a narrow width (neighbours in one spine differ little), so a
+  doubled step is clearly a missed body whatever the size of the spine;
 * a tilt prior (``tilt_weight``, 0 = off) scores the angle of that step to the superior axis beyond
   ``max_tilt_deg``, so a near-horizontal step (to a weak peak on a spinous process) is not a vertebral step;
 * the first and last kept candidates may be any level, so any contiguous run of levels (partial field
@@ -47,7 +51,7 @@ Complexity ``O(N^2 S^2)`` with N candidates (<= ~40) and S level states (~13): m
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -89,6 +93,9 @@ class LabellingResult:
     alternatives: dict[str, float] = field(default_factory=dict)
     #: input row of a dropped candidate that contradicts the count of the named run (see ``count_conflict``)
     conflict_index: int | None = None
+    #: the scan's spacing relative to the population prior (``LabellingConfig.spacing_scan_rel_sd``);
+    #: None when the population prior named the candidates (off, or fewer than three named)
+    spacing_scale: float | None = None
 
 
 @dataclass
@@ -181,6 +188,8 @@ def _check_config(cfg: LabellingConfig) -> None:
     for name in ("spacing_rel_sd", "tilt_sd_deg"):
         if not getattr(cfg, name) > 0:
             raise ValueError(f"labelling.{name} must be > 0, got {getattr(cfg, name)}")
+    if cfg.spacing_scan_rel_sd is not None and not cfg.spacing_scan_rel_sd > 0:
+        raise ValueError(f"labelling.spacing_scan_rel_sd must be > 0 or None, got {cfg.spacing_scan_rel_sd}")
 
 
 def _tilt_cost(step_mm: np.ndarray, superior: np.ndarray, cfg: LabellingConfig) -> float:
@@ -234,12 +243,45 @@ def assign_levels(
     _check_config(cfg)
     pos = np.asarray(positions_mm, dtype=np.float64).reshape(-1, 3)
     n = len(pos)
-    sc = np.clip(np.asarray(scores, dtype=np.float64).reshape(-1), 0.01, 0.99)
+    sc = np.asarray(scores, dtype=np.float64).reshape(-1)
     lp = np.asarray(level_logprobs, dtype=np.float64).reshape(n, len(levels))
     if sc.shape[0] != n:
         raise ValueError(f"got {n} positions, {sc.shape[0]} scores, logprobs {lp.shape} for {len(levels)} levels")
     if n == 0:
         return LabellingResult([], 0.0)
+    first = _assign_once(pos, sc, lp, levels, cfg, superior)
+    scan_cfg = _scan_config(first, pos, levels, cfg, superior)
+    if scan_cfg is None:
+        return first
+    res = _assign_once(pos, sc, lp, levels, scan_cfg, superior)
+    res.spacing_scale = scan_cfg.spacing_lumbar_mm / cfg.spacing_lumbar_mm
+    return res
+
+
+def _scan_config(first: LabellingResult, pos: np.ndarray, levels: Sequence[int], cfg: LabellingConfig,
+                 superior) -> LabellingConfig | None:
+    """The spacing prior of this scan (``LabellingConfig.spacing_scan_rel_sd``): expected spacings times the
+    median ratio (observed / expected) over the steps of the population-prior path ``first``, with the
+    narrower within-scan width; ``None`` when off or when ``first`` names fewer than three candidates."""
+    if cfg.spacing_scan_rel_sd is None or len(first.assignments) < 3:
+        return None
+    sup = np.asarray(superior, dtype=np.float64)
+    named = sorted(first.assignments, key=lambda a: -float(pos[a.index] @ sup))
+    states = sorted({int(v) for v in levels} | {a.label for a in named}, key=anatomical_rank)
+    _, _, expected = _state_tables(states, cfg)
+    ratios = [float(np.linalg.norm(pos[b.index] - pos[a.index])) / expected[states.index(a.label), states.index(b.label)]
+              for a, b in zip(named[:-1], named[1:])]
+    scale = float(np.median(ratios))
+    return replace(cfg, spacing_thoracic_mm=cfg.spacing_thoracic_mm * scale,
+                   spacing_lumbar_mm=cfg.spacing_lumbar_mm * scale,
+                   spacing_rel_sd=cfg.spacing_scan_rel_sd, spacing_scan_rel_sd=None)
+
+
+def _assign_once(pos: np.ndarray, scores: np.ndarray, lp: np.ndarray, levels: Sequence[int], cfg: LabellingConfig,
+                 superior) -> LabellingResult:
+    """One dynamic programme under the spacing prior of ``cfg`` (see :func:`assign_levels`)."""
+    n = len(pos)
+    sc = np.clip(scores, 0.01, 0.99)
     p_abs = np.exp(np.maximum(lp, np.log(cfg.min_prob)))
     lp = _relative_logprobs(lp, cfg)
 
@@ -420,14 +462,21 @@ def path_cost(
     *,
     superior: Sequence[float] = (0.0, 0.0, 1.0),
 ) -> float:
-    """Cost :func:`assign_levels` gives to a fixed naming ``labels`` ({input row: VerSe id}; others dropped).
+    """Cost :func:`assign_levels` gives to a fixed naming ``labels`` ({input row: VerSe id}; others dropped),
+    under the same spacing prior (with ``spacing_scan_rel_sd``: the scan's, from the same first pass).
 
     For tests and diagnostics: the optimum returned by :func:`assign_levels` is never above this.
     """
     cfg = config or LabellingConfig()
+    _check_config(cfg)
     pos = np.asarray(positions_mm, dtype=np.float64).reshape(-1, 3)
-    sc = np.clip(np.asarray(scores, dtype=np.float64).reshape(-1), 0.01, 0.99)
-    lp = _relative_logprobs(np.asarray(level_logprobs, dtype=np.float64).reshape(len(pos), len(levels)), cfg)
+    raw_scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    raw_lp = np.asarray(level_logprobs, dtype=np.float64).reshape(len(pos), len(levels))
+    if len(pos):
+        cfg = _scan_config(_assign_once(pos, raw_scores, raw_lp, levels, cfg, superior), pos, levels, cfg,
+                           superior) or cfg
+    sc = np.clip(raw_scores, 0.01, 0.99)
+    lp = _relative_logprobs(raw_lp, cfg)
     perm = np.argsort([anatomical_rank(v) for v in levels], kind="stable")
     states = [int(levels[i]) for i in perm]
     lp = lp[:, perm]

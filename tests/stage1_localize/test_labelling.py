@@ -367,7 +367,7 @@ def test_tilt_prior_drops_a_peak_behind_the_column():
     pos = np.vstack([junk_pos, pos])
     sc = np.concatenate([[0.15], sc])
     lp = np.vstack([_probs(level_id("L1"), p_true=0.8), lp])
-    plain = assign_levels(pos, sc, lp, LEVELS, LabellingConfig(tilt_weight=0.0))
+    plain = assign_levels(pos, sc, lp, LEVELS, LabellingConfig(tilt_weight=0.0, spacing_scan_rel_sd=None))
     assert _labels(plain) == ["L1", "L2", "L3", "L4", "L5"]
     tilted = assign_levels(pos, sc, lp, LEVELS, LabellingConfig(tilt_weight=1.0))
     assert _labels(tilted) == ["L2", "L3", "L4", "L5"]
@@ -386,8 +386,60 @@ def test_tilt_cost_exact_values():
     assert _tilt_cost(step, sup, LabellingConfig(tilt_weight=0.0)) == 0.0  # off switch
 
 
-@pytest.mark.parametrize("field", ["spacing_rel_sd", "tilt_sd_deg"])
+@pytest.mark.parametrize("field", ["spacing_rel_sd", "tilt_sd_deg", "spacing_scan_rel_sd"])
 def test_zero_prior_width_is_a_clear_error(field):
     ids, pos, sc, lp = _column(["L1", "L2"])
     with pytest.raises(ValueError, match=f"labelling.{field} must be > 0"):
         assign_levels(pos, sc, lp, LEVELS, LabellingConfig(**{field: 0.0}))
+
+
+def _chu2015_018_like():
+    """The chu2015-018 pattern (session-18 fold-0 model, rounded): bodies 29-37 mm apart, the level head
+    one level too low on the top four (T10 to L1 called T12 to L2) and torn on L2. Rows head to foot:
+    ``(z mm, y mm, score, {level: probability})``."""
+    rows = [(-36, 226, 0.32, {"T12": 0.49, "T11": 0.34, "L1": 0.16}),
+            (-65, 218, 0.59, {"T12": 0.57, "T11": 0.32, "L1": 0.11}),
+            (-96, 212, 0.74, {"L1": 0.85, "T12": 0.10, "L2": 0.05}),
+            (-129, 205, 0.62, {"L2": 0.76, "L1": 0.23, "L3": 0.01}),
+            (-163, 193, 0.69, {"L2": 0.66, "L3": 0.33, "L1": 0.01}),
+            (-200, 187, 0.73, {"L3": 0.79, "L4": 0.21}),
+            (-238, 187, 0.67, {"L4": 0.97, "L3": 0.02, "L5": 0.01}),
+            (-273, 194, 0.61, {"L5": 0.99, "L4": 0.01})]
+    pos = np.array([[37.0, y, z] for z, y, _, _ in rows], dtype=float)
+    sc = np.array([r[2] for r in rows])
+    lp = np.full((len(rows), len(LEVELS)), 1e-4)
+    for n, (*_, probs) in enumerate(rows):
+        for name, p in probs.items():
+            lp[n, LEVELS.index(level_id(name))] = p
+    return pos, sc, np.log(lp / lp.sum(1, keepdims=True))
+
+
+def test_scan_spacing_prior_keeps_a_detected_body_the_level_head_miscounts():
+    """Under the population prior (relative sd 0.3) a doubled step costs little, so the cheapest naming drops
+    the detected L1 body (score 0.62) and names T12 -> L2 as one 67-mm step, shifting the top four. With
+    the scan's own prior (scale from the first naming, the default sd 0.2) every body keeps its place."""
+    pos, sc, lp = _chu2015_018_like()
+    truth = ["T11", "T12", "L1", "L2", "L3", "L4", "L5"]
+    plain = assign_levels(pos, sc, lp, LEVELS, LabellingConfig(spacing_scan_rel_sd=None))
+    assert _labels(plain) == ["T11", "T12", "L1", "L2", "L3", "L4", "L5"]
+    assert [a.index for a in plain.assignments] == [0, 1, 2, 4, 5, 6, 7]  # the body at -129 mm dropped
+    assert plain.spacing_scale is None
+    res = assign_levels(pos, sc, lp, LEVELS, LabellingConfig())
+    assert _labels(res) == truth
+    assert [a.index for a in res.assignments] == list(range(1, 8))  # the weak T10 at the top dropped
+    assert res.spacing_scale == pytest.approx(1.05, abs=0.03)
+    truth_ids = {n + 1: level_id(v) for n, v in enumerate(truth)}
+    assert res.cost == pytest.approx(path_cost(pos, sc, lp, LEVELS, truth_ids))
+
+
+@pytest.mark.parametrize("spacing", [22.0, 35.0, 46.0])
+def test_scan_spacing_prior_follows_the_size_of_the_spine(spacing):
+    """A child's (22 mm) or a tall adult's (46 mm) spine: the scale is measured, not assumed, so a missing
+    level is still found by its doubled gap when the level head says nothing below T12."""
+    names = ["T12", "L1", "L2", "L3", "L4", "L5"]
+    ids, pos, sc, lp = _column(names, spacing=spacing)
+    lp = np.stack([lp[0]] + [_probs(None)] * 5)
+    keep = [0, 1, 3, 4, 5]  # L2 missing
+    res = assign_levels(pos[keep], sc[keep], lp[keep], LEVELS)
+    assert _labels(res) == ["T12", "L1", "L3", "L4", "L5"]
+    assert res.spacing_scale == pytest.approx(spacing / 36.0, rel=0.05)
