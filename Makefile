@@ -9,7 +9,7 @@ export PYTHONHASHSEED := 0
 # Two cores on the reference machines: keep torch from oversubscribing.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test test-fast demo train-stage1 train-stage2 stage2 bench bench-stage1 bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-margin-reach bench-pipeline clean
+.PHONY: install test test-fast demo train-stage1 train-stage2 stage2 bench bench-stage1 bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-margin-reach bench-stage1-speed bench-pipeline clean
 
 install: $(STAMP)
 
@@ -42,7 +42,7 @@ train-stage2: $(STAMP)
 stage2: train-stage2
 
 ## Benchmarks: JSON + markdown under bench/results/ (real-data parts need ../shared/data).
-bench: bench-stage1 bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-margin-reach bench-pipeline
+bench: bench-stage1 bench-stage1-speed bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-margin-reach bench-pipeline
 
 bench-stage1: $(STAMP)
 	$(PY) bench/bench_stage1.py $(BENCH_ARGS)
@@ -65,6 +65,10 @@ bench-outlines: $(STAMP)
 ## How often stage 2's margin would reach a neighbouring body (expert masks, no training, real data only).
 bench-margin-reach: $(STAMP)
 	$(PY) bench/margin_reach.py
+
+## Stage-1 network speed by memory layout (channels-last vs contiguous; random inputs, no data needed).
+bench-stage1-speed: $(STAMP)
+	$(PY) bench/bench_stage1_speed.py
 
 bench-pipeline: $(STAMP)
 	$(PY) bench/bench_pipeline.py $(BENCH_ARGS)

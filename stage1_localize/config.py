@@ -222,6 +222,14 @@ class Stage1Config:
     batch_size: int = 2
     lr: float = 3e-3
     weight_decay: float = 1e-5
+    #: keep the network's weights and activations channels-last (``torch.channels_last_3d``) in training and
+    #: inference: the same arithmetic up to float rounding (outputs within 1e-5), faster 3-D convolutions on
+    #: CPU (oneDNN). On this 2-core machine a network step takes 0.76-0.82 x the time of the contiguous
+    #: layout and 20 steps of the real training loop (data, loss, optimiser) 0.79-0.91 x, paired in one
+    #: process (``bench/bench_stage1_speed.py`` -> bench/results/stage1_speed.md; 0.79-0.80 on real 28 x 80
+    #: x 80 patches); sliding-window prediction 0.95-0.99 x. A real fold-0 training (80 epochs) took 1254 s
+    #: (bench/results/stage1_cl_f0.md). False: the contiguous layout (older models load either way)
+    channels_last: bool = True
     #: > 0: the saved model is an exponential moving average of the training weights (``decay`` per step;
     #: torch.optim.swa_utils, ``data_prep.checkpoint.make_ema``); the last raw weights stay in
     #: ``train_state.pt``. 0: the saved model is the last raw weights.

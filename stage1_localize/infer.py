@@ -173,7 +173,8 @@ class Localizer:
             state, self.config, self.extra = checkpoint.load_model(model_dir, Stage1Config, kind="stage1")
             self.net = LocalizerNet(self.config)
             checkpoint.load_state_into(self.net, state, model_dir / checkpoint.WEIGHTS)
-        self.net = self.net.to(self.device).eval()
+        layout = torch.channels_last_3d if self.config.channels_last else torch.contiguous_format
+        self.net = self.net.to(self.device, memory_format=layout).eval()
         self.divisor = tuple(getattr(self.net, "divisor", self.config.plan.divisor))
 
     @torch.no_grad()

@@ -280,6 +280,8 @@ def train_stage1(
 
     seed_everything(config.seed)
     net = LocalizerNet(config).to(device)
+    layout = torch.channels_last_3d if config.channels_last else torch.contiguous_format
+    net = net.to(memory_format=layout)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     ema = checkpoint.make_ema(net, config.ema_decay)
     start_epoch, rows = 0, []
@@ -310,7 +312,7 @@ def train_stage1(
             sums = torch.zeros(4, dtype=torch.float64)
             for _ in range(config.steps_per_epoch):
                 batch = {k: v.to(device) for k, v in make_batch(subjects, config, rng).items()}
-                losses = stage1_loss(model(batch["image"]), batch, config)
+                losses = stage1_loss(model(batch["image"].contiguous(memory_format=layout)), batch, config)
                 opt.zero_grad(set_to_none=True)
                 losses["loss"].backward()
                 torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)

@@ -324,3 +324,24 @@ def test_end_without_heat_is_added_inside_the_field_of_view_only():
     assert np.linalg.norm(by["L5"].centroid_world - l5) < 3.0  # L4 + the L3 -> L4 step (peaks refined)
     cfg.labelling.extend_inside_mm = 30.0  # deeper than L5 lies: nothing without heat
     assert [v.level for v in Localizer(net=StandIn(heat, logits), config=cfg).localize(scan)] == ["L1", "L2", "L3", "L4"]
+
+
+def test_channels_last_layout_gives_the_same_maps_and_vertebrae(tmp_path):
+    """``Stage1Config.channels_last`` changes the memory layout only: the same saved weights give the same
+    maps (float rounding) and the same vertebrae in either layout, and the loaded net really is channels-last."""
+    plan = NetworkPlan(pool_kernels=((1, 1, 1), (2, 2, 2), (2, 2, 2)), conv_kernels=((3, 3, 3),) * 3, base_features=4)
+    torch.manual_seed(0)
+    cfg = Stage1Config(plan=plan, channels_last=True)
+    checkpoint.save_model(tmp_path / "m", LocalizerNet(cfg).state_dict(), cfg, kind="stage1")
+    last = Localizer(tmp_path / "m", device="cpu")
+    plain = Localizer(tmp_path / "m", device="cpu")
+    plain.net = plain.net.to(memory_format=torch.contiguous_format)
+    conv_weights = [p for p in last.net.parameters() if p.ndim == 5]
+    assert conv_weights and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in conv_weights)
+    assert not all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in plain.net.parameters() if p.ndim == 5)
+    scan = _scan_with_blobs(_truth_world(), shape=(120, 80, 8))
+    grid = prepare(scan, cfg)
+    a, b = last.predict_maps(grid), plain.predict_maps(grid)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert np.abs(a[name] - b[name]).max() < 1e-4, name
