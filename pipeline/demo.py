@@ -1,8 +1,11 @@
 """The main job on built-in synthetic data (``make demo``): synthesize, check, train both stages briefly,
 predict on held-out scans, evaluate, and print where everything went.
 
-Sized for a 2-core CPU (about 10 minutes). The numbers it prints come from a few minutes of training on
-synthetic data: they show the pipeline works end to end, not what a fully trained model reaches.
+Sized for a 2-core CPU (about 20 minutes, two thirds of it stage-1 training). The numbers it prints come
+from minutes of training on 16 synthetic scans: they show the pipeline works end to end, not what a fully
+trained model reaches. Stage 1 gets 48 epochs: at 24 (until session 20) its heatmap had separated one or
+two vertebrae per held-out scan (identification 0.10); the same run continued to 36 / 48 epochs identified
+0.57 / 0.70 (precision 0.83 / 0.91).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ class DemoConfig:
     n_train: int = 16
     n_test: int = 4
     seed: int = 0
-    stage1_epochs: int = 24
+    stage1_epochs: int = 48
     stage2_epochs: int = 24
 
 
