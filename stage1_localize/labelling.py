@@ -267,7 +267,7 @@ def _scan_config(first: LabellingResult, pos: np.ndarray, levels: Sequence[int],
         return None
     sup = np.asarray(superior, dtype=np.float64)
     named = sorted(first.assignments, key=lambda a: -float(pos[a.index] @ sup))
-    states = sorted({int(v) for v in levels} | {a.label for a in named}, key=anatomical_rank)
+    states = sorted({int(v) for v in levels}, key=anatomical_rank)  # every named label is one of these
     _, _, expected = _state_tables(states, cfg)
     ratios = [float(np.linalg.norm(pos[b.index] - pos[a.index])) / expected[states.index(a.label), states.index(b.label)]
               for a, b in zip(named[:-1], named[1:])]
