@@ -38,7 +38,7 @@ from data_prep.io import write_csv
 from data_prep.scan import Scan, Vertebra, sort_head_to_foot
 from stage1_localize.config import Stage1Config
 from stage1_localize.labelling import AMBIGUOUS_FLAG, Probe, assign_levels, complete_run
-from stage1_localize.model import LocalizerNet, activate, predict_sliding_window, predict_volume
+from stage1_localize.model import LocalizerNet, activate, memory_format, predict_sliding_window, predict_volume
 from stage1_localize.preprocess import prepare, zscore
 
 log = logging.getLogger(__name__)
@@ -173,8 +173,7 @@ class Localizer:
             state, self.config, self.extra = checkpoint.load_model(model_dir, Stage1Config, kind="stage1")
             self.net = LocalizerNet(self.config)
             checkpoint.load_state_into(self.net, state, model_dir / checkpoint.WEIGHTS)
-        layout = torch.channels_last_3d if self.config.channels_last else torch.contiguous_format
-        self.net = self.net.to(self.device, memory_format=layout).eval()
+        self.net = self.net.to(self.device, memory_format=memory_format(self.config)).eval()
         self.divisor = tuple(getattr(self.net, "divisor", self.config.plan.divisor))
 
     @torch.no_grad()

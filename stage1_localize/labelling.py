@@ -250,7 +250,7 @@ def assign_levels(
     if n == 0:
         return LabellingResult([], 0.0)
     first = _assign_once(pos, sc, lp, levels, cfg, superior)
-    scan_cfg = _scan_config(first, pos, levels, cfg, superior)
+    scan_cfg = _scan_config(first, pos, levels, cfg)
     if scan_cfg is None:
         return first
     res = _assign_once(pos, sc, lp, levels, scan_cfg, superior)
@@ -258,15 +258,14 @@ def assign_levels(
     return res
 
 
-def _scan_config(first: LabellingResult, pos: np.ndarray, levels: Sequence[int], cfg: LabellingConfig,
-                 superior) -> LabellingConfig | None:
+def _scan_config(first: LabellingResult, pos: np.ndarray, levels: Sequence[int],
+                 cfg: LabellingConfig) -> LabellingConfig | None:
     """The spacing prior of this scan (``LabellingConfig.spacing_scan_rel_sd``): expected spacings times the
     median ratio (observed / expected) over the steps of the population-prior path ``first``, with the
     narrower within-scan width; ``None`` when off or when ``first`` names fewer than three candidates."""
     if cfg.spacing_scan_rel_sd is None or len(first.assignments) < 3:
         return None
-    sup = np.asarray(superior, dtype=np.float64)
-    named = sorted(first.assignments, key=lambda a: -float(pos[a.index] @ sup))
+    named = first.assignments  # head to foot
     states = sorted({int(v) for v in levels}, key=anatomical_rank)  # every named label is one of these
     _, _, expected = _state_tables(states, cfg)
     ratios = [float(np.linalg.norm(pos[b.index] - pos[a.index])) / expected[states.index(a.label), states.index(b.label)]
@@ -473,8 +472,7 @@ def path_cost(
     raw_scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     raw_lp = np.asarray(level_logprobs, dtype=np.float64).reshape(len(pos), len(levels))
     if len(pos):
-        cfg = _scan_config(_assign_once(pos, raw_scores, raw_lp, levels, cfg, superior), pos, levels, cfg,
-                           superior) or cfg
+        cfg = _scan_config(_assign_once(pos, raw_scores, raw_lp, levels, cfg, superior), pos, levels, cfg) or cfg
     sc = np.clip(raw_scores, 0.01, 0.99)
     lp = _relative_logprobs(raw_lp, cfg)
     perm = np.argsort([anatomical_rank(v) for v in levels], kind="stable")

@@ -46,6 +46,11 @@ def arch_kwargs(config: Stage1Config) -> dict:
 ARCH_CLASS = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 
 
+def memory_format(config: Stage1Config) -> torch.memory_format:
+    """The layout of the network's weights and activations (``Stage1Config.channels_last``)."""
+    return torch.channels_last_3d if config.channels_last else torch.contiguous_format
+
+
 class LocalizerNet(nn.Module):
     """U-Net body + ``heads`` (``nn.ModuleDict``: ``heatmap``, ``levels``)."""
 

@@ -49,7 +49,7 @@ from data_prep.io import read_image, read_labelmap, read_points_csv, write_csv
 from data_prep.scan import Scan, centroids_from_labelmap
 from stage1_localize.augment import sample_patch
 from stage1_localize.config import Stage1Config
-from stage1_localize.model import LocalizerNet
+from stage1_localize.model import LocalizerNet, memory_format
 from stage1_localize.plan import plan_network
 from stage1_localize.preprocess import prepare, zscore
 from stage1_localize.targets import IGNORE, extrapolate_caudal, extrapolate_cranial, make_targets
@@ -280,7 +280,7 @@ def train_stage1(
 
     seed_everything(config.seed)
     net = LocalizerNet(config).to(device)
-    layout = torch.channels_last_3d if config.channels_last else torch.contiguous_format
+    layout = memory_format(config)
     net = net.to(memory_format=layout)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     ema = checkpoint.make_ema(net, config.ema_decay)

@@ -326,9 +326,9 @@ def test_end_without_heat_is_added_inside_the_field_of_view_only():
     assert [v.level for v in Localizer(net=StandIn(heat, logits), config=cfg).localize(scan)] == ["L1", "L2", "L3", "L4"]
 
 
-def test_channels_last_layout_gives_the_same_maps_and_vertebrae(tmp_path):
+def test_channels_last_layout_gives_the_same_maps(tmp_path):
     """``Stage1Config.channels_last`` changes the memory layout only: the same saved weights give the same
-    maps (float rounding) and the same vertebrae in either layout, and the loaded net really is channels-last."""
+    maps (float rounding) in either layout, and the loaded net really is channels-last."""
     plan = NetworkPlan(pool_kernels=((1, 1, 1), (2, 2, 2), (2, 2, 2)), conv_kernels=((3, 3, 3),) * 3, base_features=4)
     torch.manual_seed(0)
     cfg = Stage1Config(plan=plan, channels_last=True)
