@@ -353,17 +353,27 @@ def predict_lesion_head(module: Stage2Trainable, samples: list[Sample], bs: int 
 
 
 def evidence_stats(module: Stage2Trainable, samples: list[Sample], n_max: int, steps: int) -> dict:
+    """Integrated Gradients on the first ``n_max`` test vertebrae: share of |IG| inside the expert body with
+    the given region and with the region inference predicts, pointing game on lesion vertebrae, and the
+    completeness gap |sum IG - (f(x) - f(baseline))| / |f(x) - f(baseline)|. Also, paired on the same
+    vertebrae, the all-zeros baseline used before session 21 (degenerate with region_norm; see
+    ``stage2_classify.evidence``), so that old and new numbers can be compared."""
     net = module.net.eval()
     dev = next(net.parameters()).device
-    inside, inside_pred, hits = [], [], []
+    inside, inside_pred, hits, gaps = [], [], [], []
+    inside0, hits0, gaps0 = [], [], []
     for s in samples[:n_max]:
         img = torch.from_numpy(s.image)[None, None].to(dev)
         reg = torch.from_numpy(s.targets.region.astype(np.float32))[None, None].to(dev)
         ci = contrast_index(s.contrast)
-        attr, _ = integrated_gradients(net, img, reg, n_steps=steps, contrast=ci)
-        inside.append(fraction_inside(attr, s.targets.body))
-        if s.cls != 0 and s.targets.lesion.any():
-            hits.append(pointing_game(attr, s.targets.lesion, tolerance_vox=1))
+        for base, ins, hit, gap in ((None, inside, hits, gaps), (torch.zeros_like(img), inside0, hits0, gaps0)):
+            attr, _, delta = integrated_gradients(net, img, reg, n_steps=steps, contrast=ci, baseline=base,
+                                                  return_delta=True)
+            ins.append(fraction_inside(attr, s.targets.body))
+            total = float(attr.sum()) - delta  # f(x) - f(baseline)
+            gap.append(abs(delta) / max(abs(total), 1e-6))
+            if s.cls != 0 and s.targets.lesion.any():
+                hit.append(pointing_game(attr, s.targets.lesion, tolerance_vox=1))
         # as deployed without masks: the region from the seg head (or the prior), scored against the expert body
         pred_reg = torch.from_numpy(_inference_region(net, img).astype(np.float32))[None, None].to(dev)
         attr_p, _ = integrated_gradients(net, img, pred_reg, n_steps=steps, contrast=ci)
@@ -372,7 +382,11 @@ def evidence_stats(module: Stage2Trainable, samples: list[Sample], n_max: int, s
             "evidence_inside_predicted_region_mean": _r(np.mean(inside_pred)) if inside_pred else None,
             "evidence_inside_p10": _r(np.percentile(inside, 10)) if inside else None,
             "frac_below_0.9": _r(np.mean(np.array(inside) < 0.9)) if inside else None,
-            "pointing_game": _r(np.mean(hits)) if hits else None, "n_evidence": len(inside), "n_pointing": len(hits)}
+            "pointing_game": _r(np.mean(hits)) if hits else None, "n_evidence": len(inside), "n_pointing": len(hits),
+            "ig_completeness_gap_median": _r(np.median(gaps)) if gaps else None,
+            "zero_baseline_evidence_inside_mean": _r(np.mean(inside0)) if inside0 else None,
+            "zero_baseline_pointing_game": _r(np.mean(hits0)) if hits0 else None,
+            "zero_baseline_completeness_gap_median": _r(np.median(gaps0)) if gaps0 else None}
 
 
 def evaluate(module, test: list[Sample], cfg: Stage2Config) -> dict:
@@ -576,7 +590,8 @@ def _pooled_sections(res: Results, n_folds: int, run: list[int], preds: list[dic
     pooled = _metrics(y_all, p_all, len(classes))
     res.add(f"{prefix}_pooled", {"folds": n_folds, "folds_run": run, **{k: v for k, v in pooled.items()},
                           **{k: _r(np.mean(vals)) if (vals := [e[k] for e in ev_all if e.get(k) is not None]) else None
-                             for k in ("evidence_inside_mean", "evidence_inside_predicted_region_mean")}})
+                             for k in ("evidence_inside_mean", "evidence_inside_predicted_region_mean",
+                                       "zero_baseline_evidence_inside_mean")}})
     # per cohort (site / sequence), plus lesion *typing* among lesion vertebrae: on a single T2-TSE image
     # inflammation and fat are both bright (data_prep.lesions.POLARITY), on Dixon water they are opposite
     cohorts = np.array([cohort_of(r["subject"]) for r in preds])

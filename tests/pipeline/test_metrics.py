@@ -97,3 +97,14 @@ def test_balanced_accuracy_and_kappa_hand_computed():
     assert cohen_kappa(y, p) == pytest.approx(0.25)
     assert cohen_kappa([0, 1, 2], [0, 1, 2], weights="quadratic") == pytest.approx(1.0)
     assert math.isnan(cohen_kappa([1, 1], [1, 1]))
+
+
+def test_balanced_accuracy_with_a_predicted_class_absent_from_truth_is_silent():
+    import warnings
+
+    y, p = [0, 0, 1, 1], [0, 2, 1, 2]  # class 2 predicted, never true: recalls 1/2 and 1/2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert balanced_accuracy(y, p) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="y_pred has 3 labels"):
+        balanced_accuracy(y, p[:3])
