@@ -566,16 +566,25 @@ def attach_cnr(preds: list[dict], samples: list[Sample]) -> None:
             r["cnr"] = None if c is None else round(c, 3)
 
 
+#: Stage2Config fields that only shape the evidence computed from a trained model, not the model itself.
+EVALUATION_ONLY = ("evidence_threshold", "ig_steps", "ig_baseline_sigma_mm")
+
+
 def load_trained(folder: Path, cfg: Stage2Config, device: str) -> Stage2Trainable:
     """A model folder written by an earlier run (``--pretrained``), as the module :func:`train` returns.
-    Refuses a folder whose saved configuration differs from this run's (apart from the epoch count)."""
+    Refuses a folder whose saved configuration differs from this run's (apart from the epoch count and the
+    :data:`EVALUATION_ONLY` settings, which this run's configuration sets on the loaded model)."""
     from data_prep.checkpoint import config_to_dict, load_model, load_state_into
 
     state, saved, _ = load_model(folder, Stage2Config, kind="stage2")
     a, b = config_to_dict(saved), config_to_dict(cfg)
     a["train"].pop("epochs"), b["train"].pop("epochs")
+    for key in EVALUATION_ONLY:
+        a.pop(key, None), b.pop(key, None)
     if a != b:
         raise SystemExit(f"error: {folder}: its configuration differs from this run's (check --set)")
+    for key in EVALUATION_ONLY:  # this run's evidence settings apply to the loaded model
+        setattr(saved, key, getattr(cfg, key))
     module = Stage2Trainable(saved)
     load_state_into(module.net, state, folder)
     return module.to(torch.device(device)).eval()

@@ -283,6 +283,10 @@ def test_load_trained_round_trip_and_refuses_other_config(tmp_path):
     for k, v in module.net.state_dict().items():
         assert torch.equal(back.net.state_dict()[k], v), k
     assert not back.training
+    blur4 = tiny_config()
+    blur4.ig_baseline_sigma_mm, blur4.ig_steps = 4.0, 3  # evidence settings: taken from this run
+    back4 = load_trained(tmp_path / "cv0", blur4, "cpu")
+    assert back4.net.cfg.ig_baseline_sigma_mm == 4.0 and back4.net.cfg.ig_steps == 3
     wider = tiny_config()
     wider.margin_mm = cfg.margin_mm + 2.0
     with pytest.raises(SystemExit, match="configuration differs"):
