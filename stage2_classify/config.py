@@ -165,8 +165,8 @@ class Stage2Config:
     patch: PatchConfig = field(default_factory=PatchConfig)
     #: The classification path sees the vertebra mask dilated by this margin (mm) and nothing else. 4 mm: at 0
     #: the Integrated-Gradients mass is inside the body by construction, but the AUCs fall (0.75 / 0.74 / 0.54
-    #: vs 0.79 / 0.76 / 0.63, and by ~0.1 in every fold with predicted regions: a slightly small predicted
-    #: body cuts corner lesions off; bench/results/stage2_margin0_ig.md). At 4 mm about half of the IG mass
+    #: vs 0.79 / 0.76 / 0.63, and with predicted regions by up to 0.12 per fold: a slightly small predicted
+    #: body cuts corner lesions off; bench/results/stage2_margin0_ig.md, stage2_margin0.md). At 4 mm about half of the IG mass
     #: lies in the shell (bench/results/stage2_ig_blur.md).
     margin_mm: float = 4.0
     heads: HeadsConfig = field(default_factory=HeadsConfig)
