@@ -279,9 +279,8 @@ def train_stage1(
                                    max_features=config.plan.max_features)
 
     seed_everything(config.seed)
-    net = LocalizerNet(config).to(device)
     layout = memory_format(config)
-    net = net.to(memory_format=layout)
+    net = LocalizerNet(config).to(device, memory_format=layout)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     ema = checkpoint.make_ema(net, config.ema_decay)
     start_epoch, rows = 0, []

@@ -95,18 +95,19 @@ def integrated_gradients(net: Stage2Net, image: torch.Tensor, region: torch.Tens
     try:
         path = ClassifierPath(net, region.detach(), contrast=contrast)
         with torch.no_grad():
-            probs = path(image)
+            if target is None:
+                target = int(path(image).argmax(1)[0])
             if baseline is None:
                 baseline = default_baseline(net, image, region)
         if baseline.shape != image.shape:
             raise ValueError(f"baseline shape {tuple(baseline.shape)} != image shape {tuple(image.shape)}")
-        if target is None:
-            target = int(probs.argmax(1)[0])
         ig = IntegratedGradients(path)
-        attr, delta = ig.attribute(image, baselines=baseline.detach(), target=int(target), n_steps=int(n_steps),
-                                   internal_batch_size=int(n_steps), return_convergence_delta=True)
+        # the completeness gap costs two more forward passes: only when asked for
+        res = ig.attribute(image, baselines=baseline.detach(), target=int(target), n_steps=int(n_steps),
+                           internal_batch_size=int(n_steps), return_convergence_delta=return_delta)
     finally:
         net.train(was_training)
+    attr, delta = res if return_delta else (res, None)
     out = attr.detach()[0, 0].cpu().numpy().astype(np.float32)
     if return_delta:
         return out, int(target), float(delta.reshape(-1)[0])
