@@ -75,6 +75,10 @@ class ModelConfig:
     #: STIR, bright on T1 and T2-TSE), and inside the masked region the network cannot see the sequence.
     #: Metadata, not voxels: the evidence guarantee is unchanged.
     contrast_input: bool = False
+    #: Where ``region_norm`` takes its mean/std: ``"region"`` (the body dilated by the margin) or ``"body"``
+    #: (the pooling mask: the region eroded back by the margin, a function of the region only). With
+    #: ``"region"`` every margin voxel moves every normalised body voxel a little.
+    norm_statistics: str = "region"
 
 
 @dataclass
@@ -155,6 +159,12 @@ class TrainConfig:
     #: With ``model.contrast_input``: probability of hiding a training sample's contrast (so that a scan of
     #: unknown contrast still gets a sensible verdict).
     contrast_dropout: float = 0.2
+    #: Probability of shuffling, in the classification path's input only, the margin voxels of a sample
+    #: whose body mask is exact (full masks): the region's voxels outside the body are permuted among
+    #: themselves (same intensity histogram, structure gone). The lesions lie in the body, so the margin never
+    #: carries the class; shuffled, it cannot be relied on either, which should move the evidence into the
+    #: body. The dense heads still see the untouched image.
+    shell_shuffle_prob: float = 0.0
 
 
 @dataclass
@@ -208,6 +218,10 @@ class Stage2Config:
         if self.train.noise_std_max < 0 or not 0.0 <= self.train.contrast_dropout <= 1.0:
             raise ValueError(f"train.noise_std_max must be >= 0 and train.contrast_dropout in [0, 1], got "
                              f"{self.train.noise_std_max} and {self.train.contrast_dropout}")
+        if self.model.norm_statistics not in ("region", "body"):
+            raise ValueError(f"model.norm_statistics must be 'region' or 'body', got {self.model.norm_statistics!r}")
+        if not 0.0 <= self.train.shell_shuffle_prob <= 1.0:
+            raise ValueError(f"train.shell_shuffle_prob must be in [0, 1], got {self.train.shell_shuffle_prob}")
         if self.ig_baseline_sigma_mm is not None and not self.ig_baseline_sigma_mm > 0:
             raise ValueError(f"ig_baseline_sigma_mm must be > 0 or None, got {self.ig_baseline_sigma_mm}")
         if self.loss.outline_soft_sigma_mm is not None and self.loss.outline_soft_sigma_mm <= 0:

@@ -231,6 +231,7 @@ class Stage2Net(nn.Module):
         self.levels = cfg.model.levels
         self.margin_vox = cfg.margin_vox
         self.region_norm = bool(cfg.model.region_norm)
+        self.norm_on_body = cfg.model.norm_statistics == "body"
         self.encoder = Encoder(cfg.model.base_channels, cfg.model.levels)
         chans = self.encoder.channels
         heads = cfg.heads
@@ -342,9 +343,9 @@ class Stage2Net(nn.Module):
         fat on T2-TSE.
         """
         r = (region > 0.5).to(image.dtype)
-        if self.region_norm:
-            image = region_standardise(image, r)
         pool = self.pooling_mask(r)
+        if self.region_norm:
+            image = region_standardise(image, pool if self.norm_on_body else r)
         x, size = self._pad(torch.cat([image * r, r], dim=1))
         pool_p, _ = self._pad(pool)
         feats = self.encoder(x)
@@ -375,7 +376,7 @@ class Stage2Net(nn.Module):
         return region * torch.maximum(1.0 - neighbour, body)
 
     def forward(self, image: torch.Tensor, region_mask: torch.Tensor | None = None,
-                contrast: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                contrast: torch.Tensor | None = None, cls_image: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Run all enabled heads.
 
         Parameters
@@ -385,6 +386,8 @@ class Stage2Net(nn.Module):
             the margin. ``None``: predicted by the seg head (then dilated here).
         contrast: ``(B,)`` indices into :data:`~stage2_classify.config.IMAGE_CONTRASTS` (-1 = unknown);
             read by the classification path with ``model.contrast_input``, else ignored.
+        cls_image: ``(B, 1, I, J, K)`` what the classification path reads instead of ``image`` (training
+            only: ``train.shell_shuffle_prob``); ``None`` = ``image``.
 
         Returns
         -------
@@ -402,7 +405,9 @@ class Stage2Net(nn.Module):
                 region_mask = self.predicted_region(out["seg"].detach())
             if region_mask.shape != image.shape:
                 raise ValueError(f"region_mask shape {tuple(region_mask.shape)} != image shape {tuple(image.shape)}")
-            path = self.classification_path(image, region_mask, contrast)
+            if cls_image is not None and cls_image.shape != image.shape:
+                raise ValueError(f"cls_image shape {tuple(cls_image.shape)} != image shape {tuple(image.shape)}")
+            path = self.classification_path(image if cls_image is None else cls_image, region_mask, contrast)
             out["cls"] = path["cls"]
             out["pool"] = path["pool"]
             if "lesion" in path:

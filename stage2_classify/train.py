@@ -228,6 +228,7 @@ def collate(samples: list[Sample]) -> dict[str, torch.Tensor]:
         "has_box": torch.tensor([s.targets.box is not None for s in samples]),
         "has_ball": torch.tensor([s.targets.point_ball is not None for s in samples]),
         "loose_body": torch.tensor([s.targets.kind in LOOSE_BODY_KINDS for s in samples]),
+        "exact_body": torch.tensor([s.targets.kind == "full" for s in samples]),
         "contrast": torch.tensor([contrast_index(s.contrast) for s in samples], dtype=torch.long),
         "body_soft": stack(lambda s: s.targets.body_soft if s.targets.body_soft is not None
                            else np.full(shape, np.nan, np.float32)),
@@ -340,6 +341,27 @@ def augment(batch: dict[str, torch.Tensor], cfg: Stage2Config, gen: torch.Genera
     x = x * torch.exp((coef * coords[None]).sum(1, keepdim=True))
     x = x + u(0.0, tc.noise_std_max, (b, 1, 1, 1, 1)).to(dev) * torch.randn(x.shape, generator=gen).to(dev)
     out["image"] = x
+    if tc.shell_shuffle_prob > 0:  # drawn only when on, so that other runs keep their random stream
+        out["cls_image"] = shuffle_shell(x, out["region"], out["body"], batch["exact_body"].to(dev)
+                                         & (u(0, 1, (b,)) < tc.shell_shuffle_prob).to(dev), gen)
+    return out
+
+
+def shuffle_shell(image: torch.Tensor, region: torch.Tensor, body: torch.Tensor, which: torch.Tensor,
+                  gen: torch.Generator) -> torch.Tensor:
+    """A copy of ``image`` ``(B, 1, I, J, K)`` whose voxels in ``region`` but not in ``body`` (both
+    ``(B, 1, I, J, K)``, binary) are randomly permuted among themselves, for the samples where ``which``
+    ``(B,)`` is true; every other voxel unchanged (``train.shell_shuffle_prob``)."""
+    out = image.clone()
+    for i in torch.nonzero(which).flatten().tolist():
+        shell = ((region[i] > 0.5) & (body[i] < 0.5)).flatten()
+        idx = torch.nonzero(shell).flatten()
+        if idx.numel() < 2:
+            continue
+        flat = out[i].flatten()  # a copy's view: out[i] is contiguous
+        perm = torch.randperm(idx.numel(), generator=gen).to(idx.device)
+        flat[idx] = flat[idx[perm]]
+        out[i] = flat.reshape(out[i].shape)
     return out
 
 
@@ -362,7 +384,8 @@ class Stage2Trainable(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
         """``(total loss, per-head losses, class logits (B, K) or None)``."""
         cfg = self.cfg
-        out = self.net(batch["image"], batch["region"] if "cls" in self.net.heads else None, batch.get("contrast"))
+        out = self.net(batch["image"], batch["region"] if "cls" in self.net.heads else None, batch.get("contrast"),
+                       batch.get("cls_image"))
         parts: dict[str, torch.Tensor] = {}
         if "cls" in out:
             t = soft_targets(batch["cls"], batch["confidence"], len(cfg.classes))

@@ -81,3 +81,48 @@ def test_region_jitter_never_grows_onto_another_body():
         assert not (out["region"] * batch["others"]).any(), "the jittered region reached the neighbour"
         grown += int((out["region"].sum(dim=(1, 2, 3, 4)) > region.sum()).sum())
     assert grown > 0  # the region did grow elsewhere
+
+
+def test_shell_shuffle_permutes_only_the_margin_of_exact_bodies_and_only_for_the_cls_path():
+    from stage2_classify.train import shuffle_shell
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.arange(2 * 5 * 6 * 7, dtype=torch.float32).reshape(2, 1, 5, 6, 7)  # every value distinct
+    body = torch.zeros_like(image)
+    body[:, :, 2, 2:4, 2:5] = 1
+    region = body.clone()
+    region[:, :, 1:4, 1:5, 1:6] = 1
+    out = shuffle_shell(image, region, body, torch.tensor([True, False]), g)
+    shell = (region > 0.5) & (body < 0.5)
+    assert torch.equal(out[1], image[1])  # not picked: untouched
+    assert torch.equal(out[0][~shell[0]], image[0][~shell[0]])  # body and outside the region: untouched
+    a, b = out[0][shell[0]], image[0][shell[0]]
+    assert torch.equal(a.sort().values, b.sort().values) and not torch.equal(a, b)  # a real permutation
+    # through augment: only with the setting, only for exact (full-mask) bodies, the dense input untouched
+    cfg = tiny_config()
+    batch = collate(toy_samples(cfg, 6, seed=0))
+    assert batch["exact_body"].all()
+    assert "cls_image" not in augment(batch, cfg, torch.Generator().manual_seed(0))
+    cfg.train.shell_shuffle_prob = 1.0
+    batch["exact_body"][0] = False
+    out = augment(batch, cfg, torch.Generator().manual_seed(0))
+    moved = (out["cls_image"] != out["image"])
+    sh = (out["region"] > 0.5) & (out["body"] < 0.5)
+    assert not moved[0].any() and moved[1:].any() and not (moved & ~sh).any()
+    for i in range(1, 6):
+        assert torch.equal(out["cls_image"][i][sh[i]].sort().values, out["image"][i][sh[i]].sort().values)
+
+
+def test_training_module_hands_cls_image_to_the_classification_path():
+    from stage2_classify.train import Stage2Trainable
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    module = Stage2Trainable(cfg).eval()
+    batch = collate(toy_samples(cfg, 3, seed=1))
+    batch["cls_image"] = batch["image"].flip(-1)
+    with torch.no_grad():
+        _, _, logits = module(batch)
+        want = module.net(batch["cls_image"], batch["region"], batch["contrast"])["cls"]
+        plain = module.net(batch["image"], batch["region"], batch["contrast"])["cls"]
+    assert torch.allclose(logits, want) and not torch.allclose(logits, plain)

@@ -26,10 +26,11 @@ def _probs(net, image, region):
         return torch.softmax(net(image, region)["cls"], dim=1)
 
 
+@pytest.mark.parametrize("norm", ["region", "body"])
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_outside_voxels_cannot_change_the_verdict(seed, mode):
-    net, image, region = _setup(seed)
+def test_outside_voxels_cannot_change_the_verdict(seed, mode, norm):
+    net, image, region = _setup(seed, model=ModelConfig(base_channels=8, levels=3, dropout=0.0, norm_statistics=norm))
     getattr(net, mode)()
     p0 = _probs(net, image, region)
     assert float(p0.max()) < 0.99  # not saturated: a change would show
@@ -210,3 +211,25 @@ def test_neighbouring_body_within_the_margin_cannot_reach_the_verdict(use_masks)
     gap[8:16, 6:18, 10] += 200.0
     moved = clf.classify(scan.with_array(gap), verts, masks=masks, with_evidence=False)[0]
     assert max(abs(before["probabilities"][c] - moved["probabilities"][c]) for c in net.cfg.classes) > 1e-4
+
+
+def test_cls_image_feeds_the_classification_path_only_and_norm_statistics_picks_the_mask(monkeypatch):
+    import stage2_classify.model as model_mod
+
+    net, image, region = _setup(3, model=ModelConfig(base_channels=8, levels=3, dropout=0.0, norm_statistics="body"))
+    net.eval()
+    other = image.flip(-1)
+    with torch.no_grad():
+        mixed, plain, swapped = net(image, region, cls_image=other), net(image, region), net(other, region)
+    assert torch.equal(mixed["cls"], swapped["cls"]) and not torch.equal(mixed["cls"], plain["cls"])
+    assert torch.equal(mixed["seg"], plain["seg"])  # the dense heads read the untouched image
+    seen = []
+    real = model_mod.region_standardise
+    monkeypatch.setattr(model_mod, "region_standardise", lambda x, m, *a: seen.append(m.clone()) or real(x, m, *a))
+    with torch.no_grad():
+        net(image, region)
+        net.norm_on_body = False
+        net(image, region)
+    pool = net.pooling_mask(region)
+    assert 0 < float(pool.sum()) < float(region.sum())
+    assert torch.equal(seen[0], pool) and torch.equal(seen[1], (region > 0.5).float())
