@@ -44,7 +44,7 @@ from bench.overrides import override_config  # noqa: E402
 from data_prep.distributed import DistInfo  # noqa: E402
 from data_prep.scan import anatomical_rank, level_name  # noqa: E402
 from stage2_classify.config import HeadsConfig, Stage2Config, contrast_index  # noqa: E402
-from stage2_classify.evidence import fraction_inside, integrated_gradients, pointing_game  # noqa: E402
+from stage2_classify.evidence import depth_profile, fraction_inside, integrated_gradients, pointing_game  # noqa: E402
 from stage2_classify.infer import predicted_body  # noqa: E402
 from stage2_classify.patches import vertebra_region  # noqa: E402
 from stage2_classify.train import Sample, Stage2Trainable, build_samples, collate, train_on_samples  # noqa: E402
@@ -362,6 +362,7 @@ def evidence_stats(module: Stage2Trainable, samples: list[Sample], n_max: int, s
     dev = next(net.parameters()).device
     inside, inside_pred, hits, gaps = [], [], [], []
     inside0, hits0, gaps0 = [], [], []
+    profiles = []
     for s in samples[:n_max]:
         img = torch.from_numpy(s.image)[None, None].to(dev)
         reg = torch.from_numpy(s.targets.region.astype(np.float32))[None, None].to(dev)
@@ -370,6 +371,8 @@ def evidence_stats(module: Stage2Trainable, samples: list[Sample], n_max: int, s
             attr, _, delta = integrated_gradients(net, img, reg, n_steps=steps, contrast=ci, baseline=base,
                                                   return_delta=True)
             ins.append(fraction_inside(attr, s.targets.body))
+            if base is None:
+                profiles.append(depth_profile(attr, s.targets.body))
             total = float(attr.sum()) - delta  # f(x) - f(baseline)
             gap.append(abs(delta) / max(abs(total), 1e-6))
             if s.cls != 0 and s.targets.lesion.any():
@@ -386,7 +389,8 @@ def evidence_stats(module: Stage2Trainable, samples: list[Sample], n_max: int, s
             "ig_completeness_gap_median": _r(np.median(gaps)) if gaps else None,
             "zero_baseline_evidence_inside_mean": _r(np.mean(inside0)) if inside0 else None,
             "zero_baseline_pointing_game": _r(np.mean(hits0)) if hits0 else None,
-            "zero_baseline_completeness_gap_median": _r(np.median(gaps0)) if gaps0 else None}
+            "zero_baseline_completeness_gap_median": _r(np.median(gaps0)) if gaps0 else None,
+            "depth_profile": {k: _r(np.mean([p[k] for p in profiles])) for k in profiles[0]} if profiles else None}
 
 
 def evaluate(module, test: list[Sample], cfg: Stage2Config) -> dict:
@@ -433,6 +437,7 @@ def section_cv(samples, cfg, work, args, res: Results):
         raise SystemExit(f"error: --fold-ids {bad}: expected fold numbers 0..{len(folds) - 1} (--folds {args.folds})")
     run = [f for f in range(len(folds)) if not args.fold_ids or f in args.fold_ids]
     curve: list[dict] = []
+    depth_rows: list[dict] = []
     extra = getattr(args, "extra_train_samples", [])
     unseen = getattr(args, "unseen_test_samples", None)
     preds_unseen: list[dict] = []
@@ -456,6 +461,10 @@ def section_cv(samples, cfg, work, args, res: Results):
             _pooled_sections(res, args.folds, run, preds_unseen, [], cfg.classes, prefix="unseen_lesions")
         ev = evaluate(module, test, cfg)
         evs = evidence_stats(module, test, args.n_evidence, cfg.ig_steps)
+        depth = evs.pop("depth_profile")
+        if depth:
+            depth_rows.append({"fold": f, "n_evidence": evs["n_evidence"], **depth})
+            res.add("evidence_depth", depth_rows)
         ev_all.append(evs)
         p, _ = predict(module, test)
         ys.append(np.array([s.cls for s in test]))
@@ -668,6 +677,9 @@ def merge_fold_runs(paths: list[Path], out_dir: Path, name: str, samples: list[S
     if len(set(fold_ids)) != len(fold_ids):
         raise SystemExit(f"error: fold(s) {sorted(f for f in set(fold_ids) if fold_ids.count(f) > 1)} appear in more "
                          "than one file")
+    depth = [row for r in runs for row in r["sections"].get("evidence_depth", [])]
+    if depth:
+        res.add("evidence_depth", sorted(depth, key=lambda row: row["fold"]))
     curve = [row for r in runs for row in r["sections"].get("cv_curve", [])]
     if curve:
         res.add("cv_curve", sorted(curve, key=lambda row: (row["fold"], row["epoch"])))

@@ -126,6 +126,30 @@ def fraction_inside(attr: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Te
     return float(a[m].sum() / total)
 
 
+def depth_profile(attr: np.ndarray | torch.Tensor, body: np.ndarray | torch.Tensor, depth: int = 3) -> dict[str, float]:
+    """Share of ``sum |attr|`` per layer of voxels by their distance to the body surface (voxels, 6-connected
+    layers, an ``(I, J, K)`` grid): ``"body_1"`` the body's outermost layer, ``"body_2"`` the next, ...,
+    ``"body_{depth}+"`` everything deeper; ``"margin_1"`` the first layer outside the body, ...,
+    ``"margin_{depth}+"`` everything farther out. Shows whether evidence outside the body sits against the
+    body's edge or all over the margin. Shares sum to 1 (all 0 when the attribution is zero)."""
+    from scipy import ndimage as ndi
+
+    a = np.abs(np.asarray(attr.detach().cpu() if isinstance(attr, torch.Tensor) else attr, dtype=np.float64))
+    m = np.asarray(body.detach().cpu() if isinstance(body, torch.Tensor) else body).astype(bool)
+    if a.shape != m.shape:
+        raise ValueError(f"attribution shape {a.shape} != body shape {m.shape}")
+    cross = ndi.generate_binary_structure(3, 1)
+    total = a.sum()
+    out: dict[str, float] = {}
+    for side, inner in (("body", m), ("margin", ~m)):
+        rest = inner.copy()
+        for d in range(1, depth + 1):
+            layer = rest if d == depth else rest & ~ndi.binary_erosion(rest, cross, border_value=1)
+            out[f"{side}_{d}{'+' if d == depth else ''}"] = float(a[layer].sum() / total) if total > 0 else 0.0
+            rest = rest & ~layer
+    return out
+
+
 def pointing_game(attr: np.ndarray | torch.Tensor, lesion_mask: np.ndarray | torch.Tensor, tolerance_vox: int = 0) -> bool:
     """True when the voxel of maximal |attribution| lies in ``lesion_mask`` (dilated by ``tolerance_vox``)."""
     a = np.abs(np.asarray(attr.detach().cpu() if isinstance(attr, torch.Tensor) else attr))
@@ -179,5 +203,5 @@ def save_evidence(evidence_map: Scan, path) -> None:
     write_image(evidence_map.with_array(np.asarray(evidence_map.array, dtype=np.float32)), path)
 
 
-__all__ = ["Evidence", "EVIDENCE_FLAG", "blurred_baseline", "default_baseline", "explain", "fraction_inside", "integrated_gradients", "merge_evidence",
+__all__ = ["Evidence", "EVIDENCE_FLAG", "blurred_baseline", "default_baseline", "depth_profile", "explain", "fraction_inside", "integrated_gradients", "merge_evidence",
            "pointing_game", "save_evidence"]

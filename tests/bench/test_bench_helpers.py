@@ -190,6 +190,7 @@ def _fold_result(tmp_path, fold: int, preds: list[dict], config: dict):
     res = Results(tmp_path, {"seed": 0, "config": config}, name=f"run_f{fold}")
     res.add("cv_curve", [{"fold": fold, "epoch": 2, "auc": [0.5, 0.5, 0.5]}])
     res.add("cv_folds", [{"fold": fold, "evidence_inside_mean": 0.5 + 0.2 * fold}])
+    res.add("evidence_depth", [{"fold": fold, "n_evidence": 2, "body_1": 0.1 * fold}])
     res.add("cv_pooled", {"folds": 2, "auc": [0.0, 0.0, 0.0]})  # a single fold's pooled row: must be recomputed
     res.add("cv_predictions", preds)
     path = tmp_path / f"run_f{fold}.json"
@@ -211,6 +212,7 @@ def test_merge_fold_runs_pools_predictions_and_refuses_mixtures(tmp_path):
     assert sec["cv_pooled"]["auc"] == [1.0, 1.0, 1.0] and sec["cv_pooled"]["balanced_accuracy"] == 1.0
     assert sec["cv_pooled"]["evidence_inside_mean"] == 0.6  # mean of the folds' 0.5 and 0.7
     assert [r["fold"] for r in sec["cv_folds"]] == [0, 1] and len(sec["cv_curve"]) == 2
+    assert [r["body_1"] for r in sec["evidence_depth"]] == [0.0, 0.1]
     assert [r["cohort"] for r in sec["cv_by_cohort"]] == ["chu2015", "myosegmentum", "pooled"]
     assert (tmp_path / "merged.md").is_file()
     with pytest.raises(SystemExit, match="more than one file"):
@@ -546,3 +548,22 @@ def test_margin_reach_volumes_on_a_hand_made_label_map():
     assert v[22] == 9 * 2.0
     assert reach_volumes(lab, sp, 6.0)[20] == 9 * 2.0
     assert reach_volumes(lab, sp, 1.0) == {20: 0.0, 21: 0.0, 22: 0.0}
+
+
+def test_evidence_stats_depth_profile_agrees_with_the_mass_inside():
+    import torch
+
+    from bench.bench_stage2 import evidence_stats
+    from stage2_classify.config import tiny_config
+    from stage2_classify.train import Stage2Trainable
+    from tests.stage2_classify.conftest import toy_samples
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    samples = toy_samples(cfg, 3, seed=2)
+    ev = evidence_stats(Stage2Trainable(cfg).eval(), samples, 3, 4)
+    prof = ev["depth_profile"]
+    assert ev["n_evidence"] == 3 and sum(prof.values()) == pytest.approx(1.0, abs=1e-3)
+    body = sum(v for k, v in prof.items() if k.startswith("body_"))
+    assert body == pytest.approx(ev["evidence_inside_mean"], abs=1e-3)
+    assert prof["margin_3+"] == 0.0  # tiny_config's margin is one voxel: nothing beyond it is seen

@@ -153,3 +153,21 @@ def test_blurred_baseline_reads_only_the_region():
     assert torch.allclose(blurred_baseline(const, region, 2.0)[inside], const[inside], atol=1e-6)
     with pytest.raises(ValueError, match="sigma_vox"):
         blurred_baseline(image, region, 0.0)
+
+
+def test_depth_profile_on_a_hand_made_body():
+    from stage2_classify.evidence import depth_profile
+
+    body = np.zeros((1, 9, 9), bool)
+    body[0, 2:7, 2:7] = True  # a 5 x 5 square: layers of 16, 8 and 1 voxels (6-connected, one slice)
+    attr = np.zeros((1, 9, 9))
+    attr[0, 4, 4] = 2.0  # centre: third body layer
+    attr[0, 2, 4] = -1.0  # body edge
+    attr[0, 1, 4] = 1.0  # just outside
+    attr[0, 0, 0] = 4.0  # far out (6-connected distance 4 from the square): the "3+" bin
+    prof = depth_profile(attr, body, depth=3)
+    assert prof == pytest.approx({"body_1": 0.125, "body_2": 0.0, "body_3+": 0.25,
+                                  "margin_1": 0.125, "margin_2": 0.0, "margin_3+": 0.5})
+    assert depth_profile(np.zeros((1, 9, 9)), body)["body_1"] == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        depth_profile(np.zeros((1, 9, 8)), body)
