@@ -44,7 +44,8 @@ from bench.overrides import override_config  # noqa: E402
 from data_prep.distributed import DistInfo  # noqa: E402
 from data_prep.scan import anatomical_rank, level_name  # noqa: E402
 from stage2_classify.config import HeadsConfig, Stage2Config, contrast_index  # noqa: E402
-from stage2_classify.evidence import depth_profile, fraction_inside, integrated_gradients, pointing_game  # noqa: E402
+from stage2_classify.evidence import (depth_profile, fraction_inside, integrated_gradients, pointing_game,  # noqa: E402
+                                      region_shapley)
 from stage2_classify.infer import predicted_body  # noqa: E402
 from stage2_classify.patches import vertebra_region  # noqa: E402
 from stage2_classify.train import Sample, Stage2Trainable, build_samples, collate, train_on_samples  # noqa: E402
@@ -357,22 +358,28 @@ def evidence_stats(module: Stage2Trainable, samples: list[Sample], n_max: int, s
     the given region and with the region inference predicts, pointing game on lesion vertebrae, and the
     completeness gap |sum IG - (f(x) - f(baseline))| / |f(x) - f(baseline)|. Also, paired on the same
     vertebrae, the all-zeros baseline used before session 21 (degenerate with region_norm; see
-    ``stage2_classify.evidence``), so that old and new numbers can be compared."""
+    ``stage2_classify.evidence``), so that old and new numbers can be compared. With the default baseline,
+    also the share of |IG| per voxel layer around the body surface (``depth_profile``) and the body's share
+    of the two-group Shapley values, body vs margin (``region_shapley``: |phi_body| / (|phi_body| +
+    |phi_margin|))."""
     net = module.net.eval()
     dev = next(net.parameters()).device
     inside, inside_pred, hits, gaps = [], [], [], []
     inside0, hits0, gaps0 = [], [], []
-    profiles = []
+    profiles, shapley = [], []
     for s in samples[:n_max]:
         img = torch.from_numpy(s.image)[None, None].to(dev)
         reg = torch.from_numpy(s.targets.region.astype(np.float32))[None, None].to(dev)
         ci = contrast_index(s.contrast)
         for base, ins, hit, gap in ((None, inside, hits, gaps), (torch.zeros_like(img), inside0, hits0, gaps0)):
-            attr, _, delta = integrated_gradients(net, img, reg, n_steps=steps, contrast=ci, baseline=base,
-                                                  return_delta=True)
+            attr, target, delta = integrated_gradients(net, img, reg, n_steps=steps, contrast=ci, baseline=base,
+                                                       return_delta=True)
             ins.append(fraction_inside(attr, s.targets.body))
             if base is None:
                 profiles.append(depth_profile(attr, s.targets.body))
+                body = torch.from_numpy(s.targets.body.astype(np.float32))[None, None].to(dev)
+                phi_b, phi_m = region_shapley(net, img, reg, body, target, contrast=ci)
+                shapley.append(abs(phi_b) / max(abs(phi_b) + abs(phi_m), 1e-12))
             total = float(attr.sum()) - delta  # f(x) - f(baseline)
             gap.append(abs(delta) / max(abs(total), 1e-6))
             if s.cls != 0 and s.targets.lesion.any():
@@ -390,6 +397,7 @@ def evidence_stats(module: Stage2Trainable, samples: list[Sample], n_max: int, s
             "zero_baseline_evidence_inside_mean": _r(np.mean(inside0)) if inside0 else None,
             "zero_baseline_pointing_game": _r(np.mean(hits0)) if hits0 else None,
             "zero_baseline_completeness_gap_median": _r(np.median(gaps0)) if gaps0 else None,
+            "shapley_body_share_mean": _r(np.mean(shapley)) if shapley else None,
             "depth_profile": {k: _r(np.mean([p[k] for p in profiles])) for k in profiles[0]} if profiles else None}
 
 
