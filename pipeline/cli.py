@@ -24,6 +24,13 @@ def contrast_option(help_text: str):
     return click.option("--contrast", type=click.Choice(CONTRAST_CHOICES), default=None, help=help_text)
 
 
+def evidence_threshold_option():
+    """The ``--evidence-threshold`` option of the stage-2 commands (0..1, default: the model's own)."""
+    return click.option("--evidence-threshold", type=click.FloatRange(0.0, 1.0), default=None,
+                        help="With evidence: flag a verdict evidence_outside_body when less than this share of its "
+                             "Integrated-Gradients mass lies inside the vertebral body (default: the model's setting).")
+
+
 CONTRAST_HELP = ("Image contrast of the scan(s): t1, t2 (T2-TSE without fat suppression), stir, water (Dixon water). "
                  "Models trained with model.contrast_input type lesions by it (fat is dark on stir/water, bright on "
                  "t1/t2); default unknown.")

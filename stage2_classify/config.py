@@ -77,7 +77,9 @@ class ModelConfig:
     contrast_input: bool = False
     #: Where ``region_norm`` takes its mean/std: ``"region"`` (the body dilated by the margin) or ``"body"``
     #: (the pooling mask: the region eroded back by the margin, a function of the region only). With
-    #: ``"region"`` every margin voxel moves every normalised body voxel a little.
+    #: ``"region"`` every margin voxel moves every normalised body voxel a little. Tried with
+    #: ``train.shell_shuffle_prob=0.5`` (session 22, folds 0-1, bench/results/stage2_shell.md): the IG mass
+    #: inside the body did not move (0.50 vs 0.49), so the default stays ``"region"``.
     norm_statistics: str = "region"
 
 
@@ -163,7 +165,10 @@ class TrainConfig:
     #: whose body mask is exact (full masks): the region's voxels outside the body are permuted among
     #: themselves (same intensity histogram, structure gone). The lesions lie in the body, so the margin never
     #: carries the class; shuffled, it cannot be relied on either, which should move the evidence into the
-    #: body. The dense heads still see the untouched image.
+    #: body. The dense heads still see the untouched image. Off: with 0.5 (and ``model.norm_statistics=
+    #: "body"``) the IG mass inside the body stayed at 0.50 (0.49 without) and the body's two-group Shapley
+    #: share at 0.54 (0.56), AUC 0.77 / 0.77 / 0.55 vs 0.79 / 0.76 / 0.62 on the same two folds
+    #: (bench/results/stage2_shell.md): what IG puts in the margin is not a reliance the training removes.
     shell_shuffle_prob: float = 0.0
 
 

@@ -91,13 +91,19 @@ class Classifier:
     """
 
     def __init__(self, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, device: str | torch.device = "cpu",
-                 contrast: str | None = None):
+                 contrast: str | None = None, evidence_threshold: float | None = None):
+        """``evidence_threshold``: flag a verdict ``evidence_outside_body`` when less than this share of its
+        |IG| lies inside the body (0..1); ``None`` = the value saved with the model."""
+        if evidence_threshold is not None and not 0.0 <= float(evidence_threshold) <= 1.0:
+            raise ValueError(f"evidence_threshold must lie in [0, 1], got {evidence_threshold}")
         folder = Path(model_dir)
         #: Default image contrast of the scans this classifier sees (``None`` = unknown), see :meth:`classify`.
         self.contrast = contrast
         if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
             raise SpinepipeInputError(folder, MISSING_MODEL_HINT)
         state, cfg, extra = load_model(folder, Stage2Config, kind="stage2")
+        if evidence_threshold is not None:
+            cfg.evidence_threshold = float(evidence_threshold)
         self.config: Stage2Config = cfg
         self.extra = extra
         self.device = torch.device(device)

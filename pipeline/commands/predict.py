@@ -7,14 +7,16 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli import CONTRAST_HELP, contrast_option, main
+from pipeline.cli import CONTRAST_HELP, contrast_option, evidence_threshold_option, main
 
 DEFAULT_MODELS = Path("models")
 
 
-def load_models(models_dir: str | Path = DEFAULT_MODELS, device: str = "cpu", contrast: str | None = None):
+def load_models(models_dir: str | Path = DEFAULT_MODELS, device: str = "cpu", contrast: str | None = None,
+                evidence_threshold: float | None = None):
     """``(Localizer, Classifier)`` from ``models_dir/stage1`` and ``models_dir/stage2``; ``contrast`` is the
-    image contrast of the scans (stage 2, see :meth:`stage2_classify.infer.Classifier.classify`).
+    image contrast of the scans (stage 2, see :meth:`stage2_classify.infer.Classifier.classify`);
+    ``evidence_threshold`` overrides the stage-2 model's (``None``: keep it).
 
     A missing model raises a one-line error naming the make target that trains it.
     """
@@ -23,7 +25,7 @@ def load_models(models_dir: str | Path = DEFAULT_MODELS, device: str = "cpu", co
 
     models_dir = Path(models_dir)
     return (Localizer(models_dir / "stage1", device=device),
-            Classifier(models_dir / "stage2", device=device, contrast=contrast))
+            Classifier(models_dir / "stage2", device=device, contrast=contrast, evidence_threshold=evidence_threshold))
 
 
 @main.command("predict")
@@ -37,15 +39,16 @@ def load_models(models_dir: str | Path = DEFAULT_MODELS, device: str = "cpu", co
 @click.option("-j", "--workers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Worker processes for a batch of scans (each loads the models once).")
 @contrast_option(CONTRAST_HELP)
+@evidence_threshold_option()
 def predict_cmd(scans: tuple[Path, ...], out_dir: Path, models_dir: Path, evidence: bool, workers: int,
-                contrast: str | None) -> None:
+                contrast: str | None, evidence_threshold: float | None) -> None:
     """Find, name and classify every vertebra of each SCAN (file, DICOM folder, or folder of scans)."""
     from pipeline.predict import predict_many
     from pipeline.validate import collect_scans
 
     paths = collect_scans(list(scans))
     load_models(models_dir)  # fail fast, once, with a clear message, before any worker starts
-    make = functools.partial(load_models, models_dir, contrast=contrast)
+    make = functools.partial(load_models, models_dir, contrast=contrast, evidence_threshold=evidence_threshold)
     failures = 0
     with click.progressbar(length=len(paths), label="predicting", file=sys.stderr,
                            show_pos=True) if len(paths) > 1 else _NullBar() as bar:

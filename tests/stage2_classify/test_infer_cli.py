@@ -79,6 +79,20 @@ def test_cli_classify_writes_csv_and_evidence(model_dir, tmp_path):
     assert df["label"].tolist() == [20, 21] and "cut_by_fov" in df["flags"][0]
     ev = read_image(tmp_path / "out" / "s1_evidence.nii.gz")
     assert ev.same_geometry(scan)
+    # the evidence flag's threshold, set at run time: 0 never flags, 1 flags every verdict with mass outside
+    flagged = {}
+    for t in ("0", "1"):
+        r = CliRunner().invoke(main, ["classify", str(tmp_path / "s1_image.nii.gz"), "--centroids", str(tmp_path / "c.csv"),
+                                      "-o", str(tmp_path / f"out{t}"), "--models", str(model_dir), "--evidence",
+                                      "--evidence-threshold", t])
+        assert r.exit_code == 0, r.output
+        d = pd.read_csv(tmp_path / f"out{t}" / "s1_classes.csv", keep_default_na=False)
+        flagged[t] = ["evidence_outside_body" in f for f in d["flags"]]
+        assert (d["evidence_inside"] < 1.0).all()
+    assert flagged == {"0": [False, False], "1": [True, True]}
+    r = CliRunner().invoke(main, ["classify", str(tmp_path / "s1_image.nii.gz"), "--centroids", str(tmp_path / "c.csv"),
+                                  "-o", str(tmp_path / "outx"), "--models", str(model_dir), "--evidence-threshold", "1.5"])
+    assert r.exit_code != 0 and "1.5" in r.output and not (tmp_path / "outx").exists()
 
 
 def test_cli_missing_model_and_bad_centroids(tmp_path):
@@ -127,3 +141,19 @@ def test_contrast_reaches_a_contrast_aware_model(tmp_path):
     r = CliRunner().invoke(main, ["classify", str(tmp_path / "s_image.nii.gz"), "--centroids", str(tmp_path / "c.csv"),
                                   "-o", str(tmp_path / "o"), "--models", str(folder), "--contrast", "flair"])
     assert r.exit_code == 2 and "flair" in r.output and not (tmp_path / "o").exists()
+
+
+def test_evidence_threshold_override_reaches_the_classifier(model_dir, monkeypatch, tmp_path):
+    import shutil
+
+    import stage1_localize.infer as s1
+    from pipeline.commands.predict import load_models
+
+    assert Classifier(model_dir).config.evidence_threshold == 0.9  # the saved setting
+    assert Classifier(model_dir, evidence_threshold=0.3).config.evidence_threshold == 0.3
+    with pytest.raises(ValueError, match="evidence_threshold"):
+        Classifier(model_dir, evidence_threshold=1.2)
+    shutil.copytree(model_dir, tmp_path / "models" / "stage2")
+    monkeypatch.setattr(s1, "Localizer", lambda folder, device="cpu": "stand-in")
+    loc, clf = load_models(tmp_path / "models", evidence_threshold=0.25)
+    assert loc == "stand-in" and clf.config.evidence_threshold == 0.25
