@@ -617,7 +617,7 @@ def _pooled_sections(res: Results, n_folds: int, run: list[int], preds: list[dic
     res.add(f"{prefix}_pooled", {"folds": n_folds, "folds_run": run, **{k: v for k, v in pooled.items()},
                           **{k: _r(np.mean(vals)) if (vals := [e[k] for e in ev_all if e.get(k) is not None]) else None
                              for k in ("evidence_inside_mean", "evidence_inside_predicted_region_mean",
-                                       "zero_baseline_evidence_inside_mean")}})
+                                       "zero_baseline_evidence_inside_mean", "shapley_body_share_mean")}})
     # per cohort (site / sequence), plus lesion *typing* among lesion vertebrae: on a single T2-TSE image
     # inflammation and fat are both bright (data_prep.lesions.POLARITY), on Dixon water they are opposite
     cohorts = np.array([cohort_of(r["subject"]) for r in preds])

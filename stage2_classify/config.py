@@ -188,8 +188,14 @@ class Stage2Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    #: Evidence check: flag a verdict when less than this fraction of |IG| lies inside the body mask.
-    evidence_threshold: float = 0.9
+    #: Evidence check: flag a verdict (``evidence_outside_body``) when less than this fraction of |IG| lies
+    #: inside the body mask. 0.4: the default network puts 0.32-0.61 of its IG mass inside the body (mean
+    #: 0.49, 10th percentile 0.40-0.44 per fold; bench/results/stage2_evidence_views.md, semi-synthetic), so
+    #: the 0.9 used before flagged every verdict and told the reader nothing; 0.4 marks the verdicts whose
+    #: evidence sits in the margin markedly more than usual. The issue's target (>= 0.95 inside) is a
+    #: property of the network and stays unmet; the report shows every vertebra's fraction
+    #: (``evidence_inside``). Run time: ``--evidence-threshold``.
+    evidence_threshold: float = 0.4
     ig_steps: int = 32
     #: Integrated-Gradients baseline: the patch blurred inside the region with a Gaussian of this sigma (mm),
     #: i.e. the vertebra with its focal structure smoothed away (8 mm: the simulator's corner lesions are

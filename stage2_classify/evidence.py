@@ -4,7 +4,8 @@ The classification path is a function of ``image * region`` only (see :mod:`stag
 Integrated Gradients (Captum) puts exactly zero attribution outside the dilated region. What remains to
 check -- and what :func:`fraction_inside` measures against the *undilated* body mask -- is how much of the
 evidence sits in the body itself rather than in the margin (discs, endplate surroundings). A verdict is
-flagged ``evidence_outside_body`` when that fraction is below the configured threshold (default 0.9).
+flagged ``evidence_outside_body`` when that fraction is below the configured threshold
+(``Stage2Config.evidence_threshold``, default 0.4).
 
 Baseline. IG attributes ``f(x) - f(baseline)`` along the straight path from the baseline to ``x``. The
 usual all-zeros baseline is *degenerate* for this network: with ``model.region_norm`` (default) the
@@ -212,7 +213,7 @@ class Evidence:
 
 
 def explain(net: Stage2Net, image: torch.Tensor, region: torch.Tensor, body: np.ndarray, geometry: Scan,
-            threshold: float = 0.9, n_steps: int = 32, target: int | None = None, contrast: int = -1) -> Evidence:
+            threshold: float = 0.4, n_steps: int = 32, target: int | None = None, contrast: int = -1) -> Evidence:
     """IG on the classification path + fraction of |IG| inside the (undilated) ``body`` mask."""
     attr, tgt = integrated_gradients(net, image, region, target, n_steps, contrast)
     inside = fraction_inside(attr, body)

@@ -149,7 +149,9 @@ def test_evidence_threshold_override_reaches_the_classifier(model_dir, monkeypat
     import stage1_localize.infer as s1
     from pipeline.commands.predict import load_models
 
-    assert Classifier(model_dir).config.evidence_threshold == 0.9  # the saved setting
+    from stage2_classify.config import Stage2Config
+
+    assert Classifier(model_dir).config.evidence_threshold == Stage2Config().evidence_threshold  # the saved one
     assert Classifier(model_dir, evidence_threshold=0.3).config.evidence_threshold == 0.3
     with pytest.raises(ValueError, match="evidence_threshold"):
         Classifier(model_dir, evidence_threshold=1.2)
