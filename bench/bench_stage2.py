@@ -44,8 +44,8 @@ from bench.overrides import override_config  # noqa: E402
 from data_prep.distributed import DistInfo  # noqa: E402
 from data_prep.scan import anatomical_rank, level_name  # noqa: E402
 from stage2_classify.config import HeadsConfig, Stage2Config, contrast_index  # noqa: E402
-from stage2_classify.evidence import (depth_profile, fraction_inside, integrated_gradients, pointing_game,  # noqa: E402
-                                      region_shapley)
+from stage2_classify.evidence import (default_baseline, depth_profile, fraction_inside,  # noqa: E402
+                                      integrated_gradients, pointing_game, region_shapley)
 from stage2_classify.infer import predicted_body  # noqa: E402
 from stage2_classify.patches import vertebra_region  # noqa: E402
 from stage2_classify.train import Sample, Stage2Trainable, build_samples, collate, train_on_samples  # noqa: E402
@@ -361,12 +361,13 @@ def evidence_stats(module: Stage2Trainable, samples: list[Sample], n_max: int, s
     ``stage2_classify.evidence``), so that old and new numbers can be compared. With the default baseline,
     also the share of |IG| per voxel layer around the body surface (``depth_profile``) and the body's share
     of the two-group Shapley values, body vs margin (``region_shapley``: |phi_body| / (|phi_body| +
-    |phi_margin|))."""
+    |phi_margin|)), and the share of |image - baseline| inside the body (IG is that difference times the
+    mean gradient along the path, so this is what IG would give for a network weighing every voxel alike)."""
     net = module.net.eval()
     dev = next(net.parameters()).device
     inside, inside_pred, hits, gaps = [], [], [], []
     inside0, hits0, gaps0 = [], [], []
-    profiles, shapley = [], []
+    profiles, shapley, diff_inside = [], [], []
     for s in samples[:n_max]:
         img = torch.from_numpy(s.image)[None, None].to(dev)
         reg = torch.from_numpy(s.targets.region.astype(np.float32))[None, None].to(dev)
@@ -380,6 +381,9 @@ def evidence_stats(module: Stage2Trainable, samples: list[Sample], n_max: int, s
                 body = torch.from_numpy(s.targets.body.astype(np.float32))[None, None].to(dev)
                 phi_b, phi_m = region_shapley(net, img, reg, body, target, contrast=ci)
                 shapley.append(abs(phi_b) / max(abs(phi_b) + abs(phi_m), 1e-12))
+                with torch.no_grad():  # where the input differs from the baseline (IG = difference x mean gradient)
+                    diff = ((img - default_baseline(net, img, reg)) * reg)[0, 0].cpu().numpy()
+                diff_inside.append(fraction_inside(diff, s.targets.body))
             total = float(attr.sum()) - delta  # f(x) - f(baseline)
             gap.append(abs(delta) / max(abs(total), 1e-6))
             if s.cls != 0 and s.targets.lesion.any():
@@ -398,6 +402,7 @@ def evidence_stats(module: Stage2Trainable, samples: list[Sample], n_max: int, s
             "zero_baseline_pointing_game": _r(np.mean(hits0)) if hits0 else None,
             "zero_baseline_completeness_gap_median": _r(np.median(gaps0)) if gaps0 else None,
             "shapley_body_share_mean": _r(np.mean(shapley)) if shapley else None,
+            "baseline_difference_inside_mean": _r(np.mean(diff_inside)) if diff_inside else None,
             "depth_profile": {k: _r(np.mean([p[k] for p in profiles])) for k in profiles[0]} if profiles else None}
 
 
@@ -617,7 +622,8 @@ def _pooled_sections(res: Results, n_folds: int, run: list[int], preds: list[dic
     res.add(f"{prefix}_pooled", {"folds": n_folds, "folds_run": run, **{k: v for k, v in pooled.items()},
                           **{k: _r(np.mean(vals)) if (vals := [e[k] for e in ev_all if e.get(k) is not None]) else None
                              for k in ("evidence_inside_mean", "evidence_inside_predicted_region_mean",
-                                       "zero_baseline_evidence_inside_mean", "shapley_body_share_mean")}})
+                                       "zero_baseline_evidence_inside_mean", "shapley_body_share_mean",
+                                       "baseline_difference_inside_mean")}})
     # per cohort (site / sequence), plus lesion *typing* among lesion vertebrae: on a single T2-TSE image
     # inflammation and fat are both bright (data_prep.lesions.POLARITY), on Dixon water they are opposite
     cohorts = np.array([cohort_of(r["subject"]) for r in preds])

@@ -567,4 +567,4 @@ def test_evidence_stats_depth_profile_agrees_with_the_mass_inside():
     body = sum(v for k, v in prof.items() if k.startswith("body_"))
     assert body == pytest.approx(ev["evidence_inside_mean"], abs=1e-3)
     assert prof["margin_3+"] == 0.0  # tiny_config's margin is one voxel: nothing beyond it is seen
-    assert 0.0 < ev["shapley_body_share_mean"] < 1.0
+    assert 0.0 < ev["shapley_body_share_mean"] < 1.0 and 0.0 < ev["baseline_difference_inside_mean"] < 1.0
