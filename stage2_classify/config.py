@@ -168,7 +168,7 @@ class TrainConfig:
     #: body. The dense heads still see the untouched image. Off: with 0.5 (and ``model.norm_statistics=
     #: "body"``) the IG mass inside the body stayed at 0.50 (0.49 without) and the body's two-group Shapley
     #: share at 0.54 (0.56), AUC 0.77 / 0.77 / 0.55 vs 0.79 / 0.76 / 0.62 on the same two folds
-    #: (bench/results/stage2_shell.md): what IG puts in the margin is not a reliance the training removes.
+    #: (bench/results/stage2_shell.md): shuffling the margin in training did not make the network ignore it.
     shell_shuffle_prob: float = 0.0
 
 

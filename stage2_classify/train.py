@@ -358,7 +358,7 @@ def shuffle_shell(image: torch.Tensor, region: torch.Tensor, body: torch.Tensor,
         idx = torch.nonzero(shell).flatten()
         if idx.numel() < 2:
             continue
-        flat = out[i].flatten()  # a copy's view: out[i] is contiguous
+        flat = out[i].reshape(-1).clone()
         perm = torch.randperm(idx.numel(), generator=gen).to(idx.device)
         flat[idx] = flat[idx[perm]]
         out[i] = flat.reshape(out[i].shape)
