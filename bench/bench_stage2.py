@@ -372,18 +372,19 @@ def evidence_stats(module: Stage2Trainable, samples: list[Sample], n_max: int, s
         img = torch.from_numpy(s.image)[None, None].to(dev)
         reg = torch.from_numpy(s.targets.region.astype(np.float32))[None, None].to(dev)
         ci = contrast_index(s.contrast)
-        for base, ins, hit, gap in ((None, inside, hits, gaps), (torch.zeros_like(img), inside0, hits0, gaps0)):
+        with torch.no_grad():  # the default baseline, computed once for IG, the Shapley groups and the difference
+            blur = default_baseline(net, img, reg)
+        for base, ins, hit, gap in ((blur, inside, hits, gaps), (torch.zeros_like(img), inside0, hits0, gaps0)):
             attr, target, delta = integrated_gradients(net, img, reg, n_steps=steps, contrast=ci, baseline=base,
                                                        return_delta=True)
             ins.append(fraction_inside(attr, s.targets.body))
-            if base is None:
+            if base is blur:
                 profiles.append(depth_profile(attr, s.targets.body))
                 body = torch.from_numpy(s.targets.body.astype(np.float32))[None, None].to(dev)
-                phi_b, phi_m = region_shapley(net, img, reg, body, target, contrast=ci)
+                phi_b, phi_m = region_shapley(net, img, reg, body, target, contrast=ci, baseline=blur)
                 shapley.append(abs(phi_b) / max(abs(phi_b) + abs(phi_m), 1e-12))
-                with torch.no_grad():  # where the input differs from the baseline (IG = difference x mean gradient)
-                    diff = ((img - default_baseline(net, img, reg)) * reg)[0, 0].cpu().numpy()
-                diff_inside.append(fraction_inside(diff, s.targets.body))
+                # where the input differs from the baseline (IG = that difference x the mean gradient)
+                diff_inside.append(fraction_inside(((img - blur) * reg)[0, 0].cpu().numpy(), s.targets.body))
             total = float(attr.sum()) - delta  # f(x) - f(baseline)
             gap.append(abs(delta) / max(abs(total), 1e-6))
             if s.cls != 0 and s.targets.lesion.any():
