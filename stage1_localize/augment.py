@@ -136,7 +136,10 @@ def _thick_and_fov(img, pts, ids, rng, aug: AugmentConfig):
         img = thick_slices(img, axis, f)
     if rng.random() < aug.p_partial_fov and len(pts):
         n = img.shape[2]
-        cut = int(rng.uniform(0.15, 0.4) * n)
+        low, high = aug.partial_fov_fraction
+        if not 0.0 <= low <= high < 1.0:
+            raise ValueError(f"augment.partial_fov_fraction must satisfy 0 <= low <= high < 1, got {(low, high)}")
+        cut = int(rng.uniform(low, high) * n)
         img = img.copy()
         if rng.random() < 0.5:  # blank the head end (high k = superior)
             img[:, :, n - cut:] = 0.0

@@ -80,6 +80,9 @@ class AugmentConfig:
     p_thick_slices: float = 0.3   # simulate anisotropic acquisition: average k slices along one axis
     thick_factor: tuple[int, int] = (2, 3)
     p_partial_fov: float = 0.3    # blank a head or foot slab (points inside it are dropped)
+    #: the blanked slab's share of the patch's head-foot extent, drawn uniformly from this range
+    #: (0 <= low <= high < 1; the default patch is 96 voxels = 288 mm head-foot at 3 mm)
+    partial_fov_fraction: tuple[float, float] = (0.15, 0.4)
     p_foreground: float = 0.5     # share of patches centred near an annotated vertebra (nnU-Net style)
 
 

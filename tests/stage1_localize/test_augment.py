@@ -105,3 +105,40 @@ def test_sample_patch_zero_weight_point_is_never_a_centre_and_leaves_the_draws_u
         real = [n for n, v in enumerate(b.level_ids) if v != 26]
         assert list(a.level_ids) == [b.level_ids[n] for n in real]
         np.testing.assert_allclose(a.points_ijk, b.points_ijk[real])
+
+
+@pytest.mark.parametrize("fraction,expected_cut", [((0.5, 0.5), 10), ((0.25, 0.25), 5), ((0.0, 0.0), 0)])
+def test_partial_fov_blanks_the_configured_share_and_drops_its_points(fraction, expected_cut):
+    """``augment.partial_fov_fraction`` sets the blanked head or foot slab exactly (a one-value range), and
+    the points inside the slab are dropped with their ids."""
+    from stage1_localize.augment import _thick_and_fov
+
+    n = 20
+    img = np.ones((3, 4, n), np.float32)
+    pts = np.array([[1.0, 1.0, 2.0], [1.0, 1.0, 9.0], [1.0, 1.0, 17.0]])
+    aug = AugmentConfig(p_thick_slices=0.0, p_partial_fov=1.0, partial_fov_fraction=fraction)
+    sides = set()
+    for seed in range(12):
+        out, kept, ids = _thick_and_fov(img, pts, [20, 21, 22], np.random.default_rng(seed), aug)
+        blank = np.flatnonzero(out[0, 0] == 0.0)
+        assert len(blank) == expected_cut
+        if expected_cut == 0:
+            assert ids == [20, 21, 22]
+            continue
+        head = blank.min() == n - expected_cut  # blanked at the superior (high k) end
+        assert head or blank.max() == expected_cut - 1
+        sides.add(head)
+        inside = (pts[:, 2] >= n - expected_cut - 0.5) if head else (pts[:, 2] <= expected_cut - 0.5)
+        assert ids == [i for i, drop in zip([20, 21, 22], inside) if not drop]
+        np.testing.assert_array_equal(kept, pts[~inside])
+    assert expected_cut == 0 or sides == {True, False}
+    assert np.all(img == 1.0)  # the input is not modified
+
+
+@pytest.mark.parametrize("bad", [(0.5, 0.2), (-0.1, 0.3), (0.2, 1.0)])
+def test_partial_fov_fraction_out_of_range_is_refused(bad):
+    from stage1_localize.augment import _thick_and_fov
+
+    aug = AugmentConfig(p_thick_slices=0.0, p_partial_fov=1.0, partial_fov_fraction=bad)
+    with pytest.raises(ValueError, match="partial_fov_fraction"):
+        _thick_and_fov(np.ones((3, 4, 20), np.float32), np.array([[1.0, 1.0, 5.0]]), [20], np.random.default_rng(0), aug)
