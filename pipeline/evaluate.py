@@ -89,7 +89,9 @@ def evaluate(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *, classes:
     subjects = discover(gt_dir)
     labels_csv = gt_dir / "vertebra_labels.csv"
     gt_classes = read_vertebra_labels_csv(labels_csv, classes) if labels_csv.is_file() else None
-    results, rows, cls_true, cls_prob, evid = [], [], [], [], []
+    from stage2_classify.evidence import EVIDENCE_FLAG  # the report's flag (torch only when evaluating)
+
+    results, rows, cls_true, cls_prob, evid, evid_flagged = [], [], [], [], [], []
     for s in subjects:
         report = pred_dir / f"{s.id}_vertebrae.csv"
         if not report.is_file():
@@ -104,7 +106,10 @@ def evaluate(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *, classes:
         rows.append({"id": s.id, "n_gt": ident.n_gt, "n_pred": ident.n_pred, "identified": len(ident.identified),
                      "mean_error_mm": ident.mean_error_mm, "all_correct": ident.all_correct})
         if "evidence_inside" in df.columns:
-            evid.extend(float(v) for v in df["evidence_inside"] if v == v)
+            has = df["evidence_inside"].notna()
+            evid.extend(float(v) for v in df.loc[has, "evidence_inside"])
+            flags = df.loc[has, "flags"] if "flags" in df.columns else pd.Series([""] * int(has.sum()))
+            evid_flagged.extend(EVIDENCE_FLAG in str(f).split(";") for f in flags.fillna(""))
         prob_cols = [c for c in df.columns if c.startswith("p_")]
         if gt_classes is not None and prob_cols:
             names = [c[2:] for c in prob_cols]
@@ -131,6 +136,7 @@ def evaluate(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *, classes:
     evidence = None
     if evid:
         e = np.array(evid)
+        # the flag follows the threshold the reports were written with (the model's or --evidence-threshold)
         evidence = {"mean evidence inside": float(e.mean()), "min evidence inside": float(e.min()),
-                    "share evidence inside >= 0.9": float((e >= 0.9).mean())}
+                    f"share flagged {EVIDENCE_FLAG}": float(np.mean(evid_flagged))}
     return Evaluation(metrics.summarize_identification(results), pd.DataFrame(rows), classification, evidence)

@@ -68,3 +68,25 @@ def test_bad_report(gt_dir, tmp_path):
     (pred / "a_vertebrae.csv").write_text("level,x_mm,y_mm,z_mm\nQ7,1,2,3\n")
     with pytest.raises(SpinepipeInputError, match="a_vertebrae.csv.*Q7"):
         evaluate(pred, gt_dir)
+
+
+def test_evidence_summary_counts_the_reports_own_flag(gt_dir, tmp_path):
+    """The flagged share follows the ``evidence_outside_body`` flag the report was written with (whatever
+    threshold that was), not a fixed cut on ``evidence_inside``; vertebrae without evidence are left out."""
+    from stage2_classify.evidence import EVIDENCE_FLAG
+
+    pred = tmp_path / "pred"
+    good = np.eye(3) * 0.8 + 0.1
+    verts = [Vertebra(k, GT[k]) for k in GT]
+    verdicts = [VertebraVerdict(20, good[0], 0.95),
+                VertebraVerdict(21, good[1], 0.30, flags=[EVIDENCE_FLAG]),
+                VertebraVerdict(22, good[2], 0.40, flags=["cut_by_fov"])]  # written at threshold 0.4
+    write_report(build_report(verts, verdicts, CLASSES), pred / "a_vertebrae.csv")
+    # b written at --evidence-threshold 0.45: the same 0.40 is flagged there, so no fixed cut gives 2 of 5
+    verdicts_b = [VertebraVerdict(20, good[0], 0.40, flags=["interpolated", EVIDENCE_FLAG]),
+                  VertebraVerdict(21, good[1], float("nan")), VertebraVerdict(22, good[2], 0.99)]
+    write_report(build_report(verts, verdicts_b, CLASSES), pred / "b_vertebrae.csv")
+    ev = evaluate(pred, gt_dir, classes=CLASSES)
+    assert ev.evidence["mean evidence inside"] == pytest.approx((0.95 + 0.30 + 0.40 + 0.40 + 0.99) / 5)
+    assert ev.evidence["min evidence inside"] == pytest.approx(0.30)
+    assert ev.evidence[f"share flagged {EVIDENCE_FLAG}"] == pytest.approx(2 / 5)
