@@ -68,6 +68,7 @@ def draw_sagittal(
     yy = y0 + np.arange(ny) * sy
     zz = z0 + np.arange(nz) * sz
     centres: dict[int, tuple[float, float]] = {}
+    fronts: dict[int, float] = {}  # anterior edge (LPS y, mm) of each body in the slice
     if lab is not None and contours:
         ls = np.asarray(lab.array[i])
         for vid in np.unique(ls[ls > 0]):
@@ -76,7 +77,8 @@ def draw_sagittal(
             jj, kk = np.nonzero(mask)
             cy, cz = float(yy[jj].mean()), float(zz[kk].mean())
             centres[int(vid)] = (cy, cz)
-            y_text = float(yy[jj].min()) - 3.0
+            fronts[int(vid)] = float(yy[jj].min())
+            y_text = fronts[int(vid)] - 3.0
             ax.text(y_text, cz, VERSE_LEVELS.get(int(vid), str(vid)), color=_BODY_COLOUR, fontsize=7,
                     ha="right", va="center", fontweight="bold")
     if les is not None:
@@ -90,14 +92,10 @@ def draw_sagittal(
             from data_prep.scan import level_id
 
             vid = int(lvl) if isinstance(lvl, (int, np.integer)) else level_id(str(lvl))
-        if ann.get("centroid") is not None:
-            c = np.asarray(ann["centroid"], dtype=float).reshape(3)
-            pos = (float(c[1]), float(c[2]))
-        elif vid is not None and vid in centres:
-            pos = centres[vid]
-        else:
+        anchor = annotation_anchor(vid, ann.get("centroid"), centres, fronts)
+        if anchor is None:
             continue
-        ax.text(pos[0], pos[1], str(ann.get("text", "")), color="yellow", fontsize=6, ha="center", va="center",
+        ax.text(anchor[0], anchor[1], str(ann.get("text", "")), color="yellow", fontsize=6, ha=anchor[2], va="center",
                 bbox=dict(boxstyle="round,pad=0.15", fc="black", alpha=0.5, lw=0))
     ax.set_xlim(extent[0], extent[1])
     ax.set_ylim(extent[2], extent[3])
@@ -105,6 +103,27 @@ def draw_sagittal(
     ax.set_yticks([])
     ax.set_title(title, fontsize=8)
     return i
+
+
+def annotation_anchor(vid: int | None, centroid_world, centres: dict[int, tuple[float, float]],
+                      fronts: dict[int, float]) -> tuple[float, float, str] | None:
+    """Where a vertebra's annotation goes on the sagittal slice: ``(y_mm, z_mm, horizontal alignment)`` (LPS).
+
+    Height: the annotation's world centroid ``(x, y, z)`` when given, else the body's centre in the slice.
+    A body outlined in the slice has its level name drawn just in front of it (right-aligned at the anterior
+    edge), so the annotation starts just behind that edge (left-aligned) instead of centred on the body,
+    where a text wider than the body would cover the name. Without an outline: centred on the centroid.
+    ``None`` when there is nothing to place it by.
+    """
+    z = None if centroid_world is None else float(np.asarray(centroid_world, dtype=float).reshape(3)[2])
+    if vid is not None and vid in fronts:
+        return fronts[vid] + 1.0, (centres[vid][1] if z is None else z), "left"
+    if centroid_world is not None:
+        c = np.asarray(centroid_world, dtype=float).reshape(3)
+        return float(c[1]), float(c[2]), "center"
+    if vid is not None and vid in centres:
+        return centres[vid][0], centres[vid][1], "center"
+    return None
 
 
 def save_overview(
@@ -158,4 +177,4 @@ def save_panels(panels: Sequence[dict[str, Any]], path: str | os.PathLike, heigh
     return Path(path)
 
 
-__all__ = ["draw_sagittal", "save_overview", "save_panels"]
+__all__ = ["annotation_anchor", "draw_sagittal", "save_overview", "save_panels"]

@@ -138,7 +138,7 @@ def _write_overview(scan: Scan, result: Classification, report, path: Path, name
             text += f" ev {row['evidence_inside']:.2f}"
         if row["flags"]:
             text += " !"
-        annotations.append({"level": row["level"], "centroid_world": (row["x_mm"], row["y_mm"], row["z_mm"]), "text": text})
+        annotations.append({"level": row["level"], "centroid": (row["x_mm"], row["y_mm"], row["z_mm"]), "text": text})
     save_overview(scan, result.body_labels, path, title=name, annotations=annotations)
     return path
 
