@@ -491,7 +491,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a Stage1Config field (dotted for nested, JSON values), e.g. plan.base_features=16")
     ap.add_argument("--pretrained", type=Path, default=None,
-                    help="skip training: evaluate this stage-1 model folder ('{fold}' is replaced by the fold index)")
+                    help="skip training: evaluate this stage-1 model folder ('{fold}' is replaced by the fold index); "
+                         "a comma list of folders evaluates their ensemble (maps averaged, see Localizer)")
     ap.add_argument("--decode", action="append", default=[], metavar="KEY=VALUE",
                     help="override a decoding field of the loaded model's config (e.g. peak_threshold=0.1)")
     ap.add_argument("--variants", default=None,
@@ -555,7 +556,8 @@ def main(argv=None) -> int:
         fold_dir = args.work / f"fold{fold}"
         t0 = time.perf_counter()
         if args.pretrained is not None:  # evaluate a model trained elsewhere on this fold (no training here)
-            model_dir, train_s = Path(str(args.pretrained).format(fold=fold)), float("nan")
+            model_dir = [Path(p.format(fold=fold)) for p in str(args.pretrained).split(",")]
+            model_dir, train_s = model_dir[0] if len(model_dir) == 1 else model_dir, float("nan")
         else:
             # one points-only folder per cohort: stage 1 samples the folders equally often (balance_groups)
             cohort_dirs = [write_points_only([c for c in train if c["cohort"] == co], fold_dir / f"train_points_{co}")
@@ -566,7 +568,7 @@ def main(argv=None) -> int:
         # a weight-averaged model (ema_decay > 0) is also scored with the last raw weights of the same run
         # (method spinepipe_stage1_raw): a paired comparison, free of run-to-run variation
         models = [("spinepipe_stage1", model_dir)]
-        raw_dir = export_raw_weights(model_dir, fold_dir / "model_raw")
+        raw_dir = None if isinstance(model_dir, list) else export_raw_weights(model_dir, fold_dir / "model_raw")
         if raw_dir is not None:
             models.append(("spinepipe_stage1_raw", raw_dir))
         test_items = []

@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -153,34 +153,85 @@ def cut_by_fov(scan: Scan, world_mm: np.ndarray, border_mm: float) -> bool:
     return fov_depth_mm(scan, world_mm) < border_mm
 
 
-class Localizer:
-    """Loads a stage-1 model once and localises many scans (``Localizer(model_dir).localize(scan)``)."""
+#: Stage1Config fields that must agree between the members of an ensemble: what the networks are fed
+#: (grid, intensity normalisation) and what their maps mean (levels, offset scale).
+ENSEMBLE_FIELDS = ("target_spacing", "levels", "in_channels", "clip_percentiles", "offset_radius_mm")
 
-    def __init__(self, model_dir: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
+
+def _load_stage1(model_dir: Path) -> tuple[torch.nn.Module, Stage1Config, dict]:
+    if not (model_dir / checkpoint.CONFIG).is_file():
+        raise SpinepipeInputError(model_dir, "no stage-1 model here (config.json missing); run `make train-stage1`")
+    state, config, extra = checkpoint.load_model(model_dir, Stage1Config, kind="stage1")
+    net = LocalizerNet(config)
+    checkpoint.load_state_into(net, state, model_dir / checkpoint.WEIGHTS)
+    return net, config, extra
+
+
+class Localizer:
+    """Loads a stage-1 model once and localises many scans (``Localizer(model_dir).localize(scan)``).
+
+    ``model_dir`` may also be a sequence of model folders trained on the same data (an ensemble): each
+    network predicts its maps with its own plans (patch size, topology), the activated maps are averaged,
+    and the first model's config decodes them. The members must agree on :data:`ENSEMBLE_FIELDS`.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike | Sequence[str | os.PathLike] | None = None, *,
+                 device: str | torch.device | None = None,
                  net: torch.nn.Module | None = None, config: Stage1Config | None = None):
         self.device = torch.device(device) if device is not None else (
             torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
         if net is not None:
             if config is None:
                 raise ValueError("Localizer(net=...) also needs config=")
-            self.config, self.net, self.extra = config, net, {}
+            members = [(net, config)]
+            self.extra = {}
         else:
             if model_dir is None:
                 raise ValueError("Localizer needs model_dir (or net= and config=)")
-            model_dir = Path(model_dir)
-            if not (model_dir / checkpoint.CONFIG).is_file():
-                raise SpinepipeInputError(model_dir, "no stage-1 model here (config.json missing); run `make train-stage1`")
-            state, self.config, self.extra = checkpoint.load_model(model_dir, Stage1Config, kind="stage1")
-            self.net = LocalizerNet(self.config)
-            checkpoint.load_state_into(self.net, state, model_dir / checkpoint.WEIGHTS)
-        self.net = self.net.to(self.device, memory_format=memory_format(self.config)).eval()
-        self.divisor = tuple(getattr(self.net, "divisor", self.config.plan.divisor))
+            dirs = [Path(model_dir)] if isinstance(model_dir, (str, os.PathLike)) else [Path(d) for d in model_dir]
+            if not dirs:
+                raise ValueError("Localizer needs at least one model folder")
+            members, extras = [], []
+            for d in dirs:
+                m_net, m_cfg, m_extra = _load_stage1(d)
+                if members:
+                    bad = [f for f in ENSEMBLE_FIELDS if getattr(m_cfg, f) != getattr(members[0][1], f)]
+                    if bad:
+                        raise SpinepipeInputError(d / checkpoint.CONFIG, f"cannot join an ensemble with {dirs[0]}: "
+                                                  f"{', '.join(bad)} differ ({', '.join(f'{getattr(members[0][1], f)} vs {getattr(m_cfg, f)}' for f in bad)})")
+                members.append((m_net, m_cfg))
+                extras.append(m_extra)
+            self.extra = extras[0]
+        self.config = members[0][1]
+        #: (network, patch size, divisor) per member, first = ``self.net``
+        self.members = []
+        for m_net, m_cfg in members:
+            m_net = m_net.to(self.device, memory_format=memory_format(m_cfg)).eval()
+            divisor = tuple(getattr(m_net, "divisor", m_cfg.plan.divisor))
+            self.members.append((m_net, tuple(m_cfg.plan.patch_size), divisor))
+        self.divisor = self.members[0][2]
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """The (first) network; assigning replaces the first member."""
+        return self.members[0][0]
+
+    @net.setter
+    def net(self, value: torch.nn.Module) -> None:
+        self.members[0] = (value,) + tuple(self.members[0][1:])
 
     @torch.no_grad()
     def _forward_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.config.sliding_window:
-            return predict_sliding_window(self.net, x, tuple(self.config.plan.patch_size), self.divisor)
-        return activate(predict_volume(self.net, x, self.divisor))  # type: ignore[arg-type]
+        """Activated maps of ``x`` ``(1, C, I, J, K)``, averaged over the ensemble's members."""
+        acc: dict[str, torch.Tensor] = {}
+        for net, patch_size, divisor in self.members:
+            if self.config.sliding_window:
+                maps = predict_sliding_window(net, x, patch_size, divisor)
+            else:
+                maps = activate(predict_volume(net, x, divisor))  # type: ignore[arg-type]
+            for name, t in maps.items():
+                acc[name] = t if name not in acc else acc[name] + t
+        return {name: t / len(self.members) for name, t in acc.items()}
 
     @torch.no_grad()
     def predict_maps(self, grid: Scan) -> dict[str, np.ndarray]:

@@ -345,3 +345,44 @@ def test_channels_last_layout_gives_the_same_maps(tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert np.abs(a[name] - b[name]).max() < 1e-4, name
+
+
+def test_ensemble_averages_its_members_maps_and_decodes_with_the_first_config(tmp_path):
+    """Two models trained apart (here: two random initialisations, different plans) -> the ensemble's maps are
+    the mean of the members' maps (heatmap, level probabilities and offsets alike), decoded with the first
+    member's config."""
+    small = NetworkPlan(patch_size=(16, 32, 32), pool_kernels=((1, 1, 1), (2, 2, 2), (2, 2, 2)),
+                        conv_kernels=((3, 3, 3),) * 3, base_features=4)
+    other = NetworkPlan(patch_size=(16, 32, 64), pool_kernels=((1, 1, 1), (2, 2, 2)),
+                        conv_kernels=((3, 3, 3),) * 2, base_features=4)
+    for name, plan, seed in (("a", small, 0), ("b", other, 1)):
+        torch.manual_seed(seed)
+        cfg = Stage1Config(plan=plan, peak_threshold=0.2 if name == "a" else 0.3)
+        checkpoint.save_model(tmp_path / name, LocalizerNet(cfg).state_dict(), cfg, kind="stage1")
+    a, b = Localizer(tmp_path / "a", device="cpu"), Localizer(tmp_path / "b", device="cpu")
+    ens = Localizer([tmp_path / "a", str(tmp_path / "b")], device="cpu")
+    assert len(ens.members) == 2 and ens.config.peak_threshold == 0.2
+    scan = _scan_with_blobs(_truth_world(), shape=(120, 80, 8))
+    grid = prepare(scan, ens.config)
+    ma, mb, me = a.predict_maps(grid), b.predict_maps(grid), ens.predict_maps(grid)
+    assert me.keys() == ma.keys() == mb.keys() and "offset" in me
+    for name in me:
+        assert np.abs(ma[name] - mb[name]).max() > 1e-3, name  # the members really differ
+        np.testing.assert_allclose(me[name], 0.5 * (ma[name] + mb[name]), atol=1e-5, err_msg=name)
+    assert Localizer([tmp_path / "a"], device="cpu").members[0][1] == (16, 32, 32)
+
+
+def test_ensemble_members_must_see_and_mean_the_same(tmp_path):
+    plan = NetworkPlan(pool_kernels=((1, 1, 1), (2, 2, 2)), conv_kernels=((3, 3, 3),) * 2, base_features=4)
+    base = Stage1Config(plan=plan)
+    for name, cfg in (("a", base), ("spacing", Stage1Config(plan=plan, target_spacing=(2.0, 2.0, 2.0))),
+                      ("levels", Stage1Config(plan=plan, levels=(19, 20, 21, 22, 23, 24, 26)))):
+        checkpoint.save_model(tmp_path / name, LocalizerNet(cfg).state_dict(), cfg, kind="stage1")
+    with pytest.raises(SpinepipeInputError, match=r"spacing.*config\.json.*target_spacing differ"):
+        Localizer([tmp_path / "a", tmp_path / "spacing"], device="cpu")
+    with pytest.raises(SpinepipeInputError, match=r"levels.*config\.json.*levels differ"):
+        Localizer([tmp_path / "a", tmp_path / "levels"], device="cpu")
+    with pytest.raises(SpinepipeInputError, match="config.json missing"):
+        Localizer([tmp_path / "a", tmp_path / "nothing"], device="cpu")
+    with pytest.raises(ValueError, match="at least one"):
+        Localizer([], device="cpu")
