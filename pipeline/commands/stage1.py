@@ -24,19 +24,21 @@ def centroids_name(scan_path: Path) -> str:
 @click.argument("scan", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder for <name>_centroids.csv.")
-@click.option("--models", "model_dir", default=DEFAULT_STAGE1, show_default=True,
+@click.option("--models", "model_dirs", default=(DEFAULT_STAGE1,), show_default=True, multiple=True,
               type=click.Path(file_okay=False, path_type=Path),
-              help="Stage-1 model folder, or the folder holding stage1/ (as for `predict --models`).")
+              help="Stage-1 model folder, or the folder holding stage1/ (as for `predict --models`). Repeat it "
+                   "to run an ensemble of models trained on the same data (their maps are averaged; the "
+                   "first model's config decodes them).")
 @click.option("--device", default=None, help="torch device (default: cuda when available, else cpu).")
-def localize_cmd(scan: Path, out_dir: Path, model_dir: Path, device: str | None) -> None:
+def localize_cmd(scan: Path, out_dir: Path, model_dirs: tuple[Path, ...], device: str | None) -> None:
     """Find and name every vertebra of SCAN; write OUT/<name>_centroids.csv
     (level,label,x_mm,y_mm,z_mm,confidence,flags; world LPS mm)."""
     from data_prep.io import read_image
     from stage1_localize.infer import Localizer, write_centroids_csv
 
-    if (Path(model_dir) / "stage1" / "config.json").is_file():
-        model_dir = Path(model_dir) / "stage1"
-    localizer = Localizer(model_dir, device=device)  # missing model -> one-line error naming the make target
+    dirs = [Path(d) / "stage1" if (Path(d) / "stage1" / "config.json").is_file() else Path(d) for d in model_dirs]
+    # missing model -> one-line error naming the make target
+    localizer = Localizer(dirs[0] if len(dirs) == 1 else dirs, device=device)
     image = read_image(scan)
     vertebrae = localizer.localize(image)
     path = write_centroids_csv(vertebrae, Path(out_dir) / centroids_name(Path(scan)))

@@ -54,3 +54,29 @@ def test_localize_missing_scan(tmp_path):
     _tiny_model(tmp_path / "m")
     res = CliRunner().invoke(main, ["localize", str(tmp_path / "nope.nii.gz"), "-o", str(tmp_path), "--models", str(tmp_path / "m")])
     assert res.exit_code == 2 and "not found" in res.output
+
+
+def test_localize_with_two_models_runs_their_ensemble(tmp_path, monkeypatch):
+    """``--models`` repeated: one Localizer over both folders (a models parent folder resolves to stage1/)."""
+    from stage1_localize import infer
+
+    _tiny_model(tmp_path / "a")
+    _tiny_model(tmp_path / "models" / "stage1")
+    seen = []
+    real_init = infer.Localizer.__init__
+
+    def spy(self, model_dir=None, **kw):
+        seen.append(model_dir)
+        real_init(self, model_dir, **kw)
+
+    monkeypatch.setattr(infer.Localizer, "__init__", spy)
+    img = write_image(Scan(np.zeros((30, 20, 40), np.float32), spacing=(2.0, 2.0, 2.0)), tmp_path / "s_image.nii.gz")
+    res = CliRunner().invoke(main, ["localize", str(img), "-o", str(tmp_path / "out"), "--models", str(tmp_path / "a"),
+                                    "--models", str(tmp_path / "models")])
+    assert res.exit_code == 0, res.output
+    assert seen == [[tmp_path / "a", tmp_path / "models" / "stage1"]]
+    assert (tmp_path / "out" / "s_centroids.csv").is_file()
+    res = CliRunner().invoke(main, ["localize", str(img), "-o", str(tmp_path / "out2"), "--models", str(tmp_path / "a"),
+                                    "--models", str(tmp_path / "none")])
+    assert res.exit_code == 2 and "make train-stage1" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "out2").exists()
