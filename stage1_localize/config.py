@@ -81,7 +81,10 @@ class AugmentConfig:
     thick_factor: tuple[int, int] = (2, 3)
     p_partial_fov: float = 0.3    # blank a head or foot slab (points inside it are dropped)
     #: the blanked slab's share of the patch's head-foot extent, drawn uniformly from this range
-    #: (0 <= low <= high < 1; the default patch is 96 voxels = 288 mm head-foot at 3 mm)
+    #: (0 <= low <= high < 1). Heavier (``p_partial_fov`` 0.5, (0.15, 0.6)) was tried in session 23 against
+    #: partial-field-of-view shifts and lost everywhere on folds 0-2, paired with a default rerun of the same
+    #: session: identification 0.952 / 0.930 / 0.675 / 0.787 vs 0.974 / 0.974 / 0.786 / 0.882 (whole, 4-mm
+    #: slices, top 60 %, bottom 60 %; bench/results/stage1_fovaug.md vs stage1_rerun_s23.md)
     partial_fov_fraction: tuple[float, float] = (0.15, 0.4)
     p_foreground: float = 0.5     # share of patches centred near an annotated vertebra (nnU-Net style)
 
