@@ -13,10 +13,11 @@ DEFAULT_MODELS = Path("models")
 
 
 def load_models(models_dir: str | Path = DEFAULT_MODELS, device: str = "cpu", contrast: str | None = None,
-                evidence_threshold: float | None = None):
+                evidence_threshold: float | None = None, stage1_dirs: tuple[Path, ...] = ()):
     """``(Localizer, Classifier)`` from ``models_dir/stage1`` and ``models_dir/stage2``; ``contrast`` is the
     image contrast of the scans (stage 2, see :meth:`stage2_classify.infer.Classifier.classify`);
-    ``evidence_threshold`` overrides the stage-2 model's (``None``: keep it).
+    ``evidence_threshold`` overrides the stage-2 model's (``None``: keep it); ``stage1_dirs`` (one or more
+    stage-1 model folders, several = an ensemble) replace ``models_dir/stage1``.
 
     A missing model raises a one-line error naming the make target that trains it.
     """
@@ -24,7 +25,8 @@ def load_models(models_dir: str | Path = DEFAULT_MODELS, device: str = "cpu", co
     from stage2_classify.infer import Classifier
 
     models_dir = Path(models_dir)
-    return (Localizer(models_dir / "stage1", device=device),
+    stage1 = [Path(d) for d in stage1_dirs] or [models_dir / "stage1"]
+    return (Localizer(stage1[0] if len(stage1) == 1 else stage1, device=device),
             Classifier(models_dir / "stage2", device=device, contrast=contrast, evidence_threshold=evidence_threshold))
 
 
@@ -38,17 +40,21 @@ def load_models(models_dir: str | Path = DEFAULT_MODELS, device: str = "cpu", co
               help="Also write <name>_evidence.nii.gz (Integrated Gradients map on the input grid).")
 @click.option("-j", "--workers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Worker processes for a batch of scans (each loads the models once).")
+@click.option("--stage1", "stage1_dirs", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Stage-1 model folder to use instead of MODELS/stage1; repeat it for an ensemble of models "
+                   "trained on the same data (maps averaged, as `localize --models A --models B`).")
 @contrast_option(CONTRAST_HELP)
 @evidence_threshold_option()
 def predict_cmd(scans: tuple[Path, ...], out_dir: Path, models_dir: Path, evidence: bool, workers: int,
-                contrast: str | None, evidence_threshold: float | None) -> None:
+                stage1_dirs: tuple[Path, ...], contrast: str | None, evidence_threshold: float | None) -> None:
     """Find, name and classify every vertebra of each SCAN (file, DICOM folder, or folder of scans)."""
     from pipeline.predict import predict_many
     from pipeline.validate import collect_scans
 
     paths = collect_scans(list(scans))
-    load_models(models_dir)  # fail fast, once, with a clear message, before any worker starts
-    make = functools.partial(load_models, models_dir, contrast=contrast, evidence_threshold=evidence_threshold)
+    load_models(models_dir, stage1_dirs=stage1_dirs)  # fail fast, once, with a clear message, before any worker starts
+    make = functools.partial(load_models, models_dir, contrast=contrast, evidence_threshold=evidence_threshold,
+                             stage1_dirs=stage1_dirs)
     failures = 0
     with click.progressbar(length=len(paths), label="predicting", file=sys.stderr,
                            show_pos=True) if len(paths) > 1 else _NullBar() as bar:

@@ -80,3 +80,22 @@ def test_localize_with_two_models_runs_their_ensemble(tmp_path, monkeypatch):
                                     "--models", str(tmp_path / "none")])
     assert res.exit_code == 2 and "make train-stage1" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "out2").exists()
+
+
+def test_predict_takes_stage1_folders_instead_of_models_stage1(tmp_path, monkeypatch):
+    """``load_models(..., stage1_dirs=)``: two folders -> an ensemble Localizer, none -> MODELS/stage1; and
+    ``spinepipe predict --stage1 MISSING`` fails fast with the one-line error naming the folder."""
+    import stage2_classify.infer as s2
+    from pipeline.commands.predict import load_models
+
+    monkeypatch.setattr(s2, "Classifier", lambda *a, **k: "stand-in classifier")
+    for name in ("a", "b", "models/stage1"):
+        _tiny_model(tmp_path / name)
+    loc, cls = load_models(tmp_path / "models", stage1_dirs=(tmp_path / "a", tmp_path / "b"))
+    assert len(loc.members) == 2 and cls == "stand-in classifier"
+    assert len(load_models(tmp_path / "models")[0].members) == 1
+    img = write_image(Scan(np.zeros((30, 20, 40), np.float32), spacing=(2.0, 2.0, 2.0)), tmp_path / "s_image.nii.gz")
+    res = CliRunner().invoke(main, ["predict", str(img), "-o", str(tmp_path / "out"), "--models", str(tmp_path / "models"),
+                                    "--stage1", str(tmp_path / "a"), "--stage1", str(tmp_path / "none")])
+    assert res.exit_code == 2 and "none" in res.output and "make train-stage1" in res.output, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "out").exists()
