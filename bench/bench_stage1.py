@@ -556,19 +556,18 @@ def main(argv=None) -> int:
         fold_dir = args.work / f"fold{fold}"
         t0 = time.perf_counter()
         if args.pretrained is not None:  # evaluate a model trained elsewhere on this fold (no training here)
-            model_dir = [Path(p.format(fold=fold)) for p in str(args.pretrained).split(",")]
-            model_dir, train_s = model_dir[0] if len(model_dir) == 1 else model_dir, float("nan")
+            model_dirs, train_s = [Path(p.format(fold=fold)) for p in str(args.pretrained).split(",")], float("nan")
         else:
             # one points-only folder per cohort: stage 1 samples the folders equally often (balance_groups)
             cohort_dirs = [write_points_only([c for c in train if c["cohort"] == co], fold_dir / f"train_points_{co}")
                            for co in COHORTS if any(c["cohort"] == co for c in train)]
             t0 = time.perf_counter()
-            model_dir = train_stage1(cohort_dirs, fold_dir / "model", cfg)
+            model_dirs = [train_stage1(cohort_dirs, fold_dir / "model", cfg)]
             train_s = time.perf_counter() - t0
         # a weight-averaged model (ema_decay > 0) is also scored with the last raw weights of the same run
         # (method spinepipe_stage1_raw): a paired comparison, free of run-to-run variation
-        models = [("spinepipe_stage1", model_dir)]
-        raw_dir = None if isinstance(model_dir, list) else export_raw_weights(model_dir, fold_dir / "model_raw")
+        models = [("spinepipe_stage1", model_dirs)]  # several folders: their ensemble
+        raw_dir = export_raw_weights(model_dirs[0], fold_dir / "model_raw") if len(model_dirs) == 1 else None
         if raw_dir is not None:
             models.append(("spinepipe_stage1_raw", raw_dir))
         test_items = []

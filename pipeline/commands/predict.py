@@ -26,7 +26,7 @@ def load_models(models_dir: str | Path = DEFAULT_MODELS, device: str = "cpu", co
 
     models_dir = Path(models_dir)
     stage1 = [Path(d) for d in stage1_dirs] or [models_dir / "stage1"]
-    return (Localizer(stage1[0] if len(stage1) == 1 else stage1, device=device),
+    return (Localizer(stage1, device=device),
             Classifier(models_dir / "stage2", device=device, contrast=contrast, evidence_threshold=evidence_threshold))
 
 

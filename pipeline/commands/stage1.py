@@ -38,7 +38,7 @@ def localize_cmd(scan: Path, out_dir: Path, model_dirs: tuple[Path, ...], device
 
     dirs = [Path(d) / "stage1" if (Path(d) / "stage1" / "config.json").is_file() else Path(d) for d in model_dirs]
     # missing model -> one-line error naming the make target
-    localizer = Localizer(dirs[0] if len(dirs) == 1 else dirs, device=device)
+    localizer = Localizer(dirs, device=device)
     image = read_image(scan)
     vertebrae = localizer.localize(image)
     path = write_centroids_csv(vertebrae, Path(out_dir) / centroids_name(Path(scan)))
