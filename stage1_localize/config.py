@@ -236,6 +236,12 @@ class Stage1Config:
     #: x 80 patches); sliding-window prediction 0.95-0.99 x. A real fold-0 training (80 epochs) took 1254 s
     #: (bench/results/stage1_cl_f0.md). False: the contiguous layout (older models load either way)
     channels_last: bool = True
+    #: arithmetic of the network passes in training and inference (``data_prep.precision``): "bfloat16"
+    #: (autocast mixed precision: weights, optimiser, losses and maps stay float32), "float32", or "auto"
+    #: (bfloat16 where the device computes it natively: AVX512-BF16 / AMX CPUs, bfloat16 CUDA devices).
+    #: The value a training resolved to is saved in the model's ``extra["precision"]``. Inference reads
+    #: the field from the model's config; older models (saved without it) get this default.
+    precision: str = "auto"
     #: > 0: the saved model is an exponential moving average of the training weights (``decay`` per step;
     #: torch.optim.swa_utils, ``data_prep.checkpoint.make_ema``); the last raw weights stay in
     #: ``train_state.pt``. 0: the saved model is the last raw weights.

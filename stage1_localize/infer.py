@@ -33,6 +33,7 @@ import torch
 from scipy import ndimage
 
 from data_prep import checkpoint
+from data_prep import precision as precision_mod
 from data_prep.errors import SpinepipeInputError
 from data_prep.io import write_csv
 from data_prep.scan import Scan, Vertebra, sort_head_to_foot
@@ -162,6 +163,9 @@ def _load_stage1(model_dir: Path) -> tuple[torch.nn.Module, Stage1Config, dict]:
     if not (model_dir / checkpoint.CONFIG).is_file():
         raise SpinepipeInputError(model_dir, "no stage-1 model here (config.json missing); run `make train-stage1`")
     state, config, extra = checkpoint.load_model(model_dir, Stage1Config, kind="stage1")
+    if config.precision not in precision_mod.PRECISIONS:
+        raise SpinepipeInputError(model_dir / checkpoint.CONFIG, f"precision: expected one of "
+                                  f"{', '.join(precision_mod.PRECISIONS)}, got {config.precision!r}")
     net = LocalizerNet(config)
     checkpoint.load_state_into(net, state, model_dir / checkpoint.WEIGHTS)
     return net, config, extra
@@ -226,9 +230,9 @@ class Localizer:
         acc: dict[str, torch.Tensor] = {}
         for net, patch_size, divisor in self.members:
             if self.config.sliding_window:
-                maps = predict_sliding_window(net, x, patch_size, divisor)
+                maps = predict_sliding_window(net, x, patch_size, divisor, precision=self.config.precision)
             else:
-                maps = activate(predict_volume(net, x, divisor))  # type: ignore[arg-type]
+                maps = activate(predict_volume(net, x, divisor, self.config.precision))  # type: ignore[arg-type]
             for name, t in maps.items():
                 acc[name] = t if name not in acc else acc[name] + t
         return {name: t / len(self.members) for name, t in acc.items()}

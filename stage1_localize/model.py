@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from data_prep import precision as precision_mod
 from stage1_localize.config import Stage1Config
 
 
@@ -132,10 +133,19 @@ def pad_to_divisor(x: torch.Tensor, divisor: tuple[int, int, int], value: float 
     return x, size  # type: ignore[return-value]
 
 
-def predict_volume(net: nn.Module, x: torch.Tensor, divisor: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+def run_net(net: nn.Module, x: torch.Tensor, precision: str = "float32") -> dict[str, torch.Tensor]:
+    """``net(x)`` at ``precision`` (``data_prep.precision``: bfloat16 autocast or float32); the head
+    outputs are returned as float32 whatever the precision."""
+    with precision_mod.autocast(precision, x.device):
+        out = net(x)
+    return {name: t.float() for name, t in out.items()}
+
+
+def predict_volume(net: nn.Module, x: torch.Tensor, divisor: tuple[int, int, int],
+                   precision: str = "float32") -> dict[str, torch.Tensor]:
     """Run ``net`` on a whole ``(B, C, I, J, K)`` volume of any size (padded, then cropped back)."""
     xp, (i, j, k) = pad_to_divisor(x, divisor, value=float(x.min()) if x.numel() else 0.0)
-    out = net(xp)
+    out = run_net(net, xp, precision)
     return {name: t[..., :i, :j, :k] for name, t in out.items()}
 
 
@@ -146,7 +156,8 @@ def activate(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def predict_sliding_window(net: nn.Module, x: torch.Tensor, patch_size: tuple[int, int, int],
-                           divisor: tuple[int, int, int], step: float = 0.5) -> dict[str, torch.Tensor]:
+                           divisor: tuple[int, int, int], step: float = 0.5,
+                           precision: str = "float32") -> dict[str, torch.Tensor]:
     """nnU-Net-style sliding-window prediction of a ``(1, C, I, J, K)`` volume with the *training* patch size.
 
     Returns ``{"heatmap": (1, 1, I, J, K) probabilities, "levels": (1, L, I, J, K) probabilities}`` (and
@@ -154,7 +165,8 @@ def predict_sliding_window(net: nn.Module, x: torch.Tensor, patch_size: tuple[in
     sigma = 1/8 of the tile) over tiles placed by ``compute_steps_for_sliding_window`` (overlap
     ``1 - step``). Tiles therefore see what training patches saw (the same extent, hence the same
     InstanceNorm statistics); axes shorter than the tile are padded (with the volume minimum) to the
-    tile size, or only to the divisor when the whole axis fits in one tile.
+    tile size, or only to the divisor when the whole axis fits in one tile. ``precision``: the network
+    passes' arithmetic (:func:`run_net`); the maps are accumulated in float32.
     """
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
 
@@ -163,7 +175,7 @@ def predict_sliding_window(net: nn.Module, x: torch.Tensor, patch_size: tuple[in
     size = tuple(int(s) for s in x.shape[-3:])
     tile = tuple(int(p) for p in patch_size)
     if all(s <= t for s, t in zip(size, tile)):
-        return activate(predict_volume(net, x, divisor))
+        return activate(predict_volume(net, x, divisor, precision))
     # pad short axes up to the tile so every tile has the training extent
     pad = [max(0, t - s) for s, t in zip(size, tile)]
     xp = nn.functional.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]), value=float(x.min()))
@@ -176,7 +188,7 @@ def predict_sliding_window(net: nn.Module, x: torch.Tensor, patch_size: tuple[in
         for j0 in steps[1]:
             for k0 in steps[2]:
                 sl = (slice(i0, i0 + tile[0]), slice(j0, j0 + tile[1]), slice(k0, k0 + tile[2]))
-                out = activate(net(xp[(slice(None), slice(None)) + sl]))
+                out = activate(run_net(net, xp[(slice(None), slice(None)) + sl], precision))
                 for name, t in out.items():
                     if name not in acc:
                         acc[name] = torch.zeros((1, t.shape[1]) + full, device=x.device)

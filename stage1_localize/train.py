@@ -16,6 +16,8 @@
   are <1 % of voxels) + ``level_loss_weight`` x cross-entropy of the level head inside the balls
   + ``offset_loss_weight`` x smooth-L1 of the offset head (vector to the nearest centroid, in units of
   ``offset_radius_mm``) inside the offset balls.
+* Network passes at ``config.precision`` (``data_prep.precision``: bfloat16 autocast where the device
+  computes it natively, by default); losses, weights and optimiser state in float32.
 * AdamW with nnU-Net's polynomial decay ``lr * (1 - epoch / epochs) ** 0.9``; with ``config.ema_decay``
   the saved model is the exponential moving average of the weights (the raw ones stay in the state).
 * Deterministic: the sampling RNG of epoch ``e`` on rank ``r`` is ``default_rng([seed, e, r])`` and torch
@@ -43,13 +45,14 @@ import torch
 import torch.nn.functional as F
 
 from data_prep import checkpoint
+from data_prep import precision as precision_mod
 from data_prep.distributed import DistInfo, cleanup_distributed, init_distributed, seed_everything
 from data_prep.errors import SpinepipeInputError
 from data_prep.io import read_image, read_labelmap, read_points_csv, write_csv
 from data_prep.scan import Scan, centroids_from_labelmap
 from stage1_localize.augment import sample_patch
 from stage1_localize.config import Stage1Config
-from stage1_localize.model import LocalizerNet, memory_format
+from stage1_localize.model import LocalizerNet, memory_format, run_net
 from stage1_localize.plan import plan_network
 from stage1_localize.preprocess import prepare, zscore
 from stage1_localize.targets import IGNORE, extrapolate_caudal, extrapolate_cranial, make_targets
@@ -278,6 +281,10 @@ def train_stage1(
         config.plan = plan_network(extents, config.target_spacing, base_features=config.plan.base_features,
                                    max_features=config.plan.max_features)
 
+    try:
+        precision = precision_mod.resolve(config.precision, device)
+    except ValueError as e:
+        raise SpinepipeInputError(out_dir / checkpoint.CONFIG, str(e)) from None
     seed_everything(config.seed)
     layout = memory_format(config)
     net = LocalizerNet(config).to(device, memory_format=layout)
@@ -311,7 +318,8 @@ def train_stage1(
             sums = torch.zeros(4, dtype=torch.float64)
             for _ in range(config.steps_per_epoch):
                 batch = {k: v.to(device) for k, v in make_batch(subjects, config, rng).items()}
-                losses = stage1_loss(model(batch["image"].contiguous(memory_format=layout)), batch, config)
+                losses = stage1_loss(run_net(model, batch["image"].contiguous(memory_format=layout), precision),
+                                     batch, config)
                 opt.zero_grad(set_to_none=True)
                 losses["loss"].backward()
                 torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
@@ -328,7 +336,7 @@ def train_stage1(
                    "offset_loss": means[3], "lr": lr, "seconds": round(time.perf_counter() - t0, 2)}
             rows.append(row)
             if dist_info.is_main:
-                _save(out_dir, net, opt, config, epoch + 1, rows, subjects, ema)
+                _save(out_dir, net, opt, config, epoch + 1, rows, subjects, ema, precision)
                 log.info("epoch %d/%d loss %.4f (heatmap %.4f, levels %.4f, offset %.4f) %.1fs", epoch + 1, config.epochs,
                          *means, row["seconds"])
     finally:
@@ -337,12 +345,12 @@ def train_stage1(
 
 
 def _save(out_dir: Path, net: torch.nn.Module, opt, config: Stage1Config, epoch: int, rows: list[dict],
-          subjects: list[TrainSubject], ema: torch.nn.Module | None = None) -> None:
+          subjects: list[TrainSubject], ema: torch.nn.Module | None = None, precision: str = "float32") -> None:
     """Model folder (the weight average when ``ema`` is given, else the raw weights) + resumable state."""
     state = checkpoint.weights_of(net)
     extra = {"epochs_done": epoch, "n_train_subjects": len(subjects),
              "train_subjects": [s.id for s in subjects][:1000], "torch": torch.__version__,
-             "weights": "ema" if ema is not None else "raw"}
+             "weights": "ema" if ema is not None else "raw", "precision": precision}
     checkpoint.save_model(out_dir, checkpoint.weights_of(ema.module) if ema is not None else state, config,
                           kind="stage1", extra=extra)
     train_state = {"epoch": epoch, "model": state, "optimizer": opt.state_dict(),

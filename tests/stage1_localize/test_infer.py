@@ -386,3 +386,11 @@ def test_ensemble_members_must_see_and_mean_the_same(tmp_path):
         Localizer([tmp_path / "a", tmp_path / "nothing"], device="cpu")
     with pytest.raises(ValueError, match="at least one"):
         Localizer([], device="cpu")
+
+
+def test_localizer_rejects_an_unknown_precision_in_the_models_config(tmp_path):
+    plan = NetworkPlan(pool_kernels=((1, 1, 1), (2, 2, 2)), conv_kernels=((3, 3, 3),) * 2, base_features=4)
+    cfg = Stage1Config(plan=plan, precision="float16")
+    checkpoint.save_model(tmp_path / "m", LocalizerNet(cfg).state_dict(), cfg, kind="stage1")
+    with pytest.raises(SpinepipeInputError, match=r"m[/\\]config\.json.*expected one of float32, bfloat16, auto, got 'float16'"):
+        Localizer(tmp_path / "m", device="cpu")

@@ -107,3 +107,26 @@ def test_draw_subject_balances_dataset_folders():
     assert 0.46 < share_b < 0.54  # the 1-scan folder is drawn as often as the 9-scan folder
     share_b = np.mean([draw_subject(subs, rng, False).id == "b0" for _ in range(4000)])
     assert 0.07 < share_b < 0.13  # uniform over subjects without balancing
+
+
+def test_bfloat16_passes_hand_back_float32_maps_close_to_float32():
+    """Mixed precision changes the arithmetic, not the outputs' dtype or meaning: the sliding-window maps of a
+    bfloat16 pass are float32 and within bfloat16 rounding of the float32 maps, and the weights stay float32."""
+    from stage1_localize.config import NetworkPlan
+    from stage1_localize.model import predict_sliding_window, run_net
+
+    torch.manual_seed(0)
+    plan = NetworkPlan(patch_size=(8, 16, 16), pool_kernels=((1, 1, 1), (2, 2, 2)),
+                       conv_kernels=((3, 3, 3),) * 2, base_features=4)
+    net = LocalizerNet(Stage1Config(plan=plan)).eval()
+    x = torch.randn(1, 1, 13, 24, 20)
+    with torch.no_grad():
+        raw = run_net(net, x[..., :8, :16, :16], "bfloat16")
+        assert all(t.dtype == torch.float32 for t in raw.values())
+        ref = predict_sliding_window(net, x, plan.patch_size, net.divisor, precision="float32")
+        low = predict_sliding_window(net, x, plan.patch_size, net.divisor, precision="bfloat16")
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    for name in ref:
+        assert low[name].dtype == torch.float32
+        diff = float((low[name] - ref[name]).abs().max())
+        assert 0 < diff < 0.05, (name, diff)  # really bfloat16 (not identical), but close

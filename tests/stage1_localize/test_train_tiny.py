@@ -207,3 +207,23 @@ def test_weight_average_is_saved_and_resumes_exactly(cohort, subjects, tmp_path)
     resumed = train_stage1(cohort, tmp_path / "half", cfg, resume=True, subjects=sub, auto_plan=False)
     again, _, _ = checkpoint.load_model(resumed, Stage1Config, kind="stage1")
     assert all(torch.equal(saved[k], again[k]) for k in saved)
+
+
+def test_training_precision_is_resolved_recorded_and_checked_first(cohort, subjects, tmp_path):
+    """The saved model says which arithmetic trained it; bfloat16 and float32 steps really differ; a bad
+    setting stops before any file is written, with an error naming the model's config file."""
+    from data_prep.errors import SpinepipeInputError
+
+    cfg = _tiny_config(epochs=1, steps_per_epoch=2)
+    cfg.plan.patch_size = (16, 16, 24)
+    sub = subjects[:2]
+    weights = {}
+    for prec in ("bfloat16", "float32"):
+        out = train_stage1(cohort, tmp_path / prec, dataclasses.replace(cfg, precision=prec), subjects=sub,
+                           auto_plan=False)
+        weights[prec], saved_cfg, extra = checkpoint.load_model(out, Stage1Config, kind="stage1")
+        assert extra["precision"] == prec and saved_cfg.precision == prec
+    assert any(not torch.equal(weights["bfloat16"][k], weights["float32"][k]) for k in weights["float32"])
+    with pytest.raises(SpinepipeInputError, match=r"bad[/\\]config\.json.*expected one of float32, bfloat16, auto, got 'half'"):
+        train_stage1(cohort, tmp_path / "bad", dataclasses.replace(cfg, precision="half"), subjects=sub, auto_plan=False)
+    assert not (tmp_path / "bad").exists()
