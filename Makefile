@@ -33,7 +33,7 @@ demo: $(STAMP)
 
 ## Train stage 1 (centroids + levels) on DATA (default: a built-in synthetic cohort) -> models/stage1/
 train-stage1: $(STAMP)
-	$(VENV)/bin/spinepipe train-stage1 $(foreach d,$(DATA),--data $(d)) --out models/stage1 $(if $(EPOCHS),--epochs $(EPOCHS))
+	$(VENV)/bin/spinepipe train-stage1 $(foreach d,$(DATA),--data $(d)) --out models/stage1 $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(MEMBERS),--members $(MEMBERS))
 
 ## Train stage 2 (per-vertebra multitask classifier) on DATA -> models/stage2/  (`make train-stage1 stage2` trains both)
 train-stage2: $(STAMP)

@@ -22,6 +22,7 @@ Pipeline per scan:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
@@ -159,6 +160,25 @@ def cut_by_fov(scan: Scan, world_mm: np.ndarray, border_mm: float) -> bool:
 ENSEMBLE_FIELDS = ("target_spacing", "levels", "in_channels", "clip_percentiles", "offset_radius_mm")
 
 
+def model_folders(path: str | os.PathLike) -> list[Path]:
+    """The model folders ``path`` stands for: itself when it holds a model (``config.json``), or the members
+    listed in its ``ensemble.json`` (``train.train_stage1_ensemble``); ``path`` itself otherwise (so that
+    loading it reports what is missing)."""
+    from stage1_localize.train import ENSEMBLE_FILE
+
+    path = Path(path)
+    if (path / checkpoint.CONFIG).is_file() or not (path / ENSEMBLE_FILE).is_file():
+        return [path]
+    try:
+        members = json.loads((path / ENSEMBLE_FILE).read_text())["members"]
+        if not members or not all(isinstance(m, str) and m and "/" not in m and "\\" not in m and m not in (".", "..")
+                                  for m in members):
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        raise SpinepipeInputError(path / ENSEMBLE_FILE, 'expected {"members": [folder names in this folder, ...]}') from None
+    return [path / m for m in members]
+
+
 def _load_stage1(model_dir: Path) -> tuple[torch.nn.Module, Stage1Config, dict]:
     if not (model_dir / checkpoint.CONFIG).is_file():
         raise SpinepipeInputError(model_dir, "no stage-1 model here (config.json missing); run `make train-stage1`")
@@ -174,9 +194,11 @@ def _load_stage1(model_dir: Path) -> tuple[torch.nn.Module, Stage1Config, dict]:
 class Localizer:
     """Loads a stage-1 model once and localises many scans (``Localizer(model_dir).localize(scan)``).
 
-    ``model_dir`` may also be a sequence of model folders trained on the same data (an ensemble): each
-    network predicts its maps with its own plans (patch size, topology), the activated maps are averaged,
-    and the first model's config decodes them. The members must agree on :data:`ENSEMBLE_FIELDS`.
+    ``model_dir`` may also be a sequence of model folders trained on the same data, or a folder written by
+    ``train.train_stage1_ensemble`` (:func:`model_folders`): an ensemble. Each network predicts its maps
+    with its own plans (patch size, topology), the activated maps are averaged, and the first model's
+    config decodes them (its ``precision`` applies to every member). The members must agree on
+    :data:`ENSEMBLE_FIELDS`.
     """
 
     def __init__(self, model_dir: str | os.PathLike | Sequence[str | os.PathLike] | None = None, *,
@@ -192,7 +214,8 @@ class Localizer:
         else:
             if model_dir is None:
                 raise ValueError("Localizer needs model_dir (or net= and config=)")
-            dirs = [Path(model_dir)] if isinstance(model_dir, (str, os.PathLike)) else [Path(d) for d in model_dir]
+            given = [model_dir] if isinstance(model_dir, (str, os.PathLike)) else list(model_dir)
+            dirs = [d for g in given for d in model_folders(g)]
             if not dirs:
                 raise ValueError("Localizer needs at least one model folder")
             members, extras = [], []

@@ -36,7 +36,8 @@ def localize_cmd(scan: Path, out_dir: Path, model_dirs: tuple[Path, ...], device
     from data_prep.io import read_image
     from stage1_localize.infer import Localizer, write_centroids_csv
 
-    dirs = [Path(d) / "stage1" if (Path(d) / "stage1" / "config.json").is_file() else Path(d) for d in model_dirs]
+    dirs = [Path(d) / "stage1" if any((Path(d) / "stage1" / f).is_file() for f in ("config.json", "ensemble.json"))
+            else Path(d) for d in model_dirs]
     # missing model -> one-line error naming the make target
     localizer = Localizer(dirs, device=device)
     image = read_image(scan)
@@ -58,18 +59,23 @@ def localize_cmd(scan: Path, out_dir: Path, model_dirs: tuple[Path, ...], device
 @click.option("--steps", "steps_per_epoch", default=None, type=click.IntRange(min=1), help="Steps per epoch.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/train_state.pt (last finished epoch).")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--members", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Train an ensemble of this many models (seeds SEED, SEED+1, ...) into OUT/member<m>/ plus "
+                   "OUT/ensemble.json; `localize` / `predict` then average their maps. On a CPU the members "
+                   "train side by side, one process each.")
 @click.option("--work", "work_dir", default=Path("work_dirs") / "stage1_synth", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Where the synthetic cohort goes without --data.")
 @click.option("--synth-n", default=16, show_default=True, type=click.IntRange(min=2),
               help="Number of synthetic subjects without --data.")
 def train_stage1_cmd(data_dirs: tuple[Path, ...], out_dir: Path, epochs: int | None, steps_per_epoch: int | None,
-                     resume: bool, seed: int, work_dir: Path, synth_n: int) -> None:
+                     resume: bool, seed: int, members: int, work_dir: Path, synth_n: int) -> None:
     """Train the stage-1 localiser from points (masks optional); writes OUT/model.safetensors,
-    config.json, train_state.pt and train_log.csv. Works under torchrun (DDP)."""
+    config.json, train_state.pt and train_log.csv (with --members N: those of each member under
+    OUT/member<m>/, then OUT/ensemble.json). Works under torchrun (DDP)."""
     import dataclasses
 
     from stage1_localize.config import Stage1Config
-    from stage1_localize.train import train_stage1
+    from stage1_localize.train import train_stage1, train_stage1_ensemble
 
     data_dir: list[Path] | Path | None = list(data_dirs) or None
     if data_dir is None:
@@ -86,5 +92,9 @@ def train_stage1_cmd(data_dirs: tuple[Path, ...], out_dir: Path, epochs: int | N
         cfg = dataclasses.replace(cfg, epochs=epochs)
     if steps_per_epoch is not None:
         cfg = dataclasses.replace(cfg, steps_per_epoch=steps_per_epoch)
-    out = train_stage1(data_dir, out_dir, cfg, resume=resume)
-    click.echo(f"stage-1 model written to {out}")
+    if members > 1:
+        out = train_stage1_ensemble(data_dir, out_dir, cfg, members=members, resume=resume)
+        click.echo(f"stage-1 ensemble of {members} models written to {out}")
+    else:
+        out = train_stage1(data_dir, out_dir, cfg, resume=resume)
+        click.echo(f"stage-1 model written to {out}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -99,3 +100,32 @@ def test_predict_takes_stage1_folders_instead_of_models_stage1(tmp_path, monkeyp
                                     "--stage1", str(tmp_path / "a"), "--stage1", str(tmp_path / "none")])
     assert res.exit_code == 2 and "none" in res.output and "make train-stage1" in res.output, res.output
     assert "Traceback" not in res.output and not (tmp_path / "out").exists()
+
+
+def test_train_stage1_members_trains_an_ensemble_that_localize_reads_from_the_parent(tmp_path, monkeypatch):
+    """``train-stage1 --members 2`` goes to ``train_stage1_ensemble`` with the seed and epochs asked for;
+    ``localize --models PARENT`` then finds the ensemble in PARENT/stage1 (ensemble.json, no config.json)."""
+    from stage1_localize import train
+
+    calls = []
+
+    def fake_ensemble(data_dir, out_dir, cfg, members, resume):
+        calls.append((cfg.seed, cfg.epochs, members, resume))
+        for m in range(members):
+            _tiny_model(out_dir / f"member{m}")
+        (out_dir / train.ENSEMBLE_FILE).write_text('{"kind": "stage1-ensemble", "members": ["member0", "member1"]}')
+        return out_dir
+
+    monkeypatch.setattr(train, "train_stage1_ensemble", fake_ensemble)
+    monkeypatch.setattr(train, "train_stage1", lambda *a, **k: pytest.fail("single-model training called"))
+    data = tmp_path / "data"
+    data.mkdir()
+    res = CliRunner().invoke(main, ["train-stage1", "--data", str(data), "--out", str(tmp_path / "models" / "stage1"),
+                                    "--members", "2", "--seed", "3", "--epochs", "2"])
+    assert res.exit_code == 0, res.output
+    assert calls == [(3, 2, 2, False)] and "ensemble of 2" in res.output
+    img = write_image(Scan(np.zeros((30, 20, 40), np.float32), spacing=(2.0, 2.0, 2.0)), tmp_path / "s_image.nii.gz")
+    res = CliRunner().invoke(main, ["localize", str(img), "-o", str(tmp_path / "out"), "--models", str(tmp_path / "models")])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["train-stage1", "--data", str(data), "--members", "0"])
+    assert res.exit_code == 2 and "--members" in res.output

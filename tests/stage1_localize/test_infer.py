@@ -394,3 +394,23 @@ def test_localizer_rejects_an_unknown_precision_in_the_models_config(tmp_path):
     checkpoint.save_model(tmp_path / "m", LocalizerNet(cfg).state_dict(), cfg, kind="stage1")
     with pytest.raises(SpinepipeInputError, match=r"m[/\\]config\.json.*expected one of float32, bfloat16, auto, got 'float16'"):
         Localizer(tmp_path / "m", device="cpu")
+
+
+def test_model_folders_reads_an_ensemble_file_and_rejects_a_bad_one(tmp_path):
+    from stage1_localize.infer import model_folders
+
+    plan = NetworkPlan(pool_kernels=((1, 1, 1), (2, 2, 2)), conv_kernels=((3, 3, 3),) * 2, base_features=4)
+    cfg = Stage1Config(plan=plan)
+    checkpoint.save_model(tmp_path / "single", LocalizerNet(cfg).state_dict(), cfg, kind="stage1")
+    assert model_folders(tmp_path / "single") == [tmp_path / "single"]
+    assert model_folders(tmp_path / "nothing") == [tmp_path / "nothing"]
+    ens = tmp_path / "ens"
+    for m in ("m0", "m1"):
+        checkpoint.save_model(ens / m, LocalizerNet(cfg).state_dict(), cfg, kind="stage1")
+    (ens / "ensemble.json").write_text('{"kind": "stage1-ensemble", "members": ["m1", "m0"]}')
+    assert model_folders(ens) == [ens / "m1", ens / "m0"]
+    assert len(Localizer(ens, device="cpu").members) == 2
+    for bad in ('{"members": []}', '{"members": ["../single"]}', '{"folders": ["m0"]}', "not json"):
+        (ens / "ensemble.json").write_text(bad)
+        with pytest.raises(SpinepipeInputError, match=r"ensemble\.json: expected"):
+            model_folders(ens)

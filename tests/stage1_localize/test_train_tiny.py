@@ -227,3 +227,32 @@ def test_training_precision_is_resolved_recorded_and_checked_first(cohort, subje
     with pytest.raises(SpinepipeInputError, match=r"bad[/\\]config\.json.*expected one of float32, bfloat16, auto, got 'half'"):
         train_stage1(cohort, tmp_path / "bad", dataclasses.replace(cfg, precision="half"), subjects=sub, auto_plan=False)
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_ensemble_training_writes_seeded_members_that_load_as_one_ensemble(cohort, tmp_path, parallel):
+    """``train_stage1_ensemble``: member m trains with seed + m (in its own process when parallel: the
+    same files), ``ensemble.json`` appears once all are done, and a Localizer given the folder averages the
+    members; single models and ensembles do not overwrite each other's folders."""
+    from data_prep.errors import SpinepipeInputError
+    from stage1_localize.infer import model_folders
+    from stage1_localize.train import ENSEMBLE_FILE, train_stage1_ensemble
+
+    cfg = _tiny_config(epochs=1, steps_per_epoch=1, seed=5)
+    cfg.plan.patch_size = (16, 16, 24)
+    out = train_stage1_ensemble(cohort, tmp_path / "ens", cfg, members=2, parallel=parallel)
+    assert (out / ENSEMBLE_FILE).is_file()
+    assert model_folders(out) == [out / "member0", out / "member1"]
+    weights = []
+    for m, seed in ((0, 5), (1, 6)):
+        w, saved, extra = checkpoint.load_model(out / f"member{m}", Stage1Config, kind="stage1")
+        assert saved.seed == seed and extra["epochs_done"] == 1
+        weights.append(w)
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert len(Localizer(out, device="cpu").members) == 2
+    with pytest.raises(SpinepipeInputError, match="holds a stage-1 ensemble"):
+        train_stage1(cohort, out, cfg, auto_plan=False)
+    if not parallel:
+        train_stage1(cohort, tmp_path / "single", cfg, auto_plan=False)
+        with pytest.raises(SpinepipeInputError, match="holds a single stage-1 model"):
+            train_stage1_ensemble(cohort, tmp_path / "single", cfg, members=2, parallel=False)
