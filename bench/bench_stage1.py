@@ -24,6 +24,10 @@ Protocol
   (identified / ground-truth vertebrae of each level, original scans) shows which levels a run misses.
 * With ``--set ema_decay=...`` (weight averaging) the trained model is the average, and the same run's last
   raw weights are scored too (method ``spinepipe_stage1_raw``): a paired comparison on one training run.
+* ``--members N``: each fold trains an ensemble of N seeds (``train.train_stage1_ensemble``: side by side
+  on a CPU, one process and ``cpu_count // N`` threads each) and scores the ensemble (maps averaged);
+  the fold's training time is the ensemble's wall time. ``--pretrained A,B`` scores an ensemble of
+  models trained elsewhere.
 * ``--nnunet``: nnU-Net v2 out of the box (3d_fullres vertebra-level semantic segmentation trained from the
   *expert masks*, i.e. more supervision than our points), via ``bench/nnunet_reference.py``: for each budget
   in ``--nnunet-budgets`` ("same" = the wall-clock our model took in that fold; or seconds) a speed probe
@@ -64,9 +68,9 @@ from data_prep.scan import (Scan, anatomical_rank, centroids_from_labelmap, leve
                             resample_to_spacing)
 from pipeline.metrics import ScanIdentification, identification, summarize_identification  # noqa: E402
 from stage1_localize.config import Stage1Config  # noqa: E402
-from stage1_localize.infer import Localizer  # noqa: E402
+from stage1_localize.infer import Localizer, model_folders  # noqa: E402
 from stage1_localize.labelling import AMBIGUOUS_FLAG, COMPLETION_FLAGS, TRANSITIONAL_FLAG  # noqa: E402
-from stage1_localize.train import train_stage1  # noqa: E402
+from stage1_localize.train import train_stage1, train_stage1_ensemble  # noqa: E402
 
 log = logging.getLogger("bench_stage1")
 T_START = time.time()
@@ -480,6 +484,9 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="default: Stage1Config.epochs")
     ap.add_argument("--steps", type=int, default=None, help="steps per epoch (default: Stage1Config.steps_per_epoch)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--members", type=int, default=1,
+                    help="train an ensemble of this many seeds per fold (train_stage1_ensemble: side by side on a "
+                         "CPU, one process each); the fold's training time is the ensemble's wall time")
     ap.add_argument("--quick", action="store_true", help="smoke run: few scans, few steps, two variants")
     ap.add_argument("--nnunet", action="store_true", help="also run nnU-Net v2 out of the box (heavy)")
     ap.add_argument("--nnunet-budgets", default="same",
@@ -514,6 +521,9 @@ def main(argv=None) -> int:
             print(f"error: --variants {args.variants}: expected a comma list of {', '.join(ALL_VARIANTS)}",
                   file=sys.stderr)
             return 2
+    if args.members < 1:
+        print(f"error: --members {args.members}: expected >= 1", file=sys.stderr)
+        return 2
     if not (args.data / "myosegmentum").is_dir():
         print(f"error: {args.data}: real data not available (expected myosegmentum/ and chu2015/)", file=sys.stderr)
         return 2
@@ -538,7 +548,7 @@ def main(argv=None) -> int:
     results = Results(args.out, {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "k": args.k,
                                  "seed": args.seed, "device": device, "quick": args.quick, "note": note,
                                  "config": dataclasses.asdict(cfg), "n_cases": len(cases),
-                                 "name": args.name, "data": str(args.data),
+                                 "name": args.name, "data": str(args.data), "members": args.members,
                                  "device_name": device_name, "decode": list(args.decode),
                                  "pretrained": None if args.pretrained is None else str(args.pretrained)})
     n_folds = min(args.k, args.folds or args.k)
@@ -562,7 +572,11 @@ def main(argv=None) -> int:
             cohort_dirs = [write_points_only([c for c in train if c["cohort"] == co], fold_dir / f"train_points_{co}")
                            for co in COHORTS if any(c["cohort"] == co for c in train)]
             t0 = time.perf_counter()
-            model_dirs = [train_stage1(cohort_dirs, fold_dir / "model", cfg)]
+            if args.members > 1:
+                model_dirs = model_folders(train_stage1_ensemble(cohort_dirs, fold_dir / "ensemble", cfg,
+                                                                 members=args.members))
+            else:
+                model_dirs = [train_stage1(cohort_dirs, fold_dir / "model", cfg)]
             train_s = time.perf_counter() - t0
         # a weight-averaged model (ema_decay > 0) is also scored with the last raw weights of the same run
         # (method spinepipe_stage1_raw): a paired comparison, free of run-to-run variation
