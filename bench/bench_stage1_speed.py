@@ -1,4 +1,5 @@
-"""Stage-1 network speed by memory layout and arithmetic (``Stage1Config.channels_last``, ``.precision``).
+"""Stage-1 network speed by memory layout and arithmetic (``Stage1Config.channels_last``, ``.precision`` /
+``.train_precision``).
 
 Three arms: contiguous float32, channels-last float32 (the default until session 24) and channels-last
 bfloat16 autocast (``data_prep.precision``). Times, on random inputs and freshly initialised weights of
@@ -106,7 +107,7 @@ def measure_loop(config: Stage1Config, steps: int, reps: int, work: Path) -> dic
     for rep in range(reps):
         for n, (fmt, prec) in ARMS.items():
             cfg = dataclasses.replace(config, epochs=1, steps_per_epoch=steps,
-                                      channels_last=(fmt == torch.channels_last_3d), precision=prec)
+                                      channels_last=(fmt == torch.channels_last_3d), train_precision=prec)
             t = time.perf_counter()
             train_stage1(data, work / f"model_{rep}_{len(times[n])}_{n.replace(', ', '_')}", cfg, subjects=subjects,
                          auto_plan=False)
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                f"median of {args.reps} alternating repetitions after a warm-up; the real training loop "
                f"(`train_stage1`, {args.loop_steps} steps on 4 synthetic scans, median of {args.loop_reps}). "
                f"Ratios are to {REFERENCE} measured in the same run. `Stage1Config.channels_last` picks the layout "
-               "(default: channels_last_3d), `Stage1Config.precision` the arithmetic (default: auto = bfloat16 where "
+               "(default: channels_last_3d), `Stage1Config.precision` / `train_precision` the arithmetic (auto = bfloat16 where "
                f"the CPU computes it natively; this CPU: {'native' if meta['native_bf16'] else 'not native'}).\n\n"
                + "\n".join(md_table(rows)) + "\n", args.out / "stage1_speed.md")
     return 0

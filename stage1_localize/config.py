@@ -236,12 +236,22 @@ class Stage1Config:
     #: x 80 patches); sliding-window prediction 0.95-0.99 x. A real fold-0 training (80 epochs) took 1254 s
     #: (bench/results/stage1_cl_f0.md). False: the contiguous layout (older models load either way)
     channels_last: bool = True
-    #: arithmetic of the network passes in training and inference (``data_prep.precision``): "bfloat16"
-    #: (autocast mixed precision: weights, optimiser, losses and maps stay float32), "float32", or "auto"
-    #: (bfloat16 where the device computes it natively: AVX512-BF16 / AMX CPUs, bfloat16 CUDA devices).
-    #: The value a training resolved to is saved in the model's ``extra["precision"]``. Inference reads
-    #: the field from the model's config; older models (saved without it) get this default.
+    #: arithmetic of the network passes in inference (``data_prep.precision``): "bfloat16" (autocast mixed
+    #: precision: weights and maps stay float32), "float32", or "auto" (bfloat16 where the device computes
+    #: it natively: AVX512-BF16 / AMX CPUs, bfloat16 CUDA devices). Older models (saved without the field)
+    #: get this default. On the session-23 float32 models (folds 0-2, 41 scans) bfloat16 inference named
+    #: the same vertebrae on whole, anisotropic and top-60 % scans and one fewer on the bottom 60 % (0.882
+    #: -> 0.874), at 0.59 vs 1.52 s per scan (bench/results/stage1_bf16_infer.md vs stage1_rerun_s23.md)
     precision: str = "auto"
+    #: the same for the training's network passes (losses, weights, optimiser state stay float32); the
+    #: value it resolved to is saved in the model's ``extra["train_precision"]``. float32 by default:
+    #: bfloat16 trains in ~0.5x the time here (7.8 s per epoch alone vs 15-17 s; two one-thread trainings
+    #: side by side 977 s each) but, session 24, folds 0-2: two bfloat16 seeds identified 0.916 (1.000 /
+    #: 0.821 / 0.930) and 1.000 / 0.833 on folds 0 / 1, their ensemble 0.821 on fold 1, against 0.974
+    #: (0.936 / 1.000 / 0.986) and 0.956 for two float32 runs (stage1_bf16_f*.md, stage1_bf16s1_f*.md,
+    #: stage1_bf16_ens2_f01.md vs stage1_rerun_s23.md, stage1_scan_spacing.md): the same three fold-1 scans
+    #: named one level off in every bfloat16 run
+    train_precision: str = "float32"
     #: > 0: the saved model is an exponential moving average of the training weights (``decay`` per step;
     #: torch.optim.swa_utils, ``data_prep.checkpoint.make_ema``); the last raw weights stay in
     #: ``train_state.pt``. 0: the saved model is the last raw weights.

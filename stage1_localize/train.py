@@ -16,8 +16,8 @@
   are <1 % of voxels) + ``level_loss_weight`` x cross-entropy of the level head inside the balls
   + ``offset_loss_weight`` x smooth-L1 of the offset head (vector to the nearest centroid, in units of
   ``offset_radius_mm``) inside the offset balls.
-* Network passes at ``config.precision`` (``data_prep.precision``: bfloat16 autocast where the device
-  computes it natively, by default); losses, weights and optimiser state in float32.
+* Network passes at ``config.train_precision`` (``data_prep.precision``: bfloat16 autocast or float32);
+  losses, weights and optimiser state in float32.
 * AdamW with nnU-Net's polynomial decay ``lr * (1 - epoch / epochs) ** 0.9``; with ``config.ema_decay``
   the saved model is the exponential moving average of the weights (the raw ones stay in the state).
 * Deterministic: the sampling RNG of epoch ``e`` on rank ``r`` is ``default_rng([seed, e, r])`` and torch
@@ -284,7 +284,7 @@ def train_stage1(
                                    max_features=config.plan.max_features)
 
     try:
-        precision = precision_mod.resolve(config.precision, device)
+        precision = precision_mod.resolve(config.train_precision, device)
     except ValueError as e:
         raise SpinepipeInputError(out_dir / checkpoint.CONFIG, str(e)) from None
     seed_everything(config.seed)
@@ -352,7 +352,7 @@ def _save(out_dir: Path, net: torch.nn.Module, opt, config: Stage1Config, epoch:
     state = checkpoint.weights_of(net)
     extra = {"epochs_done": epoch, "n_train_subjects": len(subjects),
              "train_subjects": [s.id for s in subjects][:1000], "torch": torch.__version__,
-             "weights": "ema" if ema is not None else "raw", "precision": precision}
+             "weights": "ema" if ema is not None else "raw", "train_precision": precision}
     checkpoint.save_model(out_dir, checkpoint.weights_of(ema.module) if ema is not None else state, config,
                           kind="stage1", extra=extra)
     train_state = {"epoch": epoch, "model": state, "optimizer": opt.state_dict(),

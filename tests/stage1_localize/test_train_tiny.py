@@ -219,13 +219,13 @@ def test_training_precision_is_resolved_recorded_and_checked_first(cohort, subje
     sub = subjects[:2]
     weights = {}
     for prec in ("bfloat16", "float32"):
-        out = train_stage1(cohort, tmp_path / prec, dataclasses.replace(cfg, precision=prec), subjects=sub,
+        out = train_stage1(cohort, tmp_path / prec, dataclasses.replace(cfg, train_precision=prec), subjects=sub,
                            auto_plan=False)
         weights[prec], saved_cfg, extra = checkpoint.load_model(out, Stage1Config, kind="stage1")
-        assert extra["precision"] == prec and saved_cfg.precision == prec
+        assert extra["train_precision"] == prec and saved_cfg.train_precision == prec
     assert any(not torch.equal(weights["bfloat16"][k], weights["float32"][k]) for k in weights["float32"])
     with pytest.raises(SpinepipeInputError, match=r"bad[/\\]config\.json.*expected one of float32, bfloat16, auto, got 'half'"):
-        train_stage1(cohort, tmp_path / "bad", dataclasses.replace(cfg, precision="half"), subjects=sub, auto_plan=False)
+        train_stage1(cohort, tmp_path / "bad", dataclasses.replace(cfg, train_precision="half"), subjects=sub, auto_plan=False)
     assert not (tmp_path / "bad").exists()
 
 
