@@ -241,16 +241,18 @@ class Stage1Config:
     #: it natively: AVX512-BF16 / AMX CPUs, bfloat16 CUDA devices). Older models (saved without the field)
     #: get this default. On the session-23 float32 models (folds 0-2, 41 scans) bfloat16 inference named
     #: the same vertebrae on whole, anisotropic and top-60 % scans and one fewer on the bottom 60 % (0.882
-    #: -> 0.874), at 0.59 vs 1.52 s per scan (bench/results/stage1_bf16_infer.md vs stage1_rerun_s23.md)
+    #: -> 0.874) (bench/results/stage1_bf16_infer.md vs stage1_rerun_s23.md), at 0.57 s per scan on fold 2
+    #: (1.3-1.6 s in float32 runs); a sliding-window prediction takes 0.32x the float32 time, paired in one
+    #: process (bench/bench_stage1_speed.py -> stage1_speed.md)
     precision: str = "auto"
     #: the same for the training's network passes (losses, weights, optimiser state stay float32); the
     #: value it resolved to is saved in the model's ``extra["train_precision"]``. float32 by default:
     #: bfloat16 trains in ~0.5x the time here (7.8 s per epoch alone vs 15-17 s; two one-thread trainings
-    #: side by side 977 s each) but, session 24, folds 0-2: two bfloat16 seeds identified 0.916 (1.000 /
-    #: 0.821 / 0.930) and 1.000 / 0.833 on folds 0 / 1, their ensemble 0.821 on fold 1, against 0.974
-    #: (0.936 / 1.000 / 0.986) and 0.956 for two float32 runs (stage1_bf16_f*.md, stage1_bf16s1_f*.md,
-    #: stage1_bf16_ens2_f01.md vs stage1_rerun_s23.md, stage1_scan_spacing.md): the same three fold-1 scans
-    #: named one level off in every bfloat16 run
+    #: side by side 977 s each) but named worse in session 24: on folds 0 / 1 two bfloat16 seeds identified
+    #: 1.000 / 0.821 and 1.000 / 0.833 (142 and 143 of 156 vertebrae), three float32 runs 0.936 / 1.000,
+    #: 1.000 / 0.936 and 0.936 / 0.936 (151, 151, 146); seed 0 on folds 0-2 0.916 against 0.974 / 0.956
+    #: (stage1_bf16.md, stage1_bf16s1_f*.md, stage1_fp32s1_f*.md vs stage1_rerun_s23.md, stage1_scan_spacing.md).
+    #: Every bfloat16 run named the same three or four fold-1 scans one level off, float32 runs one at most
     train_precision: str = "float32"
     #: > 0: the saved model is an exponential moving average of the training weights (``decay`` per step;
     #: torch.optim.swa_utils, ``data_prep.checkpoint.make_ema``); the last raw weights stay in
