@@ -247,8 +247,9 @@ class Stage1Config:
     precision: str = "auto"
     #: the same for the training's network passes (losses, weights, optimiser state stay float32); the
     #: value it resolved to is saved in the model's ``extra["train_precision"]``. float32 by default:
-    #: bfloat16 trains in ~0.5x the time here (7.8 s per epoch alone vs 15-17 s; two one-thread trainings
-    #: side by side 977 s each) but named worse in session 24: on folds 0 / 1 two bfloat16 seeds identified
+    #: bfloat16 saves little training time (session 24, fold 2 alone on both cores: median epoch 7.8 vs
+    #: 9.0 s float32; two one-thread trainings side by side: 11-12 vs 14.5-15 s) and named worse: on
+    #: folds 0 / 1 two bfloat16 seeds identified
     #: 1.000 / 0.821 and 1.000 / 0.833 (142 and 143 of 156 vertebrae), three float32 runs 0.936 / 1.000,
     #: 1.000 / 0.936 and 0.936 / 0.936 (151, 151, 146); seed 0 on folds 0-2 0.916 against 0.974 / 0.956
     #: (stage1_bf16.md, stage1_bf16s1_f*.md, stage1_fp32s1_f*.md vs stage1_rerun_s23.md, stage1_scan_spacing.md).

@@ -383,10 +383,10 @@ def train_stage1_ensemble(data_dir, out_dir: str | os.PathLike, config: Stage1Co
 
     ``parallel`` (default: on a CPU without a torchrun group) trains the members at the same time in
     separate processes with ``cpu_count // members`` torch threads each: on the 2-core reference machine
-    two one-thread bfloat16 trainings side by side took 977 s each where one two-thread training took
-    ~600 s (session 24), so the pair costs ~0.8x of training its members one after another (the small
-    3-D convolutions do not keep two threads busy). On a GPU (or with ``parallel=False``) the members
-    train one after another in this process.
+    (session 24, float32) an epoch took 14.5-15 s for each of two one-thread trainings side by side and
+    9.0 s for one two-thread training, so the pair costs ~0.8x of training its members one after another
+    (the small 3-D convolutions do not keep two threads busy). On a GPU (or with ``parallel=False``) the
+    members train one after another in this process.
     """
     out_dir = Path(out_dir)
     config = dataclasses.replace(config) if config is not None else Stage1Config()
