@@ -1,9 +1,11 @@
 """Arithmetic precision of network passes: ``"float32"``, ``"bfloat16"`` or ``"auto"``.
 
-``"bfloat16"`` runs the network's forward pass under :func:`torch.autocast` (convolutions and matrix
-products in bfloat16, normalisations and reductions in float32 by torch's autocast policy); weights,
-optimiser state, losses and every output handed back stay float32 (mixed precision, not a bfloat16
-model). bfloat16 keeps float32's exponent range, so unlike float16 it needs no loss scaling.
+``"bfloat16"`` runs the network's forward pass under :func:`torch.autocast`: convolutions and matrix
+products in bfloat16, and, on the CPU, the ops that follow them on their bfloat16 outputs too
+(InstanceNorm, LeakyReLU: torch's CPU autocast keeps only a short list of ops in float32; checked with
+torch 2.14); weights, optimiser state, losses and every output handed back stay float32 (mixed
+precision, not a bfloat16 model). bfloat16 keeps float32's exponent range, so unlike float16 it needs
+no loss scaling.
 
 ``"auto"`` is bfloat16 where the device computes it natively and float32 elsewhere: a CUDA device that
 reports bfloat16 support, or a CPU with AVX512-BF16 or AMX instructions (on other CPUs oneDNN emulates

@@ -249,11 +249,13 @@ class Stage1Config:
     #: value it resolved to is saved in the model's ``extra["train_precision"]``. float32 by default:
     #: bfloat16 saves little training time (session 24, fold 2 alone on both cores: median epoch 7.8 vs
     #: 9.0 s float32; two one-thread trainings side by side: 11-12 vs 14.5-15 s) and named worse: on
-    #: folds 0 / 1 two bfloat16 seeds identified
-    #: 1.000 / 0.821 and 1.000 / 0.833 (142 and 143 of 156 vertebrae), three float32 runs 0.936 / 1.000,
+    #: folds 0 / 1 two bfloat16 seeds identified 1.000 / 0.821 and 1.000 / 0.833 (142 and 143 of 156
+    #: vertebrae), three float32 runs 0.936 / 1.000,
     #: 1.000 / 0.936 and 0.936 / 0.936 (151, 151, 146); seed 0 on folds 0-2 0.916 against 0.974 / 0.956
     #: (stage1_bf16.md, stage1_bf16s1_f*.md, stage1_fp32s1_f*.md vs stage1_rerun_s23.md, stage1_scan_spacing.md).
-    #: Every bfloat16 run named the same three or four fold-1 scans one level off, float32 runs one at most
+    #: Every bfloat16 run named the same three or four fold-1 scans one level off, float32 runs one at most.
+    #: (On the CPU, InstanceNorm also runs in bfloat16 under autocast; whether a float32 norm would close
+    #: the gap is not measured.)
     train_precision: str = "float32"
     #: > 0: the saved model is an exponential moving average of the training weights (``decay`` per step;
     #: torch.optim.swa_utils, ``data_prep.checkpoint.make_ema``); the last raw weights stay in
