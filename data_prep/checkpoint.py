@@ -38,6 +38,8 @@ VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TRAIN_STATE = "train_state.pt"
+#: a stage-1 ensemble folder's list of member folders (``stage1_localize.train.train_stage1_ensemble``)
+ENSEMBLE = "ensemble.json"
 
 C = TypeVar("C")
 

@@ -33,15 +33,20 @@ def native_bf16(device: torch.device | str) -> bool:
     return False
 
 
+def validate(precision: str) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`; ValueError saying what was expected otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
 def resolve(precision: str, device: torch.device | str) -> str:
     """``"float32"`` or ``"bfloat16"``: what ``precision`` means on ``device``.
 
     >>> resolve("float32", "cpu")
     'float32'
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "auto":
+    if validate(precision) == "auto":
         return "bfloat16" if native_bf16(device) else "float32"
     return precision
 

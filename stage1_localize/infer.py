@@ -160,22 +160,25 @@ def cut_by_fov(scan: Scan, world_mm: np.ndarray, border_mm: float) -> bool:
 ENSEMBLE_FIELDS = ("target_spacing", "levels", "in_channels", "clip_percentiles", "offset_radius_mm")
 
 
+def holds_model(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a stage-1 model (``config.json``) or an ensemble of them (``ensemble.json``)."""
+    return any((Path(path) / name).is_file() for name in (checkpoint.CONFIG, checkpoint.ENSEMBLE))
+
+
 def model_folders(path: str | os.PathLike) -> list[Path]:
     """The model folders ``path`` stands for: itself when it holds a model (``config.json``), or the members
     listed in its ``ensemble.json`` (``train.train_stage1_ensemble``); ``path`` itself otherwise (so that
     loading it reports what is missing)."""
-    from stage1_localize.train import ENSEMBLE_FILE
-
     path = Path(path)
-    if (path / checkpoint.CONFIG).is_file() or not (path / ENSEMBLE_FILE).is_file():
+    if (path / checkpoint.CONFIG).is_file() or not holds_model(path):
         return [path]
     try:
-        members = json.loads((path / ENSEMBLE_FILE).read_text())["members"]
+        members = json.loads((path / checkpoint.ENSEMBLE).read_text())["members"]
         if not members or not all(isinstance(m, str) and m and "/" not in m and "\\" not in m and m not in (".", "..")
                                   for m in members):
             raise ValueError
     except (ValueError, KeyError, TypeError):
-        raise SpinepipeInputError(path / ENSEMBLE_FILE, 'expected {"members": [folder names in this folder, ...]}') from None
+        raise SpinepipeInputError(path / checkpoint.ENSEMBLE, 'expected {"members": [folder names in this folder, ...]}') from None
     return [path / m for m in members]
 
 
@@ -183,9 +186,10 @@ def _load_stage1(model_dir: Path) -> tuple[torch.nn.Module, Stage1Config, dict]:
     if not (model_dir / checkpoint.CONFIG).is_file():
         raise SpinepipeInputError(model_dir, "no stage-1 model here (config.json missing); run `make train-stage1`")
     state, config, extra = checkpoint.load_model(model_dir, Stage1Config, kind="stage1")
-    if config.precision not in precision_mod.PRECISIONS:
-        raise SpinepipeInputError(model_dir / checkpoint.CONFIG, f"precision: expected one of "
-                                  f"{', '.join(precision_mod.PRECISIONS)}, got {config.precision!r}")
+    try:
+        precision_mod.validate(config.precision)
+    except ValueError as e:
+        raise SpinepipeInputError(model_dir / checkpoint.CONFIG, str(e)) from None
     net = LocalizerNet(config)
     checkpoint.load_state_into(net, state, model_dir / checkpoint.WEIGHTS)
     return net, config, extra

@@ -264,7 +264,7 @@ def train_stage1(
     """
     out_dir = Path(out_dir)
     config = dataclasses.replace(config) if config is not None else Stage1Config()
-    if (out_dir / ENSEMBLE_FILE).is_file():
+    if (out_dir / checkpoint.ENSEMBLE).is_file():
         raise SpinepipeInputError(out_dir, "holds a stage-1 ensemble; write a single model to another folder")
     dist_info: DistInfo = init_distributed()
     device = dist_info.device
@@ -363,10 +363,6 @@ def _save(out_dir: Path, net: torch.nn.Module, opt, config: Stage1Config, epoch:
     write_csv(pd.DataFrame(rows), out_dir / LOG_FILE)
 
 
-#: written into an ensemble's folder once every member has finished: ``{"kind": "stage1-ensemble", "members": [...]}``
-ENSEMBLE_FILE = "ensemble.json"
-
-
 def _train_member(data_dir, out_dir: Path, config: Stage1Config, resume: bool, threads: int) -> Path:
     """One ensemble member in its own process (:func:`train_stage1_ensemble`), on ``threads`` torch threads."""
     torch.set_num_threads(threads)
@@ -377,7 +373,8 @@ def _train_member(data_dir, out_dir: Path, config: Stage1Config, resume: bool, t
 def train_stage1_ensemble(data_dir, out_dir: str | os.PathLike, config: Stage1Config | None = None,
                           members: int = 2, resume: bool = False, parallel: bool | None = None) -> Path:
     """Train ``members`` stage-1 models that differ only in their seed (``config.seed + m``) into
-    ``out_dir/member<m>/`` and, once all have finished, write ``out_dir/ensemble.json``, which
+    ``out_dir/member<m>/`` and, once all have finished, write ``out_dir/ensemble.json``
+    (``{"kind": "stage1-ensemble", "members": [...]}``, :data:`data_prep.checkpoint.ENSEMBLE`), which
     :func:`stage1_localize.infer.model_folders` (hence ``Localizer``, ``localize``, ``predict``) reads as one
     ensemble: the members' maps are averaged.
 
@@ -398,8 +395,8 @@ def train_stage1_ensemble(data_dir, out_dir: str | os.PathLike, config: Stage1Co
     cfgs = [dataclasses.replace(config, seed=config.seed + m) for m in range(members)]
     if parallel is None:
         parallel = members > 1 and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) == 1
-    if (out_dir / ENSEMBLE_FILE).is_file():
-        (out_dir / ENSEMBLE_FILE).unlink()  # retraining: the folder is not an ensemble until every member is done
+    if (out_dir / checkpoint.ENSEMBLE).is_file():
+        (out_dir / checkpoint.ENSEMBLE).unlink()  # retraining: the folder is not an ensemble until every member is done
     if parallel:
         import concurrent.futures
         import multiprocessing
@@ -413,5 +410,5 @@ def train_stage1_ensemble(data_dir, out_dir: str | os.PathLike, config: Stage1Co
         for d, c in zip(dirs, cfgs):
             train_stage1(data_dir, d, c, resume=resume)
     write_text(json.dumps({"kind": "stage1-ensemble", "members": [d.name for d in dirs]}, indent=1) + "\n",
-               out_dir / ENSEMBLE_FILE)
+               out_dir / checkpoint.ENSEMBLE)
     return out_dir

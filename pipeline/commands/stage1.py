@@ -34,10 +34,9 @@ def localize_cmd(scan: Path, out_dir: Path, model_dirs: tuple[Path, ...], device
     """Find and name every vertebra of SCAN; write OUT/<name>_centroids.csv
     (level,label,x_mm,y_mm,z_mm,confidence,flags; world LPS mm)."""
     from data_prep.io import read_image
-    from stage1_localize.infer import Localizer, write_centroids_csv
+    from stage1_localize.infer import Localizer, holds_model, write_centroids_csv
 
-    dirs = [Path(d) / "stage1" if any((Path(d) / "stage1" / f).is_file() for f in ("config.json", "ensemble.json"))
-            else Path(d) for d in model_dirs]
+    dirs = [Path(d) / "stage1" if holds_model(Path(d) / "stage1") else Path(d) for d in model_dirs]
     # missing model -> one-line error naming the make target
     localizer = Localizer(dirs, device=device)
     image = read_image(scan)

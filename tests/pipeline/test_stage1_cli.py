@@ -113,7 +113,7 @@ def test_train_stage1_members_trains_an_ensemble_that_localize_reads_from_the_pa
         calls.append((cfg.seed, cfg.epochs, members, resume))
         for m in range(members):
             _tiny_model(out_dir / f"member{m}")
-        (out_dir / train.ENSEMBLE_FILE).write_text('{"kind": "stage1-ensemble", "members": ["member0", "member1"]}')
+        (out_dir / checkpoint.ENSEMBLE).write_text('{"kind": "stage1-ensemble", "members": ["member0", "member1"]}')
         return out_dir
 
     monkeypatch.setattr(train, "train_stage1_ensemble", fake_ensemble)

@@ -236,12 +236,12 @@ def test_ensemble_training_writes_seeded_members_that_load_as_one_ensemble(cohor
     members; single models and ensembles do not overwrite each other's folders."""
     from data_prep.errors import SpinepipeInputError
     from stage1_localize.infer import model_folders
-    from stage1_localize.train import ENSEMBLE_FILE, train_stage1_ensemble
+    from stage1_localize.train import train_stage1_ensemble
 
     cfg = _tiny_config(epochs=1, steps_per_epoch=1, seed=5)
     cfg.plan.patch_size = (16, 16, 24)
     out = train_stage1_ensemble(cohort, tmp_path / "ens", cfg, members=2, parallel=parallel)
-    assert (out / ENSEMBLE_FILE).is_file()
+    assert (out / checkpoint.ENSEMBLE).is_file()
     assert model_folders(out) == [out / "member0", out / "member1"]
     weights = []
     for m, seed in ((0, 5), (1, 6)):
