@@ -362,12 +362,15 @@ class Vertebra:
 @dataclass
 class VertebraVerdict:
     """Stage-2 result for one vertebra: class probabilities (in the model's class order), the fraction
-    of attribution inside the vertebra (``evidence_inside``) and flags."""
+    of attribution inside the vertebra (``evidence_inside``), flags and the scan's contrast novelty
+    (``contrast_novelty``: distance to the nearest training scan's contrast signature, NaN when not
+    measured; ``stage2_classify.domain``)."""
 
     label: int
     probabilities: np.ndarray
     evidence_inside: float = float("nan")
     flags: list[str] = field(default_factory=list)
+    contrast_novelty: float = float("nan")
 
 
 def centroids_from_labelmap(labels: Scan, ids: Sequence[int] | None = None) -> dict[int, np.ndarray]:

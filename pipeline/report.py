@@ -22,7 +22,7 @@ BASE_COLUMNS = ["level", "label", "x_mm", "y_mm", "z_mm", "confidence"]
 
 def report_columns(classes: Sequence[str]) -> list[str]:
     """Exact column order of ``<name>_vertebrae.csv``."""
-    return BASE_COLUMNS + ["class"] + [f"p_{c}" for c in classes] + ["evidence_inside", "flags"]
+    return BASE_COLUMNS + ["class"] + [f"p_{c}" for c in classes] + ["evidence_inside", "contrast_novelty", "flags"]
 
 
 def build_report(
@@ -52,6 +52,7 @@ def build_report(
             row["class"] = ""
             row.update({f"p_{c}": np.nan for c in classes})
             row["evidence_inside"] = np.nan
+            row["contrast_novelty"] = np.nan
             flags.append("not_classified")
         else:
             p = np.asarray(verdict.probabilities, dtype=float)
@@ -60,6 +61,8 @@ def build_report(
             row["class"] = classes[int(np.argmax(p))]
             row.update({f"p_{c}": round(float(pc), 4) for c, pc in zip(classes, p)})
             row["evidence_inside"] = round(float(verdict.evidence_inside), 4)
+            nov = float(verdict.contrast_novelty)
+            row["contrast_novelty"] = round(nov, 3) if np.isfinite(nov) else np.nan
             flags.extend(f for f in verdict.flags if f not in flags)
         row["flags"] = ";".join(dict.fromkeys(flags))
         rows.append(row)

@@ -173,6 +173,20 @@ class TrainConfig:
 
 
 @dataclass
+class ContrastCheckConfig:
+    """Flag the verdicts of a scan whose contrast signature lies far from every training scan's
+    (:mod:`stage2_classify.domain`; flag ``contrast_unseen``). Evaluation only: changing it needs no retraining."""
+
+    #: Units of the distance per signature component (body level in window units, disc/body log ratio):
+    #: about the spread of one sequence between subjects on the real cohorts (bench/results/contrast_check.md).
+    scales: tuple[float, float] = (0.1, 0.2)
+    #: Flag when the nearest training scan is farther than this (in ``scales`` units). ``None``: no check.
+    threshold: float | None = 1.5
+    #: How far above / below a body the disc space is read (mm).
+    band_mm: float = 8.0
+
+
+@dataclass
 class Stage2Config:
     """All stage-2 hyperparameters (saved with the checkpoint)."""
 
@@ -204,6 +218,8 @@ class Stage2Config:
     ig_baseline_sigma_mm: float | None = 8.0
     #: Typical body half-extents (mm, LPS) for the fallback region prior when no mask is predicted.
     prior_half_extent_mm: tuple[float, float, float] = (22.0, 17.0, 14.0)
+    #: Is the scan's tissue contrast one the model was trained on? (flag ``contrast_unseen``)
+    contrast_check: ContrastCheckConfig = field(default_factory=ContrastCheckConfig)
 
     @property
     def margin_vox(self) -> int:
@@ -239,6 +255,10 @@ class Stage2Config:
             raise ValueError(f"loss.outline_soft_sigma_mm must be > 0 or None, got {self.loss.outline_soft_sigma_mm}")
         if self.loss.outline_lateral_margin_mm is not None and self.loss.outline_lateral_margin_mm < 0:
             raise ValueError(f"loss.outline_lateral_margin_mm must be >= 0 or None, got {self.loss.outline_lateral_margin_mm}")
+        cc = self.contrast_check
+        if len(cc.scales) != 2 or min(cc.scales) <= 0 or cc.band_mm <= 0 or (cc.threshold is not None and cc.threshold <= 0):
+            raise ValueError(f"contrast_check needs two positive scales, a positive band_mm and a positive threshold "
+                             f"(or None), got scales {tuple(cc.scales)}, band_mm {cc.band_mm}, threshold {cc.threshold}")
         if self.loss.outline_band_mm < 0 or self.loss.coarse_band_mm < 0:
             raise ValueError(f"loss.outline_band_mm and loss.coarse_band_mm must be >= 0, got "
                              f"{self.loss.outline_band_mm} and {self.loss.coarse_band_mm}")

@@ -9,7 +9,11 @@ body (given, or as the seg head predicts it; ``patches.vertebra_region``).
 
 Flags per vertebra: ``region_prior`` (no body found, fallback region), ``mask_missing`` (a label map was
 given but this vertebra is not in it), ``patch_outside_fov`` (less than 90 % of the patch inside the
-image), ``evidence_outside_body`` (less than ``evidence_threshold`` of |IG| inside the body mask).
+image), ``evidence_outside_body`` (less than ``evidence_threshold`` of |IG| inside the body mask); per scan,
+on every vertebra: ``contrast_unseen`` (the scan's contrast signature lies farther than
+``contrast_check.threshold`` from every training scan's, or the contrast the caller names is not one the
+training data named; :mod:`stage2_classify.domain`; models saved before the check have no reference and
+are not checked).
 """
 from __future__ import annotations
 
@@ -25,7 +29,9 @@ from scipy import ndimage
 from data_prep.checkpoint import load_model, load_state_into
 from data_prep.errors import SpinepipeInputError
 from data_prep.scan import Scan, Vertebra, VertebraVerdict
+from data_prep.dataset import parse_contrast
 from stage2_classify.config import SEG_NEIGHBOUR, Stage2Config, contrast_index
+from stage2_classify.domain import CONTRAST_FLAG, ContrastReference, patch_signature, scan_signature
 from stage2_classify.evidence import EVIDENCE_FLAG, explain, merge_evidence
 from stage2_classify.model import Stage2Net
 from stage2_classify.patches import Patch, PatchSampler, ellipsoid_prior, paste_to_reference, vertebra_region
@@ -115,6 +121,13 @@ class Classifier:
         self.net.to(self.device).eval()
         if "cls" not in self.net.heads:
             raise SpinepipeInputError(folder / "config.json", "this stage-2 model has no classification head")
+        #: The training scans' contrast signatures (None: a model saved before the check, or none measured).
+        self.reference: ContrastReference | None = None
+        if "contrast_reference" in extra:
+            try:
+                self.reference = ContrastReference.from_dict(extra["contrast_reference"])
+            except ValueError as exc:
+                raise SpinepipeInputError(folder / "config.json", str(exc)) from None
 
     @classmethod
     def from_network(cls, net: Stage2Net) -> "Classifier":
@@ -122,6 +135,7 @@ class Classifier:
         self = cls.__new__(cls)
         self.config, self.extra, self.device, self.contrast = net.cfg, {}, torch.device("cpu"), None
         self.net = net.eval()
+        self.reference = None
         return self
 
     @property
@@ -167,11 +181,14 @@ class Classifier:
         -------
         One dict per vertebra (input order): ``label``, ``level``, ``class`` (name), ``class_index``,
         ``probabilities`` (``{class: p}``), ``evidence_inside`` (NaN without evidence), ``flags`` (list),
-        ``region_source`` (``"mask"``/``"predicted"``/``"prior"``), ``body_patch`` (bool array) and
-        ``geometry`` (patch Scan); ``evidence`` when asked.
+        ``region_source`` (``"mask"``/``"predicted"``/``"prior"``), ``body_patch`` (bool array),
+        ``geometry`` (patch Scan) and ``contrast_novelty`` (the scan's distance to the nearest training
+        scan's contrast signature, :mod:`stage2_classify.domain`; NaN when not measured; the same for every
+        vertebra of the scan); ``evidence`` when asked.
         """
         cfg = self.config
-        ci = contrast_index(contrast if contrast is not None else self.contrast)
+        named = contrast if contrast is not None else self.contrast
+        ci = contrast_index(named)
         if ci < 0 and getattr(self.net, "contrast_input", False):
             log.info("this model reads the image contrast; none given, so it is treated as unknown (--contrast)")
         extra = (torch.tensor([ci], dtype=torch.long, device=self.device),) if ci >= 0 else ()
@@ -185,10 +202,13 @@ class Classifier:
             masks = scan.with_array(lab)
         sampler = PatchSampler(scan, cfg.patch, {"vertebrae": masks} if masks is not None else None)
         results = []
+        signatures: list[tuple[float, float] | None] = []
         for v in vertebrae:
             patch = sampler.crop(v.centroid_world)
             img = torch.from_numpy(patch.image)[None, None].to(self.device)
             body, others, source, flags = self._body_mask(patch, v, masks is not None, img)
+            signatures.append(None if source == "prior" else
+                              patch_signature(patch.image, body, others, cfg.patch.spacing_mm, cfg.contrast_check.band_mm))
             region_np = vertebra_region(body, cfg.margin_vox, others)
             region = torch.from_numpy(region_np.astype(np.float32))[None, None].to(self.device)
             with torch.no_grad():
@@ -217,14 +237,36 @@ class Classifier:
                 if keep_evidence_maps:
                     rec["evidence"] = ev.attribution
             results.append(rec)
+        self._check_contrast(scan, results, signatures, named)
         return results
+
+    def _check_contrast(self, scan: Scan, results: list[dict], signatures: list, named: str | None) -> None:
+        """Set ``contrast_novelty`` on every record and flag them all ``contrast_unseen`` when the scan's
+        signature lies beyond ``contrast_check.threshold`` of every training scan, or when ``named`` (the
+        caller's contrast) is not one the training data named."""
+        cc = self.config.contrast_check
+        sig = scan_signature(signatures)
+        novelty = self.reference.novelty(sig, cc.scales) if self.reference is not None and sig is not None else float("nan")
+        reasons = []
+        if cc.threshold is not None and novelty > cc.threshold:
+            reasons.append(f"its contrast signature (body level {sig[0]:.2f}, disc/body log ratio {sig[1]:.2f}) lies "
+                           f"{novelty:.1f} units from the nearest training scan (threshold {cc.threshold:g})")
+        trained = self.reference.contrasts if self.reference is not None else ()
+        if named and trained and parse_contrast(named) not in trained:
+            reasons.append(f"its contrast {parse_contrast(named)!r} is not one the training data named ({', '.join(trained)})")
+        for rec in results:
+            rec["contrast_novelty"] = novelty
+            if reasons:
+                rec["flags"].append(CONTRAST_FLAG)
+        if reasons and results:
+            log.warning("%s: the stage-2 verdicts may name lesion kinds wrongly: %s", scan.name or "scan", "; ".join(reasons))
 
     def classify_scan(self, scan: Scan, vertebrae: list[Vertebra], with_evidence: bool = False) -> ScanClassification:
         """Pipeline entry point (``pipeline.predict.Classifier`` protocol): verdicts, body label map and
         evidence map on ``scan``'s grid."""
         recs = self.classify(scan, vertebrae, with_evidence=with_evidence, keep_evidence_maps=with_evidence)
         verdicts = [VertebraVerdict(r["label"], np.array([r["probabilities"][c] for c in self.classes]),
-                            r["evidence_inside"], list(r["flags"])) for r in recs]
+                            r["evidence_inside"], list(r["flags"]), r["contrast_novelty"]) for r in recs]
         return ScanClassification(verdicts, body_label_map(recs, scan),
                                   evidence_map(recs, scan) if with_evidence else None)
 
@@ -278,7 +320,7 @@ def read_centroids_csv(path: str | os.PathLike) -> list[Vertebra]:
 
 
 def classes_table(records: list[dict], classes: tuple[str, ...]):
-    """``<name>_classes.csv`` rows: ``level,label,class,p_<class>...,evidence_inside,flags``."""
+    """``<name>_classes.csv`` rows: ``level,label,class,p_<class>...,evidence_inside,contrast_novelty,flags``."""
     import pandas as pd
 
     rows = []
@@ -286,9 +328,11 @@ def classes_table(records: list[dict], classes: tuple[str, ...]):
         row = {"level": r["level"], "label": r["label"], "class": r["class"]}
         row.update({f"p_{c}": round(r["probabilities"][c], 4) for c in classes})
         row["evidence_inside"] = round(r["evidence_inside"], 4) if np.isfinite(r["evidence_inside"]) else np.nan
+        nov = r.get("contrast_novelty", float("nan"))
+        row["contrast_novelty"] = round(nov, 3) if np.isfinite(nov) else np.nan
         row["flags"] = ";".join(dict.fromkeys(r["flags"]))
         rows.append(row)
-    cols = ["level", "label", "class"] + [f"p_{c}" for c in classes] + ["evidence_inside", "flags"]
+    cols = ["level", "label", "class"] + [f"p_{c}" for c in classes] + ["evidence_inside", "contrast_novelty", "flags"]
     return pd.DataFrame(rows, columns=cols)
 
 

@@ -42,6 +42,7 @@ from data_prep.errors import SpinepipeInputError
 from data_prep.io import write_csv
 from stage2_classify.config import (IMAGE_CONTRASTS, SEG_BG, SEG_CENTRE, SEG_DISC, SEG_NEIGHBOUR, Stage2Config,
                                     contrast_index)
+from stage2_classify.domain import ContrastReference, patch_signature, scan_signature
 from stage2_classify.losses import (
     UncertaintyWeighting,
     box_emptiness_loss,
@@ -550,15 +551,53 @@ def _train_loop(samples, cfg: Stage2Config, out_dir: Path, resume: bool, stop_af
             torch.distributed.barrier()
     if di.is_main and start >= end and not (out_dir / "config.json").exists():
         _write_epoch(out_dir, module, opt, cfg, end, rows, len(samples), ema)
+    if di.is_main and end >= tc.epochs:  # finished: record what the training scans look like
+        ref = contrast_reference(ema.module if ema is not None else module.net, samples)
+        if ref is not None:
+            _write_epoch(out_dir, module, opt, cfg, end, rows, len(samples), ema, reference=ref)
     return out_dir
 
 
+def contrast_reference(net: Stage2Net, samples: list[Sample]) -> ContrastReference | None:
+    """The training scans' contrast signatures (:mod:`stage2_classify.domain`), measured as inference measures
+    them: on each sample's patch with the network's own body and neighbouring-body predictions (so loose or
+    missing masks do not matter); one row per subject (median over its vertebrae). ``None`` when no subject
+    gives a signature (e.g. no seg head)."""
+    from stage2_classify.infer import predicted_body
+
+    cfg = net.cfg
+    per_subject: dict[str, list] = {}
+    contrasts: set[str] = set()
+    was_training = net.training
+    net.eval()
+    try:
+        for s in samples:
+            img = torch.from_numpy(np.ascontiguousarray(s.image))[None, None].to(next(net.parameters()).device)
+            body, others, source = predicted_body(net, img)
+            sig = None if source == "prior" else patch_signature(s.image, body, others, cfg.patch.spacing_mm,
+                                                                  cfg.contrast_check.band_mm)
+            per_subject.setdefault(s.subject, []).append(sig)
+            contrasts.add(s.contrast)
+    finally:
+        net.train(was_training)
+    rows = [sig for sig in (scan_signature(v) for v in per_subject.values()) if sig is not None]
+    if not rows:
+        log.info("no training scan gave a contrast signature: unseen contrasts will not be flagged")
+        return None
+    log.info("contrast reference from %d of %d training scans", len(rows), len(per_subject))
+    return ContrastReference(np.array(rows), tuple(contrasts))
+
+
 def _write_epoch(out_dir: Path, module: Stage2Trainable, opt, cfg: Stage2Config, epoch: int, rows: list[dict],
-                 n_samples: int, ema: nn.Module | None = None) -> None:
-    """Model folder (the weight average when ``ema`` is given, else the raw weights) + resumable state."""
+                 n_samples: int, ema: nn.Module | None = None, reference: ContrastReference | None = None) -> None:
+    """Model folder (the weight average when ``ema`` is given, else the raw weights) + resumable state;
+    ``reference``: the training scans' contrast signatures (``extra["contrast_reference"]``)."""
+    extra = {"epoch": epoch, "n_samples": n_samples, "loss_weights": module.weighting.weights(),
+             "weights": "ema" if ema is not None else "raw"}
+    if reference is not None:
+        extra["contrast_reference"] = reference.to_dict()
     save_model(out_dir, weights_of(ema.module) if ema is not None else module.net.state_dict(), cfg, kind="stage2",
-               extra={"epoch": epoch, "n_samples": n_samples, "loss_weights": module.weighting.weights(),
-                      "weights": "ema" if ema is not None else "raw"})
+               extra=extra)
     state = {"epoch": epoch, "module": module.state_dict(), "optimizer": opt.state_dict(),
              "config": config_to_dict(cfg), "log": rows}
     if ema is not None:

@@ -75,7 +75,7 @@ def test_report_columns_order_and_coordinates(scan_file, tmp_path):
     df = pd.read_csv(res.files["report"], keep_default_na=False)
     assert list(df.columns) == report_columns(CLASSES)
     assert list(df.columns) == ["level", "label", "x_mm", "y_mm", "z_mm", "confidence", "class",
-                                "p_normal", "p_inflammation", "p_fat", "evidence_inside", "flags"]
+                                "p_normal", "p_inflammation", "p_fat", "evidence_inside", "contrast_novelty", "flags"]
     assert df["level"].tolist() == ["L1", "L2", "L3"]  # head to foot
     # world coordinates map back to the input grid voxels given by the stand-in
     scan = read_image(scan_file)

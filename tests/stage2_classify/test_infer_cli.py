@@ -75,7 +75,7 @@ def test_cli_classify_writes_csv_and_evidence(model_dir, tmp_path):
                                   "-o", str(tmp_path / "out"), "--models", str(model_dir), "--evidence"])
     assert r.exit_code == 0, r.output
     df = pd.read_csv(tmp_path / "out" / "s1_classes.csv", keep_default_na=False)
-    assert list(df.columns) == ["level", "label", "class", "p_normal", "p_inflammation", "p_fat", "evidence_inside", "flags"]
+    assert list(df.columns) == ["level", "label", "class", "p_normal", "p_inflammation", "p_fat", "evidence_inside", "contrast_novelty", "flags"]
     assert df["label"].tolist() == [20, 21] and "cut_by_fov" in df["flags"][0]
     ev = read_image(tmp_path / "out" / "s1_evidence.nii.gz")
     assert ev.same_geometry(scan)

@@ -1,0 +1,207 @@
+"""Does stage 2 flag scans whose contrast it was not trained on? (``contrast_unseen``, real + synthetic scans)
+
+A stage-2 model names a lesion's kind from its brightness relative to the marrow, which flips between
+sequences (fat: dark on Dixon water / STIR, bright on T1 / T2-TSE). Each model saves the contrast
+signatures of its training scans (:mod:`stage2_classify.domain`); at inference a scan far from all of them
+gets ``contrast_unseen`` on every vertebra. This script trains short stage-2 models on semi-synthetic
+copies of one or both real cohorts (lesions inserted by ``data_prep.lesions``, seed 0; the signature does
+not depend on the lesions) and scores, per held-out set, the share of scans flagged and their novelty:
+
+* ``myosegmentum`` (Dixon water): first half of the subjects by name trains, the other half is held out;
+* ``chu2015`` (T2-TSE): likewise;
+* ``both``: both training halves;
+* each model is scored on both held-out halves (same contrast = should not be flagged; the other = should)
+  and on synthetic scans of every contrast (``data_prep.synth``, 4 per contrast: T1 and STIR are seen by no
+  model here);
+* with the expert masks as regions (``given``) and with the seg head's own bodies (``predicted``, as
+  ``spinepipe predict`` runs), centroids from the expert masks; the threshold is evaluation-only, so the
+  table also gives the flagged share at other thresholds.
+
+    python bench/contrast_check.py [--epochs 20] [--work /tmp/spinepipe_contrast_check]
+        -> bench/results/contrast_check.json + .md
+
+Real data only (exits with a message when ``../shared/data`` is absent). Numbers on the real cohorts are
+semi-synthetic only in that the training copies carry inserted lesions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.mdtable import md_table  # noqa: E402
+from data_prep.io import read_image, read_labelmap, write_text  # noqa: E402
+
+COHORTS = ("myosegmentum", "chu2015")
+THRESHOLDS = (1.0, 1.5, 2.0, 3.0)
+SYNTH_CONTRASTS = ("t1", "t2", "stir", "water")
+
+
+def _halves(data: Path) -> dict[str, tuple[list[str], list[str]]]:
+    out = {}
+    for c in COHORTS:
+        ids = sorted(p.name[: -len("_image.nii.gz")] for p in (data / c).glob("*_image.nii.gz"))
+        k = len(ids) // 2
+        out[c] = (ids[:k], ids[k:])
+    return out
+
+
+def _prepare(data: Path, work: Path, halves) -> Path:
+    """Semi-synthetic copies of the training halves (one folder per cohort) -> their parent folder."""
+    from data_prep.lesions import make_semisynthetic
+
+    for c in COHORTS:
+        dst = work / "train" / c
+        if not (dst / "vertebra_labels.csv").is_file():
+            make_semisynthetic(data / c, dst, 0, ids=halves[c][0])
+    return work / "train"
+
+
+def _synthetic(work: Path, n_per: int) -> list[tuple[str, str, Path]]:
+    """``(id, contrast, folder)`` of synthetic scans, ``n_per`` per contrast."""
+    from data_prep.synth import SynthConfig, write_cohort
+
+    out = []
+    for i, c in enumerate(SYNTH_CONTRASTS):
+        dst = work / "synth" / f"{c}_{n_per}"
+        if not (dst / "synth_meta.json").is_file():
+            write_cohort(dst, n_per, 1000 + i, SynthConfig(contrasts=(c,), contrast_weights=None))
+        out += [(p.name[: -len("_image.nii.gz")], c, dst) for p in sorted(dst.glob("*_image.nii.gz"))]
+    return out
+
+
+def _train(name: str, train_root: Path, cohorts: tuple[str, ...], work: Path, epochs: int) -> Path:
+    """One model trained on the given cohorts' training copies (merged into one folder by symlinks)."""
+    import shutil
+
+    import pandas as pd
+
+    from stage2_classify.config import Stage2Config
+    from stage2_classify.train import train_stage2
+
+    out = work / "models" / name
+    if (out / "model.safetensors").is_file() and "contrast_reference" in json.loads((out / "config.json").read_text()).get("extra", {}):
+        return out
+    folder = work / "merged" / name
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    labels, subjects = [], []
+    for c in cohorts:
+        src = train_root / c
+        for p in src.glob("*_*.nii.gz"):
+            (folder / p.name).symlink_to(p.resolve())
+        labels.append(pd.read_csv(src / "vertebra_labels.csv"))
+        subjects.append(pd.read_csv(src / "subjects.csv"))
+    pd.concat(labels).to_csv(folder / "vertebra_labels.csv", index=False)
+    pd.concat(subjects).to_csv(folder / "subjects.csv", index=False)
+    cfg = Stage2Config()
+    cfg.train.epochs = epochs
+    train_stage2(folder, out, cfg)
+    return out
+
+
+def _score(model: Path, scans: list[tuple[str, str, str, Path]]) -> list[dict]:
+    """``scans``: (set name, id, contrast, folder). One row per scan and region source."""
+    from data_prep.scan import vertebrae_from_labelmap
+    from stage2_classify.infer import Classifier
+
+    clf = Classifier(model)
+    rows = []
+    for set_name, sid, contrast, folder in scans:
+        img = read_image(folder / f"{sid}_image.nii.gz")
+        lab = read_labelmap(folder / f"{sid}_vertebrae.nii.gz", img)
+        verts = vertebrae_from_labelmap(lab)
+        for source, masks in (("given", lab), ("predicted", None)):
+            recs = clf.classify(img, verts, masks=masks, with_evidence=False)
+            nov = recs[0]["contrast_novelty"] if recs else float("nan")
+            rows.append({"set": set_name, "id": sid, "contrast": contrast, "regions": source,
+                         "novelty": None if not np.isfinite(nov) else round(float(nov), 3),
+                         "flagged": bool(recs and "contrast_unseen" in recs[0]["flags"])})
+    return rows
+
+
+def _summary(model_name: str, trained_on: str, rows: list[dict], threshold: float) -> list[dict]:
+    out = []
+    keys = list(dict.fromkeys((r["set"], r["regions"]) for r in rows))
+    for set_name, source in keys:
+        sel = [r for r in rows if r["set"] == set_name and r["regions"] == source]
+        nov = np.array([r["novelty"] for r in sel if r["novelty"] is not None], dtype=float)
+        row = {"model": model_name, "trained_on": trained_on, "scans": set_name, "regions": source, "n": len(sel),
+               "n_measured": int(len(nov)),
+               f"flagged_at_{threshold:g}": round(float(np.mean([r["flagged"] for r in sel])), 3)}
+        for t in THRESHOLDS:
+            if t != threshold:
+                row[f"flagged_at_{t:g}"] = round(float(np.mean(nov > t)), 3) if len(nov) else None
+        row["novelty_min_median_max"] = (" / ".join(f"{v:.2f}" for v in (nov.min(), np.median(nov), nov.max()))
+                                         if len(nov) else "")
+        out.append(row)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/spinepipe_contrast_check"))
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--synthetic-per-contrast", type=int, default=4)
+    ap.add_argument("--name", default="contrast_check")
+    args = ap.parse_args(argv)
+    if not (args.data / "myosegmentum").is_dir():
+        print(f"error: {args.data}: real data not available (expected myosegmentum/ and chu2015/); nothing measured",
+              file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("stage2_classify.infer").setLevel(logging.ERROR)  # one warning per flagged scan otherwise
+    t0 = time.time()
+    args.work.mkdir(parents=True, exist_ok=True)
+    halves = _halves(args.data)
+    train_root = _prepare(args.data, args.work, halves)
+    from data_prep.lesions import COHORT_CONTRAST
+
+    scans = [(f"{c} held-out ({COHORT_CONTRAST[c]})", sid, COHORT_CONTRAST[c], args.data / c)
+             for c in COHORTS for sid in halves[c][1]]
+    scans += [(f"synthetic {c}", sid, c, folder) for sid, c, folder in _synthetic(args.work, args.synthetic_per_contrast)]
+    from stage2_classify.config import ContrastCheckConfig
+
+    threshold = ContrastCheckConfig().threshold
+    per_scan, summary, times = [], [], {}
+    for name, cohorts in (("myosegmentum", ("myosegmentum",)), ("chu2015", ("chu2015",)), ("both", COHORTS)):
+        t = time.time()
+        model = _train(name, train_root, cohorts, args.work, args.epochs)
+        times[f"train_{name}_s"] = round(time.time() - t, 1)
+        rows = _score(model, scans)
+        trained_on = " + ".join(f"{c} {len(halves[c][0])} ({COHORT_CONTRAST[c]})" for c in cohorts)
+        per_scan += [{"model": name, **r} for r in rows]
+        summary += _summary(name, trained_on, rows, threshold)
+        log_rows = {"meta": {"data": str(args.data), "epochs": args.epochs, "threshold": threshold,
+                             "scales": list(ContrastCheckConfig().scales), "seconds": round(time.time() - t0, 1), **times},
+                    "summary": summary, "per_scan": per_scan}
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_text(json.dumps(log_rows, indent=1) + "\n", args.out / f"{args.name}.json")  # written as it goes
+    write_text(
+        "# Stage 2: are scans of an unseen contrast flagged? (`contrast_unseen`)\n\n"
+        f"Generated by `python bench/contrast_check.py --epochs {args.epochs}`. Short stage-2 models ({args.epochs} epochs) "
+        "trained on semi-synthetic copies (inserted lesions) of the first half of each real cohort's subjects; "
+        "scored on the other half of both cohorts (real scans, no lesions) and on synthetic scans of each contrast. "
+        f"Default threshold {threshold:g} (distance to the nearest training scan's signature in units of "
+        f"{tuple(ContrastCheckConfig().scales)}: body level, disc/body log ratio). `given`: expert masks as regions; "
+        "`predicted`: the seg head's bodies (as `spinepipe predict` runs). A scan of the training contrast should "
+        "not be flagged, one of another contrast should.\n\n"
+        + "\n".join(md_table(summary)) + f"\n\nTotal {time.time() - t0:.0f} s ({', '.join(f'{k} {v}' for k, v in times.items())}).\n",
+        args.out / f"{args.name}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
