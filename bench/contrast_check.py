@@ -17,7 +17,7 @@ not depend on the lesions) and scores, per held-out set, the share of scans flag
   ``spinepipe predict`` runs), centroids from the expert masks; the threshold is evaluation-only, so the
   table also gives the flagged share at other thresholds.
 
-    python bench/contrast_check.py [--epochs 20] [--work /tmp/spinepipe_contrast_check]
+    python bench/contrast_check.py [--epochs 30] [--work /tmp/spinepipe_contrast_check]
         -> bench/results/contrast_check.json + .md
 
 Real data only (exits with a message when ``../shared/data`` is absent). Numbers on the real cohorts are
@@ -89,8 +89,10 @@ def _train(name: str, train_root: Path, cohorts: tuple[str, ...], work: Path, ep
     from stage2_classify.train import train_stage2
 
     out = work / "models" / name
-    if (out / "model.safetensors").is_file() and "contrast_reference" in json.loads((out / "config.json").read_text()).get("extra", {}):
-        return out
+    if (out / "model.safetensors").is_file():
+        ref = json.loads((out / "config.json").read_text()).get("extra", {}).get("contrast_reference")
+        if ref and len(ref.get("names", ())) == 4:
+            return out
     folder = work / "merged" / name
     if folder.exists():
         shutil.rmtree(folder)
@@ -116,6 +118,15 @@ def _score(model: Path, scans: list[tuple[str, str, str, Path]]) -> list[dict]:
     from stage2_classify.infer import Classifier
 
     clf = Classifier(model)
+    seen = {}
+    check = clf._check_contrast
+
+    def spy(scan, results, sig, named):  # keep the signature to split the novelty into its parts
+        seen["sig"] = sig
+        return check(scan, results, sig, named)
+
+    clf._check_contrast = spy
+    scales = clf.config.contrast_check.scales
     rows = []
     for set_name, sid, contrast, folder in scans:
         img = read_image(folder / f"{sid}_image.nii.gz")
@@ -124,7 +135,17 @@ def _score(model: Path, scans: list[tuple[str, str, str, Path]]) -> list[dict]:
         for source, masks in (("given", lab), ("predicted", None)):
             recs = clf.classify(img, verts, masks=masks, with_evidence=False)
             nov = recs[0]["contrast_novelty"] if recs else float("nan")
+            sig = seen.pop("sig", None)
+            parts = {}
+            for part, keep in (("centre", slice(0, 2)), ("region", slice(2, 4))):
+                one = np.full(4, np.nan)
+                if sig is not None:
+                    one[keep] = sig[keep]
+                p = clf.reference.novelty(one, scales) if clf.reference is not None else float("nan")
+                parts[f"novelty_{part}"] = None if not np.isfinite(p) else round(float(p), 3)
             rows.append({"set": set_name, "id": sid, "contrast": contrast, "regions": source,
+                         "signature": None if sig is None else [None if not np.isfinite(v) else round(float(v), 4)
+                                                                for v in sig], **parts,
                          "novelty": None if not np.isfinite(nov) else round(float(nov), 3),
                          "flagged": bool(recs and "contrast_unseen" in recs[0]["flags"])})
     return rows
@@ -142,8 +163,10 @@ def _summary(model_name: str, trained_on: str, rows: list[dict], threshold: floa
         for t in THRESHOLDS:
             if t != threshold:
                 row[f"flagged_at_{t:g}"] = round(float(np.mean(nov > t)), 3) if len(nov) else None
-        row["novelty_min_median_max"] = (" / ".join(f"{v:.2f}" for v in (nov.min(), np.median(nov), nov.max()))
-                                         if len(nov) else "")
+        for name, key in (("novelty", "novelty"), ("centre part", "novelty_centre"), ("region part", "novelty_region")):
+            v = np.array([r[key] for r in sel if r[key] is not None], dtype=float)
+            row[f"{name} min/median/max"] = (" / ".join(f"{x:.2f}" for x in (v.min(), np.median(v), v.max()))
+                                             if len(v) else "not measured")
         out.append(row)
     return out
 
@@ -153,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--work", type=Path, default=Path("/tmp/spinepipe_contrast_check"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--synthetic-per-contrast", type=int, default=4)
     ap.add_argument("--name", default="contrast_check")
     args = ap.parse_args(argv)
@@ -195,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         "trained on semi-synthetic copies (inserted lesions) of the first half of each real cohort's subjects; "
         "scored on the other half of both cohorts (real scans, no lesions) and on synthetic scans of each contrast. "
         f"Default threshold {threshold:g} (distance to the nearest training scan's signature in units of "
-        f"{tuple(ContrastCheckConfig().scales)}: body level, disc/body log ratio). `given`: expert masks as regions; "
+        f"{tuple(ContrastCheckConfig().scales)}: body level, disc/body log ratio; the larger of the centre part, "
+        "from the centroids alone, and the region part, from the body masks). `given`: expert masks as regions; "
         "`predicted`: the seg head's bodies (as `spinepipe predict` runs). A scan of the training contrast should "
         "not be flagged, one of another contrast should.\n\n"
         + "\n".join(md_table(summary)) + f"\n\nTotal {time.time() - t0:.0f} s ({', '.join(f'{k} {v}' for k, v in times.items())}).\n",

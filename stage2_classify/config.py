@@ -177,13 +177,19 @@ class ContrastCheckConfig:
     """Flag the verdicts of a scan whose contrast signature lies far from every training scan's
     (:mod:`stage2_classify.domain`; flag ``contrast_unseen``). Evaluation only: changing it needs no retraining."""
 
-    #: Units of the distance per signature component (body level in window units, disc/body log ratio):
-    #: about the spread of one sequence between subjects on the real cohorts (bench/results/contrast_check.md).
+    #: Units of the distance per signature component (body level in window units, disc/body log ratio; the
+    #: same for both parts): about the spread of one sequence between subjects on the real cohorts.
     scales: tuple[float, float] = (0.1, 0.2)
     #: Flag when the nearest training scan is farther than this (in ``scales`` units). ``None``: no check.
     threshold: float | None = 1.5
-    #: How far above / below a body the disc space is read (mm).
+    #: Region part: how far above / below a body mask the disc space is read (mm).
     band_mm: float = 8.0
+    #: Centre part: body read within this radius of each centroid (mm) ...
+    body_radius_mm: float = 8.0
+    #: ... and disc inside a cylinder of this radius (mm) around the midpoint of two neighbouring centroids,
+    disc_radius_mm: float = 10.0
+    #: reaching this fraction of their distance above and below the midpoint.
+    disc_half_length: float = 0.25
 
 
 @dataclass
@@ -256,9 +262,11 @@ class Stage2Config:
         if self.loss.outline_lateral_margin_mm is not None and self.loss.outline_lateral_margin_mm < 0:
             raise ValueError(f"loss.outline_lateral_margin_mm must be >= 0 or None, got {self.loss.outline_lateral_margin_mm}")
         cc = self.contrast_check
-        if len(cc.scales) != 2 or min(cc.scales) <= 0 or cc.band_mm <= 0 or (cc.threshold is not None and cc.threshold <= 0):
-            raise ValueError(f"contrast_check needs two positive scales, a positive band_mm and a positive threshold "
-                             f"(or None), got scales {tuple(cc.scales)}, band_mm {cc.band_mm}, threshold {cc.threshold}")
+        lengths = (cc.band_mm, cc.body_radius_mm, cc.disc_radius_mm, cc.disc_half_length)
+        if len(cc.scales) != 2 or min(cc.scales) <= 0 or min(lengths) <= 0 or (cc.threshold is not None and cc.threshold <= 0):
+            raise ValueError(f"contrast_check needs two positive scales, positive band_mm / body_radius_mm / "
+                             f"disc_radius_mm / disc_half_length and a positive threshold (or None), got scales "
+                             f"{tuple(cc.scales)}, lengths {lengths}, threshold {cc.threshold}")
         if self.loss.outline_band_mm < 0 or self.loss.coarse_band_mm < 0:
             raise ValueError(f"loss.outline_band_mm and loss.coarse_band_mm must be >= 0, got "
                              f"{self.loss.outline_band_mm} and {self.loss.coarse_band_mm}")

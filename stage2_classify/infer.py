@@ -31,7 +31,8 @@ from data_prep.errors import SpinepipeInputError
 from data_prep.scan import Scan, Vertebra, VertebraVerdict
 from data_prep.dataset import parse_contrast
 from stage2_classify.config import SEG_NEIGHBOUR, Stage2Config, contrast_index
-from stage2_classify.domain import CONTRAST_FLAG, ContrastReference, patch_signature, scan_signature
+from stage2_classify.domain import (CONTRAST_FLAG, SIGNATURE_NAMES, ContrastReference, centre_signature, patch_signature,
+                                    region_signature, scan_signature)
 from stage2_classify.evidence import EVIDENCE_FLAG, explain, merge_evidence
 from stage2_classify.model import Stage2Net
 from stage2_classify.patches import Patch, PatchSampler, ellipsoid_prior, paste_to_reference, vertebra_region
@@ -237,20 +238,24 @@ class Classifier:
                 if keep_evidence_maps:
                     rec["evidence"] = ev.attribution
             results.append(rec)
-        self._check_contrast(scan, results, signatures, named)
+        cc = cfg.contrast_check
+        centre = centre_signature(sampler.image, {v.label: v.centroid_world for v in vertebrae}, cc.body_radius_mm,
+                                  cc.disc_radius_mm, cc.disc_half_length)
+        self._check_contrast(scan, results, scan_signature(centre, region_signature(signatures)), named)
         return results
 
-    def _check_contrast(self, scan: Scan, results: list[dict], signatures: list, named: str | None) -> None:
+    def _check_contrast(self, scan: Scan, results: list[dict], sig: np.ndarray | None, named: str | None) -> None:
         """Set ``contrast_novelty`` on every record and flag them all ``contrast_unseen`` when the scan's
-        signature lies beyond ``contrast_check.threshold`` of every training scan, or when ``named`` (the
-        caller's contrast) is not one the training data named."""
+        signature ``sig`` (``(4,)``, :func:`~stage2_classify.domain.scan_signature`) lies beyond
+        ``contrast_check.threshold`` of every training scan, or when ``named`` (the caller's contrast) is not
+        one the training data named."""
         cc = self.config.contrast_check
-        sig = scan_signature(signatures)
         novelty = self.reference.novelty(sig, cc.scales) if self.reference is not None and sig is not None else float("nan")
         reasons = []
         if cc.threshold is not None and novelty > cc.threshold:
-            reasons.append(f"its contrast signature (body level {sig[0]:.2f}, disc/body log ratio {sig[1]:.2f}) lies "
-                           f"{novelty:.1f} units from the nearest training scan (threshold {cc.threshold:g})")
+            shown = ", ".join(f"{n} {v:.2f}" for n, v in zip(SIGNATURE_NAMES, sig) if np.isfinite(v))
+            reasons.append(f"its contrast signature ({shown}) lies {novelty:.1f} units from the nearest training "
+                           f"scan (threshold {cc.threshold:g})")
         trained = self.reference.contrasts if self.reference is not None else ()
         if named and trained and parse_contrast(named) not in trained:
             reasons.append(f"its contrast {parse_contrast(named)!r} is not one the training data named ({', '.join(trained)})")

@@ -42,7 +42,8 @@ from data_prep.errors import SpinepipeInputError
 from data_prep.io import write_csv
 from stage2_classify.config import (IMAGE_CONTRASTS, SEG_BG, SEG_CENTRE, SEG_DISC, SEG_NEIGHBOUR, Stage2Config,
                                     contrast_index)
-from stage2_classify.domain import ContrastReference, patch_signature, scan_signature
+from stage2_classify.domain import (ContrastReference, centre_signature, patch_signature, region_signature,
+                                    scan_signature)
 from stage2_classify.losses import (
     UncertaintyWeighting,
     box_emptiness_loss,
@@ -86,6 +87,9 @@ class Sample:
     label: int = 0
     #: Image contrast of the scan (one of ``IMAGE_CONTRASTS``; "" = unknown), read with ``model.contrast_input``.
     contrast: str = ""
+    #: The scan's centre-part contrast signature (``(2,)``, :func:`stage2_classify.domain.centre_signature`
+    #: from the annotation's centroids; ``None``: not measurable), the same for every sample of the scan.
+    centre_signature: np.ndarray | None = None
 
 
 def sample_from_patch(patch: Patch, label: int, cls: int, cfg: Stage2Config, *, confidence: float = 1.0,
@@ -177,6 +181,8 @@ def build_samples(data_dir: str | Path, cfg: Stage2Config, *, annotation: str = 
         if kind == "full" and struct_path.is_file():
             maps["structures"] = read_labelmap(struct_path, reference=data.image)
         sampler = PatchSampler(data.image, cfg.patch, {k: v for k, v in maps.items() if v is not None})
+        first = len(samples)
+        centres: dict[int, np.ndarray] = {}
         for r in rows.to_dict("records"):
             vid = int(r["label"])
             centre = _centroid_of(vid, data)
@@ -195,9 +201,14 @@ def build_samples(data_dir: str | Path, cfg: Stage2Config, *, annotation: str = 
                 kw["outline_lr_mm"] = lr_extent[vid]
             if kind == "full" and data.vertebrae is None:
                 raise SpinepipeInputError(s.image, "annotation 'full' requested but no <id>_vertebrae file")
+            centres[vid] = centre
             patch = sampler.crop(centre)
             samples.append(sample_from_patch(patch, vid, int(r["class"]), cfg, confidence=float(r["confidence"]),
                                              subject=s.id, kind=kind, contrast=forced or contrasts.get(s.id, ""), **kw))
+        cc = cfg.contrast_check
+        centre_sig = centre_signature(sampler.image, centres, cc.body_radius_mm, cc.disc_radius_mm, cc.disc_half_length)
+        for sample in samples[first:]:
+            sample.centre_signature = centre_sig
         log.info("%s: %d vertebra patches (%s, contrast %s)", s.id, len(rows), kind,
                  forced or contrasts.get(s.id) or "unknown")
     if not samples:
@@ -559,14 +570,16 @@ def _train_loop(samples, cfg: Stage2Config, out_dir: Path, resume: bool, stop_af
 
 
 def contrast_reference(net: Stage2Net, samples: list[Sample]) -> ContrastReference | None:
-    """The training scans' contrast signatures (:mod:`stage2_classify.domain`), measured as inference measures
-    them: on each sample's patch with the network's own body and neighbouring-body predictions (so loose or
-    missing masks do not matter); one row per subject (median over its vertebrae). ``None`` when no subject
-    gives a signature (e.g. no seg head)."""
+    """The training scans' contrast signatures (:mod:`stage2_classify.domain`), one row per subject: the
+    centre part its samples carry (from the annotation's centroids) and the region part measured as inference
+    measures it, on each sample's patch with the network's own body and neighbouring-body predictions (so
+    loose or missing masks do not matter; median over the subject's vertebrae). ``None`` when no subject
+    gives either part."""
     from stage2_classify.infer import predicted_body
 
     cfg = net.cfg
-    per_subject: dict[str, list] = {}
+    region: dict[str, list] = {}
+    centre: dict[str, np.ndarray | None] = {}
     contrasts: set[str] = set()
     was_training = net.training
     net.eval()
@@ -574,17 +587,20 @@ def contrast_reference(net: Stage2Net, samples: list[Sample]) -> ContrastReferen
         for s in samples:
             img = torch.from_numpy(np.ascontiguousarray(s.image))[None, None].to(next(net.parameters()).device)
             body, others, source = predicted_body(net, img)
-            sig = None if source == "prior" else patch_signature(s.image, body, others, cfg.patch.spacing_mm,
-                                                                  cfg.contrast_check.band_mm)
-            per_subject.setdefault(s.subject, []).append(sig)
+            region.setdefault(s.subject, []).append(
+                None if source == "prior" else patch_signature(s.image, body, others, cfg.patch.spacing_mm,
+                                                               cfg.contrast_check.band_mm))
+            if centre.get(s.subject) is None:
+                centre[s.subject] = s.centre_signature
             contrasts.add(s.contrast)
     finally:
         net.train(was_training)
-    rows = [sig for sig in (scan_signature(v) for v in per_subject.values()) if sig is not None]
+    rows = [sig for sig in (scan_signature(centre[k], region_signature(v)) for k, v in region.items()) if sig is not None]
     if not rows:
         log.info("no training scan gave a contrast signature: unseen contrasts will not be flagged")
         return None
-    log.info("contrast reference from %d of %d training scans", len(rows), len(per_subject))
+    n_region = sum(bool(np.isfinite(r[2])) for r in rows)
+    log.info("contrast reference from %d of %d training scans (%d with the region part)", len(rows), len(region), n_region)
     return ContrastReference(np.array(rows), tuple(contrasts))
 
 

@@ -43,6 +43,13 @@ def test_samples_for_every_annotation_kind(cohort):
     meta = json.loads((cohort["full"] / "synth_meta.json").read_text())["subjects"]
     assert [s.contrast for s in full] == [meta[s.subject]["contrast"] for s in full]
     assert {s.contrast for s in build_samples(cohort["full"], cfg, contrast="STIR")} == {"stir"}
+    # every sample carries its scan's centre-part contrast signature (one per subject; the synthetic scans
+    # here have several adjacent levels in view)
+    by_subject = {}
+    for s in full:
+        assert s.centre_signature is not None and s.centre_signature.shape == (2,)
+        by_subject.setdefault(s.subject, []).append(s.centre_signature)
+    assert all(np.array_equal(v[0], w) for v in by_subject.values() for w in v)
     boxes = build_samples(cohort["boxes"], cfg, annotation="box")
     assert {s.targets.kind for s in boxes} == {"box"} and all(s.targets.box.any() for s in boxes)
     points = build_samples(cohort["points"], cfg, annotation="point")
