@@ -568,3 +568,20 @@ def test_evidence_stats_depth_profile_agrees_with_the_mass_inside():
     assert body == pytest.approx(ev["evidence_inside_mean"], abs=1e-3)
     assert prof["margin_3+"] == 0.0  # tiny_config's margin is one voxel: nothing beyond it is seen
     assert 0.0 < ev["shapley_body_share_mean"] < 1.0 and 0.0 < ev["baseline_difference_inside_mean"] < 1.0
+
+
+def test_contrast_check_summary_shares_and_parts():
+    """bench/contrast_check.py: flagged share at the model's threshold from the flags, at the others from the
+    novelties; per-part ranges; unmeasured scans count as not flagged (as the user sees them)."""
+    from bench.contrast_check import _summary
+
+    rows = [{"set": "a", "regions": "given", "novelty": 0.5, "novelty_centre": 0.5, "novelty_region": 0.2, "flagged": False},
+            {"set": "a", "regions": "given", "novelty": 2.5, "novelty_centre": 0.4, "novelty_region": 2.5, "flagged": True},
+            {"set": "a", "regions": "given", "novelty": None, "novelty_centre": None, "novelty_region": None, "flagged": False},
+            {"set": "b", "regions": "given", "novelty": 1.2, "novelty_centre": 1.2, "novelty_region": None, "flagged": False}]
+    a, b = _summary("m", "x", rows, 1.5)
+    assert (a["scans"], a["n"], a["n_measured"]) == ("a", 3, 2)
+    assert a["flagged_at_1.5"] == 0.333 and a["flagged_at_1"] == 0.333 and a["flagged_at_3"] == 0.0
+    assert a["novelty min/median/max"] == "0.50 / 1.50 / 2.50"
+    assert a["region part min/median/max"] == "0.20 / 1.35 / 2.50"
+    assert b["region part min/median/max"] == "not measured" and b["flagged_at_1"] == 1.0
