@@ -33,7 +33,8 @@ def evidence_threshold_option():
 
 CONTRAST_HELP = ("Image contrast of the scan(s): t1, t2 (T2-TSE without fat suppression), stir, water (Dixon water). "
                  "Models trained with model.contrast_input type lesions by it (fat is dark on stir/water, bright on "
-                 "t1/t2); default unknown.")
+                 "t1/t2); every model flags the verdicts (contrast_unseen) when its training data never named this "
+                 "contrast; default unknown.")
 
 
 class _Group(click.Group):

@@ -159,3 +159,46 @@ def test_evidence_threshold_override_reaches_the_classifier(model_dir, monkeypat
     monkeypatch.setattr(s1, "Localizer", lambda folder, device="cpu": "stand-in")
     loc, clf = load_models(tmp_path / "models", evidence_threshold=0.25)
     assert loc == "stand-in" and clf.config.evidence_threshold == 0.25
+
+
+def test_cli_classify_flags_an_unseen_contrast(tmp_path):
+    """A model whose training scans look like this scan and were named Dixon water: ``--contrast water`` gives
+    novelty 0 and no flag; ``--contrast t1`` flags every vertebra; a model saved with a reference of another
+    contrast family flags it from the signature alone. Bad reference data in config.json: one-line error."""
+    from data_prep.scan import centroids_from_labelmap
+    from stage2_classify.domain import CONTRAST_FLAG, ContrastReference, centre_signature, scan_signature
+    from stage2_classify.patches import normalise_intensity
+
+    scan, lab = _scan()
+    write_image(scan, tmp_path / "s1_image.nii.gz")
+    c = centroids_from_labelmap(lab)
+    pd.DataFrame([{"level": n, "label": vid, "x_mm": c[vid][0], "y_mm": c[vid][1], "z_mm": c[vid][2],
+                   "confidence": 0.9, "flags": ""} for n, vid in (("L1", 20), ("L2", 21))]).to_csv(tmp_path / "c.csv", index=False)
+    cfg = tiny_config()
+    cc = cfg.contrast_check
+    own = centre_signature(normalise_intensity(scan, cfg.patch.intensity_percentiles), c, cc.body_radius_mm,
+                           cc.disc_radius_mm, cc.disc_half_length)
+    assert own is not None
+    net = Stage2Net(cfg)
+
+    def run(ref, contrast, name):
+        model = save_model(tmp_path / f"m_{name}", net.state_dict(), cfg, kind="stage2",
+                           extra={"contrast_reference": ref})
+        args = ["classify", str(tmp_path / "s1_image.nii.gz"), "--centroids", str(tmp_path / "c.csv"),
+                "-o", str(tmp_path / f"out_{name}"), "--models", str(model)] + (["--contrast", contrast] if contrast else [])
+        return CliRunner().invoke(main, args), tmp_path / f"out_{name}" / "s1_classes.csv"
+
+    same = ContrastReference(scan_signature(own, None)[None], ("water",)).to_dict()
+    for contrast, flagged in (("water", False), ("t1", True), (None, False)):
+        r, csv = run(same, contrast, f"same_{contrast}")
+        assert r.exit_code == 0, r.output
+        df = pd.read_csv(csv, keep_default_na=False)
+        assert [CONTRAST_FLAG in f for f in df["flags"]] == [flagged, flagged]
+        assert np.allclose(df["contrast_novelty"].astype(float), 0.0, atol=1e-3)
+    far = ContrastReference(scan_signature(own + np.array([0.5, 0.0]), None)[None], ()).to_dict()
+    r, csv = run(far, None, "far")
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(csv, keep_default_na=False)
+    assert all(CONTRAST_FLAG in f for f in df["flags"]) and np.allclose(df["contrast_novelty"].astype(float), 5.0, atol=1e-2)
+    r, csv = run({"signatures": [[1.0, 2.0]]}, None, "bad")
+    assert r.exit_code != 0 and "config.json" in r.output and "(N, 4)" in r.output and not csv.parent.exists()
