@@ -212,6 +212,7 @@ def save_sample_cache(samples: list[Sample], cfg: Stage2Config, path: Path) -> N
         t = s.targets
         rows.append({"image": np.clip(np.round((s.image + CACHE_LO) * CACHE_SCALE), 0, 255).astype(np.uint8), "cls": s.cls,
                      "confidence": s.confidence, "subject": s.subject, "label": s.label,
+                     "centre_signature": s.centre_signature,
                      "targets": {f.name: _compact(getattr(t, f.name)) for f in dataclasses.fields(t)}})
     path.parent.mkdir(parents=True, exist_ok=True)
     with lzma.open(path, "wb", preset=6) as fh:
@@ -249,7 +250,7 @@ def load_sample_cache(path: Path, cfg: Stage2Config) -> list[Sample]:
                  v.astype(np.float32) if isinstance(v, np.ndarray) and v.dtype == np.float16 else v)
              for k, v in r["targets"].items()}
         out.append(Sample(r["image"].astype(np.float32) / CACHE_SCALE - CACHE_LO, PatchTargets(**t), r["cls"], r["confidence"],
-                          r["subject"], r["label"]))
+                          r["subject"], r["label"], centre_signature=r.get("centre_signature")))  # absent: older cache
     return with_contrast(out)
 
 

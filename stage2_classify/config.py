@@ -180,7 +180,8 @@ class ContrastCheckConfig:
     #: Units of the distance per signature component (body level in window units, disc/body log ratio; the
     #: same for both parts): about the spread of one sequence between subjects on the real cohorts.
     scales: tuple[float, float] = (0.1, 0.2)
-    #: Flag when the nearest training scan is farther than this (in ``scales`` units). ``None``: no check.
+    #: Flag when the nearest training scan is farther than this (in ``scales`` units). ``None``: no signature
+    #: check (a ``--contrast`` the training data never named is flagged all the same).
     threshold: float | None = 1.5
     #: Region part: how far above / below a body mask the disc space is read (mm).
     band_mm: float = 8.0

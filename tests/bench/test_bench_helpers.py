@@ -90,7 +90,7 @@ def test_sample_cache_round_trip(tmp_path):
     t = PatchTargets("full", body, body.copy(), allowed, rng.random(shape).astype(np.float32), lesion_class > 0,
                      None, None, lesion_class)
     image = rng.uniform(-1.0, 3.0, shape).astype(np.float32)
-    samples = [Sample(image, t, 2, 0.8, "myosegmentum-007", 21)]
+    samples = [Sample(image, t, 2, 0.8, "myosegmentum-007", 21, centre_signature=np.array([0.4, 0.3]))]
     path = tmp_path / "cache.pkl.xz"
     save_sample_cache(samples, cfg, path)
     (back,) = load_sample_cache(path, cfg)
@@ -98,6 +98,7 @@ def test_sample_cache_round_trip(tmp_path):
     assert np.abs(back.image - image)[inside].max() <= 0.5 / 102 + 1e-6  # 8-bit step 2.5 / 255
     assert np.allclose(back.image[image > 2.25], 2.25) and np.allclose(back.image[image < -0.25], -0.25)
     assert (back.cls, back.confidence, back.subject, back.label) == (2, 0.8, "myosegmentum-007", 21)
+    assert np.array_equal(back.centre_signature, [0.4, 0.3])  # the contrast check's reference needs it
     assert np.array_equal(back.targets.lesion_class, lesion_class) and back.targets.lesion_class.dtype == np.int64
     assert np.array_equal(back.targets.seg_allowed, allowed) and back.targets.body.dtype == bool
     assert np.allclose(back.targets.heatmap, t.heatmap, atol=1e-3) and back.targets.box is None
