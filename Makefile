@@ -9,7 +9,7 @@ export PYTHONHASHSEED := 0
 # Two cores on the reference machines: keep torch from oversubscribing.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test test-fast demo train-stage1 train-stage2 stage2 bench bench-stage1 bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-margin-reach bench-stage1-speed bench-pipeline bench-contrast-check clean
+.PHONY: install test test-fast demo train-stage1 train-stage2 stage2 bench bench-stage1 bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-margin-reach bench-stage1-speed bench-pipeline bench-contrast-check bench-ig-steps clean
 
 install: $(STAMP)
 
@@ -42,7 +42,7 @@ train-stage2: $(STAMP)
 stage2: train-stage2
 
 ## Benchmarks: JSON + markdown under bench/results/ (real-data parts need ../shared/data).
-bench: bench-stage1 bench-stage1-speed bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-margin-reach bench-pipeline bench-contrast-check
+bench: bench-stage1 bench-stage1-speed bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-margin-reach bench-pipeline bench-contrast-check bench-ig-steps
 
 bench-stage1: $(STAMP)
 	$(PY) bench/bench_stage1.py $(BENCH_ARGS)
@@ -76,6 +76,10 @@ bench-pipeline: $(STAMP)
 ## Stage 2: are scans of a contrast the model was not trained on flagged (contrast_unseen)? (~35 min, real data)
 bench-contrast-check: $(STAMP)
 	$(PY) bench/contrast_check.py
+
+## Stage 2: Integrated-Gradients steps vs the 64-step evidence share and time (~8 min, real data; MODEL=models/stage2)
+bench-ig-steps: $(STAMP)
+	$(PY) bench/ig_steps.py --model $(or $(MODEL),models/stage2)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo_out

@@ -60,10 +60,12 @@ def clinical_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def run_predict(scans: list[Path], out_dir: Path, models: Path, workers: int) -> dict:
+def run_predict(scans: list[Path], out_dir: Path, models: Path, workers: int, ig_steps: int | None = None) -> dict:
     """One ``spinepipe predict`` batch in a child process: wall time, per-scan times, peak RSS."""
     cmd = [str(Path(sys.executable).parent / "spinepipe"), "predict", *map(str, scans), "-o", str(out_dir),
            "--models", str(models), "-j", str(workers)]
+    if ig_steps is not None:
+        cmd += ["--ig-steps", str(ig_steps)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
@@ -86,18 +88,24 @@ def run_predict(scans: list[Path], out_dir: Path, models: Path, workers: int) ->
     }
 
 
-def models_info(models: Path) -> str:
-    """One line on what the benchmarked models are (from the ``extra`` record of their config.json)."""
+def models_info(models: Path, ig_steps: int | None = None) -> str:
+    """One line on what the benchmarked models are (from the ``extra`` record of their config.json) and the
+    Integrated-Gradients steps stage 2 runs with (``ig_steps`` if given, else the model's own)."""
     parts = []
     for stage in ("stage1", "stage2"):
         try:
-            extra = json.loads((models / stage / "config.json").read_text()).get("extra", {})
+            saved = json.loads((models / stage / "config.json").read_text())
         except (OSError, ValueError):
-            extra = {}
+            saved = {}
+        extra = saved.get("extra", {})
+        if stage == "stage2":
+            steps = ig_steps or saved.get("config", {}).get("ig_steps")
+            extra = {**extra, "ig_steps": steps} if steps else extra
         epochs = extra.get("epochs_done", extra.get("epoch"))
         n = extra.get("n_train_subjects")
         parts.append(f"{stage} {epochs} epochs" + (f", {n} training subjects" if n else "")
-                     + (f", {extra['n_samples']} training vertebrae" if "n_samples" in extra else ""))
+                     + (f", {extra['n_samples']} training vertebrae" if "n_samples" in extra else "")
+                     + (f", {extra['ig_steps']} IG steps" if "ig_steps" in extra else ""))
     return "; ".join(parts)
 
 
@@ -170,6 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--n", type=int, default=8, help="scans per cohort")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--ig-steps", type=int, default=None,
+                    help="`spinepipe predict --ig-steps` (default: the stage-2 model's setting)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/spinepipe_bench_pipeline"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--nnunet-work", type=Path, default=None,
@@ -190,11 +200,12 @@ def main(argv=None) -> int:
     clin_dir = args.work / "clinical"
     clin_dir.mkdir(parents=True, exist_ok=True)
     clinical = [clinical_copy(p, clin_dir / p.name) if not (clin_dir / p.name).exists() else clin_dir / p.name for p in native]
-    res = {"meta": {"cpus": os.cpu_count(), "models": str(args.models), "models_info": models_info(args.models),
+    res = {"meta": {"cpus": os.cpu_count(), "models": str(args.models), "models_info": models_info(args.models, args.ig_steps),
                     "n_per_cohort": args.n,
                     "clinical_spacing_lps_mm": CLINICAL_SPACING_LPS}, "spinepipe": {}, "nnunet": {}}
     for name, scans in (("native 1 mm", native), ("clinical 0.8x0.8x4 mm", clinical)):
-        res["spinepipe"][name] = run_predict(scans, args.work / "pred" / name.split()[0], args.models, args.workers)
+        res["spinepipe"][name] = run_predict(scans, args.work / "pred" / name.split()[0], args.models, args.workers,
+                                           args.ig_steps)
         write_results(res, args.out)
     failed = [n for n, r in res["spinepipe"].items() if r["returncode"] != 0]
     if failed:

@@ -31,6 +31,14 @@ def evidence_threshold_option():
                              "Integrated-Gradients mass lies inside the vertebral body (default: the model's setting).")
 
 
+def ig_steps_option():
+    """The ``--ig-steps`` option of the stage-2 commands (default: the model's own)."""
+    return click.option("--ig-steps", type=click.IntRange(min=2, max=512), default=None,
+                        help="Integrated-Gradients steps per verdict: the attribution's integration steps, the "
+                             "main cost of the evidence check (about linear); more = closer to the exact integral "
+                             "(default: the model's setting; bench/results/ig_steps.md).")
+
+
 CONTRAST_HELP = ("Image contrast of the scan(s): t1, t2 (T2-TSE without fat suppression), stir, water (Dixon water). "
                  "Models trained with model.contrast_input type lesions by it (fat is dark on stir/water, bright on "
                  "t1/t2); every model flags the verdicts (contrast_unseen) when its training data never named this "

@@ -98,11 +98,14 @@ class Classifier:
     """
 
     def __init__(self, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, device: str | torch.device = "cpu",
-                 contrast: str | None = None, evidence_threshold: float | None = None):
+                 contrast: str | None = None, evidence_threshold: float | None = None, ig_steps: int | None = None):
         """``evidence_threshold``: flag a verdict ``evidence_outside_body`` when less than this share of its
-        |IG| lies inside the body (0..1); ``None`` = the value saved with the model."""
+        |IG| lies inside the body (0..1); ``ig_steps``: Integrated-Gradients steps per verdict (>= 2);
+        ``None`` = the value saved with the model."""
         if evidence_threshold is not None and not 0.0 <= float(evidence_threshold) <= 1.0:
             raise ValueError(f"evidence_threshold must lie in [0, 1], got {evidence_threshold}")
+        if ig_steps is not None and (int(ig_steps) != ig_steps or ig_steps < 2):
+            raise ValueError(f"ig_steps must be an integer >= 2, got {ig_steps}")
         folder = Path(model_dir)
         #: Default image contrast of the scans this classifier sees (``None`` = unknown), see :meth:`classify`.
         self.contrast = contrast
@@ -111,6 +114,8 @@ class Classifier:
         state, cfg, extra = load_model(folder, Stage2Config, kind="stage2")
         if evidence_threshold is not None:
             cfg.evidence_threshold = float(evidence_threshold)
+        if ig_steps is not None:
+            cfg.ig_steps = int(ig_steps)
         self.config: Stage2Config = cfg
         self.extra = extra
         self.device = torch.device(device)

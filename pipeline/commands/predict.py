@@ -7,16 +7,17 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli import CONTRAST_HELP, contrast_option, evidence_threshold_option, main
+from pipeline.cli import CONTRAST_HELP, contrast_option, evidence_threshold_option, ig_steps_option, main
 
 DEFAULT_MODELS = Path("models")
 
 
 def load_models(models_dir: str | Path = DEFAULT_MODELS, device: str = "cpu", contrast: str | None = None,
-                evidence_threshold: float | None = None, stage1_dirs: tuple[Path, ...] = ()):
+                evidence_threshold: float | None = None, stage1_dirs: tuple[Path, ...] = (),
+                ig_steps: int | None = None):
     """``(Localizer, Classifier)`` from ``models_dir/stage1`` and ``models_dir/stage2``; ``contrast`` is the
     image contrast of the scans (stage 2, see :meth:`stage2_classify.infer.Classifier.classify`);
-    ``evidence_threshold`` overrides the stage-2 model's (``None``: keep it); ``stage1_dirs`` (one or more
+    ``evidence_threshold`` and ``ig_steps`` override the stage-2 model's (``None``: keep it); ``stage1_dirs`` (one or more
     stage-1 model folders, several = an ensemble) replace ``models_dir/stage1``.
 
     A missing model raises a one-line error naming the make target that trains it.
@@ -27,7 +28,8 @@ def load_models(models_dir: str | Path = DEFAULT_MODELS, device: str = "cpu", co
     models_dir = Path(models_dir)
     stage1 = [Path(d) for d in stage1_dirs] or [models_dir / "stage1"]
     return (Localizer(stage1, device=device),
-            Classifier(models_dir / "stage2", device=device, contrast=contrast, evidence_threshold=evidence_threshold))
+            Classifier(models_dir / "stage2", device=device, contrast=contrast, evidence_threshold=evidence_threshold,
+                       ig_steps=ig_steps))
 
 
 @main.command("predict")
@@ -45,8 +47,10 @@ def load_models(models_dir: str | Path = DEFAULT_MODELS, device: str = "cpu", co
                    "trained on the same data (maps averaged, as `localize --models A --models B`).")
 @contrast_option(CONTRAST_HELP)
 @evidence_threshold_option()
+@ig_steps_option()
 def predict_cmd(scans: tuple[Path, ...], out_dir: Path, models_dir: Path, evidence: bool, workers: int,
-                stage1_dirs: tuple[Path, ...], contrast: str | None, evidence_threshold: float | None) -> None:
+                stage1_dirs: tuple[Path, ...], contrast: str | None, evidence_threshold: float | None,
+                ig_steps: int | None) -> None:
     """Find, name and classify every vertebra of each SCAN (file, DICOM folder, or folder of scans)."""
     from pipeline.predict import predict_many
     from pipeline.validate import collect_scans
@@ -54,7 +58,7 @@ def predict_cmd(scans: tuple[Path, ...], out_dir: Path, models_dir: Path, eviden
     paths = collect_scans(list(scans))
     load_models(models_dir, stage1_dirs=stage1_dirs)  # fail fast, once, with a clear message, before any worker starts
     make = functools.partial(load_models, models_dir, contrast=contrast, evidence_threshold=evidence_threshold,
-                             stage1_dirs=stage1_dirs)
+                             stage1_dirs=stage1_dirs, ig_steps=ig_steps)
     failures = 0
     with click.progressbar(length=len(paths), label="predicting", file=sys.stderr,
                            show_pos=True) if len(paths) > 1 else _NullBar() as bar:

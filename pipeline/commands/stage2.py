@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli import CONTRAST_HELP, contrast_option, evidence_threshold_option, main
+from pipeline.cli import CONTRAST_HELP, contrast_option, evidence_threshold_option, ig_steps_option, main
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +31,16 @@ def _scan_name(path: Path) -> str:
 @click.option("--evidence", is_flag=True, help="Also compute Integrated Gradients and write <name>_evidence.nii.gz.")
 @contrast_option(CONTRAST_HELP)
 @evidence_threshold_option()
+@ig_steps_option()
 def classify_cmd(scan: Path, centroids: Path, out_dir: Path, models_dir: Path, masks: Path | None, evidence: bool,
-                 contrast: str | None, evidence_threshold: float | None) -> None:
+                 contrast: str | None, evidence_threshold: float | None, ig_steps: int | None) -> None:
     """Classify every vertebra listed in --centroids: writes <name>_classes.csv."""
     from data_prep.io import read_image, read_labelmap, write_csv, write_image
     from stage2_classify.infer import Classifier, classes_table, evidence_map, read_centroids_csv
 
     if (models_dir / "stage2" / "config.json").is_file():
         models_dir = models_dir / "stage2"
-    clf = Classifier(models_dir, evidence_threshold=evidence_threshold)
+    clf = Classifier(models_dir, evidence_threshold=evidence_threshold, ig_steps=ig_steps)
     image = read_image(scan)
     mask_scan = read_labelmap(masks, reference=image) if masks is not None else None
     verts = read_centroids_csv(centroids)

@@ -586,3 +586,28 @@ def test_contrast_check_summary_shares_and_parts():
     assert a["novelty min/median/max"] == "0.50 / 1.50 / 2.50"
     assert a["region part min/median/max"] == "0.20 / 1.35 / 2.50"
     assert b["region part min/median/max"] == "not measured" and b["flagged_at_1"] == 1.0
+
+
+def test_ig_steps_compare_to_the_reference_run():
+    from bench.ig_steps import compare
+
+    inside = {8: [0.5, 0.3], 64: [0.45, 0.5]}
+    flags = {8: [False, True], 64: [False, False]}
+    seconds = {8: [1.0, 3.0], 64: [8.0, 8.0]}
+    r8, r64 = compare(inside, flags, seconds, 64)
+    assert (r8["ig_steps"], r8["mean_abs_diff"], r8["max_abs_diff"], r8["flags_changed"]) == (8, 0.125, 0.2, 1)
+    assert r8["s_per_scan"] == 2.0 and r8["time_vs_64"] == 0.25
+    assert (r64["mean_abs_diff"], r64["flags_changed"], r64["time_vs_64"]) == (0.0, 0, 1.0)
+
+
+def test_pipeline_bench_names_the_ig_steps_it_ran_with(tmp_path):
+    """The table says which Integrated-Gradients steps stage 2 ran with: the override, else the saved value."""
+    import json
+
+    from bench.bench_pipeline import models_info
+
+    for stage, cfg, extra in (("stage1", {}, {"epochs_done": 3}), ("stage2", {"ig_steps": 32}, {"epochs_done": 5})):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "config.json").write_text(json.dumps({"config": cfg, "extra": extra}))
+    assert models_info(tmp_path) == "stage1 3 epochs; stage2 5 epochs, 32 IG steps"
+    assert models_info(tmp_path, 16).endswith("stage2 5 epochs, 16 IG steps")

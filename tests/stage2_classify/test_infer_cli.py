@@ -159,6 +159,42 @@ def test_evidence_threshold_override_reaches_the_classifier(model_dir, monkeypat
     monkeypatch.setattr(s1, "Localizer", lambda folder, device="cpu": "stand-in")
     loc, clf = load_models(tmp_path / "models", evidence_threshold=0.25)
     assert loc == "stand-in" and clf.config.evidence_threshold == 0.25
+    # the IG steps likewise: the saved value unless overridden, integers >= 2 only
+    assert Classifier(model_dir).config.ig_steps == tiny_config().ig_steps == 8
+    assert load_models(tmp_path / "models", ig_steps=5)[1].config.ig_steps == 5
+    for bad in (1, 2.5):
+        with pytest.raises(ValueError, match="ig_steps"):
+            Classifier(model_dir, ig_steps=bad)
+
+
+def test_cli_ig_steps_reach_the_attribution(model_dir, tmp_path, monkeypatch):
+    """``classify --ig-steps N`` integrates with N steps (the saved value without it); N < 2 is refused
+    before any output is written."""
+    import stage2_classify.infer as infer
+
+    scan, lab = _scan()
+    write_image(scan, tmp_path / "s1_image.nii.gz")
+    from data_prep.scan import centroids_from_labelmap
+
+    c = centroids_from_labelmap(lab)[20]
+    pd.DataFrame([{"level": "L1", "label": 20, "x_mm": c[0], "y_mm": c[1], "z_mm": c[2], "confidence": 0.9,
+                   "flags": ""}]).to_csv(tmp_path / "c.csv", index=False)
+    seen = []
+    real = infer.explain
+
+    def spy(*args, **kwargs):
+        seen.append(args[6])  # n_steps, passed positionally by Classifier.classify
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(infer, "explain", spy)
+    base = ["classify", str(tmp_path / "s1_image.nii.gz"), "--centroids", str(tmp_path / "c.csv"),
+            "--models", str(model_dir), "--evidence"]
+    for extra, out in (([], "a"), (["--ig-steps", "3"], "b")):
+        r = CliRunner().invoke(main, base + ["-o", str(tmp_path / out)] + extra)
+        assert r.exit_code == 0, r.output
+    assert seen == [Classifier(model_dir).config.ig_steps, 3]
+    r = CliRunner().invoke(main, base + ["-o", str(tmp_path / "bad"), "--ig-steps", "1"])
+    assert r.exit_code == 2 and "--ig-steps" in r.output and not (tmp_path / "bad").exists()
 
 
 def test_cli_classify_flags_an_unseen_contrast(tmp_path):

@@ -1,0 +1,104 @@
+"""How many Integrated-Gradients steps does the evidence check need? (speed vs the 64-step answer)
+
+``spinepipe predict`` spends most of its time in Integrated Gradients (IG, ``Stage2Config.ig_steps``
+interpolation steps, one batched forward + backward pass per vertebra): 7.1 of 8.9 s on one myosegmentum scan
+with 32 steps. This script runs ``Classifier.classify`` with evidence on real scans (the first ``--n`` of
+each cohort, regions from the seg head as ``spinepipe predict`` runs them, centroids from the expert masks)
+at several step counts and compares every vertebra's ``evidence_inside`` (share of |IG| inside the body)
+and ``evidence_outside_body`` flag with the 64-step answer, next to the seconds per scan (paired, same run).
+
+    python bench/ig_steps.py --model MODEL_DIR [--n 8] [--steps 8 16 32 64]
+        -> bench/results/ig_steps.json + .md
+
+Real data only (exits with a message when ``../shared/data`` is absent); any trained stage-2 model (the
+numbers describe that model's attributions).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.mdtable import md_table  # noqa: E402
+from data_prep.io import read_image, read_labelmap, write_text  # noqa: E402
+
+COHORTS = ("myosegmentum", "chu2015")
+
+
+def compare(per_steps: dict[int, list[float]], flags: dict[int, list[bool]], seconds: dict[int, list[float]],
+            ref: int) -> list[dict]:
+    """One row per step count: |difference| of ``evidence_inside`` to the ``ref`` run (mean, max), flags that
+    differ, mean seconds per scan and its ratio to the ``ref`` run."""
+    base, base_flags = np.asarray(per_steps[ref]), np.asarray(flags[ref])
+    rows = []
+    for n in sorted(per_steps):
+        d = np.abs(np.asarray(per_steps[n]) - base)
+        rows.append({"ig_steps": n, "vertebrae": int(len(d)), "mean_abs_diff": round(float(d.mean()), 4),
+                     "max_abs_diff": round(float(d.max()), 4),
+                     "flags_changed": int((np.asarray(flags[n]) != base_flags).sum()),
+                     "s_per_scan": round(float(np.mean(seconds[n])), 2),
+                     f"time_vs_{ref}": round(float(np.mean(seconds[n]) / np.mean(seconds[ref])), 3)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--n", type=int, default=8, help="scans per cohort")
+    ap.add_argument("--steps", type=int, nargs="+", default=[8, 16, 32, 64])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--name", default="ig_steps")
+    args = ap.parse_args(argv)
+    if not (args.data / "myosegmentum").is_dir():
+        print(f"error: {args.data}: real data not available (expected myosegmentum/ and chu2015/); nothing measured",
+              file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("stage2_classify.infer").setLevel(logging.ERROR)
+    from data_prep.scan import vertebrae_from_labelmap
+    from stage2_classify.infer import Classifier
+
+    clf = Classifier(args.model)
+    ref = max(args.steps)
+    inside: dict[int, list[float]] = {n: [] for n in args.steps}
+    flags: dict[int, list[bool]] = {n: [] for n in args.steps}
+    seconds: dict[int, list[float]] = {n: [] for n in args.steps}
+    scans = [(c, p) for c in COHORTS for p in sorted((args.data / c).glob("*_image.nii.gz"))[: args.n]]
+    t0 = time.time()
+    for c, p in scans:
+        img = read_image(p)
+        verts = vertebrae_from_labelmap(read_labelmap(p.parent / p.name.replace("_image", "_vertebrae"), img))
+        for n in args.steps:  # same scan, every setting back to back (paired timing)
+            clf.config.ig_steps = n
+            t = time.perf_counter()
+            recs = clf.classify(img, verts, with_evidence=True)
+            seconds[n].append(time.perf_counter() - t)
+            inside[n] += [r["evidence_inside"] for r in recs]
+            flags[n] += ["evidence_outside_body" in r["flags"] for r in recs]
+    rows = compare(inside, flags, seconds, ref)
+    res = {"meta": {"model": str(args.model), "scans": [p.name for _, p in scans], "reference_steps": ref,
+                    "seconds": round(time.time() - t0, 1)}, "summary": rows,
+           "per_vertebra": {str(n): [round(v, 4) for v in inside[n]] for n in args.steps}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text(json.dumps(res, indent=1) + "\n", args.out / f"{args.name}.json")
+    write_text("# Integrated-Gradients steps: evidence share vs time\n\n"
+               f"Generated by `python bench/ig_steps.py --model ... --n {args.n}` on {len(scans)} real scans "
+               f"({sum(len(v) for v in flags.values()) // len(args.steps)} vertebrae; regions from the seg head, "
+               f"centroids from the expert masks). Differences are to the {ref}-step answer of the same vertebra; "
+               "seconds are `classify` with evidence per scan, paired in the same run.\n\n"
+               + "\n".join(md_table(rows)) + f"\n\nTotal {time.time() - t0:.0f} s.\n", args.out / f"{args.name}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
