@@ -9,7 +9,7 @@ export PYTHONHASHSEED := 0
 # Two cores on the reference machines: keep torch from oversubscribing.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test test-fast demo train-stage1 train-stage2 stage2 bench bench-stage1 bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-margin-reach bench-stage1-speed bench-pipeline bench-contrast-check bench-ig-steps clean
+.PHONY: install test test-fast demo train-stage1 train-stage2 stage2 bench bench-stage1 bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-margin-reach bench-stage1-speed bench-pipeline bench-contrast-check bench-ig-steps bench-recentre clean
 
 install: $(STAMP)
 
@@ -80,6 +80,11 @@ bench-contrast-check: $(STAMP)
 ## Stage 2: Integrated-Gradients steps vs the 64-step evidence share and time (~8 min, real data; MODEL=models/stage2)
 bench-ig-steps: $(STAMP)
 	$(PY) bench/ig_steps.py --model $(or $(MODEL),models/stage2)
+
+## Stage 2 re-centring: body centroids vs stage 1's, verdicts off vs on (~2 min, real data; needs stage-1 fold
+## models that list their training subjects, e.g. from bench-stage1: STAGE1="DIR0 DIR1" STAGE2=DIR [RECENTRE_ARGS=...])
+bench-recentre: $(STAMP)
+	$(PY) bench/recentre.py --stage1 $(STAGE1) --stage2 $(or $(STAGE2),models/stage2) $(RECENTRE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo_out

@@ -364,13 +364,22 @@ class VertebraVerdict:
     """Stage-2 result for one vertebra: class probabilities (in the model's class order), the fraction
     of attribution inside the vertebra (``evidence_inside``), flags and the scan's contrast novelty
     (``contrast_novelty``: distance to the nearest training scan's contrast signature, NaN when not
-    measured; ``stage2_classify.domain``)."""
+    measured; ``stage2_classify.domain``) and, when stage 2 found the vertebral body, that body's centroid
+    (``centroid_world``, world LPS mm; None: stage 2 kept the centroid it was given)."""
 
     label: int
     probabilities: np.ndarray
     evidence_inside: float = float("nan")
     flags: list[str] = field(default_factory=list)
     contrast_novelty: float = float("nan")
+    centroid_world: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.centroid_world is not None:
+            c = np.asarray(self.centroid_world, dtype=np.float64).reshape(3)
+            if not np.all(np.isfinite(c)):
+                raise ValueError(f"verdict for label {self.label}: centroid must be finite, got {c.tolist()}")
+            self.centroid_world = c
 
 
 def centroids_from_labelmap(labels: Scan, ids: Sequence[int] | None = None) -> dict[int, np.ndarray]:

@@ -24,7 +24,8 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 from data_prep.errors import SpinepipeInputError
 from data_prep.io import strip_image_suffix, write_image
 from data_prep.scan import Scan, Vertebra
-from pipeline.report import VertebraVerdict, build_report, write_report, write_slicer_markups, write_verse_json
+from pipeline.report import (VertebraVerdict, build_report, placed_vertebrae, write_report, write_slicer_markups,
+                             write_verse_json)
 from pipeline.validate import load_scan_for_prediction
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def predict_scan(
     result = classifier.classify_scan(scan, vertebrae, with_evidence=True)
     classes = list(classifier.classes)
     report = build_report(vertebrae, result.verdicts, classes)
+    vertebrae = placed_vertebrae(vertebrae, result.verdicts)  # the body centroids stage 2 measured, where it did
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=out_dir))

@@ -6,6 +6,7 @@ image, with its axis codes in the leading ``direction`` entry (VerSe convention)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ import pandas as pd
 from data_prep.io import write_csv, write_text
 from data_prep.scan import Scan, Vertebra, VertebraVerdict, anatomical_rank
 
-BASE_COLUMNS = ["level", "label", "x_mm", "y_mm", "z_mm", "confidence"]
+BASE_COLUMNS = ["level", "label", "x_mm", "y_mm", "z_mm", "centroid_from", "confidence"]
 
 
 def report_columns(classes: Sequence[str]) -> list[str]:
@@ -33,19 +34,24 @@ def build_report(
     """One row per vertebra, head to foot, columns :func:`report_columns`.
 
     ``verdicts`` are matched to vertebrae by VerSe label; a vertebra without a verdict gets empty
-    class columns and the flag ``not_classified``.
+    class columns and the flag ``not_classified``. The position (``x_mm, y_mm, z_mm``, world LPS) is the
+    centroid of the body stage 2 classified when its verdict carries one (``centroid_from`` = ``body``),
+    else stage 1's (``stage1``).
     """
     by_label = {v.label: v for v in (verdicts or [])}
     rows = []
     for vert in sorted(vertebrae, key=lambda v: anatomical_rank(v.label)):
         verdict = by_label.get(vert.label)
         flags = list(vert.flags)
+        body = verdict is not None and verdict.centroid_world is not None
+        c = verdict.centroid_world if body else vert.centroid_world
         row: dict = {
             "level": vert.level,
             "label": vert.label,
-            "x_mm": round(float(vert.centroid_world[0]), 2),
-            "y_mm": round(float(vert.centroid_world[1]), 2),
-            "z_mm": round(float(vert.centroid_world[2]), 2),
+            "x_mm": round(float(c[0]), 2),
+            "y_mm": round(float(c[1]), 2),
+            "z_mm": round(float(c[2]), 2),
+            "centroid_from": "body" if body else "stage1",
             "confidence": round(float(vert.confidence), 4),
         }
         if verdict is None:
@@ -67,6 +73,14 @@ def build_report(
         row["flags"] = ";".join(dict.fromkeys(flags))
         rows.append(row)
     return pd.DataFrame(rows, columns=report_columns(classes))
+
+
+def placed_vertebrae(vertebrae: Sequence[Vertebra], verdicts: Sequence[VertebraVerdict] | None) -> list[Vertebra]:
+    """``vertebrae`` with each centroid replaced by the body centroid its verdict carries (matched by VerSe
+    label; the others unchanged): the positions every output of ``spinepipe predict`` uses."""
+    by_label = {v.label: v for v in (verdicts or []) if v.centroid_world is not None}
+    return [dataclasses.replace(v, centroid_world=by_label[v.label].centroid_world.copy()) if v.label in by_label else v
+            for v in vertebrae]
 
 
 def write_report(df: pd.DataFrame, path: str | os.PathLike) -> Path:

@@ -166,6 +166,21 @@ class Classifier:
             flags.append("region_prior")
         return body, others, source, flags
 
+    def _crop(self, sampler: PatchSampler, vert: Vertebra, use_mask: bool, centre_mm: np.ndarray):
+        """``(patch, img (1, 1, I, J, K), body, others, source, flags)`` around ``centre_mm`` (world LPS)."""
+        patch = sampler.crop(centre_mm)
+        img = torch.from_numpy(patch.image)[None, None].to(self.device)
+        return (patch, img, *self._body_mask(patch, vert, use_mask, img))
+
+    def _body_centroid(self, patch: Patch, body: np.ndarray, source: str, given_mm: np.ndarray) -> np.ndarray | None:
+        """World LPS centroid (mm) of ``body`` on the patch grid, or None when re-centring is off, the body
+        is only the prior, or its centroid lies farther than ``recentre_max_mm`` from ``given_mm``."""
+        limit = self.config.recentre_max_mm
+        if limit <= 0 or source == "prior" or not body.any():
+            return None
+        centre = patch.geometry.voxel_to_world(np.argwhere(body).mean(0)).coords[0]
+        return centre if float(np.linalg.norm(centre - given_mm)) <= limit else None
+
     # -- main API -------------------------------------------------------------------------------
     def classify(self, scan: Scan, vertebrae: list[Vertebra], masks: Scan | None = None, with_evidence: bool = True,
                  keep_evidence_maps: bool = False, contrast: str | None = None) -> list[dict]:
@@ -188,7 +203,9 @@ class Classifier:
         One dict per vertebra (input order): ``label``, ``level``, ``class`` (name), ``class_index``,
         ``probabilities`` (``{class: p}``), ``evidence_inside`` (NaN without evidence), ``flags`` (list),
         ``region_source`` (``"mask"``/``"predicted"``/``"prior"``), ``body_patch`` (bool array),
-        ``geometry`` (patch Scan) and ``contrast_novelty`` (the scan's distance to the nearest training
+        ``geometry`` (patch Scan), ``centroid_world`` (world LPS mm: the centroid of the body the verdict
+        was computed on when ``centroid_from`` is ``"body"``, the given one when it is ``"input"``; see
+        ``Stage2Config.recentre_max_mm``) and ``contrast_novelty`` (the scan's distance to the nearest training
         scan's contrast signature, :mod:`stage2_classify.domain`; NaN when not measured; the same for every
         vertebra of the scan); ``evidence`` when asked.
         """
@@ -210,9 +227,17 @@ class Classifier:
         results = []
         signatures: list[tuple[float, float] | None] = []
         for v in vertebrae:
-            patch = sampler.crop(v.centroid_world)
-            img = torch.from_numpy(patch.image)[None, None].to(self.device)
-            body, others, source, flags = self._body_mask(patch, v, masks is not None, img)
+            patch, img, body, others, source, flags = self._crop(sampler, v, masks is not None, v.centroid_world)
+            centroid, centroid_from = np.asarray(v.centroid_world, float), "input"
+            moved = self._body_centroid(patch, body, source, centroid)
+            if moved is not None and np.linalg.norm(moved - centroid) < 0.5 * cfg.patch.spacing_mm:
+                centroid, centroid_from = moved, "body"  # already centred: the same patch, less than half a voxel off
+            elif moved is not None:  # crop again around the body (see Stage2Config.recentre_max_mm)
+                second = self._crop(sampler, v, masks is not None, moved)
+                if second[4] != "prior":
+                    patch, img, body, others, source, flags = second
+                    again = self._body_centroid(patch, body, source, np.asarray(v.centroid_world, float))
+                    centroid, centroid_from = (again if again is not None else moved), "body"
             signatures.append(None if source == "prior" else
                               patch_signature(patch.image, body, others, cfg.patch.spacing_mm, cfg.contrast_check.band_mm))
             region_np = vertebra_region(body, cfg.margin_vox, others)
@@ -231,6 +256,8 @@ class Classifier:
                 "evidence_inside": float("nan"),
                 "flags": flags,
                 "region_source": source,
+                "centroid_world": centroid,
+                "centroid_from": centroid_from,
                 "body_patch": body,
                 "geometry": patch.geometry,
             }
@@ -244,7 +271,7 @@ class Classifier:
                     rec["evidence"] = ev.attribution
             results.append(rec)
         cc = cfg.contrast_check
-        centre = centre_signature(sampler.image, {v.label: v.centroid_world for v in vertebrae}, cc.body_radius_mm,
+        centre = centre_signature(sampler.image, {r["label"]: r["centroid_world"] for r in results}, cc.body_radius_mm,
                                   cc.disc_radius_mm, cc.disc_half_length)
         self._check_contrast(scan, results, scan_signature(centre, region_signature(signatures)), named)
         return results
@@ -276,7 +303,8 @@ class Classifier:
         evidence map on ``scan``'s grid."""
         recs = self.classify(scan, vertebrae, with_evidence=with_evidence, keep_evidence_maps=with_evidence)
         verdicts = [VertebraVerdict(r["label"], np.array([r["probabilities"][c] for c in self.classes]),
-                            r["evidence_inside"], list(r["flags"]), r["contrast_novelty"]) for r in recs]
+                                    r["evidence_inside"], list(r["flags"]), r["contrast_novelty"],
+                                    r["centroid_world"] if r["centroid_from"] == "body" else None) for r in recs]
         return ScanClassification(verdicts, body_label_map(recs, scan),
                                   evidence_map(recs, scan) if with_evidence else None)
 

@@ -611,3 +611,26 @@ def test_pipeline_bench_names_the_ig_steps_it_ran_with(tmp_path):
         (tmp_path / stage / "config.json").write_text(json.dumps({"config": cfg, "extra": extra}))
     assert models_info(tmp_path) == "stage1 3 epochs; stage2 5 epochs, 32 IG steps"
     assert models_info(tmp_path, 16).endswith("stage2 5 epochs, 16 IG steps")
+
+
+def test_recentre_bench_scores_both_positions_and_halves(tmp_path):
+    """Hand-made centroids: stage 1 off by 3 and 4 mm, the body centroids by 1 and 0 mm."""
+    from bench.recentre import class_rows, second_halves, summary_rows
+
+    scan = {"subject": "a", "cohort": "chu2015",
+            "gt": {"20": [0, 0, 0], "21": [0, 0, 30]},
+            "stage1": {"20": [3, 0, 0], "21": [0, 0, 34]},
+            "reported": {"20": [1, 0, 0], "21": [0, 0, 30]}}
+    rows = {(r["cohort"], r["positions"]): r for r in summary_rows([scan])}
+    assert set(rows) == {("chu2015", "stage 1"), ("chu2015", "reported (re-centred)"), ("pooled", "stage 1"),
+                         ("pooled", "reported (re-centred)")}
+    assert rows[("chu2015", "stage 1")]["mean_err_mm"] == 3.5 and rows[("chu2015", "stage 1")]["id_rate"] == 1.0
+    assert rows[("pooled", "reported (re-centred)")]["mean_err_mm"] == 0.5
+    crows = class_rows([0, 1, 1], {"off": [np.array([.9, .1]), np.array([.6, .4]), np.array([.2, .8])],
+                                   "on": [np.array([.9, .1]), np.array([.3, .7]), np.array([.2, .8])]}, ["n", "l"])
+    assert [r["balanced_accuracy"] for r in crows] == [0.75, 1.0] and crows[1]["auc_l"] == 1.0
+    for c in ("myosegmentum", "chu2015"):
+        (tmp_path / c).mkdir()
+        for i in range(5):
+            (tmp_path / c / f"{c}-{i:03d}_image.nii.gz").touch()
+    assert second_halves(tmp_path) == {f"{c}-{i:03d}" for c in ("myosegmentum", "chu2015") for i in (2, 3, 4)}

@@ -74,9 +74,10 @@ def test_report_columns_order_and_coordinates(scan_file, tmp_path):
     res = predict_scan(scan_file, tmp_path / "out", loc, StandInClassifier(), evidence=True, overview=False)
     df = pd.read_csv(res.files["report"], keep_default_na=False)
     assert list(df.columns) == report_columns(CLASSES)
-    assert list(df.columns) == ["level", "label", "x_mm", "y_mm", "z_mm", "confidence", "class",
+    assert list(df.columns) == ["level", "label", "x_mm", "y_mm", "z_mm", "centroid_from", "confidence", "class",
                                 "p_normal", "p_inflammation", "p_fat", "evidence_inside", "contrast_novelty", "flags"]
     assert df["level"].tolist() == ["L1", "L2", "L3"]  # head to foot
+    assert df["centroid_from"].tolist() == ["stage1"] * 3  # the stand-in measured no body
     # world coordinates map back to the input grid voxels given by the stand-in
     scan = read_image(scan_file)
     ijk = scan.world_to_voxel(df[["x_mm", "y_mm", "z_mm"]].to_numpy(float)).coords
@@ -96,6 +97,35 @@ def test_report_columns_order_and_coordinates(scan_file, tmp_path):
     np.testing.assert_allclose(pts[0]["position"], df.loc[0, ["x_mm", "y_mm", "z_mm"]].to_numpy(float), atol=1e-3)
     assert "evidence" in res.files
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+def test_body_centroids_from_stage2_replace_stage1_positions_in_every_output(scan_file, tmp_path):
+    """Where a verdict carries the centroid of the body stage 2 classified, the CSV, the VerSe JSON and the
+    Slicer markups all give that position (``centroid_from`` = body); the others keep stage 1's."""
+    moved = {21: np.array([1.5, -2.0, 3.25])}  # world mm offsets of the body centroid from stage 1's
+
+    class Recentring(StandInClassifier):
+        def classify_scan(self, scan, vertebrae, with_evidence=False):
+            res = super().classify_scan(scan, vertebrae, with_evidence)
+            for verdict, v in zip(res.verdicts, vertebrae):
+                if v.label in moved:
+                    verdict.centroid_world = v.centroid_world + moved[v.label]
+            return res
+
+    loc = StandInLocalizer({20: (6, 10, 10), 21: (6, 20, 30), 22: (6, 25, 50)})
+    res = predict_scan(scan_file, tmp_path / "out", loc, Recentring(), overview=False)
+    df = pd.read_csv(res.files["report"], keep_default_na=False)
+    scan = read_image(scan_file)
+    stage1 = scan.voxel_to_world(np.array([[6, 10, 10], [6, 20, 30], [6, 25, 50]], float)).coords
+    want = stage1 + np.array([[0, 0, 0], moved[21], [0, 0, 0]])
+    np.testing.assert_allclose(df[["x_mm", "y_mm", "z_mm"]].to_numpy(float), want, atol=0.006)
+    assert df["centroid_from"].tolist() == ["stage1", "body", "stage1"]
+    verse = json.loads(res.files["verse_json"].read_text())
+    np.testing.assert_allclose([[e[c] for c in "XYZ"] for e in verse[1:]], scan.world_to_voxel(want).coords, atol=0.01)
+    pts = json.loads(res.files["slicer"].read_text())["markups"][0]["controlPoints"]
+    np.testing.assert_allclose([pt["position"] for pt in pts], want, atol=1e-3)
+    with pytest.raises(ValueError, match="finite"):
+        VertebraVerdict(20, np.ones(3) / 3, centroid_world=[0.0, np.nan, 1.0])
 
 
 def test_no_spine_is_an_error_and_writes_nothing(scan_file, tmp_path):

@@ -238,3 +238,30 @@ def test_cli_classify_flags_an_unseen_contrast(tmp_path):
     assert all(CONTRAST_FLAG in f for f in df["flags"]) and np.allclose(df["contrast_novelty"].astype(float), 5.0, atol=1e-2)
     r, csv = run({"signatures": [[1.0, 2.0]]}, None, "bad")
     assert r.exit_code != 0 and "config.json" in r.output and "(N, 4)" in r.output and not csv.parent.exists()
+
+
+def test_classifier_recentres_on_the_body(model_dir):
+    """A centroid given 8.8 mm off the body (as stage 1's can be): the verdict's patch is cropped again
+    around the body, whose centroid the record reports (``centroid_from`` body) to within the patch grid's
+    resolution (4 mm in the tiny model); with re-centring off, or a limit below the offset, the given centroid is kept."""
+    from data_prep.scan import centroids_from_labelmap
+
+    scan, lab = _scan()
+    truth = centroids_from_labelmap(lab)[20]
+    given = truth + np.array([6.0, -4.0, 5.0])
+    clf = Classifier(model_dir)
+    spacing = clf.config.patch.spacing_mm
+    (rec,) = clf.classify(scan, [Vertebra(20, given)], masks=lab, with_evidence=False)
+    assert rec["centroid_from"] == "body" and rec["region_source"] == "mask"
+    # a box sampled on the patch grid (nearest voxel): its centroid is within half a voxel per axis
+    assert np.abs(rec["centroid_world"] - truth).max() <= 0.5 * spacing + 1e-6
+    assert np.linalg.norm(rec["centroid_world"] - truth) < 0.5 * np.linalg.norm(given - truth)
+    # the second patch is centred on the body: its centroid sits within a voxel of the patch centre
+    centre_ijk = (np.array(rec["body_patch"].shape) - 1) / 2
+    assert np.abs(np.argwhere(rec["body_patch"]).mean(0) - centre_ijk).max() <= 1.0
+    verdict = clf.classify_scan(scan, [Vertebra(20, given)], with_evidence=False).verdicts[0]
+    assert verdict.centroid_world is None or np.linalg.norm(verdict.centroid_world - given) <= clf.config.recentre_max_mm
+    for limit in (0.0, 5.0):
+        clf.config.recentre_max_mm = limit
+        (rec,) = clf.classify(scan, [Vertebra(20, given)], masks=lab, with_evidence=False)
+        assert rec["centroid_from"] == "input" and np.array_equal(rec["centroid_world"], given)
