@@ -41,23 +41,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.mdtable import md_table  # noqa: E402
+from bench.realdata import COHORTS, cohort_halves, quiet_logging, real_data_missing  # noqa: E402
 from data_prep.io import read_image, read_labelmap, write_text  # noqa: E402
 
-COHORTS = ("myosegmentum", "chu2015")
 THRESHOLDS = (1.0, 1.5, 2.0, 3.0)
 SYNTH_CONTRASTS = ("t1", "t2", "stir", "water")
 #: Per-axis standard deviation (mm) of the noise put on the expert centroids to mimic stage 1's error
 #: (3.5 mm root-mean-square in 3-D; stage 1's mean error is 3-5 mm, median ~3 mm).
 JITTER_MM = 2.0
-
-
-def _halves(data: Path) -> dict[str, tuple[list[str], list[str]]]:
-    out = {}
-    for c in COHORTS:
-        ids = sorted(p.name[: -len("_image.nii.gz")] for p in (data / c).glob("*_image.nii.gz"))
-        k = len(ids) // 2
-        out[c] = (ids[:k], ids[k:])
-    return out
 
 
 def _prepare(data: Path, work: Path, halves) -> Path:
@@ -188,15 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synthetic-per-contrast", type=int, default=4)
     ap.add_argument("--name", default="contrast_check")
     args = ap.parse_args(argv)
-    if not (args.data / "myosegmentum").is_dir():
-        print(f"error: {args.data}: real data not available (expected myosegmentum/ and chu2015/); nothing measured",
-              file=sys.stderr)
+    if real_data_missing(args.data):
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("stage2_classify.infer").setLevel(logging.ERROR)  # one warning per flagged scan otherwise
+    quiet_logging(logging.INFO)
     t0 = time.time()
     args.work.mkdir(parents=True, exist_ok=True)
-    halves = _halves(args.data)
+    halves = cohort_halves(args.data)
     train_root = _prepare(args.data, args.work, halves)
     from data_prep.lesions import COHORT_CONTRAST
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -29,9 +28,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.mdtable import md_table  # noqa: E402
+from bench.realdata import COHORTS, quiet_logging, real_data_missing  # noqa: E402
 from data_prep.io import read_image, read_labelmap, write_text  # noqa: E402
 
-COHORTS = ("myosegmentum", "chu2015")
 
 
 def compare(per_steps: dict[int, list[float]], flags: dict[int, list[bool]], seconds: dict[int, list[float]],
@@ -59,12 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--name", default="ig_steps")
     args = ap.parse_args(argv)
-    if not (args.data / "myosegmentum").is_dir():
-        print(f"error: {args.data}: real data not available (expected myosegmentum/ and chu2015/); nothing measured",
-              file=sys.stderr)
+    if real_data_missing(args.data):
         return 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("stage2_classify.infer").setLevel(logging.ERROR)
+    quiet_logging()
     from data_prep.scan import vertebrae_from_labelmap
     from stage2_classify.infer import Classifier
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -35,18 +34,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.mdtable import md_table  # noqa: E402
+from bench.realdata import COHORTS, cohort_halves, quiet_logging, real_data_missing  # noqa: E402
 from data_prep.io import read_image, read_labelmap, write_text  # noqa: E402
 
-COHORTS = ("myosegmentum", "chu2015")
 
 
 def second_halves(data: Path) -> set[str]:
     """The second half by name of each cohort's subjects (``bench/contrast_check.py``'s held-out half)."""
-    out: set[str] = set()
-    for c in COHORTS:
-        ids = sorted(p.name[: -len("_image.nii.gz")] for p in (data / c).glob("*_image.nii.gz"))
-        out |= set(ids[len(ids) // 2:])
-    return out
+    return {sid for _, held_out in cohort_halves(data).values() for sid in held_out}
 
 
 def summary_rows(per_scan: list[dict]) -> list[dict]:
@@ -97,12 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--name", default="recentre")
     args = ap.parse_args(argv)
-    if not (args.data / "myosegmentum").is_dir():
-        print(f"error: {args.data}: real data not available (expected myosegmentum/ and chu2015/); nothing measured",
-              file=sys.stderr)
+    if real_data_missing(args.data):
         return 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("stage2_classify.infer").setLevel(logging.ERROR)
+    quiet_logging()
     from data_prep.scan import centroids_from_labelmap
     from stage1_localize.infer import Localizer
     from stage2_classify.infer import Classifier

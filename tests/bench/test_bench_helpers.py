@@ -634,3 +634,16 @@ def test_recentre_bench_scores_both_positions_and_halves(tmp_path):
         for i in range(5):
             (tmp_path / c / f"{c}-{i:03d}_image.nii.gz").touch()
     assert second_halves(tmp_path) == {f"{c}-{i:03d}" for c in ("myosegmentum", "chu2015") for i in (2, 3, 4)}
+
+
+def test_real_data_guard_names_the_folder(tmp_path, capsys):
+    from bench.realdata import cohort_halves, real_data_missing
+
+    assert real_data_missing(tmp_path / "nowhere")
+    err = capsys.readouterr().err
+    assert str(tmp_path / "nowhere") in err and "myosegmentum/" in err and err.count("\n") == 1
+    (tmp_path / "myosegmentum").mkdir()
+    for i in range(3):
+        (tmp_path / "myosegmentum" / f"m-{i}_image.nii.gz").touch()
+    assert not real_data_missing(tmp_path) and capsys.readouterr().err == ""
+    assert cohort_halves(tmp_path) == {"myosegmentum": (["m-0"], ["m-1", "m-2"]), "chu2015": ([], [])}

@@ -1,0 +1,36 @@
+"""What the real-data benchmarks share: the cohorts, the check that they are there, their halves."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+COHORTS = ("myosegmentum", "chu2015")
+
+
+def real_data_missing(data: Path) -> bool:
+    """True, after one line on stderr naming ``data``, when the real cohorts are not there (the caller then
+    exits with 2 and measures nothing)."""
+    if (Path(data) / COHORTS[0]).is_dir():
+        return False
+    print(f"error: {data}: real data not available (expected {' and '.join(c + '/' for c in COHORTS)}); "
+          "nothing measured", file=sys.stderr)
+    return True
+
+
+def quiet_logging(level: int = logging.WARNING) -> None:
+    """Benchmark logging: ``level`` overall, errors only from stage-2 inference (one warning per flagged
+    scan otherwise)."""
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("stage2_classify.infer").setLevel(logging.ERROR)
+
+
+def cohort_halves(data: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """Per cohort, the subject ids sorted by name split into ``(first half, second half)`` (the second
+    one longer for an odd count): the train / held-out split of ``contrast_check.py``'s models."""
+    out = {}
+    for c in COHORTS:
+        ids = sorted(p.name[: -len("_image.nii.gz")] for p in (Path(data) / c).glob("*_image.nii.gz"))
+        k = len(ids) // 2
+        out[c] = (ids[:k], ids[k:])
+    return out
