@@ -358,19 +358,25 @@ def read_centroids_csv(path: str | os.PathLike) -> list[Vertebra]:
 
 
 def classes_table(records: list[dict], classes: tuple[str, ...]):
-    """``<name>_classes.csv`` rows: ``level,label,class,p_<class>...,evidence_inside,contrast_novelty,flags``."""
+    """``<name>_classes.csv`` rows: ``level,label,x_mm,y_mm,z_mm,centroid_from,class,p_<class>...,
+    evidence_inside,contrast_novelty,flags``; the position (world LPS mm) is the centroid of the body the
+    verdict was computed on (``centroid_from`` = body) or the given one (``input``)."""
     import pandas as pd
 
     rows = []
     for r in records:
-        row = {"level": r["level"], "label": r["label"], "class": r["class"]}
+        c = np.asarray(r.get("centroid_world", (np.nan,) * 3), float)
+        row = {"level": r["level"], "label": r["label"],
+               **{k: round(float(x), 2) if np.isfinite(x) else np.nan for k, x in zip(("x_mm", "y_mm", "z_mm"), c)},
+               "centroid_from": r.get("centroid_from", ""), "class": r["class"]}
         row.update({f"p_{c}": round(r["probabilities"][c], 4) for c in classes})
         row["evidence_inside"] = round(r["evidence_inside"], 4) if np.isfinite(r["evidence_inside"]) else np.nan
         nov = r.get("contrast_novelty", float("nan"))
         row["contrast_novelty"] = round(nov, 3) if np.isfinite(nov) else np.nan
         row["flags"] = ";".join(dict.fromkeys(r["flags"]))
         rows.append(row)
-    cols = ["level", "label", "class"] + [f"p_{c}" for c in classes] + ["evidence_inside", "contrast_novelty", "flags"]
+    cols = (["level", "label", "x_mm", "y_mm", "z_mm", "centroid_from", "class"] + [f"p_{c}" for c in classes]
+            + ["evidence_inside", "contrast_novelty", "flags"])
     return pd.DataFrame(rows, columns=cols)
 
 

@@ -75,7 +75,9 @@ def test_cli_classify_writes_csv_and_evidence(model_dir, tmp_path):
                                   "-o", str(tmp_path / "out"), "--models", str(model_dir), "--evidence"])
     assert r.exit_code == 0, r.output
     df = pd.read_csv(tmp_path / "out" / "s1_classes.csv", keep_default_na=False)
-    assert list(df.columns) == ["level", "label", "class", "p_normal", "p_inflammation", "p_fat", "evidence_inside", "contrast_novelty", "flags"]
+    assert list(df.columns) == ["level", "label", "x_mm", "y_mm", "z_mm", "centroid_from", "class", "p_normal",
+                                "p_inflammation", "p_fat", "evidence_inside", "contrast_novelty", "flags"]
+    assert set(df["centroid_from"]) <= {"body", "input"} and np.isfinite(df[["x_mm", "y_mm", "z_mm"]].to_numpy(float)).all()
     assert df["label"].tolist() == [20, 21] and "cut_by_fov" in df["flags"][0]
     ev = read_image(tmp_path / "out" / "s1_evidence.nii.gz")
     assert ev.same_geometry(scan)
@@ -259,6 +261,11 @@ def test_classifier_recentres_on_the_body(model_dir):
     # the second patch is centred on the body: its centroid sits within a voxel of the patch centre
     centre_ijk = (np.array(rec["body_patch"].shape) - 1) / 2
     assert np.abs(np.argwhere(rec["body_patch"]).mean(0) - centre_ijk).max() <= 1.0
+    from stage2_classify.infer import classes_table
+
+    row = classes_table([rec], clf.classes).iloc[0]
+    assert row["centroid_from"] == "body"
+    np.testing.assert_allclose(row[["x_mm", "y_mm", "z_mm"]].to_numpy(float), rec["centroid_world"], atol=0.006)
     verdict = clf.classify_scan(scan, [Vertebra(20, given)], with_evidence=False).verdicts[0]
     assert verdict.centroid_world is None or np.linalg.norm(verdict.centroid_world - given) <= clf.config.recentre_max_mm
     for limit in (0.0, 5.0):
