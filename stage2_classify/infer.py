@@ -271,7 +271,10 @@ class Classifier:
                     rec["evidence"] = ev.attribution
             results.append(rec)
         cc = cfg.contrast_check
-        centre = centre_signature(sampler.image, {r["label"]: r["centroid_world"] for r in results}, cc.body_radius_mm,
+        # at the given centroids, not the re-centred ones: this part must not depend on the seg head, which is
+        # least reliable on the very scans the check is for (re-centred, a water model's synthetic T1 scan fell
+        # from novelty >= 3.1 to 0.97 and went unflagged; bench/results/contrast_check.md)
+        centre = centre_signature(sampler.image, {v.label: v.centroid_world for v in vertebrae}, cc.body_radius_mm,
                                   cc.disc_radius_mm, cc.disc_half_length)
         self._check_contrast(scan, results, scan_signature(centre, region_signature(signatures)), named)
         return results

@@ -242,7 +242,7 @@ def test_cli_classify_flags_an_unseen_contrast(tmp_path):
     assert r.exit_code != 0 and "config.json" in r.output and "(N, 4)" in r.output and not csv.parent.exists()
 
 
-def test_classifier_recentres_on_the_body(model_dir):
+def test_classifier_recentres_on_the_body(model_dir, monkeypatch):
     """A centroid given 8.8 mm off the body (as stage 1's can be): the verdict's patch is cropped again
     around the body, whose centroid the record reports (``centroid_from`` body) to within the patch grid's
     resolution (4 mm in the tiny model); with re-centring off, or a limit below the offset, the given centroid is kept."""
@@ -268,6 +268,14 @@ def test_classifier_recentres_on_the_body(model_dir):
     np.testing.assert_allclose(row[["x_mm", "y_mm", "z_mm"]].to_numpy(float), rec["centroid_world"], atol=0.006)
     verdict = clf.classify_scan(scan, [Vertebra(20, given)], with_evidence=False).verdicts[0]
     assert verdict.centroid_world is None or np.linalg.norm(verdict.centroid_world - given) <= clf.config.recentre_max_mm
+    # the contrast check's centroid part is measured at the given centroids, whatever the seg head found
+    import stage2_classify.infer as infer
+
+    seen = []
+    real = infer.centre_signature
+    monkeypatch.setattr(infer, "centre_signature", lambda image, cents, *a: seen.append(cents) or real(image, cents, *a))
+    (rec,) = clf.classify(scan, [Vertebra(20, given)], masks=lab, with_evidence=False)
+    assert rec["centroid_from"] == "body" and np.array_equal(seen[-1][20], given)
     for limit in (0.0, 5.0):
         clf.config.recentre_max_mm = limit
         (rec,) = clf.classify(scan, [Vertebra(20, given)], masks=lab, with_evidence=False)
