@@ -32,7 +32,6 @@ from bench.realdata import COHORTS, quiet_logging, real_data_missing  # noqa: E4
 from data_prep.io import read_image, read_labelmap, write_text  # noqa: E402
 
 
-
 def compare(per_steps: dict[int, list[float]], flags: dict[int, list[bool]], seconds: dict[int, list[float]],
             ref: int) -> list[dict]:
     """One row per step count: |difference| of ``evidence_inside`` to the ``ref`` run (mean, max), flags that

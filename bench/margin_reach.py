@@ -28,10 +28,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.mdtable import md_table  # noqa: E402
+from bench.realdata import COHORTS, real_data_missing  # noqa: E402
 from data_prep.dataset import discover  # noqa: E402
 from data_prep.io import read_labelmap, write_text  # noqa: E402
 
-COHORTS = ("myosegmentum", "chu2015")
 MARGINS_MM = (2.0, 4.0, 6.0)
 
 
@@ -79,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args(argv)
-    if not (args.data / "myosegmentum").is_dir():
-        print(f"error: {args.data}: real data not available (expected myosegmentum/ and chu2015/); nothing measured",
-              file=sys.stderr)
+    if real_data_missing(args.data):
         return 2
     t0 = time.time()
     rows = measure(args.data)

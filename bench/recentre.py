@@ -38,7 +38,6 @@ from bench.realdata import COHORTS, cohort_halves, quiet_logging, real_data_miss
 from data_prep.io import read_image, read_labelmap, write_text  # noqa: E402
 
 
-
 def second_halves(data: Path) -> set[str]:
     """The second half by name of each cohort's subjects (``bench/contrast_check.py``'s held-out half)."""
     return {sid for _, held_out in cohort_halves(data).values() for sid in held_out}

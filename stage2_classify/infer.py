@@ -234,7 +234,7 @@ class Classifier:
                 centroid, centroid_from = moved, "body"  # already centred: the same patch, less than half a voxel off
             elif moved is not None:  # crop again around the body (see Stage2Config.recentre_max_mm)
                 second = self._crop(sampler, v, masks is not None, moved)
-                if second[4] != "prior":
+                if second[4] != "prior":  # second[4]: the region source of the new crop
                     patch, img, body, others, source, flags = second
                     again = self._body_centroid(patch, body, source, np.asarray(v.centroid_world, float))
                     centroid, centroid_from = (again if again is not None else moved), "body"
