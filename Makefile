@@ -9,7 +9,7 @@ export PYTHONHASHSEED := 0
 # Two cores on the reference machines: keep torch from oversubscribing.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test test-fast demo train-stage1 train-stage2 stage2 bench bench-stage1 bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-margin-reach bench-stage1-speed bench-pipeline bench-contrast-check bench-ig-steps bench-recentre clean
+.PHONY: install test test-fast demo train-stage1 train-stage2 stage2 bench bench-stage1 bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-margin-reach bench-stage1-speed bench-pipeline bench-contrast-check bench-ig-steps bench-recentre bench-lesion-families clean
 
 install: $(STAMP)
 
@@ -42,7 +42,7 @@ train-stage2: $(STAMP)
 stage2: train-stage2
 
 ## Benchmarks: JSON + markdown under bench/results/ (real-data parts need ../shared/data).
-bench: bench-stage1 bench-stage1-speed bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-margin-reach bench-pipeline bench-contrast-check bench-ig-steps
+bench: bench-stage1 bench-stage1-speed bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-margin-reach bench-pipeline bench-contrast-check bench-ig-steps bench-lesion-families
 
 bench-stage1: $(STAMP)
 	$(PY) bench/bench_stage1.py $(BENCH_ARGS)
@@ -85,6 +85,11 @@ bench-ig-steps: $(STAMP)
 ## models that list their training subjects, e.g. from bench-stage1: STAGE1="DIR0 DIR1" STAGE2=DIR [RECENTRE_ARGS=...])
 bench-recentre: $(STAMP)
 	$(PY) bench/recentre.py --stage1 $(STAGE1) --stage2 $(or $(STAGE2),models/stage2) $(RECENTRE_ARGS)
+
+## Stage 2 on lesion families it was not trained on (~35 min, real data, semi-synthetic): a corner-trained and a
+## mixed-family model, 30 epochs each on the first half of each cohort; LF_ARGS adds e.g. --model NAME=DIR
+bench-lesion-families: $(STAMP)
+	$(PY) bench/lesion_families.py --train corner30=corner --train mixed30=corner,endplate,diffuse $(LF_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo_out

@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.mdtable import md_table  # noqa: E402
-from bench.realdata import COHORTS, cohort_halves, quiet_logging, real_data_missing  # noqa: E402
+from bench.realdata import COHORTS, cohort_halves, merge_folders, quiet_logging, real_data_missing  # noqa: E402
 from data_prep.io import read_image, read_labelmap, write_text  # noqa: E402
 
 THRESHOLDS = (1.0, 1.5, 2.0, 3.0)
@@ -77,10 +77,6 @@ def _synthetic(work: Path, n_per: int) -> list[tuple[str, str, Path]]:
 
 def _train(name: str, train_root: Path, cohorts: tuple[str, ...], work: Path, epochs: int) -> Path:
     """One model trained on the given cohorts' training copies (merged into one folder by symlinks)."""
-    import shutil
-
-    import pandas as pd
-
     from stage2_classify.config import Stage2Config
     from stage2_classify.train import train_stage2
 
@@ -89,19 +85,7 @@ def _train(name: str, train_root: Path, cohorts: tuple[str, ...], work: Path, ep
         ref = json.loads((out / "config.json").read_text()).get("extra", {}).get("contrast_reference")
         if ref and len(ref.get("names", ())) == 4:
             return out
-    folder = work / "merged" / name
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    labels, subjects = [], []
-    for c in cohorts:
-        src = train_root / c
-        for p in src.glob("*_*.nii.gz"):
-            (folder / p.name).symlink_to(p.resolve())
-        labels.append(pd.read_csv(src / "vertebra_labels.csv"))
-        subjects.append(pd.read_csv(src / "subjects.csv"))
-    pd.concat(labels).to_csv(folder / "vertebra_labels.csv", index=False)
-    pd.concat(subjects).to_csv(folder / "subjects.csv", index=False)
+    folder = merge_folders([train_root / c for c in cohorts], work / "merged" / name)
     cfg = Stage2Config()
     cfg.train.epochs = epochs
     train_stage2(folder, out, cfg)

@@ -34,3 +34,25 @@ def cohort_halves(data: Path) -> dict[str, tuple[list[str], list[str]]]:
         k = len(ids) // 2
         out[c] = (ids[:k], ids[k:])
     return out
+
+
+def merge_folders(folders, dst: Path) -> Path:
+    """One canonical folder ``dst`` (made afresh) holding every scan file of ``folders`` by symlink, with
+    their ``vertebra_labels.csv`` and ``subjects.csv`` concatenated: what ``train_stage2`` reads."""
+    import shutil
+
+    import pandas as pd
+
+    dst = Path(dst)
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    labels, subjects = [], []
+    for src in map(Path, folders):
+        for p in src.glob("*_*.nii.gz"):
+            (dst / p.name).symlink_to(p.resolve())
+        labels.append(pd.read_csv(src / "vertebra_labels.csv"))
+        subjects.append(pd.read_csv(src / "subjects.csv"))
+    pd.concat(labels).to_csv(dst / "vertebra_labels.csv", index=False)
+    pd.concat(subjects).to_csv(dst / "subjects.csv", index=False)
+    return dst

@@ -17,6 +17,17 @@ soft weight map (shape + irregular edge + Gaussian partial volume) that is **cli
 own mask**, then blended into the image with a varied, sometimes subtle, contrast ratio relative to the
 vertebra's marrow (median) intensity and a multiplicative smooth texture.
 
+Other lesion families (``LesionConfig.families``; default ``("corner",)`` only) stand in for lesions the
+simulator's default does not draw, as a test of generalization and for training on a wider variety:
+
+* ``endplate``: a band along the superior or inferior endplate over much of its depth (Andersson-type
+  inflammation, Modic-type oedema or fat bands);
+* ``focal``: an ellipsoidal lesion inside the body, away from the corners (focal oedema, haemangioma-like
+  fat);
+* ``diffuse``: smooth patches over a large share of the body (diffuse oedema or fatty marrow).
+
+They use the same contrast physics (which sequence shows which kind bright or dark) and the same blending.
+
 Hard negatives that must *not* change a vertebra's class are also inserted:
 
 * label 3: sub-threshold spots inside normal vertebrae (one sagittal slice only, small, low contrast);
@@ -77,6 +88,8 @@ POLARITY: dict[tuple[str, str], int] = {
 COHORT_CONTRAST: dict[str, str] = {"myosegmentum": "water", "chu2015": "t2"}
 
 DISTRACTOR_SITES: tuple[str, ...] = ("disc", "anterior", "posterior")
+#: Lesion families (see the module docstring); ``corner`` is the ASAS corner lesion and the default.
+LESION_FAMILIES: tuple[str, ...] = ("corner", "endplate", "focal", "diffuse")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +112,14 @@ class LesionConfig:
         ``min_slices`` / ``min_voxels_per_slice``: a lesion must show on that many consecutive
         sagittal slices with at least that many labelled voxels each (ASAS: >= 2 slices);
         ``large_fraction``: "large" when the lesion reaches this fraction of the endplate depth;
-        ``edge_irregularity``: amplitude of the smooth noise added to the shape function.
+        ``edge_irregularity``: amplitude of the smooth noise added to the shape function;
+        ``families``: lesion families drawn from (uniformly, per lesion) among :data:`LESION_FAMILIES`;
+        with the single default ``("corner",)`` nothing is drawn, so copies made before this option
+        existed are reproduced byte for byte;
+        ``endplate_thickness_fraction`` / ``endplate_span_fraction``: SI thickness of an endplate band
+        (fraction of the body height) and its AP span (fraction of the endplate depth);
+        ``focal_radius_mm``: radius of a focal lesion (each axis varied by 0.8-1.25x);
+        ``diffuse_fraction``: share of the body covered by a diffuse lesion's patches.
     Appearance (ratio = lesion intensity / marrow median of the vertebra)
         ``inflammation_bright`` (STIR / water), ``inflammation_t2`` (T2 without fat suppression),
         ``inflammation_dark`` (T1), ``fat_bright`` (T1 / T2-TSE), ``fat_dark`` (STIR / water);
@@ -129,6 +149,11 @@ class LesionConfig:
     min_voxels_per_slice: int = 3
     large_fraction: float = 0.25
     edge_irregularity: float = 0.15
+    families: tuple[str, ...] = ("corner",)
+    endplate_thickness_fraction: tuple[float, float] = (0.08, 0.3)
+    endplate_span_fraction: tuple[float, float] = (0.5, 1.0)
+    focal_radius_mm: tuple[float, float] = (3.0, 7.0)
+    diffuse_fraction: tuple[float, float] = (0.3, 0.7)
     inflammation_bright: tuple[float, float] = (1.15, 2.0)
     inflammation_t2: tuple[float, float] = (1.10, 1.6)
     inflammation_dark: tuple[float, float] = (0.5, 0.87)
@@ -163,7 +188,8 @@ class LesionConfig:
                 raise SpinepipeInputError(None, f"LesionConfig.{name} must lie in [0, 1], got {v}")
         for name in ("depth_fraction", "aspect", "lr_extent_mm", "inflammation_bright", "inflammation_t2",
                      "inflammation_dark", "fat_bright", "fat_dark", "texture_strength", "hard_negative_ratio",
-                     "hard_negative_radius_mm", "distractor_ratio", "distractor_radius_mm"):
+                     "hard_negative_radius_mm", "distractor_ratio", "distractor_radius_mm",
+                     "endplate_thickness_fraction", "endplate_span_fraction", "focal_radius_mm", "diffuse_fraction"):
             lo, hi = getattr(self, name)
             if not (np.isfinite(lo) and np.isfinite(hi) and 0 <= lo <= hi):
                 raise SpinepipeInputError(None, f"LesionConfig.{name} must be a (low, high) range, got {(lo, hi)}")
@@ -172,6 +198,17 @@ class LesionConfig:
             raise SpinepipeInputError(
                 None, f"LesionConfig.distractor_sites must come from {DISTRACTOR_SITES}, got {bad}"
             )
+        bad = [f for f in self.families if f not in LESION_FAMILIES]
+        if bad or not self.families or isinstance(self.families, str):
+            raise SpinepipeInputError(
+                None, f"LesionConfig.families must be a non-empty list from {LESION_FAMILIES}, got {self.families!r}"
+            )
+        for name in ("endplate_thickness_fraction", "endplate_span_fraction", "diffuse_fraction"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi <= 1:
+                raise SpinepipeInputError(None, f"LesionConfig.{name} must be a (low, high) range in (0, 1], got {(lo, hi)}")
+        if self.focal_radius_mm[0] <= 0:
+            raise SpinepipeInputError(None, f"LesionConfig.focal_radius_mm must be positive, got {self.focal_radius_mm}")
         if self.min_slices < 1 or self.distractor_gap_vox < 1 or self.max_tries < 1:
             raise SpinepipeInputError(None, "LesionConfig: min_slices, distractor_gap_vox and max_tries must be >= 1")
 
@@ -410,6 +447,40 @@ def _corner_edges(b: _Body, s: int, anterior: bool, superior: bool) -> tuple[flo
     return u_edge, v_edge
 
 
+def _lr_slab(b: _Body, rng: np.random.Generator, cfg: LesionConfig, spacing: np.ndarray
+             ) -> tuple[list[int], int, int] | None:
+    """Sagittal slices of one lesion (``lr_extent_mm`` around a central slice): ``(slices, start, n)``."""
+    lr_sp = float(spacing[b.lr_axis])
+    n_sl = max(cfg.min_slices, int(round(_draw(rng, cfg.lr_extent_mm) / lr_sp)))
+    if len(b.central) == 0:
+        return None
+    centre = int(rng.choice(b.central))
+    lo_s, hi_s = int(b.slices.min()), int(b.slices.max())
+    start = int(np.clip(centre - n_sl // 2, lo_s, max(lo_s, hi_s - n_sl + 1)))
+    return [s for s in range(start, start + n_sl) if lo_s <= s <= hi_s], start, n_sl
+
+
+def _finish_weight(b: _Body, w: np.ndarray, cfg: LesionConfig, spacing: np.ndarray, info: dict
+                   ) -> tuple[np.ndarray, dict] | None:
+    """Partial-volume blur, clip to the body, check the ASAS slice rule; ``(w, info)`` or None."""
+    if cfg.pv_sigma_mm > 0:
+        w = ndi.gaussian_filter(w, sigma=cfg.pv_sigma_mm / spacing, mode="constant")
+    w *= b.soft if b.soft is not None else b.mask
+    lab = w >= 0.5
+    counts = lab.sum(axis=tuple(a for a in range(3) if a != b.lr_axis))
+    if _runs(counts, cfg.min_voxels_per_slice) < cfg.min_slices:
+        return None
+    uu = b.u[lab]
+    reach = float(uu.max() - uu.min() + spacing.min()) / b.depth
+    return w, {
+        **info,
+        "depth_fraction": round(reach, 3),
+        "large": bool(reach >= cfg.large_fraction),
+        "n_slices": int(np.count_nonzero(counts >= cfg.min_voxels_per_slice)),
+        "n_voxels": int(lab.sum()),
+    }
+
+
 def _corner_weight(b: _Body, rng: np.random.Generator, cfg: LesionConfig, spacing: np.ndarray
                    ) -> tuple[np.ndarray, dict] | None:
     """Soft weight map (crop grid, 0..1, zero outside the body) of one corner lesion, or None."""
@@ -419,14 +490,10 @@ def _corner_weight(b: _Body, rng: np.random.Generator, cfg: LesionConfig, spacin
     frac = _draw(rng, cfg.depth_fraction)
     a_mm = frac * b.depth
     b_mm = a_mm * _draw(rng, cfg.aspect)
-    lr_sp = float(spacing[b.lr_axis])
-    n_sl = max(cfg.min_slices, int(round(_draw(rng, cfg.lr_extent_mm) / lr_sp)))
-    if len(b.central) == 0:
+    slab = _lr_slab(b, rng, cfg, spacing)
+    if slab is None:
         return None
-    centre = int(rng.choice(b.central))
-    lo_s, hi_s = int(b.slices.min()), int(b.slices.max())
-    start = int(np.clip(centre - n_sl // 2, lo_s, max(lo_s, hi_s - n_sl + 1)))
-    chosen = [s for s in range(start, start + n_sl) if lo_s <= s <= hi_s]
+    chosen, start, n_sl = slab
     noise = _smooth_noise(b.mask.shape, 2.0 / spacing, rng)
     w = np.zeros(b.mask.shape, dtype=np.float32)
     half = max(n_sl / 2.0, 1.0)
@@ -442,25 +509,95 @@ def _corner_weight(b: _Body, rng: np.random.Generator, cfg: LesionConfig, spacin
         f = (aa / A + bb / B) if triangle else np.sqrt(np.maximum(aa, 0) ** 2 / A**2 + np.maximum(bb, 0) ** 2 / B**2)
         f = f + cfg.edge_irregularity * noise[sl]
         w[sl] = ((f <= 1.0) & (aa >= -A) & (bb >= -B)).astype(np.float32)
-    if cfg.pv_sigma_mm > 0:
-        w = ndi.gaussian_filter(w, sigma=cfg.pv_sigma_mm / spacing, mode="constant")
-    w *= b.soft if b.soft is not None else b.mask
-    lab = w >= 0.5
-    counts = lab.sum(axis=tuple(a for a in range(3) if a != b.lr_axis))
-    if _runs(counts, cfg.min_voxels_per_slice) < cfg.min_slices:
-        return None
-    uu = b.u[lab]
-    reach = float(uu.max() - uu.min() + spacing.min()) / b.depth
-    info = {
+    return _finish_weight(b, w, cfg, spacing, {
         "corner": f"{'anterior' if anterior else 'posterior'}-{'superior' if superior else 'inferior'}",
         "shape": "triangle" if triangle else "rounded",
         "size_fraction": round(frac, 3),
-        "depth_fraction": round(reach, 3),
-        "large": bool(reach >= cfg.large_fraction),
-        "n_slices": int(np.count_nonzero(counts >= cfg.min_voxels_per_slice)),
-        "n_voxels": int(lab.sum()),
-    }
-    return w, info
+    })
+
+
+def _endplate_weight(b: _Body, rng: np.random.Generator, cfg: LesionConfig, spacing: np.ndarray
+                     ) -> tuple[np.ndarray, dict] | None:
+    """A band along one endplate: SI thickness a fraction of the height, AP span a fraction of the depth."""
+    superior = bool(rng.random() < cfg.superior_prob)
+    thick = _draw(rng, cfg.endplate_thickness_fraction) * b.height
+    span = _draw(rng, cfg.endplate_span_fraction) * b.depth
+    centre_u = _draw(rng, (-0.5, 0.5)) * (b.depth - span)  # the band stays within the endplate's depth
+    slab = _lr_slab(b, rng, cfg, spacing)
+    if slab is None:
+        return None
+    chosen, start, n_sl = slab
+    noise = _smooth_noise(b.mask.shape, 2.0 / spacing, rng)
+    w = np.zeros(b.mask.shape, dtype=np.float32)
+    half = max(n_sl / 2.0, 1.0)
+    for s in chosen:
+        edges = _corner_edges(b, s, True, superior)
+        if edges is None:
+            continue
+        taper = 1.0 - 0.3 * ((s - (start + (n_sl - 1) / 2.0)) / half) ** 2
+        sl = _sl(b.lr_axis, s)
+        bb = (edges[1] - b.v[sl]) * (1.0 if superior else -1.0)  # depth below the endplate (mm)
+        aa = np.abs(b.u[sl] - centre_u) / (0.5 * span * taper)
+        f = bb / (thick * taper) + cfg.edge_irregularity * noise[sl]
+        w[sl] = ((f <= 1.0) & (aa <= 1.0) & (bb >= -thick)).astype(np.float32)
+    return _finish_weight(b, w, cfg, spacing, {
+        "corner": f"{'superior' if superior else 'inferior'}-endplate", "shape": "endplate",
+        "size_fraction": round(span / b.depth, 3),
+    })
+
+
+def _focal_weight(b: _Body, rng: np.random.Generator, cfg: LesionConfig, spacing: np.ndarray
+                  ) -> tuple[np.ndarray, dict] | None:
+    """An ellipsoid inside the body, its centre farther from the body's border than its largest radius + 1 mm
+    (else at the body's deepest point)."""
+    r = _draw(rng, cfg.focal_radius_mm)
+    ru, rv = r * _draw(rng, (0.8, 1.25)), r * _draw(rng, (0.8, 1.25))
+    rx = max(r * _draw(rng, (0.8, 1.25)), 1.01 * float(spacing[b.lr_axis]))  # >= 2 sagittal slices
+    depth_in = ndi.distance_transform_edt(b.mask, sampling=spacing)
+    central = np.zeros_like(b.mask)  # the body on its central sagittal slices
+    idx: list = [slice(None)] * 3
+    idx[b.lr_axis] = b.central
+    central[tuple(idx)] = b.mask[tuple(idx)]
+    cand = np.argwhere(central & (depth_in >= max(ru, rv, rx) + 1.0))  # the whole ellipsoid inside
+    if len(cand) == 0:  # a small body: as deep as it goes
+        cand = np.argwhere(depth_in == depth_in.max()) if depth_in.max() > 0 else cand
+    if len(cand) == 0:
+        return None
+    p = tuple(cand[rng.integers(len(cand))])
+    noise = _smooth_noise(b.mask.shape, 2.0 / spacing, rng)
+    f = (((b.u - b.u[p]) / ru) ** 2 + ((b.v - b.v[p]) / rv) ** 2 + ((b.x - b.x[p]) / rx) ** 2
+         + cfg.edge_irregularity * noise)
+    w = (f <= 1.0).astype(np.float32)
+    return _finish_weight(b, w, cfg, spacing, {"corner": "central", "shape": "focal",
+                                                "size_fraction": round(2 * ru / b.depth, 3)})
+
+
+def _diffuse_weight(b: _Body, rng: np.random.Generator, cfg: LesionConfig, spacing: np.ndarray
+                    ) -> tuple[np.ndarray, dict] | None:
+    """Smooth patches (3 mm correlation) over a drawn share of the body."""
+    frac = _draw(rng, cfg.diffuse_fraction)
+    noise = _smooth_noise(b.mask.shape, 3.0 / spacing, rng)
+    inside = noise[b.mask]
+    if inside.size == 0:
+        return None
+    w = ((noise >= np.quantile(inside, 1.0 - frac)) & b.mask).astype(np.float32)
+    return _finish_weight(b, w, cfg, spacing, {"corner": "diffuse", "shape": "diffuse",
+                                                "size_fraction": round(frac, 3)})
+
+
+_FAMILY_WEIGHT = {"corner": _corner_weight, "endplate": _endplate_weight, "focal": _focal_weight,
+                  "diffuse": _diffuse_weight}
+
+
+def _lesion_weight(b: _Body, rng: np.random.Generator, cfg: LesionConfig, spacing: np.ndarray
+                   ) -> tuple[np.ndarray, dict] | None:
+    """One lesion of a family drawn from ``cfg.families`` (no draw when there is only one)."""
+    family = cfg.families[0] if len(cfg.families) == 1 else str(rng.choice(list(cfg.families)))
+    res = _FAMILY_WEIGHT[family](b, rng, cfg, spacing)
+    if res is None:
+        return None
+    w, info = res
+    return w, {**info, "family": family}
 
 
 def _spot_weight(b: _Body, rng: np.random.Generator, cfg: LesionConfig, spacing: np.ndarray) -> np.ndarray | None:
@@ -580,7 +717,8 @@ def insert_lesions(
     config: LesionConfig | None = None,
     classes: Mapping[int, int | str] | None = None,
 ) -> LesionResult:
-    """Insert corner lesions, hard negatives and distractors into a copy of ``image``.
+    """Insert lesions (corner lesions by default, see ``LesionConfig.families``), hard negatives and
+    distractors into a copy of ``image``.
 
     Parameters
     ----------
@@ -599,7 +737,7 @@ def insert_lesions(
     Returns
     -------
     LesionResult with the float32 image, the uint8 lesion label map and a per-vertebra table with
-    columns ``label, level, class, class_name, n_lesions, corner, shape, size_fraction,
+    columns ``label, level, class, class_name, n_lesions, family, corner, shape, size_fraction,
     depth_fraction, large, n_slices, contrast_ratio, target_ratio, subtle, hard_negative,
     distractor, marrow, tilt_deg, note``.
     """
@@ -626,7 +764,7 @@ def insert_lesions(
         b = bodies[vid]
         cls = drawn[vid]
         row = {"label": vid, "level": level_name(vid), "class": 0, "class_name": CLASSES[0], "n_lesions": 0,
-               "corner": "", "shape": "", "size_fraction": 0.0, "depth_fraction": 0.0, "large": False,
+               "family": "", "corner": "", "shape": "", "size_fraction": 0.0, "depth_fraction": 0.0, "large": False,
                "n_slices": 0, "contrast_ratio": 1.0, "target_ratio": 1.0, "subtle": False,
                "hard_negative": False, "distractor": "", "marrow": round(b.marrow, 3),
                "tilt_deg": round(b.tilt_deg, 2), "note": ""}
@@ -643,7 +781,7 @@ def insert_lesions(
             ratio, subtle = _draw_ratio(kind, contrast, config, rng)
             for _ in range(n_wanted):
                 for _try in range(config.max_tries):
-                    res = _corner_weight(b, rng, config, spacing)
+                    res = _lesion_weight(b, rng, config, spacing)
                     if res is not None:
                         break
                 if res is None:
@@ -663,6 +801,7 @@ def insert_lesions(
                 measured = float(out[b.crop][lesion_vox].mean() / b.marrow) if b.marrow > 0 else float("nan")
                 row.update(
                     {"class": cls, "class_name": kind, "n_lesions": len(infos),
+                     "family": ";".join(i["family"] for i in infos),
                      "corner": ";".join(i["corner"] for i in infos), "shape": ";".join(i["shape"] for i in infos),
                      "size_fraction": first["size_fraction"],
                      "depth_fraction": max(i["depth_fraction"] for i in infos),
@@ -856,6 +995,7 @@ __all__ = [
     "POLARITY",
     "COHORT_CONTRAST",
     "LESION_LABEL_NAMES",
+    "LESION_FAMILIES",
     "NO_LESION",
     "INFLAMMATION",
     "FAT",

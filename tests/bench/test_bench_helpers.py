@@ -647,3 +647,35 @@ def test_real_data_guard_names_the_folder(tmp_path, capsys):
         (tmp_path / "myosegmentum" / f"m-{i}_image.nii.gz").touch()
     assert not real_data_missing(tmp_path) and capsys.readouterr().err == ""
     assert cohort_halves(tmp_path) == {"myosegmentum": (["m-0"], ["m-1", "m-2"]), "chu2015": ([], [])}
+
+
+def test_lesion_families_bench_scores_per_model_family_and_cohort(tmp_path, capsys):
+    """Hand-made predictions: one model perfect on 'focal', the other with the lesion kinds swapped."""
+    from bench.lesion_families import main, score_rows
+    from bench.realdata import merge_folders
+
+    classes = ["normal", "inflammation", "fat"]
+    truth = [0, 0, 1, 2, 1, 2]
+    good = [[.8, .1, .1], [.7, .2, .1], [.1, .8, .1], [.1, .1, .8], [.2, .7, .1], [.2, .1, .7]]
+    swapped = [[p[0], p[2], p[1]] for p in good]
+    preds = [{"model": m, "trained_on": "x", "family": "focal", "cohort": c, "truth": t, "p": p}
+             for m, ps in (("a", good), ("b", swapped)) for k, (t, p) in enumerate(zip(truth, ps))
+             for c in (("chu2015",) if k < 3 else ("myosegmentum",))]
+    rows = {(r["model"], r["cohort"]): r for r in score_rows(preds, classes)}
+    assert set(rows) == {(m, c) for m in "ab" for c in ("chu2015", "myosegmentum", "pooled")}
+    a, b = rows[("a", "pooled")], rows[("b", "pooled")]
+    assert a["vertebrae"] == 6 and (a["n_normal"], a["n_inflammation"], a["n_fat"]) == (2, 2, 2)
+    assert a["auc_normal"] == a["auc_fat"] == a["typing_auc"] == a["balanced_accuracy"] == 1.0
+    assert b["auc_normal"] == 1.0 and b["typing_auc"] == 0.0 and b["balanced_accuracy"] == round(1 / 3, 3)
+    # the merged training folder of the benchmark: every scan linked, the tables concatenated
+    for c in ("x", "y"):
+        (tmp_path / c).mkdir()
+        (tmp_path / c / f"{c}1_image.nii.gz").write_bytes(b"1")
+        (tmp_path / c / "vertebra_labels.csv").write_text(f"id,level,class\n{c}1,L1,0\n")
+        (tmp_path / c / "subjects.csv").write_text(f"id,contrast\n{c}1,t2\n")
+    out = merge_folders([tmp_path / "x", tmp_path / "y"], tmp_path / "m")
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["x1_image.nii.gz", "y1_image.nii.gz"]
+    assert (out / "vertebra_labels.csv").read_text().count("L1") == 2
+    with pytest.raises(SystemExit):
+        main(["--train", "m=corner,ring", "--data", str(tmp_path)])
+    assert "ring" in capsys.readouterr().err

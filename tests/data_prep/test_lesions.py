@@ -14,6 +14,7 @@ from data_prep.lesions import (
     FAT,
     HARD_NEGATIVE,
     INFLAMMATION,
+    LESION_FAMILIES,
     LesionConfig,
     assign_classes,
     infer_contrast,
@@ -140,6 +141,73 @@ def test_lesions_sit_at_the_reported_corner_of_a_tilted_body():
                 assert (rel[0] > 0.5) == row.corner.startswith("anterior"), (tilt, row.corner, rel)
                 assert (rel[2] < 0.5) == ("superior" in row.corner), (tilt, row.corner, rel)
             assert np.allclose(np.abs(res.table.tilt_deg), abs(tilt), atol=1.0)
+
+
+@pytest.mark.parametrize("family", LESION_FAMILIES)
+def test_every_family_stays_in_its_body_on_two_slices(family):
+    img, lab = tiny_spine()
+    cfg = LesionConfig(families=(family,), class_probs=(0.0, 0.5, 0.5), second_lesion_prob=0.3, **NO_NEG)
+    for seed in range(4):
+        res = insert_lesions(img, lab, "water", np.random.default_rng(seed), cfg)
+        changed = np.abs(res.image.array - img.array) > 1e-4
+        assert not changed[lab.array == 0].any(), "image changed outside the bodies"
+        for _, row in res.table.iterrows():
+            assert row["class"] > 0 and set(row.family.split(";")) == {family}
+            own = lab.array == row.label
+            les = res.lesions.array > 0
+            assert les[own].any() and not (les & ~np.isin(lab.array, IDS)).any()
+            on = (les & own).sum(axis=(0, 2)) >= cfg.min_voxels_per_slice
+            assert max(len(r) for r in "".join("1" if x else "0" for x in on).split("0")) >= 2
+
+
+def _body_frame(lab, vid):
+    """Lesion-free geometry of a box body of ``tiny_spine(tilt_deg=0)``: its voxel bounds."""
+    idx = np.argwhere(lab.array == vid)
+    return idx.min(0), idx.max(0)
+
+
+def test_family_shapes_where_they_should_be():
+    img, lab = tiny_spine(tilt_deg=0.0)
+    spacing = np.asarray(img.spacing)
+    seen = {f: 0 for f in ("endplate", "focal", "diffuse")}
+    for family in seen:
+        cfg = LesionConfig(families=(family,), class_probs=(0, 1, 0), second_lesion_prob=0.0,
+                           edge_irregularity=0.0, **NO_NEG)
+        for seed in range(4):
+            res = insert_lesions(img, lab, "stir", np.random.default_rng(seed), cfg)
+            for _, row in res.table.iterrows():
+                own = lab.array == row.label
+                les = (res.lesions.array == INFLAMMATION) & own
+                lo, hi = _body_frame(lab, row.label)
+                k = np.argwhere(les)
+                if family == "endplate":  # axis 2 runs inferior: the band touches the reported endplate
+                    edge = lo[2] if row.corner.startswith("superior") else hi[2]
+                    assert np.abs(k[:, 2] - edge).min() <= 1, (seed, row.corner)
+                    height = (hi[2] - lo[2] + 1) * spacing[2]
+                    assert np.ptp(k[:, 2]) * spacing[2] <= 0.5 * height  # a band, not the body
+                    assert np.ptp(k[:, 0]) + 1 >= 0.4 * (hi[0] - lo[0] + 1)  # over much of the AP depth
+                elif family == "focal":  # inside: never on the body's outer voxel layer
+                    assert not (les & own & ~ndi.binary_erosion(own)).any(), seed
+                else:  # diffuse: a large share of the body
+                    assert les.sum() >= 0.2 * own.sum()
+                seen[family] += 1
+    assert all(n >= 8 for n in seen.values()), seen
+
+
+def test_a_family_mix_draws_every_family_and_the_default_is_corner_only():
+    img, lab = tiny_spine()
+    drawn = set()
+    cfg = LesionConfig(families=LESION_FAMILIES, class_probs=(0, 0.5, 0.5), **NO_NEG)
+    for seed in range(8):
+        res = insert_lesions(img, lab, "t1", np.random.default_rng(seed), cfg)
+        drawn |= {f for fs in res.table.family for f in fs.split(";")}
+    assert drawn == set(LESION_FAMILIES)
+    res = insert_lesions(img, lab, "t1", np.random.default_rng(0), LesionConfig(class_probs=(0, 0.5, 0.5)))
+    assert {f for fs in res.table.family for f in fs.split(";")} == {"corner"}
+    for bad in (dict(families=("ring",)), dict(families="corner"), dict(families=()),
+                dict(endplate_thickness_fraction=(0.5, 1.5)), dict(focal_radius_mm=(0.0, 2.0))):
+        with pytest.raises(SpinepipeInputError, match="LesionConfig"):
+            LesionConfig(**bad)
 
 
 def test_distractors_never_touch_a_vertebra():
