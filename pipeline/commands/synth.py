@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from data_prep.lesions import LESION_FAMILIES
 from pipeline.cli import CONTRAST_CHOICES, main
 
 
@@ -19,20 +20,25 @@ from pipeline.cli import CONTRAST_CHOICES, main
 @click.option("--overview/--no-overview", default=False, show_default=True,
               help="Also write <id>_overview.png (mid-sagittal slice with level contours).")
 @click.option("--lesions/--no-lesions", default=True, show_default=True,
-              help="Insert simulated corner lesions (classes normal / inflammation / fat) with data_prep.lesions.")
+              help="Insert simulated lesions (classes normal / inflammation / fat) with data_prep.lesions.")
+@click.option("--lesion-family", "families", multiple=True, type=click.Choice(LESION_FAMILIES),
+              help="Lesion families to draw from (repeatable; default: corner, the ASAS corner lesion; endplate "
+                   "bands, focal and diffuse lesions test or widen what a model has seen).")
 @click.option("--overview-max", type=click.IntRange(min=0), default=20, show_default=True,
               help="With --overview: write PNGs for at most this many (the first) subjects.")
 def synth_cmd(n: int, out_dir: Path, seed: int, contrasts: tuple[str, ...], overview: bool, lesions: bool,
-              overview_max: int) -> None:
+              families: tuple[str, ...], overview_max: int) -> None:
     """Generate N synthetic sagittal lumbar MRI scans with ground truth in the canonical layout."""
     from data_prep.synth import SynthConfig, write_cohort
 
     cfg = SynthConfig(contrasts=tuple(contrasts), contrast_weights=None) if contrasts else SynthConfig()
     lesion_fn = None
     if lesions:
-        from data_prep.lesions import cohort_hook
+        from data_prep.lesions import LesionConfig, cohort_hook
 
-        lesion_fn = cohort_hook()
+        lesion_fn = cohort_hook(LesionConfig(families=tuple(dict.fromkeys(families))) if families else None)
+    elif families:
+        raise click.UsageError("--lesion-family needs lesions (drop --no-lesions)")
     ids = write_cohort(out_dir, n, seed, cfg, lesion_fn, overview=min(overview_max, n) if overview else 0)
     extra = f", overviews for {min(overview_max, n)}" if overview else ""
     click.echo(f"wrote {len(ids)} synthetic subjects ({ids[0]} .. {ids[-1]}{extra}) to {out_dir.resolve()}")

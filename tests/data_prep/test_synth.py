@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from data_prep.errors import SpinepipeInputError
 from data_prep.io import read_image, read_labelmap, read_points_csv, read_vertebra_labels_csv, write_image
-from data_prep.scan import anatomical_rank, centroids_from_labelmap, reorient
+from data_prep.scan import anatomical_rank, centroids_from_labelmap, level_id, reorient
 from data_prep.synth import STRUCTURES, SynthConfig, generate_subject, subject_seed, write_cohort
 
 # Small grids keep every subject well under 0.3 s.
@@ -191,6 +191,28 @@ def test_cli_writes_cohort(tmp_path):
     assert list(df.columns) == ["id", "level", "class", "confidence"] and (df["class"] == 0).all()
     bad = CliRunner().invoke(main, ["synth", "-n", "0", "-o", str(out)])
     assert bad.exit_code != 0
+
+
+def test_cli_lesion_family_focal_keeps_lesions_off_the_body_border(tmp_path):
+    from scipy import ndimage as ndi
+
+    from pipeline.cli import main
+
+    out = tmp_path / "cohort"
+    res = CliRunner().invoke(main, ["synth", "-n", "2", "-o", str(out), "--seed", "3", "--lesion-family", "focal"])
+    assert res.exit_code == 0, res.output
+    labels = pd.read_csv(out / "vertebra_labels.csv")
+    assert (labels["class"] > 0).sum() >= 1
+    for sid in ("synth-000", "synth-001"):
+        img = read_image(out / f"{sid}_image.nii.gz")
+        vert = read_labelmap(out / f"{sid}_vertebrae.nii.gz", img).array
+        les = read_labelmap(out / f"{sid}_lesions.nii.gz", img).array
+        for _, row in labels[(labels.id == sid) & (labels["class"] > 0)].iterrows():
+            own = vert == level_id(row.level)
+            lesion = (les == row["class"]) & own
+            assert lesion.any() and not (lesion & ~ndi.binary_erosion(own)).any(), (sid, row.level)
+    bad = CliRunner().invoke(main, ["synth", "-n", "1", "-o", str(out), "--no-lesions", "--lesion-family", "focal"])
+    assert bad.exit_code != 0 and "--lesion-family" in bad.output
 
 
 def test_overview_png_with_lesions_and_annotations(tmp_path):
