@@ -4,14 +4,15 @@ The default lesion simulator draws ASAS corner lesions only. Real spines also sh
 (Andersson lesions, Modic changes), focal lesions inside the body and diffuse marrow change, and the
 project is judged on lesions it did not generate. This benchmark inserts each family of
 ``data_prep.lesions.LESION_FAMILIES`` on its own into the held-out half of each real cohort (the second
-half by name, ``bench/realdata.cohort_halves``; seed 1) and scores stage-2 models trained on the first
+half by name, ``bench/realdata.cohort_halves``; seed 1, else ``--test-seed``) and scores stage-2 models trained on the first
 half:
 
     python bench/lesion_families.py [--model NAME=DIR ...] [--train NAME=FAMILY,FAMILY[:EPOCHS] ...] [--epochs 30]
         [--families corner endplate focal diffuse] [--work DIR] -> bench/results/lesion_families.json + .md
 
-``--model`` scores an existing model (it must have been trained on the first halves only, e.g.
-``bench/contrast_check.py``'s ``both``); ``--train NAME=F1,F2[:EPOCHS]`` trains one (``EPOCHS``, else
+``--pool A.json B.json [--pool-models NAME ...]`` re-scores the predictions of earlier runs (e.g. two test
+seeds) as one set, without running any model. ``--model`` scores an existing model (it must have been trained on the first halves only, e.g.
+``bench/contrast_check.py``'s ``both``; name it after its training lesions); ``--train NAME=F1,F2[:EPOCHS]`` trains one (``EPOCHS``, else
 ``--epochs``; default configuration otherwise) on first-half copies whose lesions come from families F1, F2
 (seed 0), cached under ``--work``. Each vertebra is classified from a patch around its expert centroid with the region the
 seg head predicts (no mask given, as in ``spinepipe predict``), without attributions. Scores per model,
@@ -54,14 +55,15 @@ def _train(name: str, families: tuple[str, ...], data: Path, work: Path, halves,
     from stage2_classify.train import train_stage2
 
     out = work / "models" / name
-    if (out / "config.json").is_file() and json.loads((out / "config.json").read_text()).get("extra", {}).get(
-            "epoch") == epochs:  # a finished run (the folder is rewritten after every epoch)
-        return out
+    recipe = {"families": list(families), "epochs": epochs}
+    if (out / "recipe.json").is_file() and json.loads((out / "recipe.json").read_text()) == recipe:
+        return out  # a finished run of the same recipe (the folder is rewritten after every epoch)
     root = _copies(data, work / "train" / "_".join(families), {c: halves[c][0] for c in COHORTS}, 0, families)
     folder = merge_folders([root / c for c in COHORTS], work / "merged" / name)
     cfg = Stage2Config()
     cfg.train.epochs = epochs
     train_stage2(folder, out, cfg)
+    write_text(json.dumps(recipe) + "\n", out / "recipe.json")
     return out
 
 
@@ -105,14 +107,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", type=_model_arg, action="append", default=[],
                     help="NAME=FAMILY[,FAMILY...][:EPOCHS]: train a model on first-half copies with these lesion families")
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--test-seed", type=int, default=1, help="lesion seed of the held-out copies (training copies: 0)")
     ap.add_argument("--families", nargs="+", default=list(LESION_FAMILIES), choices=LESION_FAMILIES)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--work", type=Path, default=Path("/tmp/spinepipe_lesion_families"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--name", default="lesion_families")
+    ap.add_argument("--pool", type=Path, nargs="+", default=[], help="results JSON files to score as one set")
+    ap.add_argument("--pool-models", nargs="+", default=[], help="with --pool: keep these models only")
     args = ap.parse_args(argv)
+    if args.pool:
+        return _pool(args)
     if not args.model and not args.train:
-        ap.error("give at least one --model or --train")
+        ap.error("give at least one --model, --train or --pool")
+    if args.test_seed == 0:
+        ap.error("--test-seed 0 is the training copies' seed")
     plans = []
     for name, spec in args.train:
         fams, _, epochs = spec.partition(":")
@@ -125,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     if real_data_missing(args.data):
         return 2
     quiet_logging()
+    import pandas as pd
+
     from data_prep.scan import vertebrae_from_labelmap
     from stage2_classify.infer import Classifier
 
@@ -133,14 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     models: list[tuple[str, Path, str]] = []
     for n, d in args.model:
         done = json.loads((Path(d) / "config.json").read_text()).get("extra", {}).get("epoch", "?")
-        models.append((n, Path(d), f"corner, given ({done} epochs)"))
+        models.append((n, Path(d), f"given ({done} epochs; see its name)"))
     train_s: dict[str, float] = {}
     for name, families, epochs in plans:
         t = time.time()
         models.append((name, _train(name, families, args.data, args.work, halves, epochs),
                        f"{'+'.join(families)} ({epochs} epochs)"))
         train_s[name] = round(time.time() - t, 1)
-    tests = {f: _copies(args.data, args.work / "test" / f, {c: halves[c][1] for c in COHORTS}, 1, (f,))
+    sub = "test" if args.test_seed == 1 else f"test_seed{args.test_seed}"
+    tests = {f: _copies(args.data, args.work / sub / f, {c: halves[c][1] for c in COHORTS}, args.test_seed, (f,))
              for f in args.families}
     preds: list[dict] = []
     classes: list[str] = []
@@ -149,8 +161,6 @@ def main(argv: list[str] | None = None) -> int:
         classes = list(clf.config.classes)
         for family, root in tests.items():
             for c in COHORTS:
-                import pandas as pd
-
                 table = pd.read_csv(root / c / "vertebra_labels.csv")
                 truth = {(i, lv): int(k) for i, lv, k in zip(table["id"], table["level"], table["class"])}
                 for p in sorted((root / c).glob("*_image.nii.gz")):
@@ -163,31 +173,75 @@ def main(argv: list[str] | None = None) -> int:
                                           "subject": sid, "level": v.level, "truth": truth[(sid, v.level)],
                                           "p": [round(float(r["probabilities"][k]), 5) for k in classes]})
     rows = score_rows(preds, classes)
-    res = {"meta": {"data": str(args.data), "models": {n: str(m) for n, m, _ in models},
+    res = {"meta": {"data": str(args.data), "models": {n: str(m) for n, m, _ in models}, "test_seed": args.test_seed,
+                    "classes": classes,
                     "trained": {n: {"families": list(f), "epochs": e} for n, f, e in plans},
                     "train_seconds": train_s, "families": args.families, "seconds": round(time.time() - t0, 1),
                     "semi_synthetic": True},
            "summary": rows, "predictions": preds}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text(json.dumps(res, indent=1) + "\n", args.out / f"{args.name}.json")
     cmd = " ".join(["python bench/lesion_families.py", *(f"--model {n}=DIR" for n, _ in args.model),
-                    *(f"--train {n}={f}" for n, f in args.train)])
-    pooled = [r for r in rows if r["cohort"] == "pooled"]
+                    *(f"--train {n}={f}" for n, f in args.train),
+                    *([f"--test-seed {args.test_seed}"] if args.test_seed != 1 else [])])
+    _write(args.out, args.name, res,
+           f"Generated by `{cmd}` in {res['meta']['seconds']:.0f} s. **Semi-synthetic**: real scans of the held-out "
+           "half of each cohort (second half by name) with lesions inserted by `data_prep.lesions` "
+           f"(seed {args.test_seed}), one lesion family per test set (`LesionConfig.families`); models trained on the "
+           f"first halves (seed-0 copies). Training seconds: {train_s or 'none (given models)'}.")
+    return 0
+
+
+def _pool(args) -> int:
+    """``--pool``: the predictions of earlier runs scored as one set (each keeps its ``test_seed``)."""
+    from data_prep.lesions import CLASSES
+
+    preds, seeds, classes = [], [], None
+    for f in args.pool:
+        try:
+            run = json.loads(Path(f).read_text())
+            meta, got = run["meta"], run["predictions"]
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: {f}: not a lesion_families results file ({e})", file=sys.stderr)
+            return 2
+        seeds.append(int(meta.get("test_seed", 1)))
+        these = list(meta.get("classes", CLASSES))
+        if classes is not None and these != classes:
+            print(f"error: {f}: classes {these} differ from {classes}", file=sys.stderr)
+            return 2
+        classes = these
+        preds += [{**r, "test_seed": seeds[-1]} for r in got if not args.pool_models or r["model"] in args.pool_models]
+    if len(set(seeds)) < len(seeds):
+        print(f"error: {' '.join(map(str, args.pool))}: the same test seed twice ({seeds}); nothing pooled",
+              file=sys.stderr)
+        return 2
+    rows = score_rows(preds, classes)
+    res = {"meta": {"pooled_from": [str(f) for f in args.pool], "test_seeds": seeds, "classes": classes,
+                    "semi_synthetic": True}, "summary": rows, "predictions": preds}
+    keep = f" --pool-models {' '.join(args.pool_models)}" if args.pool_models else ""
+    _write(args.out, args.name, res,
+           f"Generated by `python bench/lesion_families.py --pool {' '.join(str(f) for f in args.pool)}{keep}`: the "
+           f"predictions of those runs (test seeds {', '.join(map(str, seeds))}) scored as one set. **Semi-synthetic**: "
+           "real scans of the held-out half of each cohort with lesions inserted by `data_prep.lesions`, one lesion "
+           "family per test set; models trained on the first halves (seed-0 copies).")
+    return 0
+
+
+def _write(out: Path, name: str, res: dict, provenance: str) -> None:
+    """``name.json`` (one line per prediction, so the file stays readable in a diff) and ``name.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    body = json.dumps({k: v for k, v in res.items() if k != "predictions"}, indent=1)
+    lines = ",\n".join(json.dumps(r) for r in res["predictions"])
+    write_text(body[:-2] + ',\n "predictions": [\n' + lines + "\n ]\n}\n", out / f"{name}.json")
+    rows = res["summary"]
     text = [
         "# Stage 2 on lesion families it was not trained on (semi-synthetic)", "",
-        f"Generated by `{cmd.strip()}` in {res['meta']['seconds']:.0f} s. **Semi-synthetic**: real scans of the "
-        "held-out half of each cohort (second half by name) with lesions inserted by `data_prep.lesions` "
-        "(seed 1), one lesion family per test set (`LesionConfig.families`); models trained on the first halves "
-        "(seed-0 copies). Each vertebra classified around its expert centroid with the seg head's region, no "
+        provenance + " Each vertebra classified around its expert centroid with the seg head's region, no "
         "attributions. The families are the project's own drawings of other lesion kinds (endplate bands, "
         "focal lesions inside the body, diffuse patches): a proxy for lesions it did not generate, not real ones. "
         "typing = AUC of inflammation vs fat among lesion vertebrae.", "",
-        "Pooled:", "", *md_table(pooled), "",
+        "Pooled:", "", *md_table([r for r in rows if r["cohort"] == "pooled"]), "",
         "Per cohort:", "", *md_table([r for r in rows if r["cohort"] != "pooled"]), "",
-        f"Training seconds: {train_s or 'none (given models)'}.", "",
     ]
-    write_text("\n".join(text), args.out / f"{args.name}.md")
-    return 0
+    write_text("\n".join(text), out / f"{name}.md")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Benchmark helpers: config overrides, the low-resolution dataset copy, the stage-2 sample cache."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -679,3 +681,23 @@ def test_lesion_families_bench_scores_per_model_family_and_cohort(tmp_path, caps
     with pytest.raises(SystemExit):
         main(["--train", "m=corner,ring", "--data", str(tmp_path)])
     assert "ring" in capsys.readouterr().err
+    for argv, words in ((["--train", "m=corner:x"], "positive integer"), (["--model", "m=d", "--test-seed", "0"], "seed"),
+                        ([], "--model, --train or --pool")):
+        with pytest.raises(SystemExit):
+            main([*argv, "--data", str(tmp_path)])
+        assert words in capsys.readouterr().err
+    # --pool: two runs' predictions (test seeds 1 and 2) scored as one set; the same seed twice is refused
+    from bench.lesion_families import _write
+
+    for seed, ps in ((1, good), (2, swapped)):
+        part = [{**r, "model": "a"} for r in preds if r["model"] == ("a" if seed == 1 else "b")]
+        _write(tmp_path, f"run{seed}", {"meta": {"test_seed": seed, "classes": classes},
+                                        "summary": score_rows(part, classes), "predictions": part}, "test")
+    assert main(["--pool", str(tmp_path / "run1.json"), str(tmp_path / "run2.json"), "--out", str(tmp_path),
+                 "--name", "both"]) == 0
+    both = json.loads((tmp_path / "both.json").read_text())
+    row = [r for r in both["summary"] if r["cohort"] == "pooled"][0]
+    assert both["meta"]["test_seeds"] == [1, 2] and row["vertebrae"] == 12 and row["auc_normal"] == 1.0
+    assert row["typing_auc"] == 0.5  # right in one run, swapped in the other
+    assert main(["--pool", str(tmp_path / "run1.json"), str(tmp_path / "run1.json"), "--out", str(tmp_path)]) == 2
+    assert "same test seed twice" in capsys.readouterr().err
