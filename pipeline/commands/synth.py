@@ -5,8 +5,11 @@ from pathlib import Path
 
 import click
 
-from data_prep.lesions import LESION_FAMILIES
 from pipeline.cli import CONTRAST_CHOICES, main
+
+#: ``data_prep.lesions.LESION_FAMILIES``, spelled out so that ``spinepipe --help`` does not import the simulator
+#: (a test keeps the two equal).
+LESION_FAMILY_CHOICES: tuple[str, ...] = ("corner", "endplate", "focal", "diffuse")
 
 
 @main.command("synth")
@@ -21,7 +24,7 @@ from pipeline.cli import CONTRAST_CHOICES, main
               help="Also write <id>_overview.png (mid-sagittal slice with level contours).")
 @click.option("--lesions/--no-lesions", default=True, show_default=True,
               help="Insert simulated lesions (classes normal / inflammation / fat) with data_prep.lesions.")
-@click.option("--lesion-family", "families", multiple=True, type=click.Choice(LESION_FAMILIES),
+@click.option("--lesion-family", "families", multiple=True, type=click.Choice(LESION_FAMILY_CHOICES),
               help="Lesion families to draw from (repeatable; default: corner, the ASAS corner lesion; endplate "
                    "bands, focal and diffuse lesions test or widen what a model has seen).")
 @click.option("--overview-max", type=click.IntRange(min=0), default=20, show_default=True,

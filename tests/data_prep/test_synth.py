@@ -213,6 +213,10 @@ def test_cli_lesion_family_focal_keeps_lesions_off_the_body_border(tmp_path):
             assert lesion.any() and not (lesion & ~ndi.binary_erosion(own)).any(), (sid, row.level)
     bad = CliRunner().invoke(main, ["synth", "-n", "1", "-o", str(out), "--no-lesions", "--lesion-family", "focal"])
     assert bad.exit_code != 0 and "--lesion-family" in bad.output
+    from data_prep.lesions import LESION_FAMILIES
+    from pipeline.commands.synth import LESION_FAMILY_CHOICES
+
+    assert LESION_FAMILY_CHOICES == LESION_FAMILIES
 
 
 def test_overview_png_with_lesions_and_annotations(tmp_path):
