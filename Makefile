@@ -86,10 +86,11 @@ bench-ig-steps: $(STAMP)
 bench-recentre: $(STAMP)
 	$(PY) bench/recentre.py --stage1 $(STAGE1) --stage2 $(or $(STAGE2),models/stage2) $(RECENTRE_ARGS)
 
-## Stage 2 on lesion families it was not trained on (~35 min, real data, semi-synthetic): a corner-trained and a
-## mixed-family model, 30 epochs each on the first half of each cohort; LF_ARGS adds e.g. --model NAME=DIR
+## Stage 2 on lesion families it was not trained on (~65 min, real data, semi-synthetic): a corner-trained and a
+## mixed-family model, 80 epochs each on the first half of each cohort (at 30 epochs the corner-only run stays at
+## chance); LF_ARGS adds e.g. --model NAME=DIR or --test-seed 2
 bench-lesion-families: $(STAMP)
-	$(PY) bench/lesion_families.py --train corner30=corner --train mixed30=corner,endplate,diffuse $(LF_ARGS)
+	$(PY) bench/lesion_families.py --train corner80=corner:80 --train mixed80=corner,endplate,diffuse:80 $(LF_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo_out
