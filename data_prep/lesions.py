@@ -481,15 +481,13 @@ def _finish_weight(b: _Body, w: np.ndarray, cfg: LesionConfig, spacing: np.ndarr
     }
 
 
-def _corner_weight(b: _Body, rng: np.random.Generator, cfg: LesionConfig, spacing: np.ndarray
-                   ) -> tuple[np.ndarray, dict] | None:
-    """Soft weight map (crop grid, 0..1, zero outside the body) of one corner lesion, or None."""
-    anterior = bool(rng.random() < cfg.anterior_prob)
-    superior = bool(rng.random() < cfg.superior_prob)
-    triangle = bool(rng.random() < cfg.triangle_prob)
-    frac = _draw(rng, cfg.depth_fraction)
-    a_mm = frac * b.depth
-    b_mm = a_mm * _draw(rng, cfg.aspect)
+def _slab_weight(b: _Body, rng: np.random.Generator, cfg: LesionConfig, spacing: np.ndarray, anterior: bool,
+                 superior: bool, shape) -> np.ndarray | None:
+    """Weight map (crop grid, before blur and clipping) of a lesion drawn slice by slice over an LR slab.
+
+    ``shape(sl, edges, taper, noise)`` returns the lesion (bool) on sagittal slice ``sl`` given the slice's
+    corner ``edges`` (``(u, v)`` of the chosen corner), the taper (1 at the slab's centre, 0.7 at its ends)
+    and the slice's edge noise."""
     slab = _lr_slab(b, rng, cfg, spacing)
     if slab is None:
         return None
@@ -502,13 +500,32 @@ def _corner_weight(b: _Body, rng: np.random.Generator, cfg: LesionConfig, spacin
         if edges is None:
             continue
         taper = 1.0 - 0.3 * ((s - (start + (n_sl - 1) / 2.0)) / half) ** 2
-        A, B = a_mm * taper, b_mm * taper
         sl = _sl(b.lr_axis, s)
+        w[sl] = shape(sl, edges, taper, noise[sl]).astype(np.float32)
+    return w
+
+
+def _corner_weight(b: _Body, rng: np.random.Generator, cfg: LesionConfig, spacing: np.ndarray
+                   ) -> tuple[np.ndarray, dict] | None:
+    """Soft weight map (crop grid, 0..1, zero outside the body) of one corner lesion, or None."""
+    anterior = bool(rng.random() < cfg.anterior_prob)
+    superior = bool(rng.random() < cfg.superior_prob)
+    triangle = bool(rng.random() < cfg.triangle_prob)
+    frac = _draw(rng, cfg.depth_fraction)
+    a_mm = frac * b.depth
+    b_mm = a_mm * _draw(rng, cfg.aspect)
+
+    def shape(sl, edges, taper, noise):
+        A, B = a_mm * taper, b_mm * taper
         aa = (b.u[sl] - edges[0]) * (1.0 if anterior else -1.0)
         bb = (edges[1] - b.v[sl]) * (1.0 if superior else -1.0)
         f = (aa / A + bb / B) if triangle else np.sqrt(np.maximum(aa, 0) ** 2 / A**2 + np.maximum(bb, 0) ** 2 / B**2)
-        f = f + cfg.edge_irregularity * noise[sl]
-        w[sl] = ((f <= 1.0) & (aa >= -A) & (bb >= -B)).astype(np.float32)
+        f = f + cfg.edge_irregularity * noise
+        return (f <= 1.0) & (aa >= -A) & (bb >= -B)
+
+    w = _slab_weight(b, rng, cfg, spacing, anterior, superior, shape)
+    if w is None:
+        return None
     return _finish_weight(b, w, cfg, spacing, {
         "corner": f"{'anterior' if anterior else 'posterior'}-{'superior' if superior else 'inferior'}",
         "shape": "triangle" if triangle else "rounded",
@@ -523,23 +540,16 @@ def _endplate_weight(b: _Body, rng: np.random.Generator, cfg: LesionConfig, spac
     thick = _draw(rng, cfg.endplate_thickness_fraction) * b.height
     span = _draw(rng, cfg.endplate_span_fraction) * b.depth
     centre_u = _draw(rng, (-0.5, 0.5)) * (b.depth - span)  # the band stays within the endplate's depth
-    slab = _lr_slab(b, rng, cfg, spacing)
-    if slab is None:
-        return None
-    chosen, start, n_sl = slab
-    noise = _smooth_noise(b.mask.shape, 2.0 / spacing, rng)
-    w = np.zeros(b.mask.shape, dtype=np.float32)
-    half = max(n_sl / 2.0, 1.0)
-    for s in chosen:
-        edges = _corner_edges(b, s, True, superior)
-        if edges is None:
-            continue
-        taper = 1.0 - 0.3 * ((s - (start + (n_sl - 1) / 2.0)) / half) ** 2
-        sl = _sl(b.lr_axis, s)
+
+    def shape(sl, edges, taper, noise):
         bb = (edges[1] - b.v[sl]) * (1.0 if superior else -1.0)  # depth below the endplate (mm)
         aa = np.abs(b.u[sl] - centre_u) / (0.5 * span * taper)
-        f = bb / (thick * taper) + cfg.edge_irregularity * noise[sl]
-        w[sl] = ((f <= 1.0) & (aa <= 1.0) & (bb >= -thick)).astype(np.float32)
+        f = bb / (thick * taper) + cfg.edge_irregularity * noise
+        return (f <= 1.0) & (aa <= 1.0) & (bb >= -thick)
+
+    w = _slab_weight(b, rng, cfg, spacing, True, superior, shape)
+    if w is None:
+        return None
     return _finish_weight(b, w, cfg, spacing, {
         "corner": f"{'superior' if superior else 'inferior'}-endplate", "shape": "endplate",
         "size_fraction": round(span / b.depth, 3),
