@@ -41,7 +41,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.mdtable import md_table  # noqa: E402
-from bench.realdata import COHORTS, cohort_halves, merge_folders, quiet_logging, real_data_missing  # noqa: E402
+from bench.realdata import (COHORTS, cohort_halves, merge_folders, quiet_logging, real_data_missing,  # noqa: E402
+                            semisynthetic_copies)
 from data_prep.io import read_image, read_labelmap, write_text  # noqa: E402
 
 THRESHOLDS = (1.0, 1.5, 2.0, 3.0)
@@ -49,17 +50,6 @@ SYNTH_CONTRASTS = ("t1", "t2", "stir", "water")
 #: Per-axis standard deviation (mm) of the noise put on the expert centroids to mimic stage 1's error
 #: (3.5 mm root-mean-square in 3-D; stage 1's mean error is 3-5 mm, median ~3 mm).
 JITTER_MM = 2.0
-
-
-def _prepare(data: Path, work: Path, halves) -> Path:
-    """Semi-synthetic copies of the training halves (one folder per cohort) -> their parent folder."""
-    from data_prep.lesions import make_semisynthetic
-
-    for c in COHORTS:
-        dst = work / "train" / c
-        if not (dst / "vertebra_labels.csv").is_file():
-            make_semisynthetic(data / c, dst, 0, ids=halves[c][0])
-    return work / "train"
 
 
 def _synthetic(work: Path, n_per: int) -> list[tuple[str, str, Path]]:
@@ -169,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     args.work.mkdir(parents=True, exist_ok=True)
     halves = cohort_halves(args.data)
-    train_root = _prepare(args.data, args.work, halves)
+    train_root = semisynthetic_copies(args.data, args.work / "train", {c: halves[c][0] for c in COHORTS}, 0)
     from data_prep.lesions import COHORT_CONTRAST
 
     scans = [(f"{c} held-out ({COHORT_CONTRAST[c]})", sid, COHORT_CONTRAST[c], args.data / c)

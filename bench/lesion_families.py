@@ -35,19 +35,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.mdtable import md_table  # noqa: E402
-from bench.realdata import COHORTS, cohort_halves, merge_folders, quiet_logging, real_data_missing  # noqa: E402
+from bench.realdata import (COHORTS, cohort_halves, merge_folders, quiet_logging, real_data_missing,  # noqa: E402
+                            semisynthetic_copies)
 from data_prep.io import read_image, read_labelmap, write_text  # noqa: E402
-
-
-def _copies(data: Path, dst_root: Path, ids: dict[str, list[str]], seed: int, families: tuple[str, ...]) -> Path:
-    """Semi-synthetic copies of ``ids`` per cohort with lesions of ``families`` -> their parent folder."""
-    from data_prep.lesions import LesionConfig, make_semisynthetic
-
-    for c in COHORTS:
-        dst = dst_root / c
-        if not (dst / "vertebra_labels.csv").is_file():
-            make_semisynthetic(data / c, dst, seed, LesionConfig(families=families), ids=ids[c])
-    return dst_root
 
 
 def _train(name: str, families: tuple[str, ...], data: Path, work: Path, halves, epochs: int) -> Path:
@@ -58,7 +48,10 @@ def _train(name: str, families: tuple[str, ...], data: Path, work: Path, halves,
     recipe = {"families": list(families), "epochs": epochs}
     if (out / "recipe.json").is_file() and json.loads((out / "recipe.json").read_text()) == recipe:
         return out  # a finished run of the same recipe (the folder is rewritten after every epoch)
-    root = _copies(data, work / "train" / "_".join(families), {c: halves[c][0] for c in COHORTS}, 0, families)
+    from data_prep.lesions import LesionConfig
+
+    root = semisynthetic_copies(data, work / "train" / "_".join(families), {c: halves[c][0] for c in COHORTS}, 0,
+                                LesionConfig(families=families))
     folder = merge_folders([root / c for c in COHORTS], work / "merged" / name)
     cfg = Stage2Config()
     cfg.train.epochs = epochs
@@ -100,7 +93,7 @@ def _model_arg(text: str) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data_prep.lesions import COHORT_CONTRAST, LESION_FAMILIES
+    from data_prep.lesions import COHORT_CONTRAST, LESION_FAMILIES, LesionConfig
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=_model_arg, action="append", default=[], help="NAME=DIR, trained on first halves")
@@ -152,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                        f"{'+'.join(families)} ({epochs} epochs)"))
         train_s[name] = round(time.time() - t, 1)
     sub = "test" if args.test_seed == 1 else f"test_seed{args.test_seed}"
-    tests = {f: _copies(args.data, args.work / sub / f, {c: halves[c][1] for c in COHORTS}, args.test_seed, (f,))
-             for f in args.families}
+    tests = {f: semisynthetic_copies(args.data, args.work / sub / f, {c: halves[c][1] for c in COHORTS},
+                                     args.test_seed, LesionConfig(families=(f,))) for f in args.families}
     preds: list[dict] = []
     classes: list[str] = []
     for name, model, trained_on in models:

@@ -56,3 +56,16 @@ def merge_folders(folders, dst: Path) -> Path:
     pd.concat(labels).to_csv(dst / "vertebra_labels.csv", index=False)
     pd.concat(subjects).to_csv(dst / "subjects.csv", index=False)
     return dst
+
+
+def semisynthetic_copies(data: Path, dst_root: Path, ids: dict[str, list[str]], seed: int, config=None) -> Path:
+    """**Semi-synthetic** copies (``data_prep.lesions.make_semisynthetic``, lesions of ``config``) of the
+    subjects ``ids[cohort]`` of each cohort, one folder per cohort under ``dst_root`` (kept when already
+    written: a folder with its ``vertebra_labels.csv``) -> ``dst_root``."""
+    from data_prep.lesions import make_semisynthetic
+
+    for c in COHORTS:
+        dst = Path(dst_root) / c
+        if not (dst / "vertebra_labels.csv").is_file():
+            make_semisynthetic(Path(data) / c, dst, seed, config, ids=ids[c])
+    return Path(dst_root)

@@ -34,7 +34,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.mdtable import md_table  # noqa: E402
-from bench.realdata import COHORTS, cohort_halves, quiet_logging, real_data_missing  # noqa: E402
+from bench.realdata import (COHORTS, cohort_halves, quiet_logging, real_data_missing,  # noqa: E402
+                            semisynthetic_copies)
 from data_prep.io import read_image, read_labelmap, write_text  # noqa: E402
 
 
@@ -100,20 +101,19 @@ def main(argv: list[str] | None = None) -> int:
 
     clf = Classifier(args.stage2)
     limit = clf.config.recentre_max_mm or 10.0
+    halves = cohort_halves(args.data)
     keep = second_halves(args.data) if args.second_half_only else None
     source = {c: args.data / c for c in COHORTS}
     labels: dict[tuple[str, int], int] = {}
     if args.lesions is not None:
         import pandas as pd
 
-        from data_prep.lesions import make_semisynthetic
         from data_prep.scan import level_id
 
+        ids = {c: [i for half in halves[c] for i in half if keep is None or i in keep] for c in COHORTS}
+        semisynthetic_copies(args.data, args.lesions, ids, 1)
         for c in COHORTS:
             dst = args.lesions / c
-            if not (dst / "vertebra_labels.csv").is_file():
-                ids = sorted(p.name[: -len("_image.nii.gz")] for p in (args.data / c).glob("*_image.nii.gz"))
-                make_semisynthetic(args.data / c, dst, 1, ids=[i for i in ids if keep is None or i in keep])
             source[c] = dst
             table = pd.read_csv(dst / "vertebra_labels.csv")
             for sid, level, k in zip(table["id"], table["level"], table["class"]):
