@@ -9,7 +9,7 @@ export PYTHONHASHSEED := 0
 # Two cores on the reference machines: keep torch from oversubscribing.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test test-fast demo train-stage1 train-stage2 stage2 bench bench-stage1 bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-margin-reach bench-stage1-speed bench-pipeline bench-contrast-check bench-ig-steps bench-recentre bench-lesion-families clean
+.PHONY: install test test-fast demo train-stage1 train-stage2 stage2 bench bench-stage1 bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-margin-reach bench-stage1-speed bench-pipeline bench-contrast-check bench-ig-steps bench-recentre bench-lesion-families bench-visibility clean
 
 install: $(STAMP)
 
@@ -42,7 +42,7 @@ train-stage2: $(STAMP)
 stage2: train-stage2
 
 ## Benchmarks: JSON + markdown under bench/results/ (real-data parts need ../shared/data).
-bench: bench-stage1 bench-stage1-speed bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-margin-reach bench-pipeline bench-contrast-check bench-ig-steps bench-lesion-families
+bench: bench-stage1 bench-stage1-speed bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-margin-reach bench-pipeline bench-contrast-check bench-ig-steps bench-lesion-families bench-visibility
 
 bench-stage1: $(STAMP)
 	$(PY) bench/bench_stage1.py $(BENCH_ARGS)
@@ -91,6 +91,11 @@ bench-recentre: $(STAMP)
 ## chance); LF_ARGS adds e.g. --model NAME=DIR or --test-seed 2
 bench-lesion-families: $(STAMP)
 	$(PY) bench/lesion_families.py --train corner80=corner:80 --train mixed80=corner,endplate,diffuse:80 $(LF_ARGS)
+
+## Stage 2 against lesion visibility: held-out real scans with and without lesions, default vs visibility-floored
+## training copies (two 80-epoch trainings, ~45 min on 2 CPU cores)
+bench-visibility: $(STAMP)
+	$(PY) bench/visibility.py --train corner=none:80 --train cnr2=2.0:80 $(VIS_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo_out

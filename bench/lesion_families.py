@@ -35,29 +35,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.mdtable import md_table  # noqa: E402
-from bench.realdata import (COHORTS, cohort_halves, merge_folders, quiet_logging, real_data_missing,  # noqa: E402
-                            semisynthetic_copies)
+from bench.realdata import (COHORTS, cohort_halves, quiet_logging, real_data_missing,  # noqa: E402
+                            semisynthetic_copies, train_on_first_halves)
 from data_prep.io import read_image, read_labelmap, write_text  # noqa: E402
-
-
-def _train(name: str, families: tuple[str, ...], data: Path, work: Path, halves, epochs: int) -> Path:
-    from stage2_classify.config import Stage2Config
-    from stage2_classify.train import train_stage2
-
-    out = work / "models" / name
-    recipe = {"families": list(families), "epochs": epochs}
-    if (out / "recipe.json").is_file() and json.loads((out / "recipe.json").read_text()) == recipe:
-        return out  # a finished run of the same recipe (the folder is rewritten after every epoch)
-    from data_prep.lesions import LesionConfig
-
-    root = semisynthetic_copies(data, work / "train" / "_".join(families), {c: halves[c][0] for c in COHORTS}, 0,
-                                LesionConfig(families=families))
-    folder = merge_folders([root / c for c in COHORTS], work / "merged" / name)
-    cfg = Stage2Config()
-    cfg.train.epochs = epochs
-    train_stage2(folder, out, cfg)
-    write_text(json.dumps(recipe) + "\n", out / "recipe.json")
-    return out
 
 
 def score_rows(preds: list[dict], classes: list[str]) -> list[dict]:
@@ -141,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     train_s: dict[str, float] = {}
     for name, families, epochs in plans:
         t = time.time()
-        models.append((name, _train(name, families, args.data, args.work, halves, epochs),
+        models.append((name, train_on_first_halves(name, args.data, args.work, epochs,
+                                                   LesionConfig(families=families)),
                        f"{'+'.join(families)} ({epochs} epochs)"))
         train_s[name] = round(time.time() - t, 1)
     sub = "test" if args.test_seed == 1 else f"test_seed{args.test_seed}"

@@ -69,3 +69,35 @@ def semisynthetic_copies(data: Path, dst_root: Path, ids: dict[str, list[str]], 
         if not (dst / "vertebra_labels.csv").is_file():
             make_semisynthetic(Path(data) / c, dst, seed, config, ids=ids[c])
     return Path(dst_root)
+
+
+def train_on_first_halves(name: str, data: Path, work: Path, epochs: int, config=None) -> Path:
+    """A stage-2 model (default configuration, ``epochs`` epochs) trained on seed-0 **semi-synthetic** copies
+    (lesions of ``config``, a ``data_prep.lesions.LesionConfig``; default simulator when ``None``) of the
+    first half of each cohort (:func:`cohort_halves`) -> ``work/models/name``. A finished run of the same
+    recipe there is reused: the folder is rewritten after every epoch, so only a ``recipe.json`` written at
+    the end marks it done. Copies go to ``work/train/<families>[_cnr<min_cnr>]``."""
+    import json
+
+    from data_prep.io import write_text
+    from data_prep.lesions import LesionConfig
+    from stage2_classify.config import Stage2Config
+    from stage2_classify.train import train_stage2
+
+    config = config or LesionConfig()
+    out = Path(work) / "models" / name
+    recipe = {"families": list(config.families), "epochs": int(epochs)}
+    tag = "_".join(config.families)
+    if config.min_cnr is not None:
+        recipe["min_cnr"] = float(config.min_cnr)
+        tag += f"_cnr{config.min_cnr:g}"
+    if (out / "recipe.json").is_file() and json.loads((out / "recipe.json").read_text()) == recipe:
+        return out
+    halves = cohort_halves(data)
+    root = semisynthetic_copies(data, Path(work) / "train" / tag, {c: halves[c][0] for c in COHORTS}, 0, config)
+    folder = merge_folders([root / c for c in COHORTS], Path(work) / "merged" / name)
+    cfg = Stage2Config()
+    cfg.train.epochs = int(epochs)
+    train_stage2(folder, out, cfg)
+    write_text(json.dumps(recipe) + "\n", out / "recipe.json")
+    return out

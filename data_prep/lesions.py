@@ -124,6 +124,11 @@ class LesionConfig:
         ``inflammation_bright`` (STIR / water), ``inflammation_t2`` (T2 without fat suppression),
         ``inflammation_dark`` (T1), ``fat_bright`` (T1 / T2-TSE), ``fat_dark`` (STIR / water);
         ``subtle_prob``: P(drawing from the quarter of the range closest to 1, i.e. a subtle lesion);
+        ``min_cnr``: ``None`` (default: ratios as drawn) or a visibility floor: a drawn ratio whose lesion
+        level lies closer to the marrow median than ``min_cnr`` robust standard deviations of the
+        vertebra's marrow (1.4826 x MAD) is moved out to that distance, same polarity. On a noisy,
+        heterogeneous marrow (Dixon water) many drawn ratios are otherwise invisible: a lesion no reader
+        would call, labelled as one. Every lesion row reports its measured ``cnr`` either way;
         ``texture_strength`` / ``texture_sigma_mm``: multiplicative smooth noise (std, correlation);
         ``pv_sigma_mm``: Gaussian partial-volume smoothing of the weight map (soft edges).
     Hard negatives
@@ -160,6 +165,7 @@ class LesionConfig:
     fat_bright: tuple[float, float] = (1.25, 2.0)
     fat_dark: tuple[float, float] = (0.35, 0.8)
     subtle_prob: float = 0.2
+    min_cnr: float | None = None
     texture_strength: tuple[float, float] = (0.04, 0.12)
     texture_sigma_mm: float = 1.5
     pv_sigma_mm: float = 1.0
@@ -209,6 +215,8 @@ class LesionConfig:
                 raise SpinepipeInputError(None, f"LesionConfig.{name} must be a (low, high) range in (0, 1], got {(lo, hi)}")
         if self.focal_radius_mm[0] <= 0:
             raise SpinepipeInputError(None, f"LesionConfig.focal_radius_mm must be positive, got {self.focal_radius_mm}")
+        if self.min_cnr is not None and not (np.isfinite(self.min_cnr) and self.min_cnr > 0):
+            raise SpinepipeInputError(None, f"LesionConfig.min_cnr must be None or a positive number, got {self.min_cnr}")
         if self.min_slices < 1 or self.distractor_gap_vox < 1 or self.max_tries < 1:
             raise SpinepipeInputError(None, "LesionConfig: min_slices, distractor_gap_vox and max_tries must be >= 1")
 
@@ -286,6 +294,7 @@ class _Body:
     x: np.ndarray  # LR coordinate (mm along the sagittal normal)
     lr_axis: int
     marrow: float
+    marrow_sd: float  # robust (1.4826 x MAD) standard deviation of the marrow intensities
     depth: float
     height: float
     tilt_deg: float
@@ -375,12 +384,13 @@ def _build_bodies(image: Scan, vertebrae: Scan, pad_mm: float, min_voxels: int, 
         depth = float(np.percentile(uu, 99) - np.percentile(uu, 1)) if uu.size else 0.0
         height = float(np.percentile(vv, 99) - np.percentile(vv, 1)) if vv.size else 0.0
         marrow = float(np.median(img[crop][mc])) if mc.any() else 0.0
+        marrow_sd = 1.4826 * float(np.median(np.abs(img[crop][mc] - marrow))) if mc.any() else 0.0
         if pv_sigma_mm > 0:
             inner = ndi.binary_erosion(mc)
             soft = np.clip(2.0 * ndi.gaussian_filter(inner.astype(np.float32), pv_sigma_mm / image.spacing), 0, 1) * mc
         else:
             soft = mc.astype(np.float32)
-        bodies[vid] = _Body(vid, crop, mc, u, v, x, lr_axis, marrow, max(depth, 1e-3), max(height, 1e-3), tilt,
+        bodies[vid] = _Body(vid, crop, mc, u, v, x, lr_axis, marrow, marrow_sd, max(depth, 1e-3), max(height, 1e-3), tilt,
                             slices, central, soft.astype(np.float32))
     return bodies
 
@@ -415,14 +425,19 @@ def _ratio_range(kind: str, contrast: str, cfg: LesionConfig) -> tuple[float, fl
     return cfg.fat_bright if pol > 0 else cfg.fat_dark
 
 
-def _draw_ratio(kind: str, contrast: str, cfg: LesionConfig, rng: np.random.Generator) -> tuple[float, bool]:
+def _draw_ratio(kind: str, contrast: str, cfg: LesionConfig, rng: np.random.Generator,
+                b: _Body | None = None) -> tuple[float, bool]:
     lo, hi = _ratio_range(kind, contrast, cfg)
     subtle = bool(rng.random() < cfg.subtle_prob)
     bright = POLARITY[(kind, contrast)] > 0
     if subtle:  # the quarter of the range closest to 1
         q = (hi - lo) / 4.0
         lo, hi = (lo, lo + q) if bright else (hi - q, hi)
-    return _draw(rng, (lo, hi)), subtle
+    ratio = _draw(rng, (lo, hi))
+    if cfg.min_cnr is not None and b is not None and b.marrow > 0:  # visibility floor (no extra draw)
+        step = cfg.min_cnr * b.marrow_sd / b.marrow
+        ratio = max(ratio, 1.0 + step) if bright else min(ratio, max(1.0 - step, 0.05))
+    return ratio, subtle
 
 
 def _runs(counts: np.ndarray, min_count: int) -> int:
@@ -748,7 +763,7 @@ def insert_lesions(
     -------
     LesionResult with the float32 image, the uint8 lesion label map and a per-vertebra table with
     columns ``label, level, class, class_name, n_lesions, family, corner, shape, size_fraction,
-    depth_fraction, large, n_slices, contrast_ratio, target_ratio, subtle, hard_negative,
+    depth_fraction, large, n_slices, contrast_ratio, target_ratio, cnr, subtle, hard_negative,
     distractor, marrow, tilt_deg, note``.
     """
     config = config or LesionConfig()
@@ -775,7 +790,7 @@ def insert_lesions(
         cls = drawn[vid]
         row = {"label": vid, "level": level_name(vid), "class": 0, "class_name": CLASSES[0], "n_lesions": 0,
                "family": "", "corner": "", "shape": "", "size_fraction": 0.0, "depth_fraction": 0.0, "large": False,
-               "n_slices": 0, "contrast_ratio": 1.0, "target_ratio": 1.0, "subtle": False,
+               "n_slices": 0, "contrast_ratio": 1.0, "target_ratio": 1.0, "cnr": 0.0, "subtle": False,
                "hard_negative": False, "distractor": "", "marrow": round(b.marrow, 3),
                "tilt_deg": round(b.tilt_deg, 2), "note": ""}
         usable = int(b.mask.sum()) >= config.min_body_voxels
@@ -788,7 +803,7 @@ def insert_lesions(
             code = INFLAMMATION if kind == "inflammation" else FAT
             n_wanted = 1 + int(rng.random() < config.second_lesion_prob)
             infos, lesion_vox = [], np.zeros(b.mask.shape, dtype=bool)
-            ratio, subtle = _draw_ratio(kind, contrast, config, rng)
+            ratio, subtle = _draw_ratio(kind, contrast, config, rng, b)
             for _ in range(n_wanted):
                 for _try in range(config.max_tries):
                     res = _lesion_weight(b, rng, config, spacing)
@@ -808,7 +823,9 @@ def insert_lesions(
                 region = lesion_map[b.crop]
                 region[lesion_vox] = code
                 first = infos[0]
-                measured = float(out[b.crop][lesion_vox].mean() / b.marrow) if b.marrow > 0 else float("nan")
+                level = float(out[b.crop][lesion_vox].mean())
+                measured = level / b.marrow if b.marrow > 0 else float("nan")
+                cnr = (level - b.marrow) / b.marrow_sd if b.marrow_sd > 0 else float("nan")
                 row.update(
                     {"class": cls, "class_name": kind, "n_lesions": len(infos),
                      "family": ";".join(i["family"] for i in infos),
@@ -817,7 +834,8 @@ def insert_lesions(
                      "depth_fraction": max(i["depth_fraction"] for i in infos),
                      "large": any(i["large"] for i in infos),
                      "n_slices": max(i["n_slices"] for i in infos),
-                     "contrast_ratio": round(measured, 4), "target_ratio": round(ratio, 4), "subtle": subtle}
+                     "contrast_ratio": round(measured, 4), "target_ratio": round(ratio, 4), "cnr": round(cnr, 3),
+                     "subtle": subtle}
                 )
         if cls == 0 and usable and rng.random() < config.hard_negative_rate:
             w = None

@@ -701,3 +701,32 @@ def test_lesion_families_bench_scores_per_model_family_and_cohort(tmp_path, caps
     assert row["typing_auc"] == 0.5  # right in one run, swapped in the other
     assert main(["--pool", str(tmp_path / "run1.json"), str(tmp_path / "run1.json"), "--out", str(tmp_path)]) == 2
     assert "same test seed twice" in capsys.readouterr().err
+
+
+def test_visibility_bench_bins_lesions_by_cnr_and_pairs_them_with_the_clean_scan(tmp_path, capsys):
+    """Hand-made predictions: a model that sees the visible lesion only."""
+    from bench.visibility import main, visibility_rows
+
+    normal = [{"model": "m", "cohort": "water", "truth": 0, "cnr": None, "p": [q, 1 - q, 0.0], "p_clean": [q, 1 - q, 0]}
+              for q in (0.9, 0.6, 0.5)]
+    faint = {"model": "m", "cohort": "water", "truth": 1, "cnr": -0.5, "p": [0.7, 0.3, 0], "p_clean": [0.7, 0.3, 0]}
+    seen = {"model": "m", "cohort": "t2", "truth": 2, "cnr": 5.0, "p": [0.1, 0.1, 0.8], "p_clean": [0.8, 0.1, 0.1]}
+    rows = {(r["cohort"], r["cnr"]): r for r in visibility_rows([*normal, faint, seen])}
+    assert rows[("water", "[0, 1)")]["n"] == 1 and rows[("water", "[0, 1)")]["median_paired_change"] == 0.0
+    # p(lesion) 0.3 against normals at 0.1, 0.4, 0.5: above one of three
+    assert rows[("water", "[0, 1)")]["detection_auc"] == round(1 / 3, 3)
+    assert rows[("t2", "[4, inf)")]["median_paired_change"] == 0.7
+    assert rows[("t2", "[4, inf)")]["detection_auc"] is None  # no normal vertebra in that cohort
+    assert rows[("pooled", "[4, inf)")]["detection_auc"] == 1.0 and rows[("pooled", "[4, inf)")]["n"] == 1
+    assert rows[("water", "[1, 2)")]["n"] == 0 and rows[("water", "[1, 2)")]["detection_auc"] is None
+    assert rows[("water", "normal")]["mean_p_lesion"] == round((0.1 + 0.4 + 0.5) / 3, 3)
+    assert rows[("pooled", "normal")]["mean_p_lesion_clean"] == round((0.1 + 0.4 + 0.5 + 0.3 + 0.2) / 5, 3)
+    for argv, words in ((["--train", "m=abc"], "number or 'none'"), (["--train", "m=-1"], "positive"),
+                        (["--train", "m=2:0"], "positive integer"), ([], "--model or --train"),
+                        (["--model", "m=d", "--test-seed", "0"], "seed")):
+        with pytest.raises(SystemExit):
+            main([*argv, "--data", str(tmp_path)])
+        assert words in capsys.readouterr().err
+    assert main(["--model", "m=d", "--data", str(tmp_path / "nowhere")]) == 2
+    assert "real data not available" in capsys.readouterr().err
+

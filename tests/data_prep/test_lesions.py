@@ -34,7 +34,7 @@ def _rot_x(deg: float) -> np.ndarray:
     return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
 
 
-def tiny_spine(tilt_deg: float = 10.0, seed: int = 0) -> tuple[Scan, Scan]:
+def tiny_spine(tilt_deg: float = 10.0, seed: int = 0, marrow_sd: float = 3.0) -> tuple[Scan, Scan]:
     """24x40x80 grid, spacing (2, 1.5, 1.25) mm; axis 0 -> anterior, axis 1 -> left, axis 2 -> inferior,
     rotated by ``tilt_deg`` about world x (so the bodies are tilted in world space). Three box bodies
     (16 x 24 x 22 voxels) L1-L3 with discs between them."""
@@ -48,7 +48,7 @@ def tiny_spine(tilt_deg: float = 10.0, seed: int = 0) -> tuple[Scan, Scan]:
     for n, vid in enumerate(IDS):
         k0 = 6 + n * 26
         lab[4:20, 8:32, k0:k0 + 22] = vid
-        img[4:20, 8:32, k0:k0 + 22] = 100 + 3 * rng.standard_normal((16, 24, 22))
+        img[4:20, 8:32, k0:k0 + 22] = 100 + marrow_sd * rng.standard_normal((16, 24, 22))
         img[4:20, 8:32, k0 + 22:k0 + 26] = 60
     origin = (10.0, -20.0, 30.0)
     return (Scan(img.astype(np.float32), spacing, origin, direction, name="tiny"),
@@ -124,6 +124,36 @@ def test_polarity_per_contrast(contrast, infl_sign, fat_sign):
             assert (ratio - 1.0) * sign > 0.05, f"{contrast} {vid}: ratio {ratio:.3f}"
             row = res.table.set_index("label").loc[vid]
             assert (row.contrast_ratio - 1.0) * sign > 0
+
+
+def test_min_cnr_lifts_invisible_lesions_above_the_marrow_noise_and_nothing_else():
+    img, lab = tiny_spine(marrow_sd=20.0)  # a noisy marrow: subtle ratios sink into it
+    body = {vid: img.array[lab.array == vid] for vid in IDS}
+    classes = {20: "inflammation", 21: "fat", 22: "inflammation"}
+    base, floor = [], []
+    for seed in range(4):
+        for contrast in ("water", "t1"):
+            runs = [insert_lesions(img, lab, contrast, np.random.default_rng(seed),
+                                   LesionConfig(subtle_prob=1.0, min_cnr=m, **NO_NEG), classes=classes)
+                    for m in (None, 3.0)]
+            a, b = runs
+            # the floor draws nothing: same classes, same lesion shapes, only the level moves
+            assert np.array_equal(a.lesions.array, b.lesions.array)
+            ta, tb = a.table.set_index("label"), b.table.set_index("label")
+            for vid in classes:
+                les = (a.lesions.array > 0) & (lab.array == vid)
+                for res, t, out in ((a, ta, base), (b, tb, floor)):
+                    med = np.median(body[vid])
+                    sd = 1.4826 * np.median(np.abs(body[vid] - med))
+                    cnr = (res.image.array[les].mean() - med) / sd
+                    assert t.loc[vid, "cnr"] == pytest.approx(cnr, abs=2e-3)  # the table reports it
+                    out.append(cnr)
+                assert np.sign(ta.loc[vid, "target_ratio"] - 1) == np.sign(tb.loc[vid, "target_ratio"] - 1)
+                assert abs(tb.loc[vid, "target_ratio"] - 1) >= abs(ta.loc[vid, "target_ratio"] - 1) - 1e-9
+    assert np.median(np.abs(base)) < 1.0  # subtle lesions on this marrow: below one SD
+    assert np.min(np.abs(floor)) > 1.5, np.round(floor, 2)  # the floor (3 SD, less partial volume)
+    with pytest.raises(SpinepipeInputError, match="min_cnr"):
+        LesionConfig(min_cnr=0.0)
 
 
 def test_lesions_sit_at_the_reported_corner_of_a_tilted_body():
