@@ -71,8 +71,8 @@ def semisynthetic_copies(data: Path, dst_root: Path, ids: dict[str, list[str]], 
     return Path(dst_root)
 
 
-def train_on_first_halves(name: str, data: Path, work: Path, epochs: int, config=None) -> Path:
-    """A stage-2 model (default configuration, ``epochs`` epochs) trained on seed-0 **semi-synthetic** copies
+def train_on_first_halves(name: str, data: Path, work: Path, epochs: int, config=None, seed: int = 0) -> Path:
+    """A stage-2 model (default configuration, ``epochs`` epochs, training seed ``seed``) trained on seed-0 **semi-synthetic** copies
     (lesions of ``config``, a ``data_prep.lesions.LesionConfig``; default simulator when ``None``) of the
     first half of each cohort (:func:`cohort_halves`) -> ``work/models/name``. A finished run of the same
     recipe there is reused: the folder is rewritten after every epoch, so only a ``recipe.json`` written at
@@ -91,6 +91,8 @@ def train_on_first_halves(name: str, data: Path, work: Path, epochs: int, config
     if config.min_cnr is not None:
         recipe["min_cnr"] = float(config.min_cnr)
         tag += f"_cnr{config.min_cnr:g}"
+    if seed:
+        recipe["seed"] = int(seed)
     if (out / "recipe.json").is_file() and json.loads((out / "recipe.json").read_text()) == recipe:
         return out
     halves = cohort_halves(data)
@@ -98,6 +100,7 @@ def train_on_first_halves(name: str, data: Path, work: Path, epochs: int, config
     folder = merge_folders([root / c for c in COHORTS], Path(work) / "merged" / name)
     cfg = Stage2Config()
     cfg.train.epochs = int(epochs)
+    cfg.train.seed = int(seed)
     train_stage2(folder, out, cfg)
     write_text(json.dumps(recipe) + "\n", out / "recipe.json")
     return out

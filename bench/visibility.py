@@ -14,12 +14,13 @@ simulator) **and the same real scans without lesions**, and reports per model an
 * on the unmodified scans, the mean p(lesion) of every vertebra (real vertebrae with no inserted lesion:
   the false-alarm level on real anatomy).
 
-    python bench/visibility.py [--model NAME=DIR ...] [--train NAME=MIN_CNR[:EPOCHS] ...] [--work DIR]
+    python bench/visibility.py [--model NAME=DIR ...] [--train NAME=MIN_CNR[:EPOCHS[:SEED]] ...] [--work DIR]
         -> bench/results/visibility.json + .md
 
 ``--model`` scores a model trained on the first halves only (e.g. ``bench/lesion_families.py``'s ``corner80``);
-``--train NAME=MIN_CNR[:EPOCHS]`` trains one (default configuration, ``EPOCHS`` else 80) on seed-0 first-half
-copies drawn with ``LesionConfig(min_cnr=MIN_CNR)`` (``none``: the default simulator), cached under ``--work``.
+``--train NAME=MIN_CNR[:EPOCHS[:SEED]]`` trains one (default configuration, ``EPOCHS`` else 80, training seed
+``SEED`` else 0) on seed-0 first-half copies drawn with ``LesionConfig(min_cnr=MIN_CNR)`` (``none``: the default
+simulator), cached under ``--work``.
 Each vertebra is classified around its expert centroid with the region the seg head predicts, without
 attributions. Every number here is **semi-synthetic**.
 """
@@ -87,9 +88,10 @@ def visibility_rows(preds: list[dict], bins=CNR_BINS) -> list[dict]:
     return rows
 
 
-def _train_arg(text: str) -> tuple[str, float | None, int]:
+def _train_arg(text: str) -> tuple[str, float | None, int, int]:
     name, spec = _model_arg(text)
-    value, _, epochs = spec.partition(":")
+    value, _, rest = spec.partition(":")
+    epochs, _, seed = rest.partition(":")
     try:
         cnr = None if value.lower() == "none" else float(value)
     except ValueError:
@@ -98,14 +100,16 @@ def _train_arg(text: str) -> tuple[str, float | None, int]:
         raise argparse.ArgumentTypeError(f"--train {name}: MIN_CNR must be positive, got {value!r}")
     if epochs and not (epochs.isdigit() and int(epochs) > 0):
         raise argparse.ArgumentTypeError(f"--train {name}: epochs must be a positive integer, got {epochs!r}")
-    return name, cnr, int(epochs) if epochs else 80
+    if seed and not seed.isdigit():
+        raise argparse.ArgumentTypeError(f"--train {name}: the training seed must be a non-negative integer, got {seed!r}")
+    return name, cnr, int(epochs) if epochs else 80, int(seed) if seed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=_model_arg, action="append", default=[], help="NAME=DIR, trained on first halves")
     ap.add_argument("--train", type=_train_arg, action="append", default=[],
-                    help="NAME=MIN_CNR[:EPOCHS]: train on first-half copies with LesionConfig(min_cnr=MIN_CNR)")
+                    help="NAME=MIN_CNR[:EPOCHS[:SEED]]: train on first-half copies with LesionConfig(min_cnr=MIN_CNR)")
     ap.add_argument("--test-seed", type=int, default=1, help="lesion seed of the held-out copies (training copies: 0)")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--work", type=Path, default=Path("/tmp/spinepipe_visibility"))
@@ -128,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     models = [(n, Path(d), "given") for n, d in args.model]
     train_s: dict[str, float] = {}
-    for name, cnr, epochs in args.train:
+    for name, cnr, epochs, seed in args.train:
         t = time.time()
-        models.append((name, train_on_first_halves(name, args.data, args.work, epochs, LesionConfig(min_cnr=cnr)),
-                       f"min_cnr={cnr} ({epochs} epochs)"))
+        model = train_on_first_halves(name, args.data, args.work, epochs, LesionConfig(min_cnr=cnr), seed)
+        models.append((name, model, f"min_cnr={cnr} ({epochs} epochs, training seed {seed})"))
         train_s[name] = round(time.time() - t, 1)
     halves = cohort_halves(args.data)
     root = semisynthetic_copies(args.data, args.work / f"test_seed{args.test_seed}",
@@ -171,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
            "classes_summary": score_rows(preds, classes), "visibility": visibility_rows(preds),
            "predictions": preds}
     cmd = " ".join(["python bench/visibility.py", *(f"--model {n}=DIR" for n, _ in args.model),
-                    *(f"--train {n}={c if c is not None else 'none'}:{e}" for n, c, e in args.train),
+                    *(f"--train {n}={c if c is not None else 'none'}:{e}" + (f":{sd}" if sd else "")
+                      for n, c, e, sd in args.train),
                     *([f"--test-seed {args.test_seed}"] if args.test_seed != 1 else [])])
     _write(args.out, args.name, res, cmd)
     return 0

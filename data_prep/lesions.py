@@ -390,8 +390,8 @@ def _build_bodies(image: Scan, vertebrae: Scan, pad_mm: float, min_voxels: int, 
             soft = np.clip(2.0 * ndi.gaussian_filter(inner.astype(np.float32), pv_sigma_mm / image.spacing), 0, 1) * mc
         else:
             soft = mc.astype(np.float32)
-        bodies[vid] = _Body(vid, crop, mc, u, v, x, lr_axis, marrow, marrow_sd, max(depth, 1e-3), max(height, 1e-3), tilt,
-                            slices, central, soft.astype(np.float32))
+        bodies[vid] = _Body(vid, crop, mc, u, v, x, lr_axis, marrow, marrow_sd, max(depth, 1e-3), max(height, 1e-3),
+                            tilt, slices, central, soft.astype(np.float32))
     return bodies
 
 
@@ -426,7 +426,7 @@ def _ratio_range(kind: str, contrast: str, cfg: LesionConfig) -> tuple[float, fl
 
 
 def _draw_ratio(kind: str, contrast: str, cfg: LesionConfig, rng: np.random.Generator,
-                b: _Body | None = None) -> tuple[float, bool]:
+                b: _Body) -> tuple[float, bool]:
     lo, hi = _ratio_range(kind, contrast, cfg)
     subtle = bool(rng.random() < cfg.subtle_prob)
     bright = POLARITY[(kind, contrast)] > 0
@@ -434,7 +434,7 @@ def _draw_ratio(kind: str, contrast: str, cfg: LesionConfig, rng: np.random.Gene
         q = (hi - lo) / 4.0
         lo, hi = (lo, lo + q) if bright else (hi - q, hi)
     ratio = _draw(rng, (lo, hi))
-    if cfg.min_cnr is not None and b is not None and b.marrow > 0:  # visibility floor (no extra draw)
+    if cfg.min_cnr is not None and b.marrow > 0:  # visibility floor (no extra draw; none on a flat marrow)
         step = cfg.min_cnr * b.marrow_sd / b.marrow
         ratio = max(ratio, 1.0 + step) if bright else min(ratio, max(1.0 - step, 0.05))
     return ratio, subtle

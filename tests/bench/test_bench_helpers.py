@@ -722,7 +722,8 @@ def test_visibility_bench_bins_lesions_by_cnr_and_pairs_them_with_the_clean_scan
     assert rows[("water", "normal")]["mean_p_lesion"] == round((0.1 + 0.4 + 0.5) / 3, 3)
     assert rows[("pooled", "normal")]["mean_p_lesion_clean"] == round((0.1 + 0.4 + 0.5 + 0.3 + 0.2) / 5, 3)
     for argv, words in ((["--train", "m=abc"], "number or 'none'"), (["--train", "m=-1"], "positive"),
-                        (["--train", "m=2:0"], "positive integer"), ([], "--model or --train"),
+                        (["--train", "m=2:0"], "positive integer"), (["--train", "m=2:80:x"], "training seed"),
+                        ([], "--model or --train"),
                         (["--model", "m=d", "--test-seed", "0"], "seed")):
         with pytest.raises(SystemExit):
             main([*argv, "--data", str(tmp_path)])
@@ -730,3 +731,20 @@ def test_visibility_bench_bins_lesions_by_cnr_and_pairs_them_with_the_clean_scan
     assert main(["--model", "m=d", "--data", str(tmp_path / "nowhere")]) == 2
     assert "real data not available" in capsys.readouterr().err
 
+
+
+def test_train_on_first_halves_reuses_only_a_finished_run_of_the_same_recipe(tmp_path):
+    from bench.realdata import train_on_first_halves
+    from data_prep.errors import SpinepipeInputError
+    from data_prep.lesions import LesionConfig
+
+    done = tmp_path / "models" / "m"
+    done.mkdir(parents=True)
+    (done / "recipe.json").write_text(json.dumps({"families": ["corner"], "epochs": 80, "min_cnr": 2.0, "seed": 1}))
+    assert train_on_first_halves("m", tmp_path / "nodata", tmp_path, 80, LesionConfig(min_cnr=2.0), seed=1) == done
+    # another seed, floor or length is another recipe: it would train (and here fails for want of data)
+    for kw in ({"seed": 0, "config": LesionConfig(min_cnr=2.0)}, {"seed": 1, "config": None},
+               {"seed": 1, "config": LesionConfig(min_cnr=2.0), "epochs": 30}):
+        kw = {"epochs": 80, **kw}
+        with pytest.raises(SpinepipeInputError, match="nodata"):
+            train_on_first_halves("m", tmp_path / "nodata", tmp_path, **kw)
