@@ -93,9 +93,9 @@ bench-lesion-families: $(STAMP)
 	$(PY) bench/lesion_families.py --train corner80=corner:80 --train mixed80=corner,endplate,diffuse:80 $(LF_ARGS)
 
 ## Stage 2 against lesion visibility: held-out real scans with and without lesions, default vs visibility-floored
-## training copies (two 80-epoch trainings, ~45 min on 2 CPU cores)
+## training copies, two training seeds each (four 80-epoch trainings, ~80 min on 2 CPU cores)
 bench-visibility: $(STAMP)
-	$(PY) bench/visibility.py --train corner=none:80 --train cnr2=2.0:80 $(VIS_ARGS)
+	$(PY) bench/visibility.py --train corner=none:80 --train cnr2=2.0:80 --train corner_s1=none:80:1 --train cnr2_s1=2.0:80:1 $(VIS_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo_out

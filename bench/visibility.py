@@ -130,6 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     from stage2_classify.infer import Classifier
 
     t0 = time.time()
+    halves = cohort_halves(args.data)
+    root = semisynthetic_copies(args.data, args.work / f"test_seed{args.test_seed}",
+                                {c: halves[c][1] for c in COHORTS}, args.test_seed)
+    tables = {c: pd.read_csv(root / c / "README_lesion_table.csv") for c in COHORTS}
+    for c, table in tables.items():
+        if "cnr" not in table.columns:
+            print(f"error: {root / c / 'README_lesion_table.csv'}: no cnr column (copies made before it existed; "
+                  "delete the folder to regenerate them); nothing measured", file=sys.stderr)
+            return 2
     models = [(n, Path(d), "given") for n, d in args.model]
     train_s: dict[str, float] = {}
     for name, cnr, epochs, seed in args.train:
@@ -137,20 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         model = train_on_first_halves(name, args.data, args.work, epochs, LesionConfig(min_cnr=cnr), seed)
         models.append((name, model, f"min_cnr={cnr} ({epochs} epochs, training seed {seed})"))
         train_s[name] = round(time.time() - t, 1)
-    halves = cohort_halves(args.data)
-    root = semisynthetic_copies(args.data, args.work / f"test_seed{args.test_seed}",
-                                {c: halves[c][1] for c in COHORTS}, args.test_seed)
     preds: list[dict] = []
     classes: list[str] = []
     for name, model, trained_on in models:
         clf = Classifier(model)
         classes = list(clf.config.classes)
         for c in COHORTS:
-            table = pd.read_csv(root / c / "README_lesion_table.csv")
-            if "cnr" not in table.columns:
-                print(f"error: {root / c / 'README_lesion_table.csv'}: no cnr column (copies made before it existed; "
-                      "delete the folder to regenerate them); nothing measured", file=sys.stderr)
-                return 2
+            table = tables[c]
             rows = {(i, lv): r for i, lv, r in zip(table["id"], table["level"], table.to_dict("records"))}
             for p in sorted((root / c).glob("*_image.nii.gz")):
                 sid = p.name[: -len("_image.nii.gz")]

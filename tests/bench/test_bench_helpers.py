@@ -730,6 +730,16 @@ def test_visibility_bench_bins_lesions_by_cnr_and_pairs_them_with_the_clean_scan
         assert words in capsys.readouterr().err
     assert main(["--model", "m=d", "--data", str(tmp_path / "nowhere")]) == 2
     assert "real data not available" in capsys.readouterr().err
+    # held-out copies made before the cnr column existed: refused before any model runs
+    for c in ("myosegmentum", "chu2015"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        old = tmp_path / "work" / "test_seed1" / c
+        old.mkdir(parents=True)
+        (old / "vertebra_labels.csv").write_text("id,level,class\n")
+        (old / "README_lesion_table.csv").write_text("id,level,class,contrast_ratio\n")
+    assert main(["--model", "m=missing", "--data", str(tmp_path / "data"), "--work", str(tmp_path / "work")]) == 2
+    err = capsys.readouterr().err
+    assert "README_lesion_table.csv: no cnr column" in err and err.count("\n") == 1
 
 
 
