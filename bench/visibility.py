@@ -60,7 +60,7 @@ def visibility_rows(preds: list[dict], bins=CNR_BINS) -> list[dict]:
     One ``normal`` row per (model, cohort) gives the normals' mean p(lesion) on the copies and on the
     unmodified scans. AUC is ``None`` where a bin has no lesion vertebra or the cohort no normal one.
     """
-    from pipeline.metrics import one_vs_rest_auc
+    from bench.bench_stage2 import _detection_auc
 
     rows = []
     for model in dict.fromkeys(r["model"] for r in preds):
@@ -76,14 +76,9 @@ def visibility_rows(preds: list[dict], bins=CNR_BINS) -> list[dict]:
                 les = [r for r in sel if r["truth"] > 0 and r["cnr"] is not None and lo <= abs(r["cnr"]) < hi]
                 pl = np.array([1.0 - r["p"][0] for r in les])
                 change = np.array([r["p_clean"][0] - r["p"][0] for r in les])  # p_lesion(copy) - p_lesion(clean)
-                auc = None
-                if les and normal:
-                    y = np.r_[np.ones(len(les)), np.zeros(len(normal))].astype(int)
-                    s = np.r_[pl, pl_n]
-                    auc = round(float(one_vs_rest_auc(y, np.column_stack([1 - s, s]), 2)[1]), 3)
                 rows.append({"model": model, "cohort": cohort, "cnr": _bin_label(lo, hi), "n": len(les),
                              "mean_p_lesion": round(float(pl.mean()), 3) if les else None,
-                             "mean_p_lesion_clean": None, "detection_auc": auc,
+                             "mean_p_lesion_clean": None, "detection_auc": _detection_auc(list(pl), list(pl_n)),
                              "median_paired_change": round(float(np.median(change)), 3) if les else None})
     return rows
 

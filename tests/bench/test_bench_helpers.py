@@ -714,7 +714,7 @@ def test_visibility_bench_bins_lesions_by_cnr_and_pairs_them_with_the_clean_scan
     rows = {(r["cohort"], r["cnr"]): r for r in visibility_rows([*normal, faint, seen])}
     assert rows[("water", "[0, 1)")]["n"] == 1 and rows[("water", "[0, 1)")]["median_paired_change"] == 0.0
     # p(lesion) 0.3 against normals at 0.1, 0.4, 0.5: above one of three
-    assert rows[("water", "[0, 1)")]["detection_auc"] == round(1 / 3, 3)
+    assert rows[("water", "[0, 1)")]["detection_auc"] == round(1 / 3, 4)
     assert rows[("t2", "[4, inf)")]["median_paired_change"] == 0.7
     assert rows[("t2", "[4, inf)")]["detection_auc"] is None  # no normal vertebra in that cohort
     assert rows[("pooled", "[4, inf)")]["detection_auc"] == 1.0 and rows[("pooled", "[4, inf)")]["n"] == 1
