@@ -426,7 +426,9 @@ def _ratio_range(kind: str, contrast: str, cfg: LesionConfig) -> tuple[float, fl
 
 
 def _draw_ratio(kind: str, contrast: str, cfg: LesionConfig, rng: np.random.Generator,
-                b: _Body) -> tuple[float, bool]:
+                b: _Body | None = None) -> tuple[float, bool]:
+    """``(ratio, subtle)`` for a lesion of ``kind`` on ``contrast``; ``cfg.min_cnr`` floors it against body ``b``'s
+    marrow (no floor without ``b``: ``bench/stage2_ceiling.py`` samples the drawn ratios alone)."""
     lo, hi = _ratio_range(kind, contrast, cfg)
     subtle = bool(rng.random() < cfg.subtle_prob)
     bright = POLARITY[(kind, contrast)] > 0
@@ -434,7 +436,7 @@ def _draw_ratio(kind: str, contrast: str, cfg: LesionConfig, rng: np.random.Gene
         q = (hi - lo) / 4.0
         lo, hi = (lo, lo + q) if bright else (hi - q, hi)
     ratio = _draw(rng, (lo, hi))
-    if cfg.min_cnr is not None and b.marrow > 0:  # visibility floor (no extra draw; none on a flat marrow)
+    if cfg.min_cnr is not None and b is not None and b.marrow > 0:  # visibility floor (no extra draw; none on a flat marrow)
         step = cfg.min_cnr * b.marrow_sd / b.marrow
         ratio = max(ratio, 1.0 + step) if bright else min(ratio, max(1.0 - step, 0.05))
     return ratio, subtle

@@ -703,9 +703,12 @@ def test_lesion_families_bench_scores_per_model_family_and_cohort(tmp_path, caps
     assert "same test seed twice" in capsys.readouterr().err
 
 
-def test_visibility_bench_bins_lesions_by_cnr_and_pairs_them_with_the_clean_scan(tmp_path, capsys):
+def test_visibility_bench_bins_lesions_by_cnr_and_pairs_them_with_the_clean_scan(tmp_path, capsys, monkeypatch):
     """Hand-made predictions: a model that sees the visible lesion only."""
+    import bench.visibility
     from bench.visibility import main, visibility_rows
+
+    monkeypatch.setattr(bench.visibility, "quiet_logging", lambda: None)  # it would silence other tests' loggers
 
     normal = [{"model": "m", "cohort": "water", "truth": 0, "cnr": None, "p": [q, 1 - q, 0.0], "p_clean": [q, 1 - q, 0]}
               for q in (0.9, 0.6, 0.5)]
