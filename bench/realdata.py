@@ -72,11 +72,11 @@ def semisynthetic_copies(data: Path, dst_root: Path, ids: dict[str, list[str]], 
 
 
 def train_on_first_halves(name: str, data: Path, work: Path, epochs: int, config=None, seed: int = 0) -> Path:
-    """A stage-2 model (default configuration, ``epochs`` epochs, training seed ``seed``) trained on seed-0 **semi-synthetic** copies
-    (lesions of ``config``, a ``data_prep.lesions.LesionConfig``; default simulator when ``None``) of the
-    first half of each cohort (:func:`cohort_halves`) -> ``work/models/name``. A finished run of the same
-    recipe there is reused: the folder is rewritten after every epoch, so only a ``recipe.json`` written at
-    the end marks it done. Copies go to ``work/train/<families>[_cnr<min_cnr>]``."""
+    """A stage-2 model (default configuration, ``epochs`` epochs, training seed ``seed``) trained on seed-0
+    **semi-synthetic** copies (lesions of ``config``, a ``data_prep.lesions.LesionConfig``; default simulator
+    when ``None``) of the first half of each cohort (:func:`cohort_halves`) -> ``work/models/name``. A finished
+    run of the same recipe there is reused: the folder is rewritten after every epoch, so only a ``recipe.json``
+    written at the end marks it done. Copies go to ``work/train/<families>[_cnr<min_cnr>]``."""
     import json
 
     from data_prep.io import write_text

@@ -127,8 +127,8 @@ class LesionConfig:
         ``min_cnr``: ``None`` (default: ratios as drawn) or a visibility floor: a drawn ratio whose lesion
         level lies closer to the marrow median than ``min_cnr`` robust standard deviations of the
         vertebra's marrow (1.4826 x MAD) is moved out to that distance, same polarity. On a noisy,
-        heterogeneous marrow (Dixon water) many drawn ratios are otherwise invisible: a lesion no reader
-        would call, labelled as one. Every lesion row reports its measured ``cnr`` either way;
+        heterogeneous marrow (Dixon water) many drawn ratios are otherwise faint against the marrow's own
+        variation, yet labelled as lesions. Every lesion row reports its measured ``cnr`` either way;
         ``texture_strength`` / ``texture_sigma_mm``: multiplicative smooth noise (std, correlation);
         ``pv_sigma_mm``: Gaussian partial-volume smoothing of the weight map (soft edges).
     Hard negatives
@@ -216,7 +216,8 @@ class LesionConfig:
         if self.focal_radius_mm[0] <= 0:
             raise SpinepipeInputError(None, f"LesionConfig.focal_radius_mm must be positive, got {self.focal_radius_mm}")
         if self.min_cnr is not None and not (np.isfinite(self.min_cnr) and self.min_cnr > 0):
-            raise SpinepipeInputError(None, f"LesionConfig.min_cnr must be None or a positive number, got {self.min_cnr}")
+            raise SpinepipeInputError(None, "LesionConfig.min_cnr must be None or a positive number, "
+                                      f"got {self.min_cnr}")
         if self.min_slices < 1 or self.distractor_gap_vox < 1 or self.max_tries < 1:
             raise SpinepipeInputError(None, "LesionConfig: min_slices, distractor_gap_vox and max_tries must be >= 1")
 
@@ -436,7 +437,7 @@ def _draw_ratio(kind: str, contrast: str, cfg: LesionConfig, rng: np.random.Gene
         q = (hi - lo) / 4.0
         lo, hi = (lo, lo + q) if bright else (hi - q, hi)
     ratio = _draw(rng, (lo, hi))
-    if cfg.min_cnr is not None and b is not None and b.marrow > 0:  # visibility floor (no extra draw; none on a flat marrow)
+    if cfg.min_cnr is not None and b is not None and b.marrow > 0:  # the floor: no extra draw; none on a flat marrow
         step = cfg.min_cnr * b.marrow_sd / b.marrow
         ratio = max(ratio, 1.0 + step) if bright else min(ratio, max(1.0 - step, 0.05))
     return ratio, subtle
