@@ -550,14 +550,19 @@ def _detection_auc(lesion_scores: list[float], normal_scores: list[float]) -> fl
 
 def _by_visibility(preds: list[dict]) -> list[dict]:
     """Detection AUC (lesion vs normal, scored by 1 - p(normal)) of the lesion vertebrae in each
-    :data:`CNR_BINS` bin against all normal vertebrae, from prediction rows carrying ``cnr``."""
-    normal = [r for r in preds if r["cls"] == 0]
+    :data:`CNR_BINS` bin against the normal vertebrae of the same cohort, per cohort and pooled, from
+    prediction rows carrying ``subject`` and ``cnr``. Per cohort matters: the cohorts' normals sit at
+    different p(lesion) levels (``bench/visibility.py``), so pooled bins mix a detection question with a
+    cohort one."""
     rows = []
-    for lo, hi in zip(CNR_BINS[:-1], CNR_BINS[1:]):
-        les = [r for r in preds if r["cls"] != 0 and r.get("cnr") is not None and lo <= r["cnr"] < hi]
-        auc = _detection_auc([1 - r["p"][0] for r in les], [1 - r["p"][0] for r in normal])
-        rows.append({"cnr": f"[{lo:g}, {hi:g})", "n_lesion_vertebrae": len(les), "n_normal": len(normal),
-                     "detection_auc": auc})
+    for cohort in (*sorted({cohort_of(r["subject"]) for r in preds}), "pooled"):
+        mine = [r for r in preds if cohort in ("pooled", cohort_of(r["subject"]))]
+        normal = [r for r in mine if r["cls"] == 0]
+        for lo, hi in zip(CNR_BINS[:-1], CNR_BINS[1:]):
+            les = [r for r in mine if r["cls"] != 0 and r.get("cnr") is not None and lo <= r["cnr"] < hi]
+            auc = _detection_auc([1 - r["p"][0] for r in les], [1 - r["p"][0] for r in normal])
+            rows.append({"cohort": cohort, "cnr": f"[{lo:g}, {hi:g})", "n_lesion_vertebrae": len(les),
+                         "n_normal": len(normal), "detection_auc": auc})
     return rows
 
 

@@ -322,12 +322,17 @@ def test_lesion_cnr_and_visibility_table():
     assert abs(lesion_contrast(sample(2, lesion_class)) + 3.0) < 1e-3 and abs(lesion_cnr(sample(2, lesion_class)) - 3.0) < 1e-3
     image[lesion_class > 0] = 1.5
     assert lesion_cnr(sample(0, np.zeros(shape, np.int64))) is None and lesion_cnr(sample(0, None)) is None
-    preds = [{"cls": 0, "p": [0.9, 0.05, 0.05]}, {"cls": 0, "p": [0.4, 0.3, 0.3]},
-             {"cls": 1, "cnr": 0.5, "p": [0.6, 0.3, 0.1]},   # between the two normals
-             {"cls": 2, "cnr": 4.0, "p": [0.1, 0.1, 0.8]}]   # above both
-    rows = {r["cnr"]: r for r in _by_visibility(preds)}
+    preds = [{"subject": "a-1", "cls": 0, "p": [0.9, 0.05, 0.05]}, {"subject": "b-1", "cls": 0, "p": [0.4, 0.3, 0.3]},
+             {"subject": "a-2", "cls": 1, "cnr": 0.5, "p": [0.6, 0.3, 0.1]},   # between the two normals
+             {"subject": "b-2", "cls": 2, "cnr": 4.0, "p": [0.1, 0.1, 0.8]}]   # above both
+    table = _by_visibility(preds)
+    rows = {r["cnr"]: r for r in table if r["cohort"] == "pooled"}
     assert rows["[0, 1)"]["detection_auc"] == 0.5 and rows["[3, inf)"]["detection_auc"] == 1.0
     assert rows["[1, 2)"]["n_lesion_vertebrae"] == 0 and rows["[1, 2)"]["detection_auc"] is None
+    # per cohort, against that cohort's normals only: a's lesion is above a's normal (0.4 > 0.1)
+    per = {(r["cohort"], r["cnr"]): r for r in table}
+    assert per[("a", "[0, 1)")]["detection_auc"] == 1.0 and per[("a", "[0, 1)")]["n_normal"] == 1
+    assert per[("b", "[3, inf)")]["detection_auc"] == 1.0 and per[("b", "[0, 1)")]["n_lesion_vertebrae"] == 0
 
 
 def test_detection_by_level_table():
