@@ -35,9 +35,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.mdtable import md_table  # noqa: E402
-from bench.realdata import (COHORTS, cohort_halves, quiet_logging, real_data_missing,  # noqa: E402
-                            semisynthetic_copies, train_on_first_halves)
-from data_prep.io import read_image, read_labelmap, write_text  # noqa: E402
+from bench.realdata import (COHORTS, classify_at_expert_centroids, cohort_halves, quiet_logging,  # noqa: E402
+                            real_data_missing, semisynthetic_copies, train_on_first_halves, write_predictions_json)
+from data_prep.io import write_text  # noqa: E402
 
 
 def score_rows(preds: list[dict], classes: list[str]) -> list[dict]:
@@ -109,7 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     quiet_logging()
     import pandas as pd
 
-    from data_prep.scan import vertebrae_from_labelmap
     from stage2_classify.infer import Classifier
 
     t0 = time.time()
@@ -139,13 +138,11 @@ def main(argv: list[str] | None = None) -> int:
                 truth = {(i, lv): int(k) for i, lv, k in zip(table["id"], table["level"], table["class"])}
                 for p in sorted((root / c).glob("*_image.nii.gz")):
                     sid = p.name[: -len("_image.nii.gz")]
-                    img = read_image(p)
-                    verts = vertebrae_from_labelmap(read_labelmap(root / c / f"{sid}_vertebrae.nii.gz", img))
-                    for v, r in zip(verts, clf.classify(img, verts, with_evidence=False, contrast=COHORT_CONTRAST[c])):
-                        if (sid, v.level) in truth:
+                    got = classify_at_expert_centroids(clf, p, root / c / f"{sid}_vertebrae.nii.gz", COHORT_CONTRAST[c])
+                    for level, probs in got.items():
+                        if (sid, level) in truth:
                             preds.append({"model": name, "trained_on": trained_on, "family": family, "cohort": c,
-                                          "subject": sid, "level": v.level, "truth": truth[(sid, v.level)],
-                                          "p": [round(float(r["probabilities"][k]), 5) for k in classes]})
+                                          "subject": sid, "level": level, "truth": truth[(sid, level)], "p": probs})
     rows = score_rows(preds, classes)
     res = {"meta": {"data": str(args.data), "models": {n: str(m) for n, m, _ in models}, "test_seed": args.test_seed,
                     "classes": classes,
@@ -202,9 +199,7 @@ def _pool(args) -> int:
 def _write(out: Path, name: str, res: dict, provenance: str) -> None:
     """``name.json`` (one line per prediction, so the file stays readable in a diff) and ``name.md``."""
     out.mkdir(parents=True, exist_ok=True)
-    body = json.dumps({k: v for k, v in res.items() if k != "predictions"}, indent=1)
-    lines = ",\n".join(json.dumps(r) for r in res["predictions"])
-    write_text(body[:-2] + ',\n "predictions": [\n' + lines + "\n ]\n}\n", out / f"{name}.json")
+    write_predictions_json(res, out / f"{name}.json")
     rows = res["summary"]
     text = [
         "# Stage 2 on lesion families it was not trained on (semi-synthetic)", "",

@@ -104,3 +104,30 @@ def train_on_first_halves(name: str, data: Path, work: Path, epochs: int, config
     train_stage2(folder, out, cfg)
     write_text(json.dumps(recipe) + "\n", out / "recipe.json")
     return out
+
+
+def classify_at_expert_centroids(clf, image: Path, vertebrae: Path, contrast: str) -> dict[str, list[float]]:
+    """``{level: class probabilities}`` (in ``clf.config.classes`` order, 5 decimals) of every vertebra of the
+    label map ``vertebrae`` on ``image``, classified by the stage-2 ``Classifier`` ``clf`` around its expert
+    centroid with the region the seg head predicts (no mask given, as in ``spinepipe predict``), without
+    attributions."""
+    from data_prep.io import read_image, read_labelmap
+    from data_prep.scan import vertebrae_from_labelmap
+
+    img = read_image(image)
+    verts = vertebrae_from_labelmap(read_labelmap(vertebrae, img))
+    classes = list(clf.config.classes)
+    return {v.level: [round(float(r["probabilities"][k]), 5) for k in classes]
+            for v, r in zip(verts, clf.classify(img, verts, with_evidence=False, contrast=contrast))}
+
+
+def write_predictions_json(res: dict, path: Path) -> None:
+    """``res`` as indented JSON, except its ``predictions`` list: one line per prediction, so a results file of
+    thousands of predictions stays readable in a diff."""
+    import json
+
+    from data_prep.io import write_text
+
+    body = json.dumps({k: v for k, v in res.items() if k != "predictions"}, indent=1)
+    lines = ",\n".join(json.dumps(r) for r in res["predictions"])
+    write_text(body[:-2] + ',\n "predictions": [\n' + lines + "\n ]\n}\n", path)

@@ -28,7 +28,6 @@ attributions. Every number here is **semi-synthetic**.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -41,9 +40,9 @@ if str(ROOT) not in sys.path:
 
 from bench.lesion_families import _model_arg, score_rows  # noqa: E402
 from bench.mdtable import md_table  # noqa: E402
-from bench.realdata import (COHORTS, cohort_halves, quiet_logging, real_data_missing,  # noqa: E402
-                            semisynthetic_copies, train_on_first_halves)
-from data_prep.io import read_image, read_labelmap, write_text  # noqa: E402
+from bench.realdata import (COHORTS, classify_at_expert_centroids, cohort_halves, quiet_logging,  # noqa: E402
+                            real_data_missing, semisynthetic_copies, train_on_first_halves, write_predictions_json)
+from data_prep.io import write_text  # noqa: E402
 
 #: ``|cnr|`` bins (lower edges inclusive) of the visibility table.
 CNR_BINS = (0.0, 1.0, 2.0, 4.0, np.inf)
@@ -123,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from data_prep.lesions import COHORT_CONTRAST, LesionConfig
-    from data_prep.scan import vertebrae_from_labelmap
     from stage2_classify.infer import Classifier
 
     t0 = time.time()
@@ -153,21 +151,18 @@ def main(argv: list[str] | None = None) -> int:
             rows = {(i, lv): r for i, lv, r in zip(table["id"], table["level"], table.to_dict("records"))}
             for p in sorted((root / c).glob("*_image.nii.gz")):
                 sid = p.name[: -len("_image.nii.gz")]
-                found = {}
-                for kind, path in (("copy", p), ("clean", args.data / c / p.name)):
-                    img = read_image(path)
-                    verts = vertebrae_from_labelmap(read_labelmap(root / c / f"{sid}_vertebrae.nii.gz", img))
-                    for v, r in zip(verts, clf.classify(img, verts, with_evidence=False, contrast=COHORT_CONTRAST[c])):
-                        found.setdefault(v.level, {})[kind] = [round(float(r["probabilities"][k]), 5) for k in classes]
-                for level, got in found.items():
+                labels = root / c / f"{sid}_vertebrae.nii.gz"
+                copy = classify_at_expert_centroids(clf, p, labels, COHORT_CONTRAST[c])
+                clean = classify_at_expert_centroids(clf, args.data / c / p.name, labels, COHORT_CONTRAST[c])
+                for level, probs in copy.items():
                     row = rows.get((sid, level))
-                    if row is None or len(got) < 2:
+                    if row is None or level not in clean:
                         continue
                     cls = int(row["class"])
                     preds.append({"model": name, "trained_on": trained_on, "family": "corner", "cohort": c,
                                   "subject": sid, "level": level, "truth": cls,
                                   "cnr": round(float(row["cnr"]), 3) if cls > 0 else None,
-                                  "p": got["copy"], "p_clean": got["clean"]})
+                                  "p": probs, "p_clean": clean[level]})
     res = {"meta": {"data": str(args.data), "models": {n: str(m) for n, m, _ in models}, "test_seed": args.test_seed,
                     "classes": classes, "train_seconds": train_s, "seconds": round(time.time() - t0, 1),
                     "semi_synthetic": True},
@@ -184,9 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 def _write(out: Path, name: str, res: dict, cmd: str) -> None:
     """``name.json`` (one line per prediction) and ``name.md``."""
     out.mkdir(parents=True, exist_ok=True)
-    body = json.dumps({k: v for k, v in res.items() if k != "predictions"}, indent=1)
-    lines = ",\n".join(json.dumps(r) for r in res["predictions"])
-    write_text(body[:-2] + ',\n "predictions": [\n' + lines + "\n ]\n}\n", out / f"{name}.json")
+    write_predictions_json(res, out / f"{name}.json")
     meta = res["meta"]
     text = [
         "# Stage 2 against lesion visibility (semi-synthetic)", "",
