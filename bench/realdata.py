@@ -71,8 +71,10 @@ def semisynthetic_copies(data: Path, dst_root: Path, ids: dict[str, list[str]], 
     return Path(dst_root)
 
 
-def train_on_first_halves(name: str, data: Path, work: Path, epochs: int, config=None, seed: int = 0) -> Path:
-    """A stage-2 model (default configuration, ``epochs`` epochs, training seed ``seed``) trained on seed-0
+def train_on_first_halves(name: str, data: Path, work: Path, epochs: int, config=None, seed: int = 0,
+                          overrides: list[str] | None = None) -> Path:
+    """A stage-2 model (default configuration but for ``overrides``, ``["patch.size_mm=[64,64,64]"]`` as
+    ``--set`` takes them, ``epochs`` epochs, training seed ``seed``) trained on seed-0
     **semi-synthetic** copies (lesions of ``config``, a ``data_prep.lesions.LesionConfig``; default simulator
     when ``None``) of the first half of each cohort (:func:`cohort_halves`) -> ``work/models/name``. A finished
     run of the same recipe there is reused: the folder is rewritten after every epoch, so only a ``recipe.json``
@@ -93,12 +95,16 @@ def train_on_first_halves(name: str, data: Path, work: Path, epochs: int, config
         tag += f"_cnr{config.min_cnr:g}"
     if seed:
         recipe["seed"] = int(seed)
+    if overrides:
+        recipe["overrides"] = list(overrides)
     if (out / "recipe.json").is_file() and json.loads((out / "recipe.json").read_text()) == recipe:
         return out
     halves = cohort_halves(data)
     root = semisynthetic_copies(data, Path(work) / "train" / tag, {c: halves[c][0] for c in COHORTS}, 0, config)
     folder = merge_folders([root / c for c in COHORTS], Path(work) / "merged" / name)
-    cfg = Stage2Config()
+    from bench.overrides import override_config
+
+    cfg = override_config(Stage2Config(), list(overrides or []))
     cfg.train.epochs = int(epochs)
     cfg.train.seed = int(seed)
     train_stage2(folder, out, cfg)

@@ -21,7 +21,10 @@ simulator) **and the same real scans without lesions**, and reports per model an
 ``--model`` scores a model trained on the first halves only (e.g. ``bench/lesion_families.py``'s ``corner80``);
 ``--train NAME=MIN_CNR[:EPOCHS[:SEED]]`` trains one (default configuration, ``EPOCHS`` else 80, training seed
 ``SEED`` else 0) on seed-0 first-half copies drawn with ``LesionConfig(min_cnr=MIN_CNR)`` (``none``: the default
-simulator), cached under ``--work``.
+simulator), cached under ``--work``; ``--set NAME:KEY=VALUE`` changes that model's ``Stage2Config``
+(e.g. ``--set wide:patch.size_mm=[64,64,64]``). ``--include FILE:MODEL[,MODEL...]`` adds the predictions of
+models scored before, from an earlier results JSON of the same ``--test-seed`` (the committed ``visibility.json``
+holds the two default models), so a new variant is tabled beside them without re-training them.
 Each vertebra is classified around its expert centroid with the region the seg head predicts, without
 attributions. Every number here is **semi-synthetic**.
 """
@@ -101,11 +104,71 @@ def _train_arg(text: str) -> tuple[str, float | None, int, int]:
     return name, cnr, int(epochs) if epochs else 80, int(seed) if seed else 0
 
 
+def _set_arg(text: str) -> tuple[str, str]:
+    name, sep, item = text.partition(":")
+    if not sep or not name or "=" not in item:
+        raise argparse.ArgumentTypeError(f"expected NAME:KEY=VALUE, got {text!r}")
+    return name, item
+
+
+def _overrides(sets: list[tuple[str, str]], trained: list[str], error) -> dict[str, list[str]]:
+    """``{model name: [KEY=VALUE, ...]}`` of the ``--set`` options, each checked against ``Stage2Config``
+    before anything is trained (``error``: the parser's, which exits)."""
+    from bench.overrides import override_config
+    from stage2_classify.config import Stage2Config
+
+    out: dict[str, list[str]] = {}
+    for name, item in sets:
+        if name not in trained:
+            error(f"--set {name}:{item}: no --train model named {name!r}")
+        out.setdefault(name, []).append(item)
+    for name, items in out.items():
+        try:
+            override_config(Stage2Config(), items).validate()
+        except (SystemExit, ValueError) as e:
+            error(f"--set {name}: {str(e).removeprefix('error: ')}")
+    return out
+
+
+def _include_arg(text: str) -> tuple[Path, list[str]]:
+    path, sep, names = text.rpartition(":")
+    models = [n for n in names.split(",") if n]
+    if not sep or not path or not models:
+        raise argparse.ArgumentTypeError(f"expected FILE:MODEL[,MODEL...], got {text!r}")
+    return Path(path), models
+
+
+def _included(path: Path, names: list[str], test_seed: int, error) -> list[dict]:
+    """The predictions of models ``names`` in the results JSON ``path``, which must have been scored on the
+    held-out copies of lesion seed ``test_seed`` (``error``: the parser's, which exits)."""
+    import json
+
+    try:
+        res = json.loads(Path(path).read_text())
+        seed, preds = res["meta"]["test_seed"], res["predictions"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        error(f"--include {path}: not a visibility results file ({e})")
+    if seed != test_seed:
+        error(f"--include {path}: scored on lesion seed {seed}, expected --test-seed {test_seed}")
+    out = []
+    for name in names:
+        rows = [r for r in preds if r.get("model") == name]
+        if not rows:
+            error(f"--include {path}: no predictions of model {name!r} "
+                  f"(it has {sorted({r.get('model') for r in preds})})")
+        out += rows
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=_model_arg, action="append", default=[], help="NAME=DIR, trained on first halves")
     ap.add_argument("--train", type=_train_arg, action="append", default=[],
                     help="NAME=MIN_CNR[:EPOCHS[:SEED]]: train on first-half copies with LesionConfig(min_cnr=MIN_CNR)")
+    ap.add_argument("--set", dest="sets", type=_set_arg, action="append", default=[],
+                    help="NAME:KEY=VALUE: a Stage2Config override of the --train model NAME")
+    ap.add_argument("--include", type=_include_arg, action="append", default=[],
+                    help="FILE:MODEL[,MODEL...]: predictions of these models from an earlier results JSON")
     ap.add_argument("--test-seed", type=int, default=1, help="lesion seed of the held-out copies (training copies: 0)")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--work", type=Path, default=Path("/tmp/spinepipe_visibility"))
@@ -116,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give at least one --model or --train")
     if args.test_seed == 0:
         ap.error("--test-seed 0 is the training copies' seed")
+    overrides = _overrides(args.sets, [n for n, *_ in args.train], ap.error)
+    included = [r for path, names in args.include for r in _included(path, names, args.test_seed, ap.error)]
     if real_data_missing(args.data):
         return 2
     quiet_logging()
@@ -138,10 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     train_s: dict[str, float] = {}
     for name, cnr, epochs, seed in args.train:
         t = time.time()
-        model = train_on_first_halves(name, args.data, args.work, epochs, LesionConfig(min_cnr=cnr), seed)
-        models.append((name, model, f"min_cnr={cnr} ({epochs} epochs, training seed {seed})"))
+        model = train_on_first_halves(name, args.data, args.work, epochs, LesionConfig(min_cnr=cnr), seed,
+                                      overrides.get(name))
+        models.append((name, model, f"min_cnr={cnr} ({epochs} epochs, training seed {seed})"
+                       + "".join(f", {o}" for o in overrides.get(name, []))))
         train_s[name] = round(time.time() - t, 1)
-    preds: list[dict] = []
+    preds: list[dict] = list(included)
     classes: list[str] = []
     for name, model, trained_on in models:
         clf = Classifier(model)
@@ -164,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "cnr": round(float(row["cnr"]), 3) if cls > 0 else None,
                                   "p": probs, "p_clean": clean[level]})
     res = {"meta": {"data": str(args.data), "models": {n: str(m) for n, m, _ in models}, "test_seed": args.test_seed,
+                    "included": {str(path): names for path, names in args.include},
                     "classes": classes, "train_seconds": train_s, "seconds": round(time.time() - t0, 1),
                     "semi_synthetic": True},
            "classes_summary": score_rows(preds, classes), "visibility": visibility_rows(preds),
@@ -171,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = " ".join(["python bench/visibility.py", *(f"--model {n}=DIR" for n, _ in args.model),
                     *(f"--train {n}={c if c is not None else 'none'}:{e}" + (f":{sd}" if sd else "")
                       for n, c, e, sd in args.train),
+                    *(f"--set {n}:{o}" for n, o in args.sets),
+                    *(f"--include {Path(p).name}:{','.join(m)}" for p, m in args.include),
                     *([f"--test-seed {args.test_seed}"] if args.test_seed != 1 else [])])
     _write(args.out, args.name, res, cmd)
     return 0

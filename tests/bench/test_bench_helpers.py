@@ -750,6 +750,40 @@ def test_visibility_bench_bins_lesions_by_cnr_and_pairs_them_with_the_clean_scan
     assert "README_lesion_table.csv: no cnr column" in err and err.count("\n") == 1
 
 
+def test_visibility_bench_checks_set_and_include_before_any_work(tmp_path, capsys):
+    """``--set`` overrides name a --train model and a valid Stage2Config field; ``--include`` takes earlier
+    predictions of the same lesion seed, by model name."""
+    from bench.visibility import _included, main
+
+    earlier = tmp_path / "earlier.json"
+    row = {"model": "base", "cohort": "water", "truth": 0, "cnr": None, "p": [1, 0, 0], "p_clean": [1, 0, 0]}
+    earlier.write_text(json.dumps({"meta": {"test_seed": 1}, "predictions": [row, {**row, "model": "other"}]}))
+    assert _included(earlier, ["base"], 1, None) == [row]
+    for argv, words in ((["--set", "b:patch.size_mm=[64,64,64]"], "no --train model named 'b'"),
+                        (["--set", "a:patch.nope=1"], "unknown field 'nope'"),
+                        (["--set", "a:patch.spacing_mm=-1"], "must be positive"),
+                        (["--set", "a"], "NAME:KEY=VALUE"),
+                        (["--include", f"{earlier}:zz"], "no predictions of model 'zz'"),
+                        (["--include", f"{earlier}:base", "--test-seed", "2"], "expected --test-seed 2"),
+                        (["--include", f"{tmp_path / 'none.json'}:base"], "not a visibility results file")):
+        with pytest.raises(SystemExit):
+            main(["--train", "a=none", *argv, "--data", str(tmp_path / "nowhere")])
+        err = capsys.readouterr().err
+        assert words in err and "error: --set a: error" not in err, err
+    # the override reaches the recipe: a finished run without it is another recipe
+    done = tmp_path / "models" / "w"
+    done.mkdir(parents=True)
+    (done / "recipe.json").write_text(json.dumps({"families": ["corner"], "epochs": 80,
+                                                  "overrides": ["patch.size_mm=[64,64,64]"]}))
+    from bench.realdata import train_on_first_halves
+    from data_prep.errors import SpinepipeInputError
+
+    assert train_on_first_halves("w", tmp_path / "nodata", tmp_path, 80,
+                                 overrides=["patch.size_mm=[64,64,64]"]) == done
+    with pytest.raises(SpinepipeInputError, match="nodata"):
+        train_on_first_halves("w", tmp_path / "nodata", tmp_path, 80)
+
+
 
 def test_train_on_first_halves_reuses_only_a_finished_run_of_the_same_recipe(tmp_path):
     from bench.realdata import train_on_first_halves
