@@ -160,6 +160,20 @@ def _included(path: Path, names: list[str], test_seed: int, error) -> list[dict]
     return out
 
 
+def _stale_included(included: list[dict], tables: dict) -> str | None:
+    """The first included prediction (``"model subject level"``) whose class or ``cnr`` is not the one in the
+    held-out copies' lesion tables ``{cohort: DataFrame}``, else ``None``: included predictions are only
+    comparable when they were made on the very same copies."""
+    truth = {}
+    for c, t in tables.items():
+        for sid, level, cls, cnr in zip(t["id"], t["level"], t["class"], t["cnr"]):
+            truth[(c, sid, level)] = (int(cls), round(float(cnr), 3) if int(cls) > 0 else None)
+    for r in included:
+        if truth.get((r["cohort"], r["subject"], r["level"])) != (r["truth"], r["cnr"]):
+            return f"{r['model']} {r['subject']} {r['level']}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=_model_arg, action="append", default=[], help="NAME=DIR, trained on first halves")
@@ -181,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--test-seed 0 is the training copies' seed")
     overrides = _overrides(args.sets, [n for n, *_ in args.train], ap.error)
     included = [r for path, names in args.include for r in _included(path, names, args.test_seed, ap.error)]
+    clash = sorted({r["model"] for r in included} & {n for n, *_ in [*args.model, *args.train]})
+    if clash:
+        ap.error(f"--include: model name(s) {', '.join(clash)} also given to --model / --train")
     if real_data_missing(args.data):
         return 2
     quiet_logging()
@@ -199,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {root / c / 'README_lesion_table.csv'}: no cnr column (copies made before it existed; "
                   "delete the folder to regenerate them); nothing measured", file=sys.stderr)
             return 2
+    stale = _stale_included(included, tables)
+    if stale:
+        print(f"error: --include: {stale}: its truth or cnr differs from the held-out copies under {root} "
+              "(made by another simulator version?); nothing measured", file=sys.stderr)
+        return 2
     models = [(n, Path(d), "given") for n, d in args.model]
     train_s: dict[str, float] = {}
     for name, cnr, epochs, seed in args.train:

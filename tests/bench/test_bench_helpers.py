@@ -765,11 +765,24 @@ def test_visibility_bench_checks_set_and_include_before_any_work(tmp_path, capsy
                         (["--set", "a"], "NAME:KEY=VALUE"),
                         (["--include", f"{earlier}:zz"], "no predictions of model 'zz'"),
                         (["--include", f"{earlier}:base", "--test-seed", "2"], "expected --test-seed 2"),
-                        (["--include", f"{tmp_path / 'none.json'}:base"], "not a visibility results file")):
+                        (["--include", f"{tmp_path / 'none.json'}:base"], "not a visibility results file"),
+                        (["--include", f"{earlier}:base", "--model", "base=d"], "base also given to --model")):
         with pytest.raises(SystemExit):
             main(["--train", "a=none", *argv, "--data", str(tmp_path / "nowhere")])
         err = capsys.readouterr().err
         assert words in err and "error: --set a: error" not in err, err
+    # included predictions must carry the truth and cnr of the held-out copies scored now
+    import pandas as pd
+
+    from bench.visibility import _stale_included
+
+    table = pd.DataFrame({"id": ["s1", "s1"], "level": ["L1", "L2"], "class": [0, 2], "cnr": [float("nan"), -1.23456]})
+    fat = {**row, "subject": "s1", "level": "L2", "truth": 2, "cnr": -1.235}
+    normal = {**row, "subject": "s1", "level": "L1"}
+    assert _stale_included([normal, fat], {"water": table}) is None
+    assert _stale_included([normal, {**fat, "cnr": -1.0}], {"water": table}) == "base s1 L2"
+    assert _stale_included([{**normal, "truth": 1}], {"water": table}) == "base s1 L1"
+    assert _stale_included([{**fat, "level": "L3"}], {"water": table}) == "base s1 L3"
     # the override reaches the recipe: a finished run without it is another recipe
     done = tmp_path / "models" / "w"
     done.mkdir(parents=True)
