@@ -1,13 +1,13 @@
 """The main job on built-in synthetic data (``make demo``): synthesize, check, train both stages briefly,
 predict on held-out scans, evaluate, and print where everything went.
 
-Sized for a 2-core CPU (about 20 minutes, two thirds of it stage-1 training). The numbers it prints come
-from minutes of training on 16 synthetic scans: they show the pipeline works end to end, not what a fully
-trained model reaches. Stage 1 gets its library default of 80 epochs: at 24 (until session 20) its heatmap
-had separated one or two vertebrae per held-out scan (identification 0.10); 48 epochs (until session 30)
-identified 0.70 on one machine (2026-12-03) but 0.27 on another (AMD EPYC, 2026-12-04: same code and seeds,
-other floating-point results), where 80 epochs on the same training scans identified 0.83 (3 of 4 scans all
-correct): 48 sat on the edge of learning the heatmap.
+Sized for a 2-core CPU (about 15-20 minutes, most of it stage-1 training; 14 min on 2026-12-04). The numbers
+it prints come from minutes of training on 16 synthetic scans: they show the pipeline works end to end, not
+what a fully trained model reaches. Stage 1 gets its library default of 80 epochs: at 24 (until session 20)
+its heatmap had separated one or two vertebrae per held-out scan (identification 0.10); 48 epochs (until
+session 30) identified 0.70 on one machine (2026-12-03) but 0.27 on another (AMD EPYC, 2026-12-04: same code
+and seeds, other floating-point results), where 80 epochs on the same training scans identified 0.83 (3 of 4
+scans all correct): 48 sat on the edge of learning the heatmap.
 """
 from __future__ import annotations
 

@@ -797,7 +797,6 @@ def test_visibility_bench_checks_set_and_include_before_any_work(tmp_path, capsy
         train_on_first_halves("w", tmp_path / "nodata", tmp_path, 80)
 
 
-
 def test_train_on_first_halves_reuses_only_a_finished_run_of_the_same_recipe(tmp_path):
     from bench.realdata import train_on_first_halves
     from data_prep.errors import SpinepipeInputError
