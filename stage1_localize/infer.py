@@ -233,6 +233,11 @@ class Localizer:
                 members.append((m_net, m_cfg))
                 extras.append(m_extra)
             self.extra = extras[0]
+            if any(e.get("synthetic_only") for e in extras):
+                log.warning("%s: stage-1 model trained on built-in synthetic scans only: fine for synthetic "
+                            "scans, but it names real scans poorly (identification 0.47 on 16 real scans for "
+                            "the demo's model); train it on annotated real scans (make train-stage1 DATA=DIR)",
+                            dirs[0])
         self.config = members[0][1]
         #: (network, patch size, divisor) per member, first = ``self.net``
         self.members = []

@@ -108,6 +108,7 @@ def test_training_is_deterministic_and_resumes_exactly(cohort, subjects, tmp_pat
     a, cfg_a, extra_a = checkpoint.load_model(full, Stage1Config, kind="stage1")
     b, cfg_b, extra_b = checkpoint.load_model(resumed, Stage1Config, kind="stage1")
     assert cfg_a == cfg_b and extra_b["epochs_done"] == 2
+    assert extra_a["synthetic_only"] is True  # trained on a synth.write_cohort folder
     assert set(a) == set(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
     la, lb = pd.read_csv(full / LOG_FILE), pd.read_csv(resumed / LOG_FILE)
@@ -256,3 +257,35 @@ def test_ensemble_training_writes_seeded_members_that_load_as_one_ensemble(cohor
         train_stage1(cohort, tmp_path / "single", cfg, auto_plan=False)
         with pytest.raises(SpinepipeInputError, match="holds a single stage-1 model"):
             train_stage1_ensemble(cohort, tmp_path / "single", cfg, members=2, parallel=False)
+
+
+def test_a_model_trained_on_synthetic_scans_only_says_so_when_loaded(cohort, subjects, tmp_path, caplog):
+    """``extra["synthetic_only"]``: every training folder holds ``synth_meta.json``; the Localizer warns."""
+    import logging
+    import shutil
+
+    from stage1_localize.train import synthetic_only
+
+    real_like = tmp_path / "real_like"
+    real_like.mkdir()
+    assert synthetic_only(cohort) and synthetic_only([cohort, str(cohort)])
+    assert not synthetic_only(real_like) and not synthetic_only([cohort, real_like]) and not synthetic_only(None)
+    cfg = _tiny_config(epochs=1, steps_per_epoch=1)
+    cfg.plan.patch_size = (16, 16, 24)
+    synth_model = train_stage1(cohort, tmp_path / "synth", cfg, subjects=subjects[:1], auto_plan=False)
+    other = train_stage1(real_like, tmp_path / "other", cfg, subjects=subjects[:1], auto_plan=False)
+    assert checkpoint.load_model(other, Stage1Config, kind="stage1")[2]["synthetic_only"] is False
+    with caplog.at_level(logging.WARNING, logger="stage1_localize.infer"):
+        Localizer(other, device="cpu")
+        assert not caplog.records
+        Localizer(synth_model, device="cpu")
+    assert len(caplog.records) == 1 and "synthetic scans only" in caplog.records[0].getMessage()
+    assert str(synth_model) in caplog.records[0].getMessage()
+    # an ensemble warns when any member was trained on synthetic scans only
+    caplog.clear()
+    ens = tmp_path / "ens"
+    shutil.copytree(other, ens / "a")
+    shutil.copytree(synth_model, ens / "b")
+    with caplog.at_level(logging.WARNING, logger="stage1_localize.infer"):
+        Localizer([ens / "a", ens / "b"], device="cpu")
+    assert len(caplog.records) == 1
