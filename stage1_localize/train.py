@@ -353,8 +353,8 @@ def synthetic_only(data_dir) -> bool:
     ``extra["synthetic_only"]``: such a model names real scans poorly (the 80-epoch demo model on 16 real
     scans, 8 per cohort: identification 0.47, mean error 19.7 mm, no scan all right; session 30), so
     :class:`stage1_localize.infer.Localizer` warns when it loads one."""
-    folders = [data_dir] if isinstance(data_dir, (str, os.PathLike)) else list(data_dir or [])
-    return bool(folders) and all((Path(f) / "synth_meta.json").is_file() for f in folders)
+    folders = _as_dirs(data_dir or [])
+    return bool(folders) and all((f / "synth_meta.json").is_file() for f in folders)
 
 
 def _save(out_dir: Path, net: torch.nn.Module, opt, config: Stage1Config, epoch: int, rows: list[dict],
