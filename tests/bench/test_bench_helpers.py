@@ -133,7 +133,8 @@ def test_stage1_fold_runs_merge_into_one_table(tmp_path):
     assert right["n_unscored"] == 1 and wrong["n_unscored"] == 0
     files = []
     for fold, rec in [(0, right), (1, wrong)]:
-        meta = {"k": 5, "seed": 0, "config": {"x": 1}, "date": "d", "note": "n", "name": f"part{fold}"}
+        meta = {"k": 5, "seed": 0, "config": {"x": 1}, "date": f"d{fold}", "note": "n", "name": f"part{fold}",
+                **({"pretrained": "/m/fold{fold}"} if fold == 0 else {"members": 2})}
         doc = {"meta": meta, "folds": [{"fold": fold, "method": "spinepipe_stage1", "n_train": 3,
                                         "train_seconds": 1.0, "infer_seconds": 0.1}], "scans": [rec]}
         files.append(tmp_path / f"part{fold}.json")
@@ -144,6 +145,11 @@ def test_stage1_fold_runs_merge_into_one_table(tmp_path):
     assert s["n_scans"] == 2 and s["id_rate"] == 0.5
     assert s["all_correct"] == 0.0 and s["all_correct_annotated_run"] == 0.5 and s["n_unscored"] == 1
     assert "| 0.000 / 0.500 |" in (tmp_path / "joined.md").read_text()
+    # the header names every part with its own date and models, not the first part's alone
+    md = (tmp_path / "joined.md").read_text()
+    assert "- `part0.json` (fold 0; d0): models `/m/fold{fold}` evaluated without training" in md
+    assert "- `part1.json` (fold 1; d1): trained in that run, 2 members each" in md
+    assert "Models evaluated without training" not in md and "pretrained" not in joined["meta"]
     # the wrong scan carried a naming flag, the right one did not
     assert (s["wrong_flagged"], s["n_wrong_scans"], s["right_flagged"], s["n_right_scans"]) == (1, 1, 0, 1)
     assert "| 1 / 1 | 0 / 1 |" in (tmp_path / "joined.md").read_text()
@@ -178,7 +184,7 @@ def test_stage1_fold_runs_merge_into_one_table(tmp_path):
     assert b1.main(["--merge", *map(str, files), "--name", "joined3", "--out", str(tmp_path)]) == 0
     md = (tmp_path / "joined3.md").read_text()
     assert "Decoding overrides of the saved configs: `labelling.fill_gaps=true`." in md
-    assert "Models evaluated without training: `/m/fold{fold}/model`." in md
+    assert "- `part0.json` (fold 0; d0): models `/m/fold{fold}/model` evaluated without training" in md
     bad = json.loads(files[1].read_text())
     bad["meta"]["seed"] = 7
     files[1].write_text(json.dumps(bad))
