@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -66,6 +67,9 @@ STRUCTURES: dict[int, str] = {
 
 #: Contrasts the generator can render.
 CONTRASTS = ("t1", "t2", "stir", "water")
+
+#: Folder-level file :func:`write_cohort` writes; its presence marks a built-in synthetic cohort.
+SYNTH_META_FILE = "synth_meta.json"
 
 # Tissue intensities per contrast (arbitrary units, ~0..1 before bias, noise and scaling).
 _TISSUE: dict[str, dict[str, float]] = {
@@ -969,8 +973,19 @@ def write_cohort(
     write_csv(pd.DataFrame(rows, columns=["id", "level", "class", "confidence"]), out / "vertebra_labels.csv")
     meta = dict(generator="data_prep.synth", seed=int(seed), n=int(n), config=config.to_dict(),
                 structures=STRUCTURES, subjects=subjects_meta)
-    write_text(json.dumps(meta, indent=1, default=_json_default) + "\n", out / "synth_meta.json")
+    write_text(json.dumps(meta, indent=1, default=_json_default) + "\n", out / SYNTH_META_FILE)
     return ids
+
+
+def synthetic_only(data_dir: str | os.PathLike | Sequence[str | os.PathLike] | None) -> bool:
+    """True when every folder of ``data_dir`` (one folder or a sequence) is a built-in synthetic cohort,
+    i.e. holds the ``synth_meta.json`` that :func:`write_cohort` writes. Both stages save this with a model
+    (``extra["synthetic_only"]``) and warn when they load such a model: it is fine for synthetic scans and
+    poor on real ones (session 30-31 measurements in the two loaders' warnings)."""
+    if data_dir is None:
+        return False
+    folders = [data_dir] if isinstance(data_dir, (str, os.PathLike)) else list(data_dir)
+    return bool(folders) and all((Path(f) / SYNTH_META_FILE).is_file() for f in folders)
 
 
 def _json_default(o):

@@ -50,6 +50,7 @@ from data_prep.distributed import DistInfo, cleanup_distributed, init_distribute
 from data_prep.errors import SpinepipeInputError
 from data_prep.io import read_image, read_labelmap, read_points_csv, write_csv, write_text
 from data_prep.scan import Scan, centroids_from_labelmap
+from data_prep.synth import synthetic_only
 from stage1_localize.augment import sample_patch
 from stage1_localize.config import Stage1Config
 from stage1_localize.model import LocalizerNet, memory_format, run_net
@@ -278,6 +279,8 @@ def train_stage1(
                                       "cannot resume: the saved config differs from the requested one (other than epochs)")
     if subjects is None:
         subjects = load_subjects(data_dir, config)
+    # saved as extra["synthetic_only"]: such a model names real scans poorly (the 80-epoch demo model on 16
+    # real scans, 8 per cohort: identification 0.47, mean error 19.7 mm; session 30); the Localizer warns
     synthetic = synthetic_only(data_dir)
     if auto_plan and state is None:
         extents = [np.asarray(s.grid.shape) * s.grid.spacing for s in subjects]
@@ -345,16 +348,6 @@ def train_stage1(
     finally:
         cleanup_distributed()
     return out_dir
-
-
-def synthetic_only(data_dir) -> bool:
-    """True when every training folder (``data_dir``: one folder or a sequence) is a built-in synthetic
-    cohort (it holds ``synth_meta.json``, :func:`data_prep.synth.write_cohort`). Saved with the model as
-    ``extra["synthetic_only"]``: such a model names real scans poorly (the 80-epoch demo model on 16 real
-    scans, 8 per cohort: identification 0.47, mean error 19.7 mm, no scan all right; session 30), so
-    :class:`stage1_localize.infer.Localizer` warns when it loads one."""
-    folders = _as_dirs(data_dir or [])
-    return bool(folders) and all((f / "synth_meta.json").is_file() for f in folders)
 
 
 def _save(out_dir: Path, net: torch.nn.Module, opt, config: Stage1Config, epoch: int, rows: list[dict],

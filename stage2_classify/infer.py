@@ -118,6 +118,12 @@ class Classifier:
             cfg.ig_steps = int(ig_steps)
         self.config: Stage2Config = cfg
         self.extra = extra
+        if extra.get("synthetic_only"):
+            # bench/results/visibility_demo_model.md: the demo's model on 188 real vertebrae with inserted lesions
+            log.warning("%s: stage-2 model trained on built-in synthetic scans only: fine for synthetic scans, "
+                        "but on real scans its verdicts hardly react to lesions (the demo's model on real scans "
+                        "with inserted lesions: AUC 0.66 / 0.53 / 0.57, p(lesion) moved by a median 0.00); train "
+                        "it on labelled scans like yours (make train-stage2 DATA=DIR)", folder)
         self.device = torch.device(device)
         try:
             self.net = Stage2Net(cfg)

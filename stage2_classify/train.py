@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data_prep import synth as synth_mod
 from data_prep.checkpoint import (
     config_from_dict,
     config_to_dict,
@@ -458,14 +459,17 @@ def _lr(cfg: Stage2Config, epoch: int) -> float:
 
 def train_on_samples(samples: list[Sample], cfg: Stage2Config, out_dir: str | Path, *, resume: bool = False,
                      stop_after_epoch: int | None = None, dist_info: DistInfo | None = None,
-                     callback: Callable[[int, "Stage2Trainable", dict], None] | None = None) -> Path:
+                     callback: Callable[[int, "Stage2Trainable", dict], None] | None = None,
+                     synthetic_only: bool = False) -> Path:
     """Train on in-memory samples; write ``out_dir`` (model, ``train_state.pt``, ``train_log.csv``).
 
     ``stop_after_epoch`` ends the run after that many epochs in total (simulates an interruption; the
     state written is exactly what a killed run leaves). Under ``torchrun`` pass ``dist_info`` (or let it
     be initialised here): the model is wrapped in ``DistributedDataParallel``, each rank trains on its
     shard of every epoch, rank 0 writes the files. ``callback(epoch, module, log_row)`` runs on every
-    rank after each epoch (benchmarks, tests).
+    rank after each epoch (benchmarks, tests). ``synthetic_only``: the samples all come from built-in
+    synthetic cohorts (saved as ``extra["synthetic_only"]``; the :class:`~stage2_classify.infer.Classifier`
+    warns when it loads such a model).
     """
     cfg.validate()
     out_dir = Path(out_dir)
@@ -475,13 +479,13 @@ def train_on_samples(samples: list[Sample], cfg: Stage2Config, out_dir: str | Pa
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
     try:
-        return _train_loop(samples, cfg, out_dir, resume, stop_after_epoch, di, callback)
+        return _train_loop(samples, cfg, out_dir, resume, stop_after_epoch, di, callback, synthetic_only)
     finally:
         torch.set_num_threads(threads)
 
 
 def _train_loop(samples, cfg: Stage2Config, out_dir: Path, resume: bool, stop_after_epoch: int | None,
-                di: DistInfo, callback) -> Path:
+                di: DistInfo, callback, synthetic_only: bool = False) -> Path:
     tc = cfg.train
     seed_everything(tc.seed)
     counts = np.bincount([s.cls for s in samples], minlength=len(cfg.classes))
@@ -554,18 +558,19 @@ def _train_loop(samples, cfg: Stage2Config, out_dir: Path, resume: bool, stop_af
                **{f"w_{k}": v for k, v in module.weighting.weights().items()}}
         rows.append(row)
         if di.is_main:
-            _write_epoch(out_dir, module, opt, cfg, epoch + 1, rows, len(samples), ema)
+            _write_epoch(out_dir, module, opt, cfg, epoch + 1, rows, len(samples), ema, synthetic_only=synthetic_only)
         log.info("epoch %d/%d loss %.4f acc %.3f (%.1fs)", epoch + 1, tc.epochs, row["loss"], row["train_acc"], row["seconds"])
         if callback is not None:
             callback(epoch + 1, module, row)
         if di.distributed:
             torch.distributed.barrier()
     if di.is_main and start >= end and not (out_dir / "config.json").exists():
-        _write_epoch(out_dir, module, opt, cfg, end, rows, len(samples), ema)
+        _write_epoch(out_dir, module, opt, cfg, end, rows, len(samples), ema, synthetic_only=synthetic_only)
     if di.is_main and end >= tc.epochs:  # finished: record what the training scans look like
         ref = contrast_reference(ema.module if ema is not None else module.net, samples)
         if ref is not None:
-            _write_epoch(out_dir, module, opt, cfg, end, rows, len(samples), ema, reference=ref)
+            _write_epoch(out_dir, module, opt, cfg, end, rows, len(samples), ema, reference=ref,
+                         synthetic_only=synthetic_only)
     return out_dir
 
 
@@ -605,11 +610,12 @@ def contrast_reference(net: Stage2Net, samples: list[Sample]) -> ContrastReferen
 
 
 def _write_epoch(out_dir: Path, module: Stage2Trainable, opt, cfg: Stage2Config, epoch: int, rows: list[dict],
-                 n_samples: int, ema: nn.Module | None = None, reference: ContrastReference | None = None) -> None:
+                 n_samples: int, ema: nn.Module | None = None, reference: ContrastReference | None = None,
+                 synthetic_only: bool = False) -> None:
     """Model folder (the weight average when ``ema`` is given, else the raw weights) + resumable state;
     ``reference``: the training scans' contrast signatures (``extra["contrast_reference"]``)."""
     extra = {"epoch": epoch, "n_samples": n_samples, "loss_weights": module.weighting.weights(),
-             "weights": "ema" if ema is not None else "raw"}
+             "weights": "ema" if ema is not None else "raw", "synthetic_only": bool(synthetic_only)}
     if reference is not None:
         extra["contrast_reference"] = reference.to_dict()
     save_model(out_dir, weights_of(ema.module) if ema is not None else module.net.state_dict(), cfg, kind="stage2",
@@ -635,7 +641,8 @@ def train_stage2(data_dir: str | Path, out_dir: str | Path, config: Stage2Config
         samples = build_samples(data_dir, cfg, annotation=annotation, ids=ids, contrast=contrast)
         log.info("%d vertebra patches; classes %s", len(samples),
                  np.bincount([s.cls for s in samples], minlength=len(cfg.classes)).tolist())
-        return train_on_samples(samples, cfg, out_dir, resume=resume, dist_info=di)
+        return train_on_samples(samples, cfg, out_dir, resume=resume, dist_info=di,
+                                synthetic_only=synth_mod.synthetic_only(data_dir))
     finally:
         cleanup_distributed()
 

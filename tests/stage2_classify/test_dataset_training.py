@@ -72,3 +72,30 @@ def test_train_stage2_entry_point(cohort, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     log = pd.read_csv(out / "train_log.csv")
     assert list(log["epoch"]) == [1, 2] and np.isfinite(log["loss"]).all()
+
+
+def test_a_model_trained_on_synthetic_scans_only_says_so_when_loaded(cohort, tmp_path, caplog):
+    """``extra["synthetic_only"]`` is true for a built-in synthetic cohort (its ``synth_meta.json``), false
+    for any other folder; the Classifier warns, once, on loading such a model and only then."""
+    import logging
+    import shutil
+
+    from data_prep.checkpoint import load_model
+    from stage2_classify.config import Stage2Config
+    from stage2_classify.infer import Classifier
+
+    cfg = tiny_config()
+    cfg.train.epochs = 1
+    real_like = tmp_path / "real_like"
+    shutil.copytree(cohort["full"], real_like)
+    (real_like / "synth_meta.json").unlink()
+    synth_model = train_stage2(cohort["full"], tmp_path / "synth", cfg)
+    other = train_stage2(real_like, tmp_path / "other", cfg, contrast="t1")
+    assert load_model(synth_model, Stage2Config, kind="stage2")[2]["synthetic_only"] is True
+    assert load_model(other, Stage2Config, kind="stage2")[2]["synthetic_only"] is False
+    with caplog.at_level(logging.WARNING, logger="stage2_classify.infer"):
+        Classifier(other)
+        assert not caplog.records
+        Classifier(synth_model)
+    assert len(caplog.records) == 1 and "synthetic scans only" in caplog.records[0].getMessage()
+    assert str(synth_model) in caplog.records[0].getMessage()
