@@ -165,6 +165,18 @@ def load_model(folder: str | os.PathLike, config_cls: type[C], *, kind: str) -> 
     return state, config, meta.get("extra", {})
 
 
+def model_provenance(folder: str | os.PathLike) -> dict[str, Any]:
+    """What a run report should record about the model in ``folder`` (already loaded and verified by
+    :func:`load_model`): its absolute path, kind, weights SHA-256 and the scalar fields of ``extra``
+    (epochs, training-set size, ``synthetic_only`` ...; lists and tables such as the training subject ids
+    are left out). Reads ``config.json`` only."""
+    folder = Path(folder)
+    meta = json.loads((folder / CONFIG).read_text())
+    extra = {k: v for k, v in (meta.get("extra") or {}).items() if isinstance(v, (str, int, float, bool)) or v is None}
+    return {"folder": str(folder.resolve()), "kind": meta.get("kind"), "weights_sha256": meta.get("weights_sha256"),
+            **extra}
+
+
 def load_state_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
     """``module.load_state_dict(state)`` with a one-line error naming ``source`` on any name/shape mismatch."""
     own = module.state_dict()

@@ -42,7 +42,7 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig()) -> dict[str, Path]:
     from data_prep.synth import SynthConfig, write_cohort
     from pipeline.commands.predict import load_models
     from pipeline.evaluate import evaluate
-    from pipeline.predict import predict_many
+    from pipeline.predict import predict_many, write_run_record
     from stage1_localize.config import Stage1Config
     from stage1_localize.train import train_stage1
     from stage2_classify.config import Stage2Config
@@ -69,8 +69,10 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig()) -> dict[str, Path]:
     _say(f"[5/6] predicting {cfg.n_test} held-out scans")
     pred_dir = out / "predictions"
     scans = sorted(test_dir.glob("*_image.nii.gz"))
-    done = []
-    for path, res in predict_many(scans, pred_dir, lambda: load_models(models)):
+    done, outcomes = [], []
+    pair = load_models(models)
+    for path, res in predict_many(scans, pred_dir, lambda: pair):
+        outcomes.append((path, res))
         if isinstance(res, Exception):
             _say(f"  error: {res}")
         else:
@@ -78,6 +80,7 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig()) -> dict[str, Path]:
             _say(f"  {res.summary}")
     if not done:
         raise RuntimeError("no held-out scan could be analysed; train longer (--stage1-epochs)")
+    write_run_record(pred_dir, *pair, outcomes)
     _say("[6/6] evaluating against the synthetic ground truth")
     ev = evaluate(pred_dir, test_dir, classes=list(s2.classes))
     table = ev.table()

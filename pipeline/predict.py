@@ -9,6 +9,10 @@ Outputs per scan ``<name>`` (``<name>`` = file name without suffix and without a
 input grid), ``<name>_centroids.json`` (VerSe), ``<name>_centroids.mrk.json`` (3D Slicer),
 ``<name>_overview.png`` and, with ``evidence=True``, ``<name>_evidence.nii.gz``. All are written into a
 hidden temporary folder first and moved into place only when every file of that scan succeeded.
+
+Per run, :func:`write_run_record` adds ``predict_run.json``: which models (folder, weights SHA-256, how
+they were trained) and settings made these reports, and what became of each scan, so a verdict can be
+traced to the model that gave it.
 """
 from __future__ import annotations
 
@@ -128,6 +132,61 @@ def predict_scan(
         + (f"; {flagged} flagged" if flagged else "")
     )
     return ScanResult(path, name, final, len(report), time.perf_counter() - t0, summary)
+
+
+RUN_RECORD = "predict_run.json"
+
+
+def run_record(localizer: Localizer, classifier: Classifier,
+               outcomes: Sequence[tuple[Path, "ScanResult | Exception"]]) -> dict:
+    """The provenance of a prediction run (see :func:`write_run_record`). Stand-in networks without model
+    folders (tests) are recorded as ``[]`` / ``None``."""
+    import datetime
+    import importlib.metadata
+
+    import torch
+
+    from data_prep.checkpoint import model_provenance
+
+    try:
+        version = importlib.metadata.version("spinepipe")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    stage2_dir = getattr(classifier, "model_dir", None)
+    cfg = getattr(classifier, "config", None)
+    scans = []
+    for path, res in outcomes:
+        if isinstance(res, Exception):
+            scans.append({"source": str(path), "error": str(res)})
+        else:
+            scans.append({"source": str(path), "name": res.name, "n_vertebrae": res.n_vertebrae,
+                          "seconds": round(res.seconds, 2), "files": {k: v.name for k, v in res.files.items()}})
+    return {
+        "spinepipe": version,
+        "torch": torch.__version__,
+        "finished_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "stage1_models": [model_provenance(d) for d in getattr(localizer, "model_dirs", [])],
+        "stage2_model": model_provenance(stage2_dir) if stage2_dir is not None else None,
+        "settings": {"contrast": getattr(classifier, "contrast", None),
+                     "evidence_threshold": getattr(cfg, "evidence_threshold", None),
+                     "ig_steps": getattr(cfg, "ig_steps", None)},
+        "scans": scans,
+    }
+
+
+def write_run_record(out_dir: str | os.PathLike, localizer: Localizer, classifier: Classifier,
+                     outcomes: Sequence[tuple[Path, "ScanResult | Exception"]]) -> Path:
+    """Write ``out_dir/predict_run.json`` (atomically; a later run in the same folder replaces it): versions,
+    the stage-1 model folder(s) and the stage-2 one with their weights' SHA-256 and training facts (epochs,
+    number of training subjects, ``synthetic_only``), the stage-2 settings in force, and per scan its report
+    files or its error."""
+    import json
+
+    from data_prep.io import write_text
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return write_text(json.dumps(run_record(localizer, classifier, outcomes), indent=1) + "\n", out / RUN_RECORD)
 
 
 def _write_overview(scan: Scan, result: Classification, report, path: Path, name: str) -> Path:

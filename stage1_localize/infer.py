@@ -214,7 +214,7 @@ class Localizer:
             if config is None:
                 raise ValueError("Localizer(net=...) also needs config=")
             members = [(net, config)]
-            self.extra = {}
+            self.extra, self.model_dirs = {}, []
         else:
             if model_dir is None:
                 raise ValueError("Localizer needs model_dir (or net= and config=)")
@@ -233,6 +233,8 @@ class Localizer:
                 members.append((m_net, m_cfg))
                 extras.append(m_extra)
             self.extra = extras[0]
+            #: The member model folders, in order (run records name them, ``pipeline.predict``).
+            self.model_dirs = dirs
             if any(e.get("synthetic_only") for e in extras):
                 log.warning("%s: stage-1 model trained on built-in synthetic scans only: fine for synthetic "
                             "scans, but it names real scans poorly (identification 0.47 on 16 real scans for "

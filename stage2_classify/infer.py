@@ -118,6 +118,8 @@ class Classifier:
             cfg.ig_steps = int(ig_steps)
         self.config: Stage2Config = cfg
         self.extra = extra
+        #: Where the model was loaded from (``None`` for :meth:`from_network`); run records name it.
+        self.model_dir: Path | None = folder
         if extra.get("synthetic_only"):
             # bench/results/visibility_demo_model.md: the demo's model on 188 real vertebrae with inserted lesions
             log.warning("%s: stage-2 model trained on built-in synthetic scans only: fine for synthetic scans, "
@@ -146,6 +148,7 @@ class Classifier:
         """Wrap an in-memory network (tests, benchmarks) without files."""
         self = cls.__new__(cls)
         self.config, self.extra, self.device, self.contrast = net.cfg, {}, torch.device("cpu"), None
+        self.model_dir = None
         self.net = net.eval()
         self.reference = None
         return self

@@ -52,23 +52,29 @@ def predict_cmd(scans: tuple[Path, ...], out_dir: Path, models_dir: Path, eviden
                 stage1_dirs: tuple[Path, ...], contrast: str | None, evidence_threshold: float | None,
                 ig_steps: int | None) -> None:
     """Find, name and classify every vertebra of each SCAN (file, DICOM folder, or folder of scans)."""
-    from pipeline.predict import predict_many
+    from pipeline.predict import predict_many, write_run_record
     from pipeline.validate import collect_scans
 
     paths = collect_scans(list(scans))
-    load_models(models_dir, stage1_dirs=stage1_dirs)  # fail fast, once, with a clear message, before any worker starts
     make = functools.partial(load_models, models_dir, contrast=contrast, evidence_threshold=evidence_threshold,
                              stage1_dirs=stage1_dirs, ig_steps=ig_steps)
-    failures = 0
+    # loaded here once: fails fast with a clear message before any worker starts, names the models in the
+    # run record, and with one worker is the pair that predicts
+    models = make()
+    failures, outcomes = 0, []
     with click.progressbar(length=len(paths), label="predicting", file=sys.stderr,
                            show_pos=True) if len(paths) > 1 else _NullBar() as bar:
-        for path, res in predict_many(paths, out_dir, make, evidence=evidence, workers=workers):
+        for path, res in predict_many(paths, out_dir, (lambda: models) if workers <= 1 else make, evidence=evidence,
+                                      workers=workers):
             bar.update(1)
+            outcomes.append((path, res))
             if isinstance(res, Exception):
                 failures += 1
                 click.echo(f"error: {res}", err=True)
             else:
                 click.echo(f"{res.summary} ({res.seconds:.1f} s) -> {res.files['report']}")
+    if len(outcomes) > failures:
+        write_run_record(out_dir, *models, outcomes)
     if failures:
         click.echo(f"error: {failures} of {len(paths)} scans failed", err=True)
         sys.exit(2)

@@ -155,3 +155,53 @@ def test_cli_contrast_choices_match_the_library():
     from stage2_classify.config import IMAGE_CONTRASTS as STAGE2_CONTRASTS
 
     assert CONTRAST_CHOICES == IMAGE_CONTRASTS == CONTRASTS == STAGE2_CONTRASTS
+
+
+def test_cli_predict_writes_a_run_record_naming_the_models(scan_file, tmp_path, monkeypatch):
+    """``spinepipe predict`` loads the models once (one worker) and writes ``predict_run.json``: each model
+    folder with the SHA-256 of its weights and its training facts, the stage-2 settings, and per scan its
+    files or its error. A run where every scan fails writes no record."""
+    import torch
+    from click.testing import CliRunner
+
+    import pipeline.commands.predict as cmd
+    from data_prep import checkpoint
+    from pipeline.cli import main
+    from stage2_classify.config import tiny_config
+
+    cfg = tiny_config()
+    s1 = checkpoint.save_model(tmp_path / "m1", {"w": torch.zeros(2)}, cfg, kind="stage1",
+                               extra={"epochs_done": 3, "synthetic_only": True, "train_subjects": ["a", "b"]})
+    s2 = checkpoint.save_model(tmp_path / "m2", {"w": torch.ones(2)}, cfg, kind="stage2",
+                               extra={"epoch": 5, "n_samples": 40, "synthetic_only": False, "loss_weights": {"cls": 1.0}})
+    loads = []
+
+    def fake_load_models(*args, **kwargs):
+        loc, clf = StandInLocalizer({20: (6, 10, 10), 21: (6, 10, 30)}), StandInClassifier()
+        loc.model_dirs, clf.model_dir, clf.contrast = [s1], s2, kwargs.get("contrast")
+        loads.append(kwargs)
+        return loc, clf
+
+    monkeypatch.setattr(cmd, "load_models", fake_load_models)
+    bad = tmp_path / "in" / "broken_image.nii.gz"
+    bad.write_bytes(b"not a nifti")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["predict", str(scan_file), str(bad), "-o", str(out), "--contrast", "t2"])
+    assert res.exit_code == 2 and "1 of 2 scans failed" in res.output, res.output
+    assert len(loads) == 1 and loads[0]["contrast"] == "t2"
+    rec = json.loads((out / "predict_run.json").read_text())
+    sha = {p: json.loads((p / "config.json").read_text())["weights_sha256"] for p in (s1, s2)}
+    m1 = rec["stage1_models"]
+    assert len(m1) == 1 and m1[0]["folder"] == str(s1.resolve()) and m1[0]["weights_sha256"] == sha[s1]
+    assert m1[0]["kind"] == "stage1" and m1[0]["epochs_done"] == 3 and m1[0]["synthetic_only"] is True
+    assert "train_subjects" not in m1[0]  # lists are left out
+    m2 = rec["stage2_model"]
+    assert m2["weights_sha256"] == sha[s2] and m2["n_samples"] == 40 and "loss_weights" not in m2
+    assert rec["settings"]["contrast"] == "t2"
+    by_source = {s["source"]: s for s in rec["scans"]}
+    ok, failed = by_source[str(scan_file)], by_source[str(bad)]
+    assert ok["name"] == "case-7" and ok["n_vertebrae"] == 2 and ok["files"]["report"] == "case-7_vertebrae.csv"
+    assert "broken_image.nii.gz" in failed["error"] and "files" not in failed
+    # every scan failing: an error, and no record
+    res = CliRunner().invoke(main, ["predict", str(bad), "-o", str(tmp_path / "out2")])
+    assert res.exit_code == 2 and not (tmp_path / "out2" / "predict_run.json").exists()
