@@ -166,12 +166,20 @@ def run_record(localizer: Localizer, classifier: Classifier,
         "torch": torch.__version__,
         "finished_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "stage1_models": [model_provenance(d) for d in getattr(localizer, "model_dirs", [])],
-        "stage2_model": model_provenance(stage2_dir) if stage2_dir is not None else None,
+        "stage2_model": (dict(model_provenance(stage2_dir), train_contrasts=_train_contrasts(classifier))
+                         if stage2_dir is not None else None),
         "settings": {"contrast": getattr(classifier, "contrast", None),
                      "evidence_threshold": getattr(cfg, "evidence_threshold", None),
                      "ig_steps": getattr(cfg, "ig_steps", None)},
         "scans": scans,
     }
+
+
+def _train_contrasts(classifier: Classifier) -> list[str] | None:
+    """The image contrasts of the stage-2 model's training scans, from its contrast reference (None without
+    one, e.g. a model saved before the check or trained on scans of unknown contrast)."""
+    ref = getattr(classifier, "reference", None)
+    return None if ref is None else sorted(str(c) for c in ref.contrasts)
 
 
 def write_run_record(out_dir: str | os.PathLike, localizer: Localizer, classifier: Classifier,

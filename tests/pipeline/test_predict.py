@@ -161,6 +161,8 @@ def test_cli_predict_writes_a_run_record_naming_the_models(scan_file, tmp_path, 
     """``spinepipe predict`` loads the models once (one worker) and writes ``predict_run.json``: each model
     folder with the SHA-256 of its weights and its training facts, the stage-2 settings, and per scan its
     files or its error. A run where every scan fails writes no record."""
+    import types
+
     import torch
     from click.testing import CliRunner
 
@@ -179,6 +181,7 @@ def test_cli_predict_writes_a_run_record_naming_the_models(scan_file, tmp_path, 
     def fake_load_models(*args, **kwargs):
         loc, clf = StandInLocalizer({20: (6, 10, 10), 21: (6, 10, 30)}), StandInClassifier()
         loc.model_dirs, clf.model_dir, clf.contrast = [s1], s2, kwargs.get("contrast")
+        clf.reference = types.SimpleNamespace(contrasts=("water", "t2"))
         loads.append(kwargs)
         return loc, clf
 
@@ -197,6 +200,7 @@ def test_cli_predict_writes_a_run_record_naming_the_models(scan_file, tmp_path, 
     assert "train_subjects" not in m1[0]  # lists are left out
     m2 = rec["stage2_model"]
     assert m2["weights_sha256"] == sha[s2] and m2["n_samples"] == 40 and "loss_weights" not in m2
+    assert m2["train_contrasts"] == ["t2", "water"]
     assert rec["settings"]["contrast"] == "t2"
     by_source = {s["source"]: s for s in rec["scans"]}
     ok, failed = by_source[str(scan_file)], by_source[str(bad)]
