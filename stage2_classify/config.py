@@ -45,6 +45,12 @@ class PatchConfig:
     and 0.73 / 0.59 / 0.47, within the seeds' spread (water normal-vs-rest +0.03, T2-TSE -0.04 on average),
     for 33 % more voxels per patch; the default stays. For wider bodies than these cohorts', train with
     ``{"patch": {"size_mm": [64, 64, 64]}}`` in ``--config``.
+
+    1.5-mm voxels (session 31, bench/results/visibility_spacing15.md and _seed2.md, two training seeds, the
+    same held-out copies): pooled AUC 0.79 / 0.77 / 0.56 and 0.83 / 0.72 / 0.54 against 0.76 / 0.72 / 0.47
+    and 0.73 / 0.59 / 0.47 on one lesion draw, but 0.75 / 0.74 / 0.51 and 0.80 / 0.71 / 0.56 against
+    0.79 / 0.75 / 0.55 and 0.78 / 0.68 / 0.57 on a second: no gain that repeats, at 4x the time per
+    vertebra with Integrated Gradients (1.14 s against 0.28 s); the default stays 2 mm.
     """
 
     size_mm: tuple[float, float, float] = (48.0, 64.0, 64.0)
