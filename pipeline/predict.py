@@ -185,9 +185,10 @@ def _train_contrasts(classifier: Classifier) -> list[str] | None:
 def write_run_record(out_dir: str | os.PathLike, localizer: Localizer, classifier: Classifier,
                      outcomes: Sequence[tuple[Path, "ScanResult | Exception"]]) -> Path:
     """Write ``out_dir/predict_run.json`` (atomically; a later run in the same folder replaces it): versions,
-    the stage-1 model folder(s) and the stage-2 one with their weights' SHA-256 and training facts (epochs,
-    number of training subjects, ``synthetic_only``), the stage-2 settings in force, and per scan its report
-    files or its error."""
+    the stage-1 model folder(s) (each ensemble member) and the stage-2 one with their weights' SHA-256 and
+    training facts (epochs, number of training subjects or patches, ``synthetic_only``, stage 2's training
+    contrasts), the stage-2 settings in force, and per scan its files or its error. Called once the scans are
+    done, by ``spinepipe predict`` (when at least one scan succeeded) and ``make demo``."""
     import json
 
     from data_prep.io import write_text
