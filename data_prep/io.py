@@ -15,7 +15,7 @@ import os
 import zlib
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,13 @@ from data_prep.errors import SpinepipeInputError
 from data_prep.scan import LEVEL_IDS, VERSE_LEVELS as LEVEL_NAMES, Points, Scan, from_sitk, level_id, to_sitk
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+
+
+def as_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """One path or a sequence of them (e.g. several dataset folders, ensemble members) as a list of Paths."""
+    if isinstance(paths, (str, os.PathLike)):
+        return [Path(paths)]
+    return [Path(p) for p in paths]
 
 
 def image_suffix(path: str | os.PathLike) -> str | None:

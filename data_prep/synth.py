@@ -40,7 +40,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from data_prep.errors import SpinepipeInputError
-from data_prep.io import write_csv, write_image, write_text
+from data_prep.io import as_paths, write_csv, write_image, write_text
 from data_prep.scan import (
     TRANSITIONAL_IDS,
     Scan,
@@ -984,8 +984,8 @@ def synthetic_only(data_dir: str | os.PathLike | Sequence[str | os.PathLike] | N
     poor on real ones (session 30-31 measurements in the two loaders' warnings)."""
     if data_dir is None:
         return False
-    folders = [data_dir] if isinstance(data_dir, (str, os.PathLike)) else list(data_dir)
-    return bool(folders) and all((Path(f) / SYNTH_META_FILE).is_file() for f in folders)
+    folders = as_paths(data_dir)
+    return bool(folders) and all((f / SYNTH_META_FILE).is_file() for f in folders)
 
 
 def _json_default(o):

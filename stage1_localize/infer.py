@@ -36,7 +36,7 @@ from scipy import ndimage
 from data_prep import checkpoint
 from data_prep import precision as precision_mod
 from data_prep.errors import SpinepipeInputError
-from data_prep.io import write_csv
+from data_prep.io import as_paths, write_csv
 from data_prep.scan import Scan, Vertebra, sort_head_to_foot
 from stage1_localize.config import Stage1Config
 from stage1_localize.labelling import AMBIGUOUS_FLAG, Probe, assign_levels, complete_run
@@ -218,8 +218,7 @@ class Localizer:
         else:
             if model_dir is None:
                 raise ValueError("Localizer needs model_dir (or net= and config=)")
-            given = [model_dir] if isinstance(model_dir, (str, os.PathLike)) else list(model_dir)
-            dirs = [d for g in given for d in model_folders(g)]
+            dirs = [d for g in as_paths(model_dir) for d in model_folders(g)]
             if not dirs:
                 raise ValueError("Localizer needs at least one model folder")
             members, extras = [], []

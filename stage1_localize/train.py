@@ -48,7 +48,7 @@ from data_prep import checkpoint
 from data_prep import precision as precision_mod
 from data_prep.distributed import DistInfo, cleanup_distributed, init_distributed, seed_everything
 from data_prep.errors import SpinepipeInputError
-from data_prep.io import read_image, read_labelmap, read_points_csv, write_csv, write_text
+from data_prep.io import as_paths, read_image, read_labelmap, read_points_csv, write_csv, write_text
 from data_prep.scan import Scan, centroids_from_labelmap
 from data_prep.synth import synthetic_only
 from stage1_localize.augment import sample_patch
@@ -95,12 +95,6 @@ def subject_points(image: Scan, points_csv: Path | None, vertebrae: Path | None)
     return [], np.zeros((0, 3))
 
 
-def _as_dirs(data_dir) -> list[Path]:
-    if isinstance(data_dir, (str, os.PathLike)):
-        return [Path(data_dir)]
-    return [Path(d) for d in data_dir]
-
-
 def load_subjects(data_dir, config: Stage1Config) -> list[TrainSubject]:
     """Read and prepare every subject that has point or mask annotations.
 
@@ -111,7 +105,7 @@ def load_subjects(data_dir, config: Stage1Config) -> list[TrainSubject]:
     caudal = functools.partial(extrapolate_caudal, sacral_bend_deg=config.sacral_bend_deg,
                                sacral_step_scale=config.sacral_step_scale)
     extrapolations = ((config.extrapolate_cranial, extrapolate_cranial), (config.extrapolate_caudal, caudal))
-    for group, folder in enumerate(_as_dirs(data_dir)):
+    for group, folder in enumerate(as_paths(data_dir)):
         for sid, img_path, pts_path, vert_path in list_subjects(folder):
             if pts_path is None and vert_path is None:
                 log.warning("%s: no <id>_points.csv or <id>_vertebrae map; skipped for stage-1 training", sid)

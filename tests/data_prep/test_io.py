@@ -446,3 +446,13 @@ def test_vertebra_labels_csv_errors(tmp_path, rows, message):
         io.read_vertebra_labels_csv(p, classes=["normal", "inflammation", "fat"])
     assert str(info.value).startswith(str(p) + ": ")
     assert message in str(info.value)
+
+
+def test_as_paths_takes_one_path_or_a_sequence(tmp_path):
+    from pathlib import Path
+
+    from data_prep.io import as_paths
+
+    assert as_paths(str(tmp_path)) == [tmp_path] and as_paths(tmp_path) == [tmp_path]
+    assert as_paths([str(tmp_path), tmp_path / "b"]) == [tmp_path, tmp_path / "b"]
+    assert as_paths(("a",)) == [Path("a")] and as_paths([]) == []
