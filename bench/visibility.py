@@ -160,6 +160,13 @@ def _included(path: Path, names: list[str], test_seed: int, error) -> list[dict]
     return out
 
 
+def _truth_and_cnr(cls, cnr) -> tuple[int, float | None]:
+    """A lesion-table row's class and ``cnr`` as prediction rows carry them (``cnr`` rounded, ``None`` for a
+    normal vertebra): one rule for the rows written and for the check of included ones."""
+    cls = int(cls)
+    return cls, round(float(cnr), 3) if cls > 0 else None
+
+
 def _stale_included(included: list[dict], tables: dict) -> str | None:
     """The first included prediction (``"model subject level"``) whose class or ``cnr`` is not the one in the
     held-out copies' lesion tables ``{cohort: DataFrame}``, else ``None``: included predictions are only
@@ -167,7 +174,7 @@ def _stale_included(included: list[dict], tables: dict) -> str | None:
     truth = {}
     for c, t in tables.items():
         for sid, level, cls, cnr in zip(t["id"], t["level"], t["class"], t["cnr"]):
-            truth[(c, sid, level)] = (int(cls), round(float(cnr), 3) if int(cls) > 0 else None)
+            truth[(c, sid, level)] = _truth_and_cnr(cls, cnr)
     for r in included:
         if truth.get((r["cohort"], r["subject"], r["level"])) != (r["truth"], r["cnr"]):
             return f"{r['model']} {r['subject']} {r['level']}"
@@ -247,10 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                     row = rows.get((sid, level))
                     if row is None or level not in clean:
                         continue
-                    cls = int(row["class"])
+                    cls, cnr = _truth_and_cnr(row["class"], row["cnr"])
                     preds.append({"model": name, "trained_on": trained_on, "family": "corner", "cohort": c,
-                                  "subject": sid, "level": level, "truth": cls,
-                                  "cnr": round(float(row["cnr"]), 3) if cls > 0 else None,
+                                  "subject": sid, "level": level, "truth": cls, "cnr": cnr,
                                   "p": probs, "p_clean": clean[level]})
     res = {"meta": {"data": str(args.data), "models": {n: str(m) for n, m, _ in models}, "test_seed": args.test_seed,
                     "included": {str(path): names for path, names in args.include},
