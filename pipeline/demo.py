@@ -69,15 +69,12 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig()) -> dict[str, Path]:
     _say(f"[5/6] predicting {cfg.n_test} held-out scans")
     pred_dir = out / "predictions"
     scans = sorted(test_dir.glob("*_image.nii.gz"))
-    done, outcomes = [], []
     pair = load_models(models)
+    outcomes = []
     for path, res in predict_many(scans, pred_dir, lambda: pair):
         outcomes.append((path, res))
-        if isinstance(res, Exception):
-            _say(f"  error: {res}")
-        else:
-            done.append(res)
-            _say(f"  {res.summary}")
+        _say(f"  error: {res}" if isinstance(res, Exception) else f"  {res.summary}")
+    done = [res for _, res in outcomes if not isinstance(res, Exception)]
     if not done:
         raise RuntimeError("no held-out scan could be analysed; train longer (--stage1-epochs)")
     write_run_record(pred_dir, *pair, outcomes)
