@@ -127,6 +127,28 @@ def classify_at_expert_centroids(clf, image: Path, vertebrae: Path, contrast: st
             for v, r in zip(verts, clf.classify(img, verts, with_evidence=False, contrast=contrast))}
 
 
+def evidence_at_expert_centroids(clf, image: Path, vertebrae: Path, contrast: str) -> dict[str, dict]:
+    """As :func:`classify_at_expert_centroids`, with the Integrated-Gradients evidence ``spinepipe predict``
+    computes: ``{level: {"p": class probabilities, "inside": share of |IG| inside the body the seg head
+    found (what the report shows and flags), "inside_expert": share inside the expert body mask}}``. The
+    expert mask is resampled onto each vertebra's patch grid (nearest neighbour)."""
+    from data_prep.io import read_image, read_labelmap
+    from data_prep.scan import resample_like, vertebrae_from_labelmap
+    from stage2_classify.evidence import fraction_inside
+
+    img = read_image(image)
+    labels = read_labelmap(vertebrae, img)
+    verts = vertebrae_from_labelmap(labels)
+    classes = list(clf.config.classes)
+    out = {}
+    for v, r in zip(verts, clf.classify(img, verts, with_evidence=True, keep_evidence_maps=True, contrast=contrast)):
+        expert = resample_like(labels, r["geometry"], is_label=True).array == v.label
+        out[v.level] = {"p": [round(float(r["probabilities"][k]), 5) for k in classes],
+                        "inside": round(float(r["evidence_inside"]), 4),
+                        "inside_expert": round(fraction_inside(r["evidence"].array, expert), 4)}
+    return out
+
+
 def write_predictions_json(res: dict, path: Path) -> None:
     """``res`` as indented JSON, except its ``predictions`` list: one line per prediction, so a results file of
     thousands of predictions stays readable in a diff."""

@@ -26,7 +26,9 @@ simulator), cached under ``--work``; ``--set NAME:KEY=VALUE`` changes that model
 models scored before, from an earlier results JSON of the same ``--test-seed`` (the committed ``visibility.json``
 holds the two default models), so a new variant is tabled beside them without re-training them.
 Each vertebra is classified around its expert centroid with the region the seg head predicts, without
-attributions. Every number here is **semi-synthetic**.
+attributions; with ``--evidence`` also with the Integrated Gradients ``spinepipe predict`` runs, on the copies
+(share of |IG| inside the body the seg head found and inside the expert body). Every number here is
+**semi-synthetic**.
 """
 from __future__ import annotations
 
@@ -43,8 +45,9 @@ if str(ROOT) not in sys.path:
 
 from bench.lesion_families import _model_arg, score_rows  # noqa: E402
 from bench.mdtable import md_table  # noqa: E402
-from bench.realdata import (COHORTS, classify_at_expert_centroids, cohort_halves, quiet_logging,  # noqa: E402
-                            real_data_missing, semisynthetic_copies, train_on_first_halves, write_predictions_json)
+from bench.realdata import (COHORTS, classify_at_expert_centroids, cohort_halves,  # noqa: E402
+                            evidence_at_expert_centroids, quiet_logging, real_data_missing, semisynthetic_copies,
+                            train_on_first_halves, write_predictions_json)
 from data_prep.io import write_text  # noqa: E402
 
 #: ``|cnr|`` bins (lower edges inclusive) of the visibility table.
@@ -83,6 +86,26 @@ def visibility_rows(preds: list[dict], bins=CNR_BINS) -> list[dict]:
                              "mean_p_lesion": round(float(pl.mean()), 3) if les else None,
                              "mean_p_lesion_clean": None, "detection_auc": _detection_auc(list(pl), list(pl_n)),
                              "median_paired_change": round(float(np.median(change)), 3) if les else None})
+    return rows
+
+
+def evidence_rows(preds: list[dict], thresholds: dict[str, float]) -> list[dict]:
+    """Per (model, cohort and pooled), over the predictions that carry evidence (``--evidence``): mean and 10th
+    percentile of the share of |IG| inside the seg head's body and inside the expert body, and the share of
+    vertebrae under the model's evidence threshold (``thresholds[model]``) on the former (flagged
+    ``evidence_outside_body``)."""
+    rows = []
+    have = [r for r in preds if r.get("evidence_inside") is not None]
+    for model in dict.fromkeys(r["model"] for r in have):
+        for cohort in (*dict.fromkeys(r["cohort"] for r in have), "pooled"):
+            sel = [r for r in have if r["model"] == model and cohort in ("pooled", r["cohort"])]
+            own = np.array([r["evidence_inside"] for r in sel])
+            exp = np.array([r["evidence_inside_expert"] for r in sel])
+            rows.append({"model": model, "cohort": cohort, "n": len(sel),
+                         "inside_mean": round(float(own.mean()), 3), "inside_p10": round(float(np.percentile(own, 10)), 3),
+                         "inside_expert_mean": round(float(exp.mean()), 3),
+                         "inside_expert_p10": round(float(np.percentile(exp, 10)), 3),
+                         "flagged": round(float(np.mean(own < thresholds[model])), 3)})
     return rows
 
 
@@ -195,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/spinepipe_visibility"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--name", default="visibility")
+    ap.add_argument("--evidence", action="store_true",
+                    help="also Integrated Gradients on every copy's vertebrae (as predict runs them): the share of "
+                         "|IG| inside the body the seg head found and inside the expert body")
     args = ap.parse_args(argv)
     if not args.model and not args.train:
         ap.error("give at least one --model or --train")
@@ -239,16 +265,22 @@ def main(argv: list[str] | None = None) -> int:
         train_s[name] = round(time.time() - t, 1)
     preds: list[dict] = list(included)
     classes: list[str] = []
+    thresholds: dict[str, float] = {}
     for name, model, trained_on in models:
         clf = Classifier(model)
         classes = list(clf.config.classes)
+        thresholds[name] = clf.config.evidence_threshold
         for c in COHORTS:
             table = tables[c]
             rows = {(i, lv): r for i, lv, r in zip(table["id"], table["level"], table.to_dict("records"))}
             for p in sorted((root / c).glob("*_image.nii.gz")):
                 sid = p.name[: -len("_image.nii.gz")]
                 labels = root / c / f"{sid}_vertebrae.nii.gz"
-                copy = classify_at_expert_centroids(clf, p, labels, COHORT_CONTRAST[c])
+                if args.evidence:
+                    ev = evidence_at_expert_centroids(clf, p, labels, COHORT_CONTRAST[c])
+                    copy = {level: e["p"] for level, e in ev.items()}
+                else:
+                    ev, copy = {}, classify_at_expert_centroids(clf, p, labels, COHORT_CONTRAST[c])
                 clean = classify_at_expert_centroids(clf, args.data / c / p.name, labels, COHORT_CONTRAST[c])
                 for level, probs in copy.items():
                     row = rows.get((sid, level))
@@ -257,19 +289,23 @@ def main(argv: list[str] | None = None) -> int:
                     cls, cnr = _truth_and_cnr(row["class"], row["cnr"])
                     preds.append({"model": name, "trained_on": trained_on, "family": "corner", "cohort": c,
                                   "subject": sid, "level": level, "truth": cls, "cnr": cnr,
-                                  "p": probs, "p_clean": clean[level]})
+                                  "p": probs, "p_clean": clean[level],
+                                  **({"evidence_inside": ev[level]["inside"],
+                                      "evidence_inside_expert": ev[level]["inside_expert"]} if level in ev else {})})
     res = {"meta": {"data": str(args.data), "models": {n: str(m) for n, m, _ in models}, "test_seed": args.test_seed,
                     "included": {str(path): names for path, names in args.include},
                     "classes": classes, "train_seconds": train_s, "seconds": round(time.time() - t0, 1),
                     "semi_synthetic": True},
            "classes_summary": score_rows(preds, classes), "visibility": visibility_rows(preds),
+           "evidence": evidence_rows(preds, thresholds),
            "predictions": preds}
     cmd = " ".join(["python bench/visibility.py", *(f"--model {n}=DIR" for n, _ in args.model),
                     *(f"--train {n}={c if c is not None else 'none'}:{e}" + (f":{sd}" if sd else "")
                       for n, c, e, sd in args.train),
                     *(f"--set {n}:{o}" for n, o in args.sets),
                     *(f"--include {Path(p).name}:{','.join(m)}" for p, m in args.include),
-                    *([f"--test-seed {args.test_seed}"] if args.test_seed != 1 else [])])
+                    *([f"--test-seed {args.test_seed}"] if args.test_seed != 1 else []),
+                    *(["--evidence"] if args.evidence else [])])
     _write(args.out, args.name, res, cmd)
     return 0
 
@@ -286,7 +322,7 @@ def _write(out: Path, name: str, res: dict, cmd: str) -> None:
         "**Semi-synthetic**: real scans of the held-out half of each cohort (second half by name) with lesions "
         f"inserted by `data_prep.lesions` (default simulator, seed {meta['test_seed']}), and the same scans "
         "unmodified; models trained on the first halves. Each vertebra classified around its expert centroid "
-        "with the seg head's region, no attributions. cnr = (lesion mean - marrow median) / marrow robust SD, "
+        "with the seg head's region, no attributions (but for the evidence section). cnr = (lesion mean - marrow median) / marrow robust SD, "
         "measured on the copy; detection AUC = lesion vertebrae of the bin vs every normal vertebra of the cohort "
         "on p(lesion) = 1 - p(normal); paired change = p(lesion) on the copy - on the unmodified scan, same "
         "vertebra; `normal` rows: mean p(lesion) of the normal vertebrae on the copies and of every vertebra on "
@@ -295,6 +331,13 @@ def _write(out: Path, name: str, res: dict, cmd: str) -> None:
         *md_table([{k: v for k, v in r.items() if k != "test_family"} for r in res["classes_summary"]]), "",
         "## By lesion visibility", "", *md_table(res["visibility"]), "",
     ]
+    if res.get("evidence"):
+        text += ["## Evidence (copies, `--evidence`)", "",
+                 "Integrated Gradients as `spinepipe predict` runs them (blurred baseline, the model's IG steps, "
+                 "target = the predicted class, the seg head's region): share of |IG| inside the body the seg head "
+                 "found (`inside`, what the report shows) and inside the expert body mask (`inside_expert`); "
+                 "`flagged` = share of vertebrae under the model's evidence threshold on `inside`.", "",
+                 *md_table(res["evidence"]), ""]
     write_text("\n".join(text), out / f"{name}.md")
 
 

@@ -185,6 +185,14 @@ class TrainConfig:
     #: share at 0.54 (0.56), AUC 0.77 / 0.77 / 0.55 vs 0.79 / 0.76 / 0.62 on the same two folds
     #: (bench/results/stage2_shell.md): shuffling the margin in training did not make the network ignore it.
     shell_shuffle_prob: float = 0.0
+    #: Weight of an input-gradient penalty on the margin ("right for the right reasons", Ross et al. 2017),
+    #: for samples whose body mask is exact (full masks): the share of the first-order attribution
+    #: |d(sum_k log p_k)/d(input) x (input - IG baseline)| that lies in the region outside the body
+    #: (:func:`stage2_classify.losses.margin_attribution_share`), added to the loss with this weight. It asks
+    #: the network not to lean on the margin's voxels (endplates, discs, cortex) that hold about half of the
+    #: IG mass of the default network (bench/results/stage2_evidence_views.md). Needs a second backward
+    #: pass through the classification path. 0 = off.
+    margin_grad_penalty: float = 0.0
 
 
 @dataclass
@@ -290,6 +298,10 @@ class Stage2Config:
             raise ValueError(f"model.norm_statistics must be 'region' or 'body', got {self.model.norm_statistics!r}")
         if not 0.0 <= self.train.shell_shuffle_prob <= 1.0:
             raise ValueError(f"train.shell_shuffle_prob must be in [0, 1], got {self.train.shell_shuffle_prob}")
+        if not self.train.margin_grad_penalty >= 0:
+            raise ValueError(f"train.margin_grad_penalty must be >= 0 (0 = off), got {self.train.margin_grad_penalty}")
+        if self.train.margin_grad_penalty > 0 and self.ig_baseline_sigma_mm is None:
+            raise ValueError("train.margin_grad_penalty needs ig_baseline_sigma_mm (the baseline it measures against)")
         if self.ig_baseline_sigma_mm is not None and not self.ig_baseline_sigma_mm > 0:
             raise ValueError(f"ig_baseline_sigma_mm must be > 0 or None, got {self.ig_baseline_sigma_mm}")
         if self.loss.outline_soft_sigma_mm is not None and self.loss.outline_soft_sigma_mm <= 0:

@@ -94,6 +94,27 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, class_weight
     return (w * per).sum() / w.sum().clamp_min(_EPS)
 
 
+
+def margin_attribution_share(grad: torch.Tensor, delta: torch.Tensor, region: torch.Tensor, body: torch.Tensor,
+                             eps: float = 1e-12) -> torch.Tensor:
+    """Per-sample share of the first-order attribution ``|grad * delta|`` that lies in the margin, ``(B,)``.
+
+    ``grad`` is the gradient of the class output w.r.t. the classification input, ``delta`` the input minus
+    the Integrated-Gradients baseline, ``region`` and ``body`` binary masks; all ``(B, 1, I, J, K)``. The
+    margin is ``region`` without ``body``. ``grad * delta`` is the one-step (gradient x input) version of
+    the IG attribution whose share inside the body the evidence check reports
+    (:mod:`stage2_classify.evidence`), so the share in the margin is what ``train.margin_grad_penalty``
+    (an input-gradient penalty, "right for the right reasons", Ross, Hughes & Doshi-Velez, IJCAI 2017)
+    pushes down. Bounded in [0, 1]; 0 where the region holds no attribution at all.
+    """
+    if not grad.shape == delta.shape == region.shape == body.shape:
+        raise ValueError(f"grad, delta, region and body must have one shape, got {tuple(grad.shape)}, "
+                         f"{tuple(delta.shape)}, {tuple(region.shape)}, {tuple(body.shape)}")
+    r = (region > 0.5).to(grad.dtype)
+    a = (grad * delta).abs() * r
+    margin = a * (body <= 0.5).to(grad.dtype)
+    return margin.flatten(1).sum(1) / a.flatten(1).sum(1).clamp_min(eps)
+
 # ---------------------------------------------------------------------------------------------
 # Segmentation with partial / set-valued labels
 # ---------------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from stage2_classify.losses import (
     inverse_frequency_weights,
     lesion_mil_loss,
     lesion_voxel_loss,
+    margin_attribution_share,
     point_loss,
     recon_loss,
     set_cross_entropy,
@@ -397,8 +398,13 @@ class Stage2Trainable(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
         """``(total loss, per-head losses, class logits (B, K) or None)``."""
         cfg = self.cfg
+        cls_image = batch.get("cls_image")
+        penalised = (cfg.train.margin_grad_penalty > 0 and self.training and "cls" in self.net.heads
+                     and bool(batch["exact_body"].any()))
+        if penalised:  # the classification input becomes a leaf whose gradient the penalty reads
+            cls_image = (batch["image"] if cls_image is None else cls_image).detach().clone().requires_grad_(True)
         out = self.net(batch["image"], batch["region"] if "cls" in self.net.heads else None, batch.get("contrast"),
-                       batch.get("cls_image"))
+                       cls_image)
         parts: dict[str, torch.Tensor] = {}
         if "cls" in out:
             t = soft_targets(batch["cls"], batch["confidence"], len(cfg.classes))
@@ -436,7 +442,29 @@ class Stage2Trainable(nn.Module):
             parts["heatmap"] = heatmap_loss(out["heatmap"], batch["heatmap"])
         if "recon" in out:
             parts["recon"] = recon_loss(out["recon"], batch["image"])
-        return self.weighting(parts), parts, out.get("cls")
+        total = self.weighting(parts)
+        if penalised:
+            parts["margin_grad"] = self.margin_penalty(out["cls"], cls_image, batch)
+            total = total + cfg.train.margin_grad_penalty * parts["margin_grad"]
+        return total, parts, out.get("cls")
+
+    def margin_penalty(self, logits: torch.Tensor, cls_image: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``train.margin_grad_penalty``'s term: the mean, over the samples with exact body masks, of the share
+        of ``|d(sum_k log p_k)/d(cls_image) x (cls_image - baseline)|`` in the margin (region minus body;
+        :func:`~stage2_classify.losses.margin_attribution_share`). ``logits`` ``(B, K)`` computed from the leaf
+        ``cls_image`` ``(B, 1, I, J, K)``; the baseline is the evidence check's (the input blurred inside the
+        region). The gradient is taken with ``create_graph=True``, so the penalty trains the network
+        (double back-propagation through the classification path)."""
+        from stage2_classify.evidence import default_baseline
+
+        score = F.log_softmax(logits, dim=1).sum()  # every class's log-probability (Ross et al. 2017)
+        grad, = torch.autograd.grad(score, cls_image, create_graph=True)
+        region = batch["region"]
+        with torch.no_grad():
+            delta = cls_image - default_baseline(self.net, cls_image, region)
+        share = margin_attribution_share(grad, delta, region, batch["body"])
+        sel = batch["exact_body"].to(share.device)
+        return share[sel].mean()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -818,3 +818,67 @@ def test_train_on_first_halves_reuses_only_a_finished_run_of_the_same_recipe(tmp
         kw = {"epochs": 80, **kw}
         with pytest.raises(SpinepipeInputError, match="nodata"):
             train_on_first_halves("m", tmp_path / "nodata", tmp_path, **kw)
+
+
+def test_visibility_evidence_rows_exact():
+    from bench.visibility import evidence_rows
+
+    preds = [{"model": "m", "cohort": "a", "evidence_inside": 0.2, "evidence_inside_expert": 0.5},
+             {"model": "m", "cohort": "a", "evidence_inside": 0.6, "evidence_inside_expert": 0.7},
+             {"model": "m", "cohort": "b", "evidence_inside": 0.9, "evidence_inside_expert": 0.8},
+             {"model": "old", "cohort": "a"}]  # included from a file scored without --evidence: left out
+    rows = {(r["model"], r["cohort"]): r for r in evidence_rows(preds, {"m": 0.5})}
+    assert set(rows) == {("m", "a"), ("m", "b"), ("m", "pooled")}
+    a, pooled = rows[("m", "a")], rows[("m", "pooled")]
+    assert a["n"] == 2 and a["inside_mean"] == 0.4 and a["inside_expert_mean"] == 0.6 and a["flagged"] == 0.5
+    assert pooled["n"] == 3 and pooled["inside_expert_mean"] == 0.667 and pooled["flagged"] == 0.333
+    assert pooled["inside_p10"] == round(float(np.percentile([0.2, 0.6, 0.9], 10)), 3)
+
+
+def test_evidence_at_expert_centroids_scores_the_expert_body_on_each_patch(tmp_path, monkeypatch):
+    """The expert mask lands on the patch grid where the patch's voxels lie in the world: checked against a
+    lookup through the patch's and the scan's voxel <-> world maps. The untrained seg head's body is replaced
+    by a block around the patch centre, so that the region (and the attribution) covers the expert body."""
+    import torch
+
+    import stage2_classify.infer as infer_mod
+
+    def block(net, img):
+        body = np.zeros(img.shape[-3:], bool)
+        i, j, k = (s // 2 for s in body.shape)
+        body[i - 3:i + 3, j - 4:j + 4, k - 3:k + 3] = True
+        return body, None, "predicted"
+
+    monkeypatch.setattr(infer_mod, "predicted_body", block)
+
+    from bench.realdata import evidence_at_expert_centroids
+    from data_prep.synth import write_cohort
+    from stage2_classify.config import tiny_config
+    from stage2_classify.evidence import fraction_inside
+    from stage2_classify.infer import Classifier
+    from stage2_classify.model import Stage2Net
+
+    write_cohort(tmp_path, 1, seed=3)
+    image, labels_path = tmp_path / "synth-000_image.nii.gz", tmp_path / "synth-000_vertebrae.nii.gz"
+    torch.manual_seed(0)
+    clf = Classifier.from_network(Stage2Net(tiny_config()))
+    ev = evidence_at_expert_centroids(clf, image, labels_path, "t2")
+    assert len(ev) >= 3
+    img = read_image(image)
+    labels = read_labelmap(labels_path, img)
+    from data_prep.scan import vertebrae_from_labelmap
+
+    verts = vertebrae_from_labelmap(labels)
+    recs = clf.classify(img, verts, with_evidence=True, keep_evidence_maps=True, contrast="t2")
+    for v, r in zip(verts, recs):
+        e = ev[v.level]
+        assert abs(sum(e["p"]) - 1.0) < 1e-3 and 0.0 <= e["inside"] <= 1.0
+        geo = r["geometry"]
+        ijk = np.argwhere(np.ones(geo.shape, bool))
+        src = np.rint(labels.world_to_voxel(geo.voxel_to_world(ijk)).coords).astype(int)
+        ok = np.all((src >= 0) & (src < np.array(labels.shape)), axis=1)
+        lab = np.zeros(len(ijk), labels.array.dtype)
+        lab[ok] = labels.array[tuple(src[ok].T)]
+        expert = (lab == v.label).reshape(geo.shape)
+        assert expert.any() and e["inside_expert"] > 0.05
+        assert abs(e["inside_expert"] - fraction_inside(r["evidence"].array, expert)) < 0.01, v.level

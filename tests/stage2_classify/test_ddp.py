@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
@@ -15,7 +16,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, penalty: float = 0.0) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -29,6 +30,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     cfg.train.epochs = 2
     cfg.train.batch_size = 2
     cfg.train.aug_prob = 0.5
+    cfg.train.margin_grad_penalty = penalty
     samples = toy_samples(cfg, 6, seed=3)
 
     def dump(epoch, module, row):
@@ -41,9 +43,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         cleanup_distributed()
 
 
-def test_ddp_two_processes_keep_replicas_identical(tmp_path):
+@pytest.mark.parametrize("penalty", [0.0, 1.0], ids=["plain", "margin_grad_penalty"])
+def test_ddp_two_processes_keep_replicas_identical(tmp_path, penalty):
+    """Also with the input-gradient penalty, whose double back-propagation runs inside DDP's forward."""
     port = _free_port()
-    mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, port, str(tmp_path), penalty), nprocs=2, join=True)
     for epoch in (1, 2):
         a = torch.load(tmp_path / f"rank0_epoch{epoch}.pt", weights_only=True)
         b = torch.load(tmp_path / f"rank1_epoch{epoch}.pt", weights_only=True)

@@ -236,3 +236,19 @@ def test_lesion_mil_loss_uses_max_inside_mask():
     assert lesion_mil_loss(logits, inside_all, infl).item() < 1e-4  # max p_1 = 1 matches the label
     assert lesion_mil_loss(logits, inside_all, normal).item() > 5.0  # a lesion in a "normal" vertebra
     assert lesion_mil_loss(logits, inside_01, normal).item() < 1e-4  # ... unless it lies outside the mask
+
+
+def test_margin_attribution_share_exact():
+    from stage2_classify.losses import margin_attribution_share
+
+    shape = (2, 1, 1, 1, 4)
+    region = torch.tensor([1.0, 1.0, 1.0, 0.0]).reshape(1, 1, 1, 1, 4).repeat(2, 1, 1, 1, 1)
+    body = torch.tensor([1.0, 0.0, 0.0, 0.0]).reshape(1, 1, 1, 1, 4).repeat(2, 1, 1, 1, 1)
+    grad = torch.tensor([[2.0, -1.0, 0.5, 100.0], [0.0, 0.0, 0.0, 7.0]]).reshape(shape)
+    delta = torch.tensor([[1.0, 3.0, -2.0, 1.0], [1.0, 1.0, 1.0, 1.0]]).reshape(shape)
+    share = margin_attribution_share(grad, delta, region, body)
+    # sample 0: |g d| = 2 (body), 3 and 1 (margin), 100 outside the region (ignored) -> 4 / 6
+    # sample 1: no attribution inside the region at all -> 0
+    assert torch.allclose(share, torch.tensor([4.0 / 6.0, 0.0]))
+    with pytest.raises(ValueError, match="one shape"):
+        margin_attribution_share(grad, delta[:, :, :, :, :3], region, body)
