@@ -394,12 +394,15 @@ class Stage2Trainable(nn.Module):
         self.weighting = UncertaintyWeighting(tasks, cfg.loss.weighting, fixed)
         self.register_buffer("class_weights", class_weights if class_weights is not None
                              else torch.ones(len(cfg.classes)))
+        #: Weight of ``train.margin_grad_penalty``'s term in this epoch (:func:`margin_weight`; the training loop
+        #: sets it before every epoch); 0 = the term is not computed.
+        self.margin_weight = float(cfg.train.margin_grad_penalty)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
         """``(total loss, per-head losses, class logits (B, K) or None)``."""
         cfg = self.cfg
         cls_image = batch.get("cls_image")
-        penalised = (cfg.train.margin_grad_penalty > 0 and self.training and "cls" in self.net.heads
+        penalised = (self.margin_weight > 0 and self.training and "cls" in self.net.heads
                      and bool(batch["exact_body"].any()))
         if penalised:  # the classification input becomes a leaf whose gradient the penalty reads
             cls_image = (batch["image"] if cls_image is None else cls_image).detach().clone().requires_grad_(True)
@@ -445,7 +448,7 @@ class Stage2Trainable(nn.Module):
         total = self.weighting(parts)
         if penalised:
             parts["margin_grad"] = self.margin_penalty(out["cls"], cls_image, batch)
-            total = total + cfg.train.margin_grad_penalty * parts["margin_grad"]
+            total = total + self.margin_weight * parts["margin_grad"]
         return total, parts, out.get("cls")
 
     def margin_penalty(self, logits: torch.Tensor, cls_image: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -477,6 +480,18 @@ def _epoch_order(n: int, seed: int, epoch: int, world: int, rank: int, batch_siz
     full = (perm * (world + 1))[: per_rank * world]
     mine = full[rank::world]
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def margin_weight(cfg: Stage2Config, epoch: int) -> float:
+    """Weight of the margin's input-gradient penalty in (0-based) ``epoch``: 0 before ``train.margin_grad_start``
+    x ``train.epochs``, then rising linearly to ``train.margin_grad_penalty`` over ``train.margin_grad_ramp`` x
+    ``train.epochs`` epochs (at once with a ramp of 0)."""
+    tc = cfg.train
+    n = max(1, tc.epochs)
+    start, ramp = tc.margin_grad_start * n, tc.margin_grad_ramp * n
+    if tc.margin_grad_penalty <= 0 or epoch < start:
+        return 0.0
+    return float(tc.margin_grad_penalty) * (1.0 if ramp <= 0 else min(1.0, (epoch + 1 - start) / ramp))
 
 
 def _lr(cfg: Stage2Config, epoch: int) -> float:
@@ -554,6 +569,7 @@ def _train_loop(samples, cfg: Stage2Config, out_dir: Path, resume: bool, stop_af
         gen = torch.Generator().manual_seed(tc.seed * 1000003 + epoch * 1009 + di.rank)
         for grp in opt.param_groups:
             grp["lr"] = _lr(cfg, epoch) * grp["lr_scale"]
+        module.margin_weight = margin_weight(cfg, epoch)
         module.train()
         sums: dict[str, float] = {}
         n_seen, n_correct, n_batches = 0, 0, 0

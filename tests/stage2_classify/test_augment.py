@@ -159,3 +159,16 @@ def test_margin_gradient_penalty_trains_the_network_away_from_the_margin():
     with pytest.raises(ValueError, match="margin_grad_penalty"):
         cfg.train.margin_grad_penalty = -1.0
         cfg.validate()
+
+
+def test_margin_gradient_penalty_schedule():
+    from stage2_classify.train import margin_weight
+
+    cfg = tiny_config()
+    cfg.train.epochs = 8
+    assert [margin_weight(cfg, e) for e in range(8)] == [0.0] * 8  # off
+    cfg.train.margin_grad_penalty = 2.0
+    cfg.train.margin_grad_start, cfg.train.margin_grad_ramp = 0.5, 0.25  # from epoch 4, full at epoch 5
+    assert [margin_weight(cfg, e) for e in range(8)] == [0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0]
+    cfg.train.margin_grad_start, cfg.train.margin_grad_ramp = 0.0, 0.0
+    assert [margin_weight(cfg, e) for e in range(8)] == [2.0] * 8
