@@ -94,7 +94,6 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, class_weight
     return (w * per).sum() / w.sum().clamp_min(_EPS)
 
 
-
 def margin_attribution_share(grad: torch.Tensor, delta: torch.Tensor, region: torch.Tensor, body: torch.Tensor,
                              eps: float = 1e-12) -> torch.Tensor:
     """Per-sample share of the first-order attribution ``|grad * delta|`` that lies in the margin, ``(B,)``.
@@ -114,6 +113,7 @@ def margin_attribution_share(grad: torch.Tensor, delta: torch.Tensor, region: to
     a = (grad * delta).abs() * r
     margin = a * (body <= 0.5).to(grad.dtype)
     return margin.flatten(1).sum(1) / a.flatten(1).sum(1).clamp_min(eps)
+
 
 # ---------------------------------------------------------------------------------------------
 # Segmentation with partial / set-valued labels

@@ -402,8 +402,8 @@ class Stage2Trainable(nn.Module):
         """``(total loss, per-head losses, class logits (B, K) or None)``."""
         cfg = self.cfg
         cls_image = batch.get("cls_image")
-        penalised = (self.margin_weight > 0 and self.training and "cls" in self.net.heads
-                     and bool(batch["exact_body"].any()))
+        penalty_on = self.margin_weight > 0 and self.training and "cls" in self.net.heads
+        penalised = penalty_on and bool(batch["exact_body"].any())
         if penalised:  # the classification input becomes a leaf whose gradient the penalty reads
             cls_image = (batch["image"] if cls_image is None else cls_image).detach().clone().requires_grad_(True)
         out = self.net(batch["image"], batch["region"] if "cls" in self.net.heads else None, batch.get("contrast"),
@@ -449,6 +449,8 @@ class Stage2Trainable(nn.Module):
         if penalised:
             parts["margin_grad"] = self.margin_penalty(out["cls"], cls_image, batch)
             total = total + self.margin_weight * parts["margin_grad"]
+        elif penalty_on:  # no exact body in this batch: logged as 0, so that every DDP rank logs the same keys
+            parts["margin_grad"] = total.new_zeros(())
         return total, parts, out.get("cls")
 
     def margin_penalty(self, logits: torch.Tensor, cls_image: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
