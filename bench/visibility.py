@@ -109,6 +109,24 @@ def evidence_rows(preds: list[dict], thresholds: dict[str, float]) -> list[dict]
     return rows
 
 
+def config_changes(cfg, default=None) -> list[str]:
+    """``KEY=VALUE`` (dotted keys, ``--set`` syntax) for every field of the configuration dataclass ``cfg`` that
+    differs from ``default`` (a fresh ``Stage2Config``): how a model given with ``--model`` was trained."""
+    import json
+
+    from data_prep.checkpoint import config_to_dict
+    from stage2_classify.config import Stage2Config
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    have, base = flat(config_to_dict(cfg)), flat(config_to_dict(default or Stage2Config()))
+    return [f"{k}={json.dumps(v)}" for k, v in have.items() if base.get(k) != v]
+
+
 def _train_arg(text: str) -> tuple[str, float | None, int, int]:
     name, spec = _model_arg(text)
     value, _, rest = spec.partition(":")
@@ -270,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         clf = Classifier(model)
         classes = list(clf.config.classes)
         thresholds[name] = clf.config.evidence_threshold
+        if trained_on == "given":  # say how: the settings that differ from today's defaults
+            trained_on = "given" + "".join(f", {c}" for c in config_changes(clf.config))
         for c in COHORTS:
             table = tables[c]
             rows = {(i, lv): r for i, lv, r in zip(table["id"], table["level"], table.to_dict("records"))}

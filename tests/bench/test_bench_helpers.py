@@ -882,3 +882,14 @@ def test_evidence_at_expert_centroids_scores_the_expert_body_on_each_patch(tmp_p
         expert = (lab == v.label).reshape(geo.shape)
         assert expert.any() and e["inside_expert"] > 0.05
         assert abs(e["inside_expert"] - fraction_inside(r["evidence"].array, expert)) < 0.01, v.level
+
+
+def test_visibility_config_changes_lists_the_non_default_fields():
+    from bench.visibility import config_changes
+    from stage2_classify.config import Stage2Config
+
+    cfg = Stage2Config()
+    assert config_changes(cfg) == []
+    cfg.train.margin_grad_penalty = 1.0
+    cfg.patch.size_mm = (64.0, 64.0, 64.0)
+    assert config_changes(cfg) == ["patch.size_mm=[64.0, 64.0, 64.0]", "train.margin_grad_penalty=1.0"]
