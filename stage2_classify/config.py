@@ -200,6 +200,10 @@ class TrainConfig:
     #: default network does only from about epoch 35 of 80) as on one that has.
     margin_grad_start: float = 0.5
     margin_grad_ramp: float = 0.125
+    #: What the penalty measures: ``"share"`` (the margin's share of the first-order attribution, in [0, 1])
+    #: or ``"mass"`` (the margin's first-order attribution itself, :func:`stage2_classify.losses.
+    #: margin_attribution`: not scale-free, so it fades for a classifier that does not react to its input).
+    margin_grad_form: str = "share"
 
 
 @dataclass
@@ -310,6 +314,8 @@ class Stage2Config:
         if not (0.0 <= self.train.margin_grad_start <= 1.0 and self.train.margin_grad_ramp >= 0.0):
             raise ValueError(f"train.margin_grad_start must be in [0, 1] and train.margin_grad_ramp >= 0, got "
                              f"{self.train.margin_grad_start} and {self.train.margin_grad_ramp}")
+        if self.train.margin_grad_form not in ("share", "mass"):
+            raise ValueError(f"train.margin_grad_form must be 'share' or 'mass', got {self.train.margin_grad_form!r}")
         if self.train.margin_grad_penalty > 0 and self.ig_baseline_sigma_mm is None:
             raise ValueError("train.margin_grad_penalty needs ig_baseline_sigma_mm (the baseline it measures against)")
         if self.ig_baseline_sigma_mm is not None and not self.ig_baseline_sigma_mm > 0:

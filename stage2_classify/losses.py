@@ -94,6 +94,18 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, class_weight
     return (w * per).sum() / w.sum().clamp_min(_EPS)
 
 
+def margin_attribution(grad: torch.Tensor, delta: torch.Tensor, region: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
+    """Per-sample first-order attribution mass ``sum |grad * delta|`` over the margin (``region`` without
+    ``body``), ``(B,)``; shapes as :func:`margin_attribution_share`. Unlike the share it is not scale-free: it
+    is about how far the output would move if the margin were replaced by the baseline, so it vanishes for a
+    classifier that has not learned to react to the input yet."""
+    if not grad.shape == delta.shape == region.shape == body.shape:
+        raise ValueError(f"grad, delta, region and body must have one shape, got {tuple(grad.shape)}, "
+                         f"{tuple(delta.shape)}, {tuple(region.shape)}, {tuple(body.shape)}")
+    margin = ((region > 0.5) & (body <= 0.5)).to(grad.dtype)
+    return ((grad * delta).abs() * margin).flatten(1).sum(1)
+
+
 def margin_attribution_share(grad: torch.Tensor, delta: torch.Tensor, region: torch.Tensor, body: torch.Tensor,
                              eps: float = 1e-12) -> torch.Tensor:
     """Per-sample share of the first-order attribution ``|grad * delta|`` that lies in the margin, ``(B,)``.

@@ -53,6 +53,7 @@ from stage2_classify.losses import (
     inverse_frequency_weights,
     lesion_mil_loss,
     lesion_voxel_loss,
+    margin_attribution,
     margin_attribution_share,
     point_loss,
     recon_loss,
@@ -456,7 +457,8 @@ class Stage2Trainable(nn.Module):
     def margin_penalty(self, logits: torch.Tensor, cls_image: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``train.margin_grad_penalty``'s term: the mean, over the samples with exact body masks, of the share
         of ``|d(sum_k log p_k)/d(cls_image) x (cls_image - baseline)|`` in the margin (region minus body;
-        :func:`~stage2_classify.losses.margin_attribution_share`). ``logits`` ``(B, K)`` computed from the leaf
+        :func:`~stage2_classify.losses.margin_attribution_share`), or of its sum over the margin with
+        ``train.margin_grad_form="mass"`` (:func:`~stage2_classify.losses.margin_attribution`). ``logits`` ``(B, K)`` computed from the leaf
         ``cls_image`` ``(B, 1, I, J, K)``; the baseline is the evidence check's (the input blurred inside the
         region). The gradient is taken with ``create_graph=True``, so the penalty trains the network
         (double back-propagation through the classification path)."""
@@ -467,9 +469,10 @@ class Stage2Trainable(nn.Module):
         region = batch["region"]
         with torch.no_grad():
             delta = cls_image - default_baseline(self.net, cls_image, region)
-        share = margin_attribution_share(grad, delta, region, batch["body"])
-        sel = batch["exact_body"].to(share.device)
-        return share[sel].mean()
+        measure = margin_attribution_share if self.cfg.train.margin_grad_form == "share" else margin_attribution
+        per_sample = measure(grad, delta, region, batch["body"])
+        sel = batch["exact_body"].to(per_sample.device)
+        return per_sample[sel].mean()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -252,3 +252,14 @@ def test_margin_attribution_share_exact():
     assert torch.allclose(share, torch.tensor([4.0 / 6.0, 0.0]))
     with pytest.raises(ValueError, match="one shape"):
         margin_attribution_share(grad, delta[:, :, :, :, :3], region, body)
+
+
+def test_margin_attribution_mass_exact():
+    from stage2_classify.losses import margin_attribution
+
+    region = torch.tensor([1.0, 1.0, 1.0, 0.0]).reshape(1, 1, 1, 1, 4)
+    body = torch.tensor([1.0, 0.0, 0.0, 0.0]).reshape(1, 1, 1, 1, 4)
+    grad = torch.tensor([2.0, -1.0, 0.5, 100.0]).reshape(1, 1, 1, 1, 4)
+    delta = torch.tensor([1.0, 3.0, -2.0, 1.0]).reshape(1, 1, 1, 1, 4)
+    assert torch.allclose(margin_attribution(grad, delta, region, body), torch.tensor([4.0]))  # |-3| + |-1|
+    assert torch.allclose(margin_attribution(0.5 * grad, delta, region, body), torch.tensor([2.0]))  # not scale-free
