@@ -191,7 +191,12 @@ class TrainConfig:
     #: (:func:`stage2_classify.losses.margin_attribution_share`), added to the loss with this weight. It asks
     #: the network not to lean on the margin's voxels (endplates, discs, cortex) that hold about half of the
     #: IG mass of the default network (bench/results/stage2_evidence_views.md). Needs a second backward
-    #: pass through the classification path. 0 = off.
+    #: pass through the classification path (~1.8x the time of an epoch once on). 0 = off, the default:
+    #: session 32 (bench/results/visibility_margin_grad.md, margin_grad_logs/, semi-synthetic, 188 held-out
+    #: vertebrae) raised the IG share inside the expert body from 0.475 to 0.654 with weight 1 at no AUC cost
+    #: (0.74 / 0.70 / 0.62 against 0.75 / 0.65 / 0.51), but the same weight with training seed 1 and weight 3
+    #: with seed 0 left a classifier at chance (weight 0.3: 0.511); the "mass" form at 0.05 trained safely with
+    #: both seeds but left the share at 0.475 / 0.533. Not robust enough to be a default.
     margin_grad_penalty: float = 0.0
     #: When the penalty starts, as a fraction of ``epochs``; it then grows linearly to its full weight over
     #: the next ``margin_grad_ramp`` of them. From the first epoch (start 0, weight 1) it kept the classifier
