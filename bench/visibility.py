@@ -92,8 +92,11 @@ def visibility_rows(preds: list[dict], bins=CNR_BINS) -> list[dict]:
 def evidence_rows(preds: list[dict], thresholds: dict[str, float]) -> list[dict]:
     """Per (model, cohort and pooled), over the predictions that carry evidence (``--evidence``): mean and 10th
     percentile of the share of |IG| inside the seg head's body and inside the expert body, and the share of
-    vertebrae under the model's evidence threshold (``thresholds[model]``) on the former (flagged
-    ``evidence_outside_body``)."""
+    vertebrae under the model's evidence threshold (``thresholds[model]``; the default for a model included from
+    an earlier file) on the former (flagged ``evidence_outside_body``)."""
+    from stage2_classify.config import Stage2Config
+
+    default = Stage2Config().evidence_threshold
     rows = []
     have = [r for r in preds if r.get("evidence_inside") is not None]
     for model in dict.fromkeys(r["model"] for r in have):
@@ -102,10 +105,11 @@ def evidence_rows(preds: list[dict], thresholds: dict[str, float]) -> list[dict]
             own = np.array([r["evidence_inside"] for r in sel])
             exp = np.array([r["evidence_inside_expert"] for r in sel])
             rows.append({"model": model, "cohort": cohort, "n": len(sel),
-                         "inside_mean": round(float(own.mean()), 3), "inside_p10": round(float(np.percentile(own, 10)), 3),
+                         "inside_mean": round(float(own.mean()), 3),
+                         "inside_p10": round(float(np.percentile(own, 10)), 3),
                          "inside_expert_mean": round(float(exp.mean()), 3),
                          "inside_expert_p10": round(float(np.percentile(exp, 10)), 3),
-                         "flagged": round(float(np.mean(own < thresholds[model])), 3)})
+                         "flagged": round(float(np.mean(own < thresholds.get(model, default))), 3)})
     return rows
 
 
@@ -342,7 +346,8 @@ def _write(out: Path, name: str, res: dict, cmd: str) -> None:
         "**Semi-synthetic**: real scans of the held-out half of each cohort (second half by name) with lesions "
         f"inserted by `data_prep.lesions` (default simulator, seed {meta['test_seed']}), and the same scans "
         "unmodified; models trained on the first halves. Each vertebra classified around its expert centroid "
-        "with the seg head's region, no attributions (but for the evidence section). cnr = (lesion mean - marrow median) / marrow robust SD, "
+        "with the seg head's region, no attributions (but for the evidence section). cnr = (lesion mean - "
+        "marrow median) / marrow robust SD, "
         "measured on the copy; detection AUC = lesion vertebrae of the bin vs every normal vertebra of the cohort "
         "on p(lesion) = 1 - p(normal); paired change = p(lesion) on the copy - on the unmodified scan, same "
         "vertebra; `normal` rows: mean p(lesion) of the normal vertebrae on the copies and of every vertebra on "

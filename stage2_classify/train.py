@@ -454,14 +454,15 @@ class Stage2Trainable(nn.Module):
             parts["margin_grad"] = total.new_zeros(())
         return total, parts, out.get("cls")
 
-    def margin_penalty(self, logits: torch.Tensor, cls_image: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def margin_penalty(self, logits: torch.Tensor, cls_image: torch.Tensor,
+                       batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``train.margin_grad_penalty``'s term: the mean, over the samples with exact body masks, of the share
         of ``|d(sum_k log p_k)/d(cls_image) x (cls_image - baseline)|`` in the margin (region minus body;
         :func:`~stage2_classify.losses.margin_attribution_share`), or of its sum over the margin with
-        ``train.margin_grad_form="mass"`` (:func:`~stage2_classify.losses.margin_attribution`). ``logits`` ``(B, K)`` computed from the leaf
-        ``cls_image`` ``(B, 1, I, J, K)``; the baseline is the evidence check's (the input blurred inside the
-        region). The gradient is taken with ``create_graph=True``, so the penalty trains the network
-        (double back-propagation through the classification path)."""
+        ``train.margin_grad_form="mass"`` (:func:`~stage2_classify.losses.margin_attribution`). ``logits``
+        ``(B, K)`` computed from the leaf ``cls_image`` ``(B, 1, I, J, K)``; the baseline is the evidence
+        check's (the input blurred inside the region). The gradient is taken with ``create_graph=True``, so
+        the penalty trains the network (double back-propagation through the classification path)."""
         from stage2_classify.evidence import default_baseline
 
         score = F.log_softmax(logits, dim=1).sum()  # every class's log-probability (Ross et al. 2017)

@@ -828,6 +828,8 @@ def test_visibility_evidence_rows_exact():
              {"model": "m", "cohort": "b", "evidence_inside": 0.9, "evidence_inside_expert": 0.8},
              {"model": "old", "cohort": "a"}]  # included from a file scored without --evidence: left out
     rows = {(r["model"], r["cohort"]): r for r in evidence_rows(preds, {"m": 0.5})}
+    inc = [dict(r, model="inc") for r in preds[:1]]  # included from a file scored with --evidence: default 0.4
+    assert evidence_rows(inc, {})[0]["flagged"] == 1.0
     assert set(rows) == {("m", "a"), ("m", "b"), ("m", "pooled")}
     a, pooled = rows[("m", "a")], rows[("m", "pooled")]
     assert a["n"] == 2 and a["inside_mean"] == 0.4 and a["inside_expert_mean"] == 0.6 and a["flagged"] == 0.5
