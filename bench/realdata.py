@@ -112,18 +112,29 @@ def train_on_first_halves(name: str, data: Path, work: Path, epochs: int, config
     return out
 
 
+def _expert_vertebrae(image: Path, vertebrae: Path):
+    """``(scan, label map on it, vertebrae with their expert centroids)`` of ``image`` and its label map."""
+    from data_prep.io import read_image, read_labelmap
+    from data_prep.scan import vertebrae_from_labelmap
+
+    img = read_image(image)
+    labels = read_labelmap(vertebrae, img)
+    return img, labels, vertebrae_from_labelmap(labels)
+
+
+def _probabilities(rec: dict, classes: list[str]) -> list[float]:
+    """A ``Classifier.classify`` record's class probabilities in ``classes`` order, 5 decimals."""
+    return [round(float(rec["probabilities"][k]), 5) for k in classes]
+
+
 def classify_at_expert_centroids(clf, image: Path, vertebrae: Path, contrast: str) -> dict[str, list[float]]:
     """``{level: class probabilities}`` (in ``clf.config.classes`` order, 5 decimals) of every vertebra of the
     label map ``vertebrae`` on ``image``, classified by the stage-2 ``Classifier`` ``clf`` around its expert
     centroid with the region the seg head predicts (no mask given, as in ``spinepipe predict``), without
     attributions."""
-    from data_prep.io import read_image, read_labelmap
-    from data_prep.scan import vertebrae_from_labelmap
-
-    img = read_image(image)
-    verts = vertebrae_from_labelmap(read_labelmap(vertebrae, img))
+    img, _, verts = _expert_vertebrae(image, vertebrae)
     classes = list(clf.config.classes)
-    return {v.level: [round(float(r["probabilities"][k]), 5) for k in classes]
+    return {v.level: _probabilities(r, classes)
             for v, r in zip(verts, clf.classify(img, verts, with_evidence=False, contrast=contrast))}
 
 
@@ -132,19 +143,15 @@ def evidence_at_expert_centroids(clf, image: Path, vertebrae: Path, contrast: st
     computes: ``{level: {"p": class probabilities, "inside": share of |IG| inside the body the seg head
     found (what the report shows and flags), "inside_expert": share inside the expert body mask}}``. The
     expert mask is resampled onto each vertebra's patch grid (nearest neighbour)."""
-    from data_prep.io import read_image, read_labelmap
-    from data_prep.scan import resample_like, vertebrae_from_labelmap
+    from data_prep.scan import resample_like
     from stage2_classify.evidence import fraction_inside
 
-    img = read_image(image)
-    labels = read_labelmap(vertebrae, img)
-    verts = vertebrae_from_labelmap(labels)
+    img, labels, verts = _expert_vertebrae(image, vertebrae)
     classes = list(clf.config.classes)
     out = {}
     for v, r in zip(verts, clf.classify(img, verts, with_evidence=True, keep_evidence_maps=True, contrast=contrast)):
         expert = resample_like(labels, r["geometry"], is_label=True).array == v.label
-        out[v.level] = {"p": [round(float(r["probabilities"][k]), 5) for k in classes],
-                        "inside": round(float(r["evidence_inside"]), 4),
+        out[v.level] = {"p": _probabilities(r, classes), "inside": round(float(r["evidence_inside"]), 4),
                         "inside_expert": round(fraction_inside(r["evidence"].array, expert), 4)}
     return out
 

@@ -94,16 +94,24 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, class_weight
     return (w * per).sum() / w.sum().clamp_min(_EPS)
 
 
+def _margin_and_region_attribution(grad: torch.Tensor, delta: torch.Tensor, region: torch.Tensor,
+                                   body: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample ``sum |grad * delta|`` over the margin (``region`` without ``body``) and over ``region``,
+    each ``(B,)``; the shared part of :func:`margin_attribution` and :func:`margin_attribution_share`."""
+    if not grad.shape == delta.shape == region.shape == body.shape:
+        raise ValueError(f"grad, delta, region and body must have one shape, got {tuple(grad.shape)}, "
+                         f"{tuple(delta.shape)}, {tuple(region.shape)}, {tuple(body.shape)}")
+    a = (grad * delta).abs() * (region > 0.5).to(grad.dtype)
+    margin = a * (body <= 0.5).to(grad.dtype)
+    return margin.flatten(1).sum(1), a.flatten(1).sum(1)
+
+
 def margin_attribution(grad: torch.Tensor, delta: torch.Tensor, region: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
     """Per-sample first-order attribution mass ``sum |grad * delta|`` over the margin (``region`` without
     ``body``), ``(B,)``; shapes as :func:`margin_attribution_share`. Unlike the share it is not scale-free: it
     is about how far the output would move if the margin were replaced by the baseline, so it vanishes for a
     classifier that has not learned to react to the input yet."""
-    if not grad.shape == delta.shape == region.shape == body.shape:
-        raise ValueError(f"grad, delta, region and body must have one shape, got {tuple(grad.shape)}, "
-                         f"{tuple(delta.shape)}, {tuple(region.shape)}, {tuple(body.shape)}")
-    margin = ((region > 0.5) & (body <= 0.5)).to(grad.dtype)
-    return ((grad * delta).abs() * margin).flatten(1).sum(1)
+    return _margin_and_region_attribution(grad, delta, region, body)[0]
 
 
 def margin_attribution_share(grad: torch.Tensor, delta: torch.Tensor, region: torch.Tensor, body: torch.Tensor,
@@ -118,13 +126,8 @@ def margin_attribution_share(grad: torch.Tensor, delta: torch.Tensor, region: to
     (an input-gradient penalty, "right for the right reasons", Ross, Hughes & Doshi-Velez, IJCAI 2017)
     pushes down. Bounded in [0, 1]; 0 where the region holds no attribution at all.
     """
-    if not grad.shape == delta.shape == region.shape == body.shape:
-        raise ValueError(f"grad, delta, region and body must have one shape, got {tuple(grad.shape)}, "
-                         f"{tuple(delta.shape)}, {tuple(region.shape)}, {tuple(body.shape)}")
-    r = (region > 0.5).to(grad.dtype)
-    a = (grad * delta).abs() * r
-    margin = a * (body <= 0.5).to(grad.dtype)
-    return margin.flatten(1).sum(1) / a.flatten(1).sum(1).clamp_min(eps)
+    margin, total = _margin_and_region_attribution(grad, delta, region, body)
+    return margin / total.clamp_min(eps)
 
 
 # ---------------------------------------------------------------------------------------------
