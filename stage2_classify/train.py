@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -488,16 +488,30 @@ def _epoch_order(n: int, seed: int, epoch: int, world: int, rank: int, batch_siz
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
-def margin_weight(cfg: Stage2Config, epoch: int) -> float:
+#: Epochs of classification loss that :func:`margin_weight`'s gate averages (one epoch's loss is noisy).
+GATE_EPOCHS = 3
+
+
+def margin_weight(cfg: Stage2Config, epoch: int, log_rows: Sequence[Mapping[str, float]] = ()) -> float:
     """Weight of the margin's input-gradient penalty in (0-based) ``epoch``: 0 before ``train.margin_grad_start``
     x ``train.epochs``, then rising linearly to ``train.margin_grad_penalty`` over ``train.margin_grad_ramp`` x
-    ``train.epochs`` epochs (at once with a ramp of 0)."""
+    ``train.epochs`` epochs (at once with a ramp of 0). With ``train.margin_grad_gate`` > 0 that weight is
+    multiplied by how far the classifier has left chance: ``clip((ln K - L) / (gate x ln K), 0, 1)``, ``L`` the
+    mean ``loss_cls`` of the last :data:`GATE_EPOCHS` rows of ``log_rows`` (the epochs before ``epoch``; 0
+    until there are that many)."""
     tc = cfg.train
     n = max(1, tc.epochs)
     start, ramp = tc.margin_grad_start * n, tc.margin_grad_ramp * n
     if tc.margin_grad_penalty <= 0 or epoch < start:
         return 0.0
-    return float(tc.margin_grad_penalty) * (1.0 if ramp <= 0 else min(1.0, (epoch + 1 - start) / ramp))
+    w = float(tc.margin_grad_penalty) * (1.0 if ramp <= 0 else min(1.0, (epoch + 1 - start) / ramp))
+    if tc.margin_grad_gate > 0:
+        recent = [float(r["loss_cls"]) for r in list(log_rows)[:epoch][-GATE_EPOCHS:] if "loss_cls" in r]
+        if len(recent) < GATE_EPOCHS:
+            return 0.0
+        chance = math.log(len(cfg.classes))
+        w *= min(1.0, max(0.0, (chance - sum(recent) / len(recent)) / (tc.margin_grad_gate * chance)))
+    return w
 
 
 def _lr(cfg: Stage2Config, epoch: int) -> float:
@@ -575,7 +589,7 @@ def _train_loop(samples, cfg: Stage2Config, out_dir: Path, resume: bool, stop_af
         gen = torch.Generator().manual_seed(tc.seed * 1000003 + epoch * 1009 + di.rank)
         for grp in opt.param_groups:
             grp["lr"] = _lr(cfg, epoch) * grp["lr_scale"]
-        module.margin_weight = margin_weight(cfg, epoch)
+        module.margin_weight = margin_weight(cfg, epoch, rows)
         module.train()
         sums: dict[str, float] = {}
         n_seen, n_correct, n_batches = 0, 0, 0
@@ -606,6 +620,8 @@ def _train_loop(samples, cfg: Stage2Config, out_dir: Path, resume: bool, stop_af
         row = {"epoch": epoch + 1, **{k: v / max(n_batches, 1) for k, v in sums.items()},
                "train_acc": n_correct / max(n_seen, 1), "lr": _lr(cfg, epoch), "seconds": time.time() - t0,
                **{f"w_{k}": v for k, v in module.weighting.weights().items()}}
+        if tc.margin_grad_penalty > 0:
+            row["w_margin_grad"] = module.margin_weight
         rows.append(row)
         if di.is_main:
             _write_epoch(out_dir, module, opt, cfg, epoch + 1, rows, len(samples), ema, synthetic_only=synthetic_only)

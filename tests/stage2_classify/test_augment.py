@@ -172,3 +172,31 @@ def test_margin_gradient_penalty_schedule():
     assert [margin_weight(cfg, e) for e in range(8)] == [0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0]
     cfg.train.margin_grad_start, cfg.train.margin_grad_ramp = 0.0, 0.0
     assert [margin_weight(cfg, e) for e in range(8)] == [2.0] * 8
+
+
+def test_margin_gradient_penalty_gate_follows_the_classification_loss():
+    """train.margin_grad_gate: the weight scales with how far the mean classification loss of the last three
+    epochs lies below chance (ln K), 0 before three epochs are logged, and closes again at chance."""
+    import math
+
+    from stage2_classify.train import margin_weight
+
+    cfg = tiny_config()
+    cfg.train.epochs = 10
+    cfg.train.margin_grad_penalty = 2.0
+    cfg.train.margin_grad_start, cfg.train.margin_grad_ramp = 0.0, 0.0
+    cfg.train.margin_grad_gate = 0.1
+    cfg.validate()
+    chance = math.log(len(cfg.classes))
+    losses = [chance, chance, chance, 0.95 * chance, 0.95 * chance, 0.95 * chance, 0.5 * chance, chance, chance, chance]
+    rows = [{"epoch": e + 1, "loss_cls": v} for e, v in enumerate(losses)]
+    got = [margin_weight(cfg, e, rows) for e in range(10)]
+    # epoch e sees rows[:e]: too few rows, then the gate at 0, 1/6, 1/3, 1/2, then open (loss >= 10 % below chance)
+    want = [0.0, 0.0, 0.0, 0.0, 2.0 * (0.05 / 3) / 0.1, 2.0 * (0.10 / 3) / 0.1, 1.0, 2.0, 2.0, 2.0]
+    assert got == pytest.approx(want, abs=1e-12)
+    assert margin_weight(cfg, 10, rows) == 0.0  # back at chance for three epochs: the gate is shut again
+    cfg.train.margin_grad_gate = 0.0
+    assert margin_weight(cfg, 0, []) == 2.0  # no gate: the schedule alone
+    with pytest.raises(ValueError, match="margin_grad_gate"):
+        cfg.train.margin_grad_gate = 1.5
+        cfg.validate()
