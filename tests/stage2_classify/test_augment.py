@@ -130,15 +130,17 @@ def test_training_module_hands_cls_image_to_the_classification_path():
 
 
 def test_margin_gradient_penalty_trains_the_network_away_from_the_margin():
-    """train.margin_grad_penalty: a loss term in [0, 1] for exact bodies only, off by default, and a few
-    steps on it alone lower the margin's share of the first-order attribution."""
+    """train.margin_grad_penalty: a loss term in [0, 1] for exact bodies only, not computed at weight 0, and a
+    few steps on it alone lower the margin's share of the first-order attribution."""
     from stage2_classify.train import Stage2Trainable
 
     cfg = tiny_config()
+    assert cfg.train.margin_grad_penalty == 0.0 and cfg.train.margin_grad_gate == 0.0  # the defaults: off
     torch.manual_seed(0)
     batch = collate(toy_samples(cfg, 6, seed=2))
+    cfg.train.margin_grad_penalty = 0.0
     _, parts, _ = Stage2Trainable(cfg).train()(batch)
-    assert "margin_grad" not in parts  # off by default
+    assert "margin_grad" not in parts  # 0 = off
     cfg.train.margin_grad_penalty = 1.0
     torch.manual_seed(0)
     module = Stage2Trainable(cfg).train()
@@ -151,7 +153,7 @@ def test_margin_gradient_penalty_trains_the_network_away_from_the_margin():
     for _ in range(12):
         opt.zero_grad()
         _, parts, _ = module(batch)
-        shares.append(float(parts["margin_grad"]))
+        shares.append(float(parts["margin_grad"].detach()))
         parts["margin_grad"].backward()  # the penalty alone reaches the weights (double back-propagation)
         opt.step()
     assert all(0.0 <= s <= 1.0 for s in shares)
@@ -159,6 +161,12 @@ def test_margin_gradient_penalty_trains_the_network_away_from_the_margin():
     with pytest.raises(ValueError, match="margin_grad_penalty"):
         cfg.train.margin_grad_penalty = -1.0
         cfg.validate()
+    from stage2_classify.train import train_on_samples
+
+    cfg.train.margin_grad_penalty, cfg.ig_baseline_sigma_mm = 1.0, None
+    cfg.validate()  # a saved model without the IG baseline still loads ...
+    with pytest.raises(ValueError, match="ig_baseline_sigma_mm"):  # ... but does not train with the penalty
+        train_on_samples(toy_samples(cfg, 2, seed=2), cfg, "/nonexistent/never-written")
 
 
 def test_margin_gradient_penalty_schedule():
@@ -166,6 +174,8 @@ def test_margin_gradient_penalty_schedule():
 
     cfg = tiny_config()
     cfg.train.epochs = 8
+    cfg.train.margin_grad_gate = 0.0  # the schedule alone
+    cfg.train.margin_grad_penalty = 0.0
     assert [margin_weight(cfg, e) for e in range(8)] == [0.0] * 8  # off
     cfg.train.margin_grad_penalty = 2.0
     cfg.train.margin_grad_start, cfg.train.margin_grad_ramp = 0.5, 0.25  # from epoch 4, full at epoch 5
