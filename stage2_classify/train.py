@@ -535,10 +535,10 @@ def train_on_samples(samples: list[Sample], cfg: Stage2Config, out_dir: str | Pa
     warns when it loads such a model).
     """
     cfg.validate()
-    if cfg.train.margin_grad_penalty > 0 and cfg.ig_baseline_sigma_mm is None:  # a training matter only: a
-        # saved model without the IG baseline must still load
-        raise ValueError("train.margin_grad_penalty (default 1) needs ig_baseline_sigma_mm (the baseline it "
-                         "measures against); set train.margin_grad_penalty=0 to train without the penalty")
+    # checked here, not in validate(): a saved model without the IG baseline must still load
+    if cfg.train.margin_grad_penalty > 0 and cfg.ig_baseline_sigma_mm is None:
+        raise ValueError("train.margin_grad_penalty > 0 needs ig_baseline_sigma_mm (the baseline it measures "
+                         "against); set train.margin_grad_penalty=0 to train without the penalty")
     out_dir = Path(out_dir)
     di = dist_info or init_distributed()
     tc = cfg.train

@@ -138,7 +138,6 @@ def test_margin_gradient_penalty_trains_the_network_away_from_the_margin():
     assert cfg.train.margin_grad_penalty == 0.0 and cfg.train.margin_grad_gate == 0.0  # the defaults: off
     torch.manual_seed(0)
     batch = collate(toy_samples(cfg, 6, seed=2))
-    cfg.train.margin_grad_penalty = 0.0
     _, parts, _ = Stage2Trainable(cfg).train()(batch)
     assert "margin_grad" not in parts  # 0 = off
     cfg.train.margin_grad_penalty = 1.0
@@ -173,9 +172,7 @@ def test_margin_gradient_penalty_schedule():
     from stage2_classify.train import margin_weight
 
     cfg = tiny_config()
-    cfg.train.epochs = 8
-    cfg.train.margin_grad_gate = 0.0  # the schedule alone
-    cfg.train.margin_grad_penalty = 0.0
+    cfg.train.epochs = 8  # no gate (the default): the schedule alone
     assert [margin_weight(cfg, e) for e in range(8)] == [0.0] * 8  # off
     cfg.train.margin_grad_penalty = 2.0
     cfg.train.margin_grad_start, cfg.train.margin_grad_ramp = 0.5, 0.25  # from epoch 4, full at epoch 5
