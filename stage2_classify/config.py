@@ -199,10 +199,12 @@ class TrainConfig:
     #: pass through the classification path (~1.8x the time of an epoch once on). 0 = off, the default.
     #: Session 33 (bench/results/visibility_margin_gate.md, semi-synthetic, 188 held-out vertebrae): weight 1
     #: with ``margin_grad_gate=0.08`` trained with training seeds 0 / 1 / 2 and gave an IG share inside the
-    #: expert body of 0.644 / 0.646 / 0.618 (default seed 0: 0.475), AUC 0.75 / 0.67 / 0.59 and 0.78 / 0.67 /
-    #: 0.58 for seeds 0 / 1 (defaults 0.75 / 0.65 / 0.51 and 0.73 / 0.59 / 0.47), 0.69 / 0.57 / 0.42 for seed 2
-    #: (its default not yet scored: the candidate default once it is). Without the gate (session 32) weight 1
-    #: left a classifier at chance with seed 1; weight 3 with the gate trains a weak one.
+    #: expert body of 0.644 / 0.646 / 0.618, AUC 0.75 / 0.67 / 0.59 and 0.78 / 0.67 /
+    #: 0.58 and 0.69 / 0.57 / 0.42 for seeds 0 / 1 / 2, against 0.475 / 0.466 / 0.472 inside and AUC 0.75 /
+    #: 0.65 / 0.51, 0.79 / 0.73 / 0.50 and 0.78 / 0.62 / 0.48 for default runs of the same seeds (session 34;
+    #: all at the former learning rate 2e-3): the evidence gain repeats, the AUC change has no single sign
+    #: (seed 2 loses 0.05-0.09 on every class), so it stays off. Without the gate (session 32) weight 1 left a
+    #: classifier at chance with seed 1; weight 3 with the gate trains a weak one.
     margin_grad_penalty: float = 0.0
     #: When the penalty starts, as a fraction of ``epochs``; it then grows linearly to its full weight over
     #: the next ``margin_grad_ramp`` of them. From the first epoch (start 0, weight 1) it kept the classifier
