@@ -220,10 +220,10 @@ def make_ema(module: torch.nn.Module, decay: float) -> torch.optim.swa_utils.Ave
     """Exponential moving average of ``module``'s parameters (``decay`` per update; torch's own
     ``AveragedModel`` + ``get_ema_multi_avg_fn``), or None when ``decay`` is 0 (off).
 
-    Call ``ema.update_parameters(module)`` after every optimiser step; ``ema.module`` is the averaged copy.
+    Call :func:`update_ema` after every optimiser step; ``ema.module`` is the averaged copy.
     :func:`ema_state` / :func:`load_ema_state` carry it through the training state for resume (through the
-    wrapped network's own ``state_dict``, which may rename tensors). Buffers are copied, not averaged (the
-    networks here use InstanceNorm, which keeps none).
+    wrapped network's own ``state_dict``, which may rename tensors). Buffers (e.g. the running statistics of
+    stage 2's optional ``FeatureNorm``) are copied from the live network, not averaged.
     """
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1), got {decay}")
@@ -232,6 +232,18 @@ def make_ema(module: torch.nn.Module, decay: float) -> torch.optim.swa_utils.Ave
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     return AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay))
+
+
+def update_ema(ema: torch.optim.swa_utils.AveragedModel | None, module: torch.nn.Module) -> None:
+    """One :func:`make_ema` step after an optimiser step: average ``module``'s parameters into ``ema`` and copy
+    its buffers (``AveragedModel`` alone would leave the copy's buffers at their values at creation). No-op
+    for ``None``."""
+    if ema is None:
+        return
+    ema.update_parameters(module)
+    with torch.no_grad():
+        for mine, live in zip(ema.module.buffers(), module.buffers()):
+            mine.copy_(live)
 
 
 def weights_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:

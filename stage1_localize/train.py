@@ -325,7 +325,7 @@ def train_stage1(
                 torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
                 opt.step()
                 if ema is not None:
-                    ema.update_parameters(net)
+                    checkpoint.update_ema(ema, net)
                 sums += torch.tensor([float(losses[k].detach()) for k in ("loss", "heatmap", "levels", "offset")],
                                      dtype=torch.float64)
             if dist_info.distributed:

@@ -96,6 +96,21 @@ class ModelConfig:
     #: ``train.shell_shuffle_prob=0.5`` (session 22, folds 0-1, bench/results/stage2_shell.md): the IG mass
     #: inside the body did not move (0.50 vs 0.49), so the default stays ``"region"``.
     norm_statistics: str = "region"
+    #: Standardise the class head's pooled feature vector per feature before its hidden layer:
+    #: ``"batch"`` (BatchNorm1d: batch statistics in training, running statistics in evaluation -- then a
+    #: fixed affine map per feature, so the verdict stays a function of the vertebra's own region) or
+    #: ``"none"``. Without it the pooled features share a large common offset (mean |x| 0.7-1.4 against an
+    #: across-vertebra SD of 0.13-0.26 in the first epochs, session 35), Adam pushes the hidden LeakyReLU
+    #: units below zero for every vertebra within the first epoch (of 32 units, 24 positive on > 2 % of the
+    #: vertebrae at initialisation, 4 after epoch 1, 1 after epochs 2-3; 2-15 in trained 80-epoch models,
+    #: bench/results/head_units.md), and the head predicts one class for about 45 epochs. ``"batch"`` keeps
+    #: 29-32 units alive (head_units_fnorm.md) and leaves chance earlier (loss_cls 1.04-1.08 by epoch 10-20 against 1.095), but
+    #: generalises worse: 3-fold CV pooled AUC 0.75 / 0.65 / 0.55, balanced accuracy 0.46, kappa 0.25 against
+    #: 0.79 / 0.80 / 0.62, 0.52, 0.36 (bench/results/stage2_fnorm.md vs stage2_lr4e3.md, same data; lower on
+    #: all three folds for inflammation; IG share inside the body 0.58 against 0.52); statistics recomputed
+    #: on unaugmented training patches after training did not help (0.73 / 0.63 / 0.54). The collapsed head
+    #: acts as a strong bottleneck that these 242-249 training vertebrae seem to need. Off by default.
+    cls_feature_norm: str = "none"
 
 
 @dataclass
@@ -326,6 +341,8 @@ class Stage2Config:
         if self.train.noise_std_max < 0 or not 0.0 <= self.train.contrast_dropout <= 1.0:
             raise ValueError(f"train.noise_std_max must be >= 0 and train.contrast_dropout in [0, 1], got "
                              f"{self.train.noise_std_max} and {self.train.contrast_dropout}")
+        if self.model.cls_feature_norm not in ("none", "batch"):
+            raise ValueError(f"model.cls_feature_norm must be 'none' or 'batch', got {self.model.cls_feature_norm!r}")
         if self.model.norm_statistics not in ("region", "body"):
             raise ValueError(f"model.norm_statistics must be 'region' or 'body', got {self.model.norm_statistics!r}")
         if not 0.0 <= self.train.shell_shuffle_prob <= 1.0:

@@ -21,7 +21,10 @@ with masked average, attention and max pooling inside the *pooling mask*: ``regi
 (max-pooled down to the coarse resolution). Every operation on that path (convolutions, transposed convolutions, InstanceNorm -- statistics per sample and channel over a tensor that is itself a function
 of ``image * region`` and ``region`` --, LeakyReLU, zero padding, pooling) is a function of
 ``image * region`` and ``region`` only, so changing any voxel outside ``region`` cannot change the logits.
-No BatchNorm (its train-mode statistics would mix samples of a batch). With
+No BatchNorm in the convolutions (its train-mode statistics would mix samples of a batch, and the two paths
+would share running statistics of unmasked and masked inputs); the optional ``FeatureNorm`` on the pooled
+feature vector (``model.cls_feature_norm``) mixes only other vertebrae's pooled features in training and
+is a fixed affine map in evaluation. With
 ``ModelConfig.region_norm`` (default) the cls path first standardises intensities by their mean/std
 *inside the region*, which also cancels the scan-level intensity window (an affine map), so even that
 does not reach the verdict (up to the window's clipping of extreme voxels). ``tests/stage2_classify/
@@ -128,19 +131,39 @@ class Decoder(nn.Module):
         return x
 
 
+class FeatureNorm(nn.BatchNorm1d):
+    """``BatchNorm1d`` over a ``(B, F)`` feature vector that also takes a batch of one in training (then it
+    uses, and does not update, the running statistics, as in evaluation).
+
+    In training a vertebra's output depends on the other vertebrae of its batch, but only through *their*
+    pooled features, so no voxel outside its own region reaches it; in evaluation it is a fixed affine map
+    per feature.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, F)`` -> ``(B, F)``."""
+        if self.training and x.shape[0] < 2:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
 class MaskedPoolClassifier(nn.Module):
     """Multi-scale masked pooling -> logits.
 
     For each used feature level: masked average, masked attention and masked max pooling of the
     ``(B, C_l, i_l, j_l, k_l)`` features over the mask at that resolution; concatenated with the optional
-    ``extra`` features ``(B, n_extra)`` -> MLP.
+    ``extra`` features ``(B, n_extra)`` -> (optional :class:`FeatureNorm`) -> MLP.
     """
 
-    def __init__(self, channels: list[int], n_classes: int, dropout: float, n_extra: int = 0):
+    def __init__(self, channels: list[int], n_classes: int, dropout: float, n_extra: int = 0,
+                 feature_norm: str = "none"):
         super().__init__()
         self.scores = nn.ModuleList([nn.Conv3d(c, 1, 1) for c in channels])
         total = 3 * sum(channels) + n_extra
         hidden = max(channels)
+        if feature_norm not in ("none", "batch"):
+            raise ValueError(f"feature_norm must be 'none' or 'batch', got {feature_norm!r}")
+        self.norm = FeatureNorm(total) if feature_norm == "batch" else nn.Identity()
         self.mlp = nn.Sequential(
             nn.Linear(total, hidden),
             nn.LeakyReLU(0.01),
@@ -168,7 +191,7 @@ class MaskedPoolClassifier(nn.Module):
         pooled = [self._pool(f, m, sc) for f, m, sc in zip(feats, masks, self.scores)]
         if extra is not None:
             pooled.append(extra)
-        return self.mlp(torch.cat(pooled, dim=1))
+        return self.mlp(self.norm(torch.cat(pooled, dim=1)))
 
 
 #: Quantiles of the robustly standardised intensities inside the pooling mask fed to the class head.
@@ -249,7 +272,7 @@ class Stage2Net(nn.Module):
         if heads.cls:
             mods["cls"] = MaskedPoolClassifier([chans[0], chans[-1]], n_cls, cfg.model.dropout,
                                                n_extra=N_PROFILE + (3 * (n_cls - 1) if self.lesion_typing else 0)
-                                               + n_contrast)
+                                               + n_contrast, feature_norm=cfg.model.cls_feature_norm)
             if self.contrast_input:  # per-contrast shift of the cls path's full-resolution features
                 mods["contrast"] = nn.Linear(n_contrast, chans[0], bias=False)
             if self.lesion_typing:

@@ -34,6 +34,7 @@ from data_prep.checkpoint import (
     load_ema_state,
     load_train_state,
     make_ema,
+    update_ema,
     save_model,
     save_train_state,
     weights_of,
@@ -607,7 +608,7 @@ def _train_loop(samples, cfg: Stage2Config, out_dir: Path, resume: bool, stop_af
             torch.nn.utils.clip_grad_norm_(module.parameters(), 5.0)
             opt.step()
             if ema is not None:
-                ema.update_parameters(module.net)
+                update_ema(ema, module.net)
             n_batches += 1
             sums["loss"] = sums.get("loss", 0.0) + float(total.detach())
             for k, v in parts.items():

@@ -895,3 +895,29 @@ def test_visibility_config_changes_lists_the_non_default_fields():
     cfg.train.margin_grad_penalty = 1.0
     cfg.patch.size_mm = (64.0, 64.0, 64.0)
     assert config_changes(cfg) == ["patch.size_mm=[64.0, 64.0, 64.0]", "train.margin_grad_penalty=1.0"]
+
+
+def test_head_activity_counts_alive_units_exactly():
+    """``bench/head_units.py``: a unit is alive when its pre-activation is positive on > 2 % of the vertebrae."""
+    import torch
+
+    from bench.head_units import head_activity
+    from stage2_classify.config import tiny_config
+    from stage2_classify.model import Stage2Net
+
+    torch.manual_seed(0)
+    net = Stage2Net(tiny_config())
+    batch = {"image": torch.randn(3, 1, 12, 16, 16), "region": torch.zeros(3, 1, 12, 16, 16),
+             "contrast": torch.full((3,), -1)}
+    batch["region"][:, :, 3:9, 4:12, 4:12] = 1.0
+    first = net.heads["cls"].mlp[0]
+    with torch.no_grad():
+        first.weight.zero_()
+        first.bias.fill_(-1.0)
+        first.bias[:3] = 1.0  # exactly three units positive on every vertebra
+    out = head_activity(net, batch)
+    assert (out["alive_units"], out["hidden_units"]) == (3, first.out_features)
+    assert out["logit_sd"] == [0.0] * len(out["logit_sd"])  # constant hidden layer: identical logits
+    net.train()
+    head_activity(net, batch)
+    assert net.training  # the mode is restored

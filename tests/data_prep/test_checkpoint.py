@@ -170,3 +170,25 @@ def test_ema_state_round_trip_and_missing_average(tmp_path):
     assert torch.equal(other.module.weight, ema.module.weight)
     with pytest.raises(SpinepipeInputError, match="train_state.pt.*no average"):
         load_ema_state(other, None, tmp_path / "train_state.pt")
+
+
+def test_update_ema_averages_parameters_and_copies_buffers():
+    import torch
+
+    from data_prep.checkpoint import make_ema, update_ema
+
+    net = torch.nn.Sequential(torch.nn.BatchNorm1d(2), torch.nn.Linear(2, 1, bias=False))
+    ema = make_ema(net, 0.75)
+    update_ema(None, net)  # no average: nothing to do
+    with torch.no_grad():
+        net[1].weight.fill_(2.0)
+    net.train()
+    net(torch.tensor([[0.0, 10.0], [4.0, 30.0]]))  # running statistics move
+    update_ema(ema, net)
+    assert torch.equal(ema.module[0].running_mean, net[0].running_mean)
+    assert float(net[0].running_mean[1]) > 1.0
+    assert int(ema.module[0].num_batches_tracked) == 1
+    with torch.no_grad():
+        net[1].weight.fill_(6.0)
+    update_ema(ema, net)
+    assert torch.allclose(ema.module[1].weight, torch.full((1, 2), 3.0))  # 0.75 * 2 + 0.25 * 6

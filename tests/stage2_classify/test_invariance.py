@@ -233,3 +233,48 @@ def test_cls_image_feeds_the_classification_path_only_and_norm_statistics_picks_
     pool = net.pooling_mask(region)
     assert 0 < float(pool.sum()) < float(region.sum())
     assert torch.equal(seen[0], pool) and torch.equal(seen[1], (region > 0.5).float())
+
+
+def _warm_feature_norm(net, image, region, steps: int = 3):
+    """A few train-mode passes so that the FeatureNorm's running statistics are not the identity."""
+    net.train()
+    with torch.no_grad():
+        for s in range(steps):
+            g = torch.Generator().manual_seed(s)
+            net(torch.cat([image, image + 0.3 * torch.randn(image.shape, generator=g)]), torch.cat([region, region]))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_feature_norm_keeps_the_guarantee_in_eval_and_in_a_training_batch(seed):
+    """``model.cls_feature_norm="batch"``: in evaluation a fixed affine map per feature; in a training batch a
+    vertebra's verdict depends on the other vertebrae's pooled features, never on its own outside voxels."""
+    net, image, region = _setup(seed, model=ModelConfig(base_channels=8, levels=3, dropout=0.0,
+                                                        cls_feature_norm="batch"))
+    _warm_feature_norm(net, image, region)
+    assert float(net.heads["cls"].norm.running_var.sub(1).abs().max()) > 1e-3  # statistics really moved
+    g = torch.Generator().manual_seed(50 + seed)
+    others = image + 0.5 * torch.randn((2, *image.shape[1:]), generator=g)
+    regions = torch.cat([region] * 3)
+    changed = image.clone()
+    changed[region < 0.5] = 1e3 * torch.randn(int((region < 0.5).sum()), generator=g)
+    for mode in ("eval", "train"):
+        getattr(net, mode)()
+        p0 = _probs(net, torch.cat([image, others]), regions)
+        p1 = _probs(net, torch.cat([changed, others]), regions)
+        assert float((p1 - p0).abs().max()) <= 1e-6, mode
+    # negative control in training: another vertebra of the batch does move this one's verdict (batch statistics)
+    p2 = _probs(net, torch.cat([image, others + 5.0 * torch.randn(others.shape, generator=g)]), regions)
+    assert float((p2[0] - p0[0]).abs().max()) > 1e-5
+
+
+def test_feature_norm_takes_a_batch_of_one_in_training_without_touching_its_statistics():
+    net, image, region = _setup(4, model=ModelConfig(base_channels=8, levels=3, dropout=0.0, cls_feature_norm="batch"))
+    _warm_feature_norm(net, image, region)
+    norm = net.heads["cls"].norm
+    before = (norm.running_mean.clone(), norm.running_var.clone(), int(norm.num_batches_tracked))
+    net.train()
+    p_train = _probs(net, image, region)  # BatchNorm1d alone would raise on one value per channel
+    assert torch.equal(norm.running_mean, before[0]) and torch.equal(norm.running_var, before[1])
+    assert int(norm.num_batches_tracked) == before[2]
+    net.eval()
+    assert float((_probs(net, image, region) - p_train).abs().max()) <= 1e-6

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from stage2_classify.config import HeadsConfig, tiny_config
+from stage2_classify.config import HeadsConfig, ModelConfig, tiny_config
 from stage2_classify.model import Stage2Net, dilate_mask
 from stage2_classify.patches import dilate
 
@@ -60,6 +60,8 @@ def test_predicted_region_and_errors():
         net(torch.randn(1, 12, 16, 16))
     with pytest.raises(ValueError, match="all heads"):
         Stage2Net(tiny_config(heads=HeadsConfig(False, False, False, False)))
+    with pytest.raises(ValueError, match="cls_feature_norm must be 'none' or 'batch', got 'layer'"):
+        Stage2Net(tiny_config(model=ModelConfig(base_channels=8, levels=3, dropout=0.0, cls_feature_norm="layer")))
 
 
 def test_empty_region_gives_finite_logits():
@@ -121,3 +123,38 @@ def test_predicted_region_stops_at_predicted_neighbours():
         logits[0, c, 0, 0, k] = 5.0
     region = net.predicted_region(logits)[0, 0, 0, 0]
     assert region.tolist() == [1, 1, 1, 1, 1, 0, 0, 0, 0]
+
+
+def _train_head_on_offset_features(feature_norm: str, seed: int) -> tuple[int, float]:
+    """Train a class head alone on pooled-feature-like vectors: a large common offset per feature (as the
+    InstanceNorm-ed features pooled in a body have) plus a small across-vertebra spread, the class in one
+    feature's spread. -> (hidden units positive on > 2 % of the vectors, training accuracy)."""
+    from stage2_classify.model import MaskedPoolClassifier
+
+    torch.manual_seed(seed)
+    head = MaskedPoolClassifier([8], 3, 0.1, n_extra=111, feature_norm=feature_norm)  # 3 * 8 + 111 features
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(160, 135, generator=g)
+    x = 0.5 + 1.5 * torch.rand(135, generator=g) + 0.13 * z
+    y = (z[:, 0] > 0.4).long() + (z[:, 0] > 1.2).long()
+    opt = torch.optim.AdamW(head.parameters(), lr=4e-3, weight_decay=1e-4)  # stage 2's training defaults
+    for _ in range(300):
+        idx = torch.randint(0, len(y), (8,), generator=g)
+        loss = torch.nn.functional.cross_entropy(head.mlp(head.norm(x[idx])), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    head.eval()
+    with torch.no_grad():
+        hidden = head.mlp[1](head.mlp[0](head.norm(x)))
+        acc = float((head.mlp(head.norm(x)).argmax(1) == y).float().mean())
+    return int(((hidden > 0).float().mean(0) > 0.02).sum()), acc
+
+
+def test_feature_norm_keeps_the_class_head_alive_on_offset_features():
+    """The failure ``model.cls_feature_norm`` mends, on tiny exact inputs: without it Adam pushes the hidden
+    LeakyReLU units below zero for every vector and the head predicts (about) one class."""
+    runs = {norm: [_train_head_on_offset_features(norm, s) for s in range(3)] for norm in ("none", "batch")}
+    assert all(alive >= 6 and acc >= 0.95 for alive, acc in runs["batch"]), runs
+    assert max(alive for alive, _ in runs["none"]) <= 4, runs
+    assert np.mean([a for _, a in runs["none"]]) < np.mean([a for _, a in runs["batch"]]) - 0.2, runs
