@@ -219,7 +219,11 @@ class TrainConfig:
     #: 0.65 / 0.51, 0.79 / 0.73 / 0.50 and 0.78 / 0.62 / 0.48 for default runs of the same seeds (session 34;
     #: all at the former learning rate 2e-3): the evidence gain repeats, the AUC change has no single sign
     #: (seed 2 loses 0.05-0.09 on every class), so it stays off. Without the gate (session 32) weight 1 left a
-    #: classifier at chance with seed 1; weight 3 with the gate trains a weak one.
+    #: classifier at chance with seed 1; weight 3 with the gate trains a weak one. At today's learning rate
+    #: 4e-3 (session 35, bench/results/visibility_gate_lr4e3.md, seeds 0 / 2, weight 1, gate 0.08): inside
+    #: 0.646 / 0.686 against 0.454 / 0.479, but AUC 0.59 / 0.52 / 0.52 and 0.66 / 0.60 / 0.50 against 0.79 /
+    #: 0.69 / 0.58 and 0.77 / 0.76 / 0.61; with seed 0 the gate opened to weights 0.01-0.1 while the loss sat
+    #: just under chance, and the classifier never left it (margin_grad_logs/g1lr4_s0.csv).
     margin_grad_penalty: float = 0.0
     #: When the penalty starts, as a fraction of ``epochs``; it then grows linearly to its full weight over
     #: the next ``margin_grad_ramp`` of them. From the first epoch (start 0, weight 1) it kept the classifier
