@@ -37,22 +37,24 @@ ALIVE_SHARE = 0.02
 
 
 @torch.no_grad()
-def head_activity(net, batch: dict[str, torch.Tensor]) -> dict:
-    """Hidden-unit and logit statistics of ``net``'s class head on ``batch`` (collated samples), eval mode."""
+def head_activity(net, batch: dict[str, torch.Tensor], chunk: int = 16) -> dict:
+    """Hidden-unit and logit statistics of ``net``'s class head on ``batch`` (collated samples: ``image`` and
+    ``region`` ``(N, 1, I, J, K)``, ``contrast`` ``(N,)``), in evaluation mode, ``chunk`` vertebrae at a time."""
     mlp = net.heads["cls"].mlp
-    seen: dict[str, torch.Tensor] = {}
-    hooks = [mlp[0].register_forward_hook(lambda m, i, o: seen.__setitem__("features", i[0])),
-             mlp[1].register_forward_hook(lambda m, i, o: seen.__setitem__("hidden", o))]
+    seen: dict[str, list[torch.Tensor]] = {"features": [], "hidden": []}
+    hooks = [mlp[0].register_forward_hook(lambda m, i, o: seen["features"].append(i[0])),
+             mlp[1].register_forward_hook(lambda m, i, o: seen["hidden"].append(o))]
     was_training = net.training
     net.eval()
     try:
-        logits = net(batch["image"], batch["region"], batch["contrast"])["cls"]
+        logits = torch.cat([net(batch["image"][a:a + chunk], batch["region"][a:a + chunk],
+                                batch["contrast"][a:a + chunk])["cls"] for a in range(0, len(batch["image"]), chunk)])
     finally:
         for h in hooks:
             h.remove()
         net.train(was_training)
-    share = (seen["hidden"] > 0).float().mean(0)
-    x = seen["features"]  # what the first Linear reads (after the optional FeatureNorm)
+    share = (torch.cat(seen["hidden"]) > 0).float().mean(0)
+    x = torch.cat(seen["features"])  # what the first Linear reads (after the optional FeatureNorm)
     return {"alive_units": int((share > ALIVE_SHARE).sum()), "hidden_units": int(share.numel()),
             "logit_sd": [round(float(v), 4) for v in logits.std(0)],
             "feature_mean_abs": round(float(x.abs().mean()), 4),
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from data_prep.checkpoint import load_model, load_state_into
     from data_prep.distributed import seed_everything
+    from data_prep.errors import SpinepipeInputError
     from stage2_classify.config import Stage2Config
     from stage2_classify.model import Stage2Net
     from stage2_classify.train import build_samples, collate, train_on_samples
@@ -95,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         name, sep, folder = spec.partition("=")
         if not sep:
             ap.error(f"--model {spec!r}: expected NAME=DIR")
-        state, cfg, _ = load_model(folder, Stage2Config, kind="stage2")
+        try:
+            state, cfg, _ = load_model(folder, Stage2Config, kind="stage2")
+        except SpinepipeInputError as e:
+            ap.error(f"--model {spec}: {e}")
         net = Stage2Net(cfg)
         load_state_into(net, state, folder)
         rows.append({"model": name, "epoch": cfg.train.epochs,

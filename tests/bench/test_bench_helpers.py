@@ -915,7 +915,7 @@ def test_head_activity_counts_alive_units_exactly():
         first.weight.zero_()
         first.bias.fill_(-1.0)
         first.bias[:3] = 1.0  # exactly three units positive on every vertebra
-    out = head_activity(net, batch)
+    out = head_activity(net, batch, chunk=2)  # two chunks: 2 + 1 vertebrae
     assert (out["alive_units"], out["hidden_units"]) == (3, first.out_features)
     assert out["logit_sd"] == [0.0] * len(out["logit_sd"])  # constant hidden layer: identical logits
     net.train()
