@@ -105,11 +105,12 @@ class ModelConfig:
     #: vertebrae at initialisation, 4 after epoch 1, 1 after epochs 2-3; 2-15 in trained 80-epoch models,
     #: bench/results/head_units.md), and the head predicts one class for about 45 epochs. ``"batch"`` keeps
     #: 29-32 units alive (head_units_fnorm.md) and leaves chance earlier (loss_cls 1.04-1.08 by epochs 10-20
-    #: against 1.095), but generalises worse: 3-fold CV pooled AUC 0.75 / 0.65 / 0.55, balanced accuracy 0.46, kappa 0.25 against
-    #: 0.79 / 0.80 / 0.62, 0.52, 0.36 (bench/results/stage2_fnorm.md vs stage2_lr4e3.md, same data; lower on
-    #: all three folds for inflammation; IG share inside the body 0.58 against 0.52); statistics recomputed
-    #: on unaugmented training patches after training did not help (0.73 / 0.63 / 0.54). The collapsed head
-    #: acts as a strong bottleneck that these 242-249 training vertebrae seem to need. Off by default.
+    #: against 1.095), but generalises worse: 3-fold CV pooled AUC 0.75 / 0.65 / 0.55, balanced accuracy
+    #: 0.46, kappa 0.25 against 0.79 / 0.80 / 0.62, 0.52, 0.36 (bench/results/stage2_fnorm.md vs
+    #: stage2_lr4e3.md, same data; lower on all three folds for inflammation; IG share inside the body 0.58
+    #: against 0.52); statistics recomputed on unaugmented training patches after training did not help
+    #: (0.73 / 0.63 / 0.54). The collapsed head acts as a strong bottleneck that these 242-249 training
+    #: vertebrae seem to need. Off by default.
     cls_feature_norm: str = "none"
 
 
