@@ -297,6 +297,23 @@ class Stage1Config:
     nms_radius_mm: float = 15.0
     max_candidates: int = 40
     border_mm: float = 12.0            # centroid closer than this to the volume edge -> "cut_by_fov"
+    #: test-time de-tilting (``infer.spine_tilt_deg`` / ``infer.detilted_grid``): when at least
+    #: ``detilt_min_named`` vertebrae are named and their axis lies more than ``detilt_min_deg`` off
+    #: ``detilt_reference_deg`` in the sagittal plane of the prepared grid, the grid is resampled rotated
+    #: about its left-right axis so that the axis lies at the reference, and the scan is localised again
+    #: there (world positions are exact on either grid). The network sees tilts only up to
+    #: ``augment.max_rotation_deg`` (12) around the training scans' own. The reference is set by
+    #: ``train.train_stage1`` to the median over its training scans (on the 67 real scans the L1-L5 /
+    #: T11-L5 axis lies at 2.8-15.9 deg, median 7.9, +: the upper end posterior, in the image grid; on the
+    #: built-in synthetic scans at -25 to +1, median -4.4); None (models saved before session 36): off.
+    #: The lumbar curve makes a short run's axis differ from the whole spine's: on the 67 real scans' expert
+    #: centroids, runs of 5 / 4 / 3 consecutive vertebrae lie up to 7.9 / 11.8 / 22.7 deg from the median
+    #: (40 of 235 runs of 3 beyond 10 deg; ``bench/stage1_robustness.py``'s axis table), hence 12 deg and
+    #: at least 4 named: such a scan is never resampled. Measured in bench/results/stage1_robustness.md.
+    #: 0: off
+    detilt_min_deg: float = 12.0
+    detilt_min_named: int = 4
+    detilt_reference_deg: Optional[float] = None
     labelling: LabellingConfig = field(default_factory=LabellingConfig)
 
     @property

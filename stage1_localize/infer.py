@@ -17,7 +17,10 @@ Pipeline per scan:
 5. ``labelling.assign_levels`` names the candidates (anatomical order, spacing prior, transitional
    flags); with ``labelling.fill_gaps`` / ``extend_ends``, ``labelling.complete_run`` adds the levels the
    named run skipped or that continue it where the heatmap supports them (:func:`heat_probe`); centroids
-   within ``border_mm`` of the input volume's edge get ``"cut_by_fov"``.
+   within ``border_mm`` of the input volume's edge get ``"cut_by_fov"``;
+6. de-tilting (``detilt_min_deg``): when the axis of the named run lies far from the training scans'
+   usual tilt in the grid (:func:`spine_tilt_deg`), steps 2-5 run again on the prepared grid rotated about
+   its left-right axis (:func:`detilt_direction`), and that naming is returned.
 """
 from __future__ import annotations
 
@@ -332,6 +335,18 @@ class Localizer:
         world, scores, logprobs, grid, maps = self._candidates_and_maps(scan)
         lab_cfg = dataclasses.replace(self.config.labelling, score_floor=self.config.peak_threshold)
         res = assign_levels(world, scores, logprobs, self.config.levels, lab_cfg)
+        ref = self.config.detilt_reference_deg
+        if (self.config.detilt_min_deg > 0 and ref is not None
+                and len(res.assignments) >= max(3, self.config.detilt_min_named)):
+            named_mm = world[[a.index for a in res.assignments]]
+            tilt = spine_tilt_deg(named_mm, grid)
+            if tilt is not None and abs(tilt - ref) > self.config.detilt_min_deg:
+                grid = prepare(scan, self.config, direction=detilt_direction(grid, named_mm, ref))
+                log.info("%s: spine axis at %.0f deg in the image grid (usual %.0f): localised again on a "
+                         "grid rotated to it", scan.name or "scan", tilt, ref)
+                maps = self.predict_maps(grid)
+                world, scores, logprobs = self._peaks(maps, grid)
+                res = assign_levels(world, scores, logprobs, self.config.levels, lab_cfg)
         named = [(a.label, world[a.index], a.confidence, list(a.flags)) for a in res.assignments]
         if named and (lab_cfg.fill_gaps or lab_cfg.extend_ends):
             offsets = maps.get("offset") if self.config.use_offsets else None
@@ -350,6 +365,50 @@ class Localizer:
         log.info("%s: %d candidates, %d vertebrae named (%d added by completion)", scan.name or "scan",
                  len(world), len(out), len(out) - len(res.assignments))
         return out
+
+
+def spine_tilt_deg(world_mm: np.ndarray, grid: Scan) -> float | None:
+    """Tilt of the spine's axis in the sagittal plane of ``grid`` (degrees; None for fewer than 3 points).
+
+    ``world_mm`` ``(N, 3)``: world LPS centroids of the named vertebrae; ``grid``: a canonical (LPS-ordered)
+    grid, i = left-right, j = anterior -> posterior, k = inferior -> superior. The points are ordered along
+    k; each step between neighbours, in mm of (j, k) and oriented towards +k, makes an angle with the k axis
+    (positive when it leans towards +j, posterior); the tilt is the median step angle, so one odd step (a
+    sacrum named as a lumbar body sits behind the lumbar line) does not move it."""
+    pts = np.asarray(world_mm, dtype=np.float64).reshape(-1, 3)
+    if len(pts) < 3:
+        return None
+    jk = (grid.world_to_voxel(pts).coords * np.asarray(grid.spacing, dtype=np.float64))[:, 1:]
+    jk = jk[np.argsort(jk[:, 1])]
+    d = np.diff(jk, axis=0)
+    return float(np.median(np.degrees(np.arctan2(d[:, 0], d[:, 1]))))
+
+
+def _rotation(axis: np.ndarray, deg: float) -> np.ndarray:
+    """Rotation matrix by ``deg`` about the unit vector ``axis`` (Rodrigues)."""
+    a = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
+    t = np.radians(deg)
+    k = np.array([[0.0, -a[2], a[1]], [a[2], 0.0, -a[0]], [-a[1], a[0], 0.0]])
+    return np.eye(3) + np.sin(t) * k + (1.0 - np.cos(t)) * (k @ k)
+
+
+def detilt_direction(grid: Scan, world_mm: np.ndarray, reference_deg: float) -> np.ndarray:
+    """Axes ``(3, 3)`` of a grid rotated from ``grid``'s about its own left-right (i) axis so that the spine
+    through ``world_mm`` (:func:`spine_tilt_deg`) lies at ``reference_deg`` in it (``preprocess.prepare``'s
+    ``direction``). Both rotation senses are tried on the points themselves, so no sign convention of the
+    input's axes can turn the spine the wrong way."""
+    tilt = spine_tilt_deg(world_mm, grid)
+    if tilt is None:
+        raise ValueError(f"detilt_direction needs at least 3 points, got {len(np.asarray(world_mm).reshape(-1, 3))}")
+    axis = grid.direction[:, 0]
+    best = None
+    for sign in (1.0, -1.0):
+        direction = _rotation(axis, sign * (tilt - reference_deg)) @ grid.direction
+        probe = Scan(np.zeros((1, 1, 1), np.float32), grid.spacing.copy(), grid.origin.copy(), direction)
+        err = abs(float(spine_tilt_deg(world_mm, probe)) - reference_deg)
+        if best is None or err < best[0]:
+            best = (err, direction)
+    return best[1]
 
 
 def heat_probe(heat: np.ndarray, grid: Scan, offset_mm: np.ndarray | None = None) -> Probe:

@@ -44,8 +44,12 @@ def zscore(array: np.ndarray | "torch.Tensor"):  # noqa: F821
     return (array - m) / (s + 1e-6)
 
 
-def prepare(scan: Scan, config: Stage1Config) -> Scan:
-    """Canonical, coarse, [0, 1]-intensity version of ``scan`` (a new :class:`Scan`, geometry exact)."""
+def prepare(scan: Scan, config: Stage1Config, direction: np.ndarray | None = None) -> Scan:
+    """Canonical, coarse, [0, 1]-intensity version of ``scan`` (a new :class:`Scan`, geometry exact).
+
+    ``direction`` ``(3, 3)``: axes of the output grid (default: the canonical scan's own); another one,
+    e.g. rotated (``infer.detilt_direction``), resamples the whole field of view onto it in the same single
+    interpolation (zero outside the scan)."""
     can = reorient(scan, CANONICAL)
     arr = np.asarray(can.array, dtype=np.float32)
     target = np.asarray(config.target_spacing, dtype=np.float64)
@@ -53,7 +57,7 @@ def prepare(scan: Scan, config: Stage1Config) -> Scan:
     sigma = np.where(factor > 1.0, 0.5 * factor, 0.0)
     if np.any(sigma > 0):
         arr = ndimage.gaussian_filter(arr, sigma=sigma, mode="nearest")
-    grid = resample_to_spacing(can.with_array(arr), target)
+    grid = resample_to_spacing(can.with_array(arr), target, direction=direction)
     grid.array = unit_range(grid.array, tuple(config.clip_percentiles))  # type: ignore[arg-type]
     return grid
 

@@ -237,8 +237,22 @@ def stage1_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], co
 
 def _config_matches_for_resume(a: Stage1Config, b: Stage1Config) -> bool:
     da, db = checkpoint.config_to_dict(a), checkpoint.config_to_dict(b)
-    da.pop("epochs"), db.pop("epochs")
+    for key in ("epochs", "detilt_reference_deg"):  # the reference is measured on the data (train_stage1)
+        da.pop(key), db.pop(key)
     return da == db
+
+
+def spine_tilts_deg(subjects: list[TrainSubject]) -> np.ndarray:
+    """Per training subject with >= 3 annotated (not pseudo) points, the tilt of its spine's axis in its
+    prepared grid (``infer.spine_tilt_deg``, degrees): what the network sees, before augmentation."""
+    from stage1_localize.infer import spine_tilt_deg
+
+    out = []
+    for s in subjects:
+        real = [i for i, v in enumerate(s.level_ids) if v not in s.pseudo_ids]
+        if len(real) >= 3:
+            out.append(spine_tilt_deg(s.grid.voxel_to_world(s.points_ijk[real]).coords, s.grid))
+    return np.asarray(out, dtype=np.float64)
 
 
 def train_stage1(
@@ -273,6 +287,14 @@ def train_stage1(
                                       "cannot resume: the saved config differs from the requested one (other than epochs)")
     if subjects is None:
         subjects = load_subjects(data_dir, config)
+    if state is not None:
+        config.detilt_reference_deg = saved_cfg.detilt_reference_deg
+    else:  # the de-tilt reference of this model: its training scans' usual spine axis (Stage1Config docs)
+        tilts = spine_tilts_deg(subjects)
+        if len(tilts):
+            config.detilt_reference_deg = round(float(np.median(tilts)), 2)
+            log.info("training scans' spine axis in the grid: median %.1f deg (%.1f to %.1f, %d scans): "
+                     "de-tilt reference", config.detilt_reference_deg, tilts.min(), tilts.max(), len(tilts))
     # saved as extra["synthetic_only"]: such a model names real scans poorly (the 80-epoch demo model on 16
     # real scans, 8 per cohort: identification 0.47, mean error 19.7 mm; session 30); the Localizer warns
     synthetic = synthetic_only(data_dir)

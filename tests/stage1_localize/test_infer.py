@@ -1,6 +1,8 @@
 """Inference geometry and outputs, with stand-in networks that output known maps."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -56,7 +58,9 @@ class StandIn(torch.nn.Module):
 
 
 def _config(**kw):
-    # stand-in nets ignore their input, so mirroring it (test-time flip) would not mirror their maps
+    # stand-in nets ignore their input, so mirroring it (test-time flip) would not mirror their maps, nor
+    # would a de-tilted grid rotate them (de-tilting is tested with a stand-in for the maps below)
+    kw.setdefault("detilt_min_deg", 0.0)
     return Stage1Config(target_spacing=(3.0, 3.0, 3.0), border_mm=12.0, tta_flip_lr=False, **kw)
 
 
@@ -414,3 +418,93 @@ def test_model_folders_reads_an_ensemble_file_and_rejects_a_bad_one(tmp_path):
         (ens / "ensemble.json").write_text(bad)
         with pytest.raises(SpinepipeInputError, match=r"ensemble\.json: expected"):
             model_folders(ens)
+
+
+# ---------------------------------------------------------------------------------------------------
+# De-tilting (``detilt_min_deg``): a spine lying at an unusual angle in the image grid
+# ---------------------------------------------------------------------------------------------------
+def _lps_grid(shape=(20, 60, 80), spacing=3.0) -> Scan:
+    return Scan(np.zeros(shape, np.float32), np.full(3, spacing), np.array([-30.0, -90.0, -120.0]), np.eye(3))
+
+
+def _tilted_points(grid: Scan, deg: float, n: int = 5, step: float = 35.0) -> np.ndarray:
+    """World points ``step`` mm apart, head to foot, along an axis ``deg`` off the grid's k axis towards +j."""
+    t = np.radians(deg)
+    centre = grid.voxel_to_world(np.array([10.0, 30.0, 40.0])).coords[0]
+    return np.array([centre + ((n - 1) / 2 - i) * step * np.array([0.0, np.sin(t), np.cos(t)]) for i in range(n)])
+
+
+@pytest.mark.parametrize("deg", [-25.0, 0.0, 8.0, 31.0])
+def test_spine_tilt_deg_hand_made(deg):
+    from stage1_localize.infer import spine_tilt_deg
+
+    grid = _lps_grid()
+    pts = _tilted_points(grid, deg)
+    assert spine_tilt_deg(pts, grid) == pytest.approx(deg, abs=1e-9)
+    assert spine_tilt_deg(pts[::-1], grid) == pytest.approx(deg, abs=1e-9)  # order does not matter
+    assert spine_tilt_deg(pts[:2], grid) is None
+
+
+def test_detilt_direction_puts_the_axis_at_the_reference_and_keeps_world_positions():
+    from data_prep.scan import resample_to_spacing
+    from stage1_localize.infer import detilt_direction, spine_tilt_deg
+
+    grid = _lps_grid()
+    pts = _tilted_points(grid, 30.0, n=3, step=40.0)
+    heat = centre_heatmap(grid.shape, grid.world_to_voxel(pts).coords, grid.spacing, 6.0)
+    grid = grid.with_array(heat.astype(np.float32))
+    direction = detilt_direction(grid, pts, 8.0)
+    np.testing.assert_allclose(direction[:, 0], grid.direction[:, 0], atol=1e-12)  # rotated about i
+    np.testing.assert_allclose(direction.T @ direction, np.eye(3), atol=1e-12)
+    out = resample_to_spacing(grid, grid.spacing, direction=direction)
+    assert spine_tilt_deg(pts, out) == pytest.approx(8.0, abs=1e-6)
+    a = np.asarray(out.array, np.float64)
+    for p in pts:  # each blob's maximum is still at its world position (within a voxel)
+        ijk = np.round(out.world_to_voxel(p).coords[0]).astype(int)
+        box = tuple(slice(max(c - 3, 0), c + 4) for c in ijk)
+        k = np.unravel_index(int(np.argmax(a[box])), a[box].shape)
+        peak = out.voxel_to_world((np.array([s.start for s in box]) + np.asarray(k))[None]).coords[0]
+        assert np.linalg.norm(peak - p) <= 3.0 * np.sqrt(3) / 2 + 1e-6
+    with pytest.raises(ValueError, match="at least 3 points"):
+        detilt_direction(grid, pts[:2], 8.0)
+
+
+def test_a_spine_tilted_in_the_grid_is_named_again_on_a_detilted_grid(monkeypatch):
+    """Maps stand-in that, like the trained network, names every body one level high (a T12 read as L1,
+    as the trained network reads the sacrum as L5) when the spine lies more than 12 deg off 8 deg in the grid it is given: de-tilting re-runs it on a
+    grid where the axis lies at 8 deg and gets the names right, at the same world positions."""
+    from stage1_localize.infer import spine_tilt_deg
+
+    names = ["L1", "L2", "L3", "L4", "L5"]
+    cfg = _config(detilt_min_deg=10.0, detilt_reference_deg=8.0)
+    cfg.labelling.extend_inside_mm = None
+    cfg.labelling.fill_gaps = cfg.labelling.extend_ends = False
+    base = _lps_grid(shape=(20, 90, 90))
+    box = [_tilted_points(base, 30.0)]  # the spine the stand-in sees
+    scan = base.with_array(np.ones(base.shape, np.float32))
+    seen = []
+
+    def fake_maps(self, grid):
+        seen.append(spine_tilt_deg(box[0], grid))
+        ijk = grid.world_to_voxel(box[0]).coords
+        shifted = abs(seen[-1] - 8.0) > 12.0
+        given = ["T12", "L1", "L2", "L3", "L4"] if shifted else names
+        logits = _levels_logits(cfg, grid, ijk, given)
+        return {"heatmap": centre_heatmap(grid.shape, ijk, grid.spacing, 6.0),
+                "levels": torch.softmax(logits, 0).numpy()}
+
+    monkeypatch.setattr(Localizer, "predict_maps", fake_maps)
+    net = StandIn(np.zeros((1, 1, 1)), torch.zeros(1))
+    off = dataclasses.replace(cfg, detilt_min_deg=0.0)
+    assert [v.level for v in Localizer(net=net, config=off).localize(scan)] == ["T12", "L1", "L2", "L3", "L4"]
+    assert len(seen) == 1 and seen[0] == pytest.approx(30.0, abs=1e-6)
+    seen.clear()
+    verts = Localizer(net=net, config=cfg).localize(scan)
+    assert [v.level for v in verts] == names
+    assert len(seen) == 2 and seen[1] == pytest.approx(8.0, abs=1.5)  # from the detected positions
+    err = np.linalg.norm(np.array([v.centroid_world for v in verts]) - box[0], axis=1)
+    assert err.max() < 1.5, err
+    seen.clear()  # an axis within detilt_min_deg of the reference is decoded once
+    box[0] = _tilted_points(base, 15.0)
+    Localizer(net=net, config=cfg).localize(scan)
+    assert len(seen) == 1

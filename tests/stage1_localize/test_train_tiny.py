@@ -16,7 +16,7 @@ from stage1_localize.config import Stage1Config
 from stage1_localize.infer import Localizer
 from stage1_localize.model import LocalizerNet
 from stage1_localize.plan import plan_network
-from stage1_localize.train import LOG_FILE, load_subjects, make_batch, train_stage1
+from stage1_localize.train import LOG_FILE, load_subjects, make_batch, spine_tilts_deg, train_stage1
 
 N_SUBJECTS = 6
 
@@ -108,6 +108,10 @@ def test_training_is_deterministic_and_resumes_exactly(cohort, subjects, tmp_pat
     a, cfg_a, extra_a = checkpoint.load_model(full, Stage1Config, kind="stage1")
     b, cfg_b, extra_b = checkpoint.load_model(resumed, Stage1Config, kind="stage1")
     assert cfg_a == cfg_b and extra_b["epochs_done"] == 2
+    # the de-tilt reference is the median tilt of the training scans' spines, kept on resume
+    tilts = spine_tilts_deg(sub)
+    assert len(tilts) == 2 and cfg_a.detilt_reference_deg == round(float(np.median(tilts)), 2)
+    assert cfg_a.detilt_reference_deg != cfg.detilt_reference_deg  # measured, not the 8.0 default
     assert extra_a["synthetic_only"] is True  # trained on a synth.write_cohort folder
     assert set(a) == set(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -119,6 +123,20 @@ def test_training_is_deterministic_and_resumes_exactly(cohort, subjects, tmp_pat
     with pytest.raises(SpinepipeInputError, match="cannot resume"):
         train_stage1(cohort, tmp_path / "half", dataclasses.replace(cfg, lr=1e-2), resume=True,
                      subjects=sub, auto_plan=False)
+
+
+def test_spine_tilts_use_annotated_points_only(subjects):
+    """Hand-made: three annotated points 30 deg off the grid's k axis towards +j, plus a pseudo-point far off
+    the line (ignored); a subject with two annotated points gives no tilt."""
+    from stage1_localize.train import TrainSubject
+
+    grid = subjects[0].grid
+    t = np.radians(30.0)
+    ijk = np.array([[5.0, 20.0, 30.0]]) + np.arange(4)[:, None] * np.array([0.0, np.sin(t), np.cos(t)]) * 10.0 / grid.spacing
+    ijk[3] = [5.0, 0.0, 0.0]
+    s = TrainSubject("a", grid, ijk, [22, 21, 20, 26], pseudo_ids=(26,))
+    two = TrainSubject("b", grid, ijk[:2], [21, 20])
+    np.testing.assert_allclose(spine_tilts_deg([s, two]), [30.0], atol=1e-9)
 
 
 def test_load_subjects_extrapolate_cranial_adds_one_level_above_the_run(cohort, subjects):
