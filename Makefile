@@ -9,7 +9,7 @@ export PYTHONHASHSEED := 0
 # Two cores on the reference machines: keep torch from oversubscribing.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test test-fast demo train-stage1 train-stage2 stage2 bench bench-stage1 bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-margin-reach bench-stage1-speed bench-pipeline bench-contrast-check bench-ig-steps bench-recentre bench-lesion-families bench-visibility clean
+.PHONY: install test test-fast demo train-stage1 train-stage2 stage2 bench bench-stage1 bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-margin-reach bench-stage1-speed bench-pipeline bench-contrast-check bench-ig-steps bench-recentre bench-lesion-families bench-visibility bench-stage1-robustness clean
 
 install: $(STAMP)
 
@@ -42,10 +42,15 @@ train-stage2: $(STAMP)
 stage2: train-stage2
 
 ## Benchmarks: JSON + markdown under bench/results/ (real-data parts need ../shared/data).
-bench: bench-stage1 bench-stage1-speed bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-margin-reach bench-pipeline bench-contrast-check bench-ig-steps bench-lesion-families bench-visibility
+bench: bench-stage1 bench-stage1-robustness bench-stage1-speed bench-stage2 bench-stage2-ceiling bench-stage2-baseline bench-outlines bench-margin-reach bench-pipeline bench-contrast-check bench-ig-steps bench-lesion-families bench-visibility
 
 bench-stage1: $(STAMP)
 	$(PY) bench/bench_stage1.py $(BENCH_ARGS)
+
+## Stage 1 on scanner-like perturbations (tilt, orientation, intensity coding, bias, noise, gamma, thick slices) of the
+## scans a bench-stage1 fold model never saw (default: fold 4 of work_dirs/bench_stage1; FOLD=K, MODEL=DIR)
+bench-stage1-robustness: $(STAMP)
+	$(PY) bench/stage1_robustness.py --fold $(or $(FOLD),4) --model $(or $(MODEL),work_dirs/bench_stage1/fold$(or $(FOLD),4)/model)
 
 bench-stage2: $(STAMP)
 	$(PY) bench/bench_stage2.py $(BENCH_ARGS)

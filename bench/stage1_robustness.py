@@ -226,8 +226,9 @@ def main(argv=None) -> int:
           ""]
     md += md_table(rows)
     md += ["", f"## The spine's axis in the image grid ({len(cases)} real scans, expert centroids)", "",
-           "Tilt of the principal axis of the centroids in the sagittal plane of the prepared grid "
-           "(`stage1_localize.infer.spine_tilt_deg`; +: the upper end posterior), whole annotated run per scan, "
+           "Tilt of the spine in the sagittal plane of the prepared grid (`stage1_localize.infer.spine_tilt_deg`: "
+           "median angle of the steps between neighbouring centroids; +: the upper end posterior), whole "
+           "annotated run per scan, "
            "and how far the axis of every run of n consecutive vertebrae lies from the median whole-run axis "
            "(the lumbar curve): what `detilt_min_deg` / `detilt_min_named` must tolerate.", ""]
     md += md_table(spread)

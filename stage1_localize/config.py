@@ -297,20 +297,24 @@ class Stage1Config:
     nms_radius_mm: float = 15.0
     max_candidates: int = 40
     border_mm: float = 12.0            # centroid closer than this to the volume edge -> "cut_by_fov"
-    #: test-time de-tilting (``infer.spine_tilt_deg`` / ``infer.detilted_grid``): when at least
-    #: ``detilt_min_named`` vertebrae are named and their axis lies more than ``detilt_min_deg`` off
-    #: ``detilt_reference_deg`` in the sagittal plane of the prepared grid, the grid is resampled rotated
-    #: about its left-right axis so that the axis lies at the reference, and the scan is localised again
-    #: there (world positions are exact on either grid). The network sees tilts only up to
+    #: test-time de-tilting (``infer.spine_tilt_deg`` / ``infer.detilt_direction``): when at least
+    #: ``detilt_min_named`` vertebrae are named and their axis (median step angle) lies more than
+    #: ``detilt_min_deg`` off ``detilt_reference_deg`` in the sagittal plane of the prepared grid, the scan is
+    #: prepared again on a grid rotated about its left-right axis so that the axis lies at the reference, and
+    #: localised there (world positions are exact on either grid). The network sees tilts only up to
     #: ``augment.max_rotation_deg`` (12) around the training scans' own. The reference is set by
-    #: ``train.train_stage1`` to the median over its training scans (on the 67 real scans the L1-L5 /
-    #: T11-L5 axis lies at 2.8-15.9 deg, median 7.9, +: the upper end posterior, in the image grid; on the
-    #: built-in synthetic scans at -25 to +1, median -4.4); None (models saved before session 36): off.
-    #: The lumbar curve makes a short run's axis differ from the whole spine's: on the 67 real scans' expert
-    #: centroids, runs of 5 / 4 / 3 consecutive vertebrae lie up to 7.9 / 11.8 / 22.7 deg from the median
-    #: (40 of 235 runs of 3 beyond 10 deg; ``bench/stage1_robustness.py``'s axis table), hence 12 deg and
-    #: at least 4 named: such a scan is never resampled. Measured in bench/results/stage1_robustness.md.
-    #: 0: off
+    #: ``train.train_stage1`` to the median over its training scans (on the 67 real scans of ../shared/data
+    #: the whole annotated run lies at 3.3-17.1 deg, median 10.2, +: the upper end posterior; on the built-in
+    #: synthetic scans at -23 to +7, median -1.4); None (models saved before session 36): off.
+    #: The lumbar curve makes a short run's axis differ from the whole spine's: on the real scans' expert
+    #: centroids runs of 5 / 4 / 3 consecutive vertebrae lie up to 6.9 / 13.2 / 24.5 deg from the median
+    #: (beyond 12 deg: 0 of 101 / 1 of 168 / 28 of 235), hence 12 deg and at least 4 named
+    #: (``bench/stage1_robustness.py``, axis table). Session 36, fold-4 model of the 5-fold benchmark on its
+    #: 13 held-out scans resampled onto grids tilted by -30 / -15 / +15 / +30 deg: identification 0.296 /
+    #: 1.000 / 0.775 / 0.028 without (a tilted spine reads the sacrum as "L5", every name one level high),
+    #: 0.775 / 0.972 / 0.845 / 1.000 with; the unperturbed scans, their anisotropic and partial-field-of-view
+    #: copies unchanged (one bottom-60 % copy resampled; bench/results/stage1_robustness*.md,
+    #: stage1_detilt_f4_on/off.md). 0: off
     detilt_min_deg: float = 12.0
     detilt_min_named: int = 4
     detilt_reference_deg: Optional[float] = None

@@ -19,8 +19,9 @@ Pipeline per scan:
    named run skipped or that continue it where the heatmap supports them (:func:`heat_probe`); centroids
    within ``border_mm`` of the input volume's edge get ``"cut_by_fov"``;
 6. de-tilting (``detilt_min_deg``): when the axis of the named run lies far from the training scans'
-   usual tilt in the grid (:func:`spine_tilt_deg`), steps 2-5 run again on the prepared grid rotated about
-   its left-right axis (:func:`detilt_direction`), and that naming is returned.
+   usual tilt in the grid (:func:`spine_tilt_deg`), steps 1-5 run again with the prepared grid rotated
+   about its left-right axis (:func:`detilt_direction`), and that naming is returned (``candidates`` stays
+   the first pass).
 """
 from __future__ import annotations
 
