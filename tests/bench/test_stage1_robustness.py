@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.stage1_robustness import DEFAULT_VARIANTS, axis_spread, perturb, summarise
+from bench.stage1_robustness import DEFAULT_VARIANTS, KINDS, axis_spread, main, perturb, summarise
 from data_prep.scan import Scan
 
 
@@ -86,8 +86,7 @@ def test_unknown_perturbation_names_the_known_ones():
     scan, gt = _blob_scan()
     with pytest.raises(ValueError, match="unknown perturbation 'blur:2'.*tilt:DEG"):
         perturb("blur:2", scan, gt)
-    assert all(v.partition(":")[0] in {"original", "reorient", "oblique", "tilt", "scale", "int16", "thick",
-                                       "bias", "noise", "gamma"} for v in DEFAULT_VARIANTS)
+    assert all(v.partition(":")[0] in KINDS for v in DEFAULT_VARIANTS)
 
 
 def test_summarise_counts_and_pairs_times():
@@ -108,3 +107,14 @@ def test_axis_spread_from_hand_made_tilts():
     assert rows[0] == {"run": "whole scan", "runs": 3, "median_deg": 8.0, "max_abs_dev_deg": 2.0}
     assert rows[1]["max_abs_dev_deg"] == 16.0 and rows[1]["beyond_10_deg"] == 2 and rows[1]["beyond_12_deg"] == 2
     assert rows[2]["max_abs_dev_deg"] == 1.0 and rows[2]["beyond_10_deg"] == 0
+
+
+def test_main_rejects_unknown_variants_and_bad_models_in_one_line(tmp_path, capsys):
+    data = tmp_path / "data"
+    (data / "myosegmentum").mkdir(parents=True)  # passes the real-data check; nothing is read before the errors
+    assert main(["--model", str(tmp_path), "--fold", "0", "--data", str(data), "--variants", "original,blur:2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "blur:2" in err and "tilt" in err and len(err.splitlines()) == 1
+    assert main(["--model", str(tmp_path / "none"), "--fold", "0", "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
