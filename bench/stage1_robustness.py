@@ -168,7 +168,6 @@ def main(argv=None) -> int:
     data = Path(args.data)
     if real_data_missing(data):
         return 2
-    quiet_logging()
     from bench.bench_stage1 import gt_centroids, list_cases, make_folds
     from data_prep.io import read_image, write_text
     from pipeline.metrics import identification
@@ -188,6 +187,7 @@ def main(argv=None) -> int:
     except SpinepipeInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    quiet_logging()  # only once the arguments are known to be good (it sets process-wide logger levels)
     fold_of = make_folds(cases, args.k, args.seed)
     test = [c for c, f in zip(cases, fold_of) if args.fold < 0 or f == args.fold]
     if args.decode:
