@@ -198,9 +198,12 @@ def main(argv=None) -> int:
     from stage1_localize.preprocess import prepare
 
     whole, by_run = [], {3: [], 4: [], 5: []}
+    held_out: dict[str, tuple] = {}  # image and ground truth of the scans scored below, read once
     for case in cases:  # the anatomy of every scan (expert centroids), in the grid stage 1 sees
         image = read_image(case["image"])
         gt = gt_centroids(case, image)
+        if case in test:
+            held_out[case["id"]] = (image, gt)
         grid = prepare(image, loc.config)
         pts = np.array([gt[k] for k in sorted(gt, key=anatomical_rank)])
         whole.append(spine_tilt_deg(pts, grid))
@@ -209,8 +212,7 @@ def main(argv=None) -> int:
     spread = axis_spread(by_run, whole)
     per_variant: dict[str, list[dict]] = {v: [] for v in variants}
     for n, case in enumerate(test):
-        image = read_image(case["image"])
-        gt = gt_centroids(case, image)
+        image, gt = held_out[case["id"]]
         for v in variants:
             scan, g = perturb(v, image, gt, seed=n)
             t0 = time.perf_counter()

@@ -346,8 +346,7 @@ def train_stage1(
                 losses["loss"].backward()
                 torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
                 opt.step()
-                if ema is not None:
-                    checkpoint.update_ema(ema, net)
+                checkpoint.update_ema(ema, net)  # no-op without an average
                 sums += torch.tensor([float(losses[k].detach()) for k in ("loss", "heatmap", "levels", "offset")],
                                      dtype=torch.float64)
             if dist_info.distributed:

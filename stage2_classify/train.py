@@ -607,8 +607,7 @@ def _train_loop(samples, cfg: Stage2Config, out_dir: Path, resume: bool, stop_af
             total.backward()
             torch.nn.utils.clip_grad_norm_(module.parameters(), 5.0)
             opt.step()
-            if ema is not None:
-                update_ema(ema, module.net)
+            update_ema(ema, module.net)  # no-op without an average
             n_batches += 1
             sums["loss"] = sums.get("loss", 0.0) + float(total.detach())
             for k, v in parts.items():
