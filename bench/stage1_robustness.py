@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy.spatial.transform import Rotation
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -57,12 +58,6 @@ KINDS = ("original", "reorient", "oblique", "tilt", "scale", "int16", "thick", "
 Centroids = dict[int, np.ndarray]
 
 
-def _rotation_about_x(deg: float) -> np.ndarray:
-    t = np.deg2rad(deg)
-    c, s = np.cos(t), np.sin(t)
-    return np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
-
-
 def perturb(variant: str, scan: Scan, gt: Centroids, seed: int = 0) -> tuple[Scan, Centroids]:
     """The perturbed copy of ``scan`` and the ground-truth centroids (world LPS mm) that go with it.
 
@@ -74,12 +69,12 @@ def perturb(variant: str, scan: Scan, gt: Centroids, seed: int = 0) -> tuple[Sca
     if kind == "reorient":
         return reorient(scan, value), gt
     if kind == "oblique":
-        r = _rotation_about_x(float(value))
+        r = Rotation.from_euler("x", float(value), degrees=True).as_matrix()
         o = np.asarray(scan.origin, np.float64)
         moved = Scan(scan.array, scan.spacing.copy(), o.copy(), r @ scan.direction, name=scan.name)
         return moved, {k: o + r @ (np.asarray(p, np.float64) - o) for k, p in gt.items()}
     if kind == "tilt":
-        r = _rotation_about_x(float(value))
+        r = Rotation.from_euler("x", float(value), degrees=True).as_matrix()
         return resample_to_spacing(scan, scan.spacing, direction=r @ scan.direction), gt
     if kind == "scale":
         return scan.with_array(a * 7.3 + 1000.0), gt

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
 from stage1_localize.config import AugmentConfig
 
@@ -33,14 +34,6 @@ class Patch:
     image: np.ndarray
     points_ijk: np.ndarray
     level_ids: list[int]
-
-
-def _rotation(angles_rad: np.ndarray) -> np.ndarray:
-    ax, ay, az = angles_rad
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
 
 
 def sample_patch(
@@ -84,7 +77,7 @@ def sample_patch(
         if rng.random() < aug.p_rotate:
             lim = np.deg2rad(aug.max_rotation_deg)
             # sagittal tilt (about the left-right axis i) is the common one; others smaller
-            m = _rotation(rng.uniform(-lim, lim, 3) * np.array([1.0, 0.4, 0.4])) @ m
+            m = Rotation.from_euler("xyz", rng.uniform(-lim, lim, 3) * np.array([1.0, 0.4, 0.4])).as_matrix() @ m
         if rng.random() < aug.p_scale:
             m = m * rng.uniform(*aug.scale_range)
         if rng.random() < aug.p_flip_lr:

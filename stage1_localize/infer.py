@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
 from data_prep import checkpoint
 from data_prep import precision as precision_mod
@@ -385,14 +386,6 @@ def spine_tilt_deg(world_mm: np.ndarray, grid: Scan) -> float | None:
     return float(np.median(np.degrees(np.arctan2(d[:, 0], d[:, 1]))))
 
 
-def _rotation(axis: np.ndarray, deg: float) -> np.ndarray:
-    """Rotation matrix by ``deg`` about the unit vector ``axis`` (Rodrigues)."""
-    a = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
-    t = np.radians(deg)
-    k = np.array([[0.0, -a[2], a[1]], [a[2], 0.0, -a[0]], [-a[1], a[0], 0.0]])
-    return np.eye(3) + np.sin(t) * k + (1.0 - np.cos(t)) * (k @ k)
-
-
 def detilt_direction(grid: Scan, world_mm: np.ndarray, reference_deg: float) -> np.ndarray:
     """Axes ``(3, 3)`` of a grid rotated from ``grid``'s about its own left-right (i) axis so that the spine
     through ``world_mm`` (:func:`spine_tilt_deg`) lies at ``reference_deg`` in it (``preprocess.prepare``'s
@@ -404,7 +397,8 @@ def detilt_direction(grid: Scan, world_mm: np.ndarray, reference_deg: float) -> 
     axis = grid.direction[:, 0]
     best = None
     for sign in (1.0, -1.0):
-        direction = _rotation(axis, sign * (tilt - reference_deg)) @ grid.direction
+        turn = Rotation.from_rotvec(np.radians(sign * (tilt - reference_deg)) * axis / np.linalg.norm(axis))
+        direction = turn.as_matrix() @ grid.direction
         probe = Scan(np.zeros((1, 1, 1), np.float32), grid.spacing.copy(), grid.origin.copy(), direction)
         err = abs(float(spine_tilt_deg(world_mm, probe)) - reference_deg)
         if best is None or err < best[0]:

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy.spatial.transform import Rotation
 
 from data_prep import synth as synth_mod
 from data_prep.checkpoint import (
@@ -256,14 +257,6 @@ def collate(samples: list[Sample]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # Augmentation
 # ---------------------------------------------------------------------------------------------
-def _rotation(ax: float, ay: float, az: float) -> torch.Tensor:
-    cx, sx, cy, sy, cz, sz = math.cos(ax), math.sin(ax), math.cos(ay), math.sin(ay), math.cos(az), math.sin(az)
-    rx = torch.tensor([[1, 0, 0], [0, cx, -sx], [0, sx, cx]], dtype=torch.float32)
-    ry = torch.tensor([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]], dtype=torch.float32)
-    rz = torch.tensor([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]], dtype=torch.float32)
-    return rz @ ry @ rx
-
-
 def augment(batch: dict[str, torch.Tensor], cfg: Stage2Config, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Random spatial + intensity augmentation of a collated batch (new dict; inputs untouched).
 
@@ -299,7 +292,8 @@ def augment(batch: dict[str, torch.Tensor], cfg: Stage2Config, gen: torch.Genera
         if bool(batch["has_box"][i]):
             r = torch.eye(3)
         else:
-            r = _rotation(float(u(-deg, deg)), float(u(-small, small)), float(u(-small, small)))
+            angles = [float(u(-deg, deg)), float(u(-small, small)), float(u(-small, small))]
+            r = torch.from_numpy(Rotation.from_euler("xyz", angles).as_matrix().astype(np.float32))
         t_mm = u(-4.0, 4.0, (3,))
         # (i, j, k) physical -> grid_sample's (x=k, y=j, z=i) normalised coordinates
         half = torch.tensor([(size[2] - 1) / 2 * sp, (size[1] - 1) / 2 * sp, (size[0] - 1) / 2 * sp]).clamp_min(1e-6)
