@@ -283,6 +283,15 @@ class Stage1Config:
     peak_threshold: float = 0.1
     #: inference: sliding window with the training patch size (nnU-Net style) instead of the whole volume
     sliding_window: bool = True
+    #: inference: a volume smaller than the training patch along every axis is padded (with its minimum,
+    #: like the blank beyond a training patch's field of view) to the patch instead of only to the
+    #: pooling divisor, so the network sees the extent it was trained on (``model.predict_sliding_window``).
+    #: Session 37: a myosegmentum scan (26 x 75 x 75 on the 3-mm grid) fits the 28 x 80 x 80 patch either way,
+    #: but its top / bottom 60 % copies (26 x 75 x 45) were seen as 28 x 80 x 48 inputs. Three fold-4
+    #: models, top / bottom 60 % identification without -> with: 0.878 / 0.846 -> 1.000 / 0.923, 0.735 /
+    #: 0.846 -> 0.837 / 0.846, 0.816 / 0.256 -> 0.939 / 0.692 (bench/results/stage1_pad_f4_*.md). False: the
+    #: former behaviour (models saved before it default to True as well: the change is decoding only)
+    pad_to_patch: bool = True
     #: test-time augmentation: also predict the left-right mirrored volume and average (a lateral flip
     #: keeps every level name; offsets' i component is negated back). Doubles inference time.
     tta_flip_lr: bool = True

@@ -268,7 +268,8 @@ class Localizer:
         acc: dict[str, torch.Tensor] = {}
         for net, patch_size, divisor in self.members:
             if self.config.sliding_window:
-                maps = predict_sliding_window(net, x, patch_size, divisor, precision=self.config.precision)
+                maps = predict_sliding_window(net, x, patch_size, divisor, precision=self.config.precision,
+                                              pad_to_patch=self.config.pad_to_patch)
             else:
                 maps = activate(predict_volume(net, x, divisor, self.config.precision))  # type: ignore[arg-type]
             for name, t in maps.items():

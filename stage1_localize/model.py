@@ -157,7 +157,7 @@ def activate(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def predict_sliding_window(net: nn.Module, x: torch.Tensor, patch_size: tuple[int, int, int],
                            divisor: tuple[int, int, int], step: float = 0.5,
-                           precision: str = "float32") -> dict[str, torch.Tensor]:
+                           precision: str = "float32", pad_to_patch: bool = False) -> dict[str, torch.Tensor]:
     """nnU-Net-style sliding-window prediction of a ``(1, C, I, J, K)`` volume with the *training* patch size.
 
     Returns ``{"heatmap": (1, 1, I, J, K) probabilities, "levels": (1, L, I, J, K) probabilities}`` (and
@@ -165,8 +165,10 @@ def predict_sliding_window(net: nn.Module, x: torch.Tensor, patch_size: tuple[in
     sigma = 1/8 of the tile) over tiles placed by ``compute_steps_for_sliding_window`` (overlap
     ``1 - step``). Tiles therefore see what training patches saw (the same extent, hence the same
     InstanceNorm statistics); axes shorter than the tile are padded (with the volume minimum) to the
-    tile size, or only to the divisor when the whole axis fits in one tile. ``precision``: the network
-    passes' arithmetic (:func:`run_net`); the maps are accumulated in float32.
+    tile size, or, when the whole volume fits in one tile and ``pad_to_patch`` is False, only to the
+    divisor (the network then sees a smaller input than any training patch; with ``pad_to_patch`` it
+    sees the tile, the padding like the blank beyond a training patch's field of view). ``precision``:
+    the network passes' arithmetic (:func:`run_net`); the maps are accumulated in float32.
     """
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
 
@@ -174,7 +176,7 @@ def predict_sliding_window(net: nn.Module, x: torch.Tensor, patch_size: tuple[in
         raise ValueError(f"expected a (1, C, I, J, K) volume, got {tuple(x.shape)}")
     size = tuple(int(s) for s in x.shape[-3:])
     tile = tuple(int(p) for p in patch_size)
-    if all(s <= t for s, t in zip(size, tile)):
+    if all(s <= t for s, t in zip(size, tile)) and not pad_to_patch:
         return activate(predict_volume(net, x, divisor, precision))
     # pad short axes up to the tile so every tile has the training extent
     pad = [max(0, t - s) for s, t in zip(size, tile)]

@@ -59,8 +59,10 @@ class StandIn(torch.nn.Module):
 
 def _config(**kw):
     # stand-in nets ignore their input, so mirroring it (test-time flip) would not mirror their maps, nor
-    # would a de-tilted grid rotate them (de-tilting is tested with a stand-in for the maps below)
+    # would a de-tilted grid rotate them (de-tilting is tested with a stand-in for the maps below), and
+    # their maps have the prepared grid's shape, not the padded patch's (padding is tested in test_model)
     kw.setdefault("detilt_min_deg", 0.0)
+    kw.setdefault("pad_to_patch", False)
     return Stage1Config(target_spacing=(3.0, 3.0, 3.0), border_mm=12.0, tta_flip_lr=False, **kw)
 
 

@@ -88,6 +88,38 @@ def test_sliding_window_matches_pointwise_truth(size):
     torch.testing.assert_close(out["levels"].sum(1), torch.ones(1, *size), atol=1e-5, rtol=1e-5)
 
 
+class _ShapeRecorder(torch.nn.Module):
+    """Stand-in network that records each input it sees and returns the pointwise maps."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x):
+        self.seen.append(x.clone())
+        return _PointwiseNet()(x)
+
+
+@pytest.mark.parametrize("pad_to_patch, expected", [(True, (4, 8, 12)), (False, (4, 6, 8))])
+def test_small_volume_is_padded_to_the_patch_only_when_asked(pad_to_patch, expected):
+    """A volume smaller than the patch on every axis: with ``pad_to_patch`` the network sees one patch-sized
+    input (the volume at the low corner, the rest at the volume's minimum, like a training patch's blank
+    beyond the field of view); without, only the divisor padding. Either way the maps come back cropped."""
+    from stage1_localize.model import predict_sliding_window
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 3, 5, 7)
+    net = _ShapeRecorder()
+    out = predict_sliding_window(net, x, patch_size=(4, 8, 12), divisor=(2, 2, 2), pad_to_patch=pad_to_patch)
+    assert len(net.seen) == 1 and tuple(net.seen[0].shape[-3:]) == expected
+    seen = net.seen[0][0, 0]
+    torch.testing.assert_close(seen[:3, :5, :7], x[0, 0])
+    outside = torch.ones(expected, dtype=torch.bool)
+    outside[:3, :5, :7] = False
+    assert bool((seen[outside] == x.min()).all())
+    torch.testing.assert_close(out["heatmap"], torch.sigmoid(x), atol=1e-5, rtol=1e-5)
+
+
 def test_sliding_window_rejects_batches():
     from stage1_localize.model import predict_sliding_window
 
