@@ -289,8 +289,9 @@ class Stage1Config:
     #: Session 37: a myosegmentum scan (26 x 75 x 75 on the 3-mm grid) fits the 28 x 80 x 80 patch either way,
     #: but its top / bottom 60 % copies (26 x 75 x 45) were seen as 28 x 80 x 48 inputs. Three fold-4
     #: models, top / bottom 60 % identification without -> with: 0.878 / 0.846 -> 1.000 / 0.923, 0.735 /
-    #: 0.846 -> 0.837 / 0.846, 0.816 / 0.256 -> 0.939 / 0.692 (bench/results/stage1_pad_f4_*.md). False: the
-    #: former behaviour (models saved before it default to True as well: the change is decoding only)
+    #: 0.846 -> 0.837 / 0.846, 0.816 / 0.256 -> 0.939 / 0.692 (bench/results/stage1_pad_f4_*.md); five
+    #: default models (one per fold) 0.680 / 0.825 -> 0.808 / 0.874 (stage1_default_s37{_nopad,}.md), whole
+    #: scans identical. False: the former behaviour. Models saved before it get True as well (decoding only).
     pad_to_patch: bool = True
     #: test-time augmentation: also predict the left-right mirrored volume and average (a lateral flip
     #: keeps every level name; offsets' i component is negated back). Doubles inference time.
