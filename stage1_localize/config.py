@@ -124,6 +124,10 @@ class LabellingConfig:
     tilt_weight: float = 1.0
     max_tilt_deg: float = 35.0
     tilt_sd_deg: float = 10.0
+    #: caudal continuation check (``labelling._CaudalCheck``; needs the level map, ``infer`` passes it):
+    #: the run's last step repeated below its caudal end should land where the level map names the next
+    #: level (below L5: S1). Cost ``caudal_check_weight * log(p_best / p_next)`` there; 0: off
+    caudal_check_weight: float = 0.0
     skip_cost: float = 1.5             # one missing (undetected) level between two kept candidates
     max_skip: int = 1                  # at most this many missing levels between kept candidates
     drop_bias: float = 1.0             # cost of discarding a candidate at the score floor

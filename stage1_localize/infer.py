@@ -44,7 +44,7 @@ from data_prep.errors import SpinepipeInputError
 from data_prep.io import as_paths, write_csv
 from data_prep.scan import Scan, Vertebra, sort_head_to_foot
 from stage1_localize.config import Stage1Config
-from stage1_localize.labelling import AMBIGUOUS_FLAG, Probe, assign_levels, complete_run
+from stage1_localize.labelling import AMBIGUOUS_FLAG, LevelProbe, Probe, assign_levels, complete_run
 from stage1_localize.model import LocalizerNet, activate, memory_format, predict_sliding_window, predict_volume
 from stage1_localize.preprocess import prepare, zscore
 
@@ -337,7 +337,7 @@ class Localizer:
         """Every vertebra in view, head to foot (see module docstring)."""
         world, scores, logprobs, grid, maps = self._candidates_and_maps(scan)
         lab_cfg = dataclasses.replace(self.config.labelling, score_floor=self.config.peak_threshold)
-        res = assign_levels(world, scores, logprobs, self.config.levels, lab_cfg)
+        res = assign_levels(world, scores, logprobs, self.config.levels, lab_cfg, level_probe=level_probe(maps["levels"], grid))
         ref = self.config.detilt_reference_deg
         if (self.config.detilt_min_deg > 0 and ref is not None
                 and len(res.assignments) >= max(3, self.config.detilt_min_named)):
@@ -349,7 +349,8 @@ class Localizer:
                          "grid rotated to it", scan.name or "scan", tilt, ref)
                 maps = self.predict_maps(grid)
                 world, scores, logprobs = self._peaks(maps, grid)
-                res = assign_levels(world, scores, logprobs, self.config.levels, lab_cfg)
+                res = assign_levels(world, scores, logprobs, self.config.levels, lab_cfg,
+                                    level_probe=level_probe(maps["levels"], grid))
         named = [(a.label, world[a.index], a.confidence, list(a.flags)) for a in res.assignments]
         if named and (lab_cfg.fill_gaps or lab_cfg.extend_ends):
             offsets = maps.get("offset") if self.config.use_offsets else None
@@ -405,6 +406,22 @@ def detilt_direction(grid: Scan, world_mm: np.ndarray, reference_deg: float) -> 
         if best is None or err < best[0]:
             best = (err, direction)
     return best[1]
+
+
+def level_probe(levels_map: np.ndarray, grid: Scan) -> LevelProbe:
+    """The labeller's view of the level map ``levels_map`` ``(L, I, J, K)`` on ``grid``: world mm (3,) ->
+    log-probabilities ``(L,)`` averaged over the 3x3x3 neighbourhood of the nearest voxel (as for a
+    candidate, :meth:`Localizer._peaks`), None outside the grid."""
+    shape = levels_map.shape[1:]
+
+    def probe(world_mm: np.ndarray) -> np.ndarray | None:
+        ijk = np.round(grid.world_to_voxel(np.asarray(world_mm, dtype=np.float64).reshape(1, 3)).coords[0])
+        if np.any(ijk < 0) or np.any(ijk > np.array(shape) - 1):
+            return None
+        p = levels_map[(slice(None),) + _neighbourhood(shape, ijk)].reshape(len(levels_map), -1).mean(1)
+        return np.log(np.clip(p, 1e-6, 1.0))
+
+    return probe
 
 
 def heat_probe(heat: np.ndarray, grid: Scan, offset_mm: np.ndarray | None = None) -> Probe:

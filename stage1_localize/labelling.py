@@ -25,6 +25,12 @@ bodies, or a transitional spine (L6 / T13). Here the naming is a **minimum-cost 
 * the first and last kept candidates may be any level, so any contiguous run of levels (partial field
   of view; no sacrum, no thoracic spine) is equally acceptable a priori — the level probabilities anchor
   the run.
+* optionally (``caudal_check_weight``, with a ``level_probe`` onto the level map) the caudal end of the
+  run is checked against the level map one repeated step further down: below the run's last level the
+  map should name the next one (below L5: S1, which the level head learns from pseudo-points placed one
+  step below L5). This brings in evidence no candidate carries: the sacrum has no heatmap peak, and a run
+  that stops one body short (a weak true L5 dropped, every name one level low) ends where the map still
+  says "L5". A probe outside the image costs nothing, so a run cut by the field of view is not charged.
 
 The dynamic programme keeps one extra bit per state ("a transitional level was used"), so one pass gives
 the best standard path *and* the best path with T13/L6. When they are within ``ambiguity_margin`` the
@@ -125,6 +131,10 @@ COMPLETION_FLAGS = frozenset({INTERPOLATED_FLAG, EXTRAPOLATED_FLAG, EXTRAPOLATED
 #: ``radius_mm`` of a world point and the heat there (heat 0 where the point is outside the image).
 Probe = Callable[[np.ndarray, float], tuple[np.ndarray, float]]
 
+#: ``level_probe(world_mm (3,)) -> (L,) log-probabilities`` over the labeller's ``levels`` at a world point
+#: (the level map there), or None where the point is outside the image.
+LevelProbe = Callable[[np.ndarray], "np.ndarray | None"]
+
 #: ``fov_depth(world_mm (3,)) -> mm``: how far a world point lies inside the scan's field of view (distance
 #: to the nearest face of the image volume; negative outside).
 FovDepth = Callable[[np.ndarray], float]
@@ -224,6 +234,7 @@ def assign_levels(
     config: LabellingConfig | None = None,
     *,
     superior: Sequence[float] = (0.0, 0.0, 1.0),
+    level_probe: LevelProbe | None = None,
 ) -> LabellingResult:
     """Name candidates with an anatomically consistent, ordered set of levels.
 
@@ -235,6 +246,8 @@ def assign_levels(
     levels: ``L`` VerSe ids (any order; these are the only names that can be assigned).
     config: costs (:class:`LabellingConfig`).
     superior: world direction pointing to the head (LPS +z by default).
+    level_probe: the level map at any world point (:data:`LevelProbe`), for the caudal continuation check
+        (``config.caudal_check_weight``; see :func:`_caudal_end_costs`). None: no check.
 
     Returns a :class:`LabellingResult`; ``assignments`` are sorted head to foot and reference the input
     rows through ``Assignment.index``. Dropped candidates do not appear.
@@ -249,11 +262,12 @@ def assign_levels(
         raise ValueError(f"got {n} positions, {sc.shape[0]} scores, logprobs {lp.shape} for {len(levels)} levels")
     if n == 0:
         return LabellingResult([], 0.0)
-    first = _assign_once(pos, sc, lp, levels, cfg, superior)
+    probe = level_probe if cfg.caudal_check_weight > 0 else None
+    first = _assign_once(pos, sc, lp, levels, cfg, superior, probe)
     scan_cfg = _scan_config(first, pos, levels, cfg)
     if scan_cfg is None:
         return first
-    res = _assign_once(pos, sc, lp, levels, scan_cfg, superior)
+    res = _assign_once(pos, sc, lp, levels, scan_cfg, superior, probe)
     res.spacing_scale = scan_cfg.spacing_lumbar_mm / cfg.spacing_lumbar_mm
     return res
 
@@ -276,8 +290,48 @@ def _scan_config(first: LabellingResult, pos: np.ndarray, levels: Sequence[int],
                    spacing_rel_sd=cfg.spacing_scan_rel_sd, spacing_scan_rel_sd=None)
 
 
+class _CaudalCheck:
+    """Cost of ending the named run at candidate ``c`` in state ``s`` (its caudal end), after ``a``.
+
+    The run's last step (``pos[c] - pos[a]``; straight down the superior axis by the lumbar spacing prior
+    when ``c`` is alone, ``a < 0``) is repeated below ``c``, and the level map there (``level_probe``)
+    should name the next standard level (L5 -> S1: the level head learns the sacrum from pseudo-points
+    placed exactly so, ``Stage1Config.extrapolate_caudal``). Cost: ``caudal_check_weight * log(p_best /
+    p_next)`` at that point (floored at ``min_prob``); 0 where the point lies outside the image or the
+    next level is outside the vocabulary.
+
+    Why: a level head that reads several mid-lumbar bodies one level off outvotes a correct L5; the
+    cheapest naming then drops the real L5 (a weak peak above the sacrum) and calls L4 "L5". One step
+    below that false L5 the level map still says L5, not S1 -- evidence the candidates alone never give.
+    ``pos`` ``(N, 3)`` and the states are the dynamic programme's (head to foot, anatomical order).
+    """
+
+    def __init__(self, pos: np.ndarray, states: list[int], levels: Sequence[int], level_probe: LevelProbe,
+                 cfg: LabellingConfig, superior: np.ndarray):
+        self.pos, self.probe, self.cfg = pos, level_probe, cfg
+        vocab = [int(v) for v in levels]
+        nxt = [standard_neighbour(v, +1) for v in states]
+        #: index into ``levels`` of each state's next standard level (-1: none in the vocabulary)
+        self.next_index = [vocab.index(v) if v is not None and v in vocab else -1 for v in nxt]
+        self.down = -superior / float(np.linalg.norm(superior)) * cfg.spacing_lumbar_mm
+        self._seen: dict[tuple[int, int], np.ndarray | None] = {}
+
+    def __call__(self, c: int, a: int, s: int) -> float:
+        j = self.next_index[s]
+        if j < 0:
+            return 0.0
+        key = (c, a if a >= 0 else -1)
+        if key not in self._seen:
+            step = self.pos[c] - self.pos[a] if a >= 0 else self.down
+            lpq = self.probe(self.pos[c] + step)
+            self._seen[key] = None if lpq is None else np.maximum(np.asarray(lpq, dtype=np.float64),
+                                                                  np.log(self.cfg.min_prob))
+        lpq = self._seen[key]
+        return 0.0 if lpq is None else self.cfg.caudal_check_weight * float(lpq.max() - lpq[j])
+
+
 def _assign_once(pos: np.ndarray, scores: np.ndarray, lp: np.ndarray, levels: Sequence[int], cfg: LabellingConfig,
-                 superior) -> LabellingResult:
+                 superior, level_probe: LevelProbe | None = None) -> LabellingResult:
     """One dynamic programme under the spacing prior of ``cfg`` (see :func:`assign_levels`)."""
     n = len(pos)
     sc = np.clip(scores, 0.01, 0.99)
@@ -327,6 +381,11 @@ def _assign_once(pos: np.ndarray, scores: np.ndarray, lp: np.ndarray, levels: Se
                         back[c, s, nb] = (a, arg[s], bit)
     tail = drop_prefix[n] - drop_prefix[1:]  # cost of dropping everything after c
     totals = best + tail[:, None, None]  # (N, S, 2)
+    check = None if level_probe is None else _CaudalCheck(pos, states, levels, level_probe, cfg, sup)
+    if check is not None:
+        # the caudal-end term is added after the recursion: each end keeps the predecessor chosen without it
+        for c, s, bit in zip(*np.nonzero(np.isfinite(totals))):
+            totals[c, s, bit] += check(int(c), int(back[c, s, bit, 0]), int(s))
 
     def _trace(bit: int) -> tuple[float, list[tuple[int, int]]]:
         t = totals[:, :, bit]
@@ -354,7 +413,7 @@ def _assign_once(pos: np.ndarray, scores: np.ndarray, lp: np.ndarray, levels: Se
     for shift in (-1, 1):
         shifted = _shift_states(path, states, shift)
         if shifted is not None:
-            c_alt = _path_cost(shifted, node, drop, pos, allowed, step_fixed, expected, cfg, sup)
+            c_alt = _path_cost(shifted, node, drop, pos, allowed, step_fixed, expected, cfg, sup, check)
             alternatives[f"shift{shift:+d}"] = c_alt
             alt_costs.append(c_alt)
     other = cost_tr if kind == "standard" else cost_std
@@ -437,8 +496,9 @@ def _shift_states(path: list[tuple[int, int]], states: list[int], shift: int) ->
     return out
 
 
-def _path_cost(path, node, drop, pos, allowed, step_fixed, expected, cfg, superior) -> float:
-    """Cost of a fixed path (kept candidates with states); ``inf`` if it breaks the order rules."""
+def _path_cost(path, node, drop, pos, allowed, step_fixed, expected, cfg, superior, check=None) -> float:
+    """Cost of a fixed path (kept candidates with states); ``inf`` if it breaks the order rules. ``check``:
+    the caudal continuation term (:class:`_CaudalCheck`) of the path's last candidate, or None."""
     kept = {c for c, _ in path}
     total = float(sum(drop[c] for c in range(len(drop)) if c not in kept))
     for i, (c, s) in enumerate(path):
@@ -448,6 +508,8 @@ def _path_cost(path, node, drop, pos, allowed, step_fixed, expected, cfg, superi
             if not allowed[sa, s]:
                 return float("inf")
             total += float(_transition_cost(step_fixed[sa, s], pos[c] - pos[a], expected[sa, s], superior, cfg))
+    if check is not None and path:
+        total += check(path[-1][0], path[-2][0] if len(path) > 1 else -1, path[-1][1])
     return total
 
 
@@ -460,19 +522,23 @@ def path_cost(
     config: LabellingConfig | None = None,
     *,
     superior: Sequence[float] = (0.0, 0.0, 1.0),
+    level_probe: LevelProbe | None = None,
 ) -> float:
     """Cost :func:`assign_levels` gives to a fixed naming ``labels`` ({input row: VerSe id}; others dropped),
     under the same spacing prior (with ``spacing_scan_rel_sd``: the scan's, from the same first pass).
 
-    For tests and diagnostics: the optimum returned by :func:`assign_levels` is never above this.
+    For tests and diagnostics: the optimum returned by :func:`assign_levels` is never above this (with
+    ``level_probe``, up to the caudal check's approximation: each end keeps the predecessor the recursion
+    chose without it).
     """
     cfg = config or LabellingConfig()
     _check_config(cfg)
     pos = np.asarray(positions_mm, dtype=np.float64).reshape(-1, 3)
     raw_scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     raw_lp = np.asarray(level_logprobs, dtype=np.float64).reshape(len(pos), len(levels))
+    probe = level_probe if cfg.caudal_check_weight > 0 else None
     if len(pos):
-        cfg = _scan_config(_assign_once(pos, raw_scores, raw_lp, levels, cfg, superior), pos, levels, cfg) or cfg
+        cfg = _scan_config(_assign_once(pos, raw_scores, raw_lp, levels, cfg, superior, probe), pos, levels, cfg) or cfg
     sc = np.clip(raw_scores, 0.01, 0.99)
     lp = _relative_logprobs(raw_lp, cfg)
     perm = np.argsort([anatomical_rank(v) for v in levels], kind="stable")
@@ -488,7 +554,9 @@ def path_cost(
     allowed, skip, expected = _state_tables(states, cfg)
     step_fixed = np.where(allowed, cfg.skip_cost * skip, np.inf)
     path = sorted((int(inv[r]), states.index(int(v))) for r, v in labels.items())
-    return _path_cost(path, node, drop, pos, allowed, step_fixed, expected, cfg, np.asarray(superior, dtype=np.float64))
+    sup = np.asarray(superior, dtype=np.float64)
+    check = None if probe is None else _CaudalCheck(pos, states, levels, probe, cfg, sup)
+    return _path_cost(path, node, drop, pos, allowed, step_fixed, expected, cfg, sup, check)
 
 
 def complete_run(

@@ -12,7 +12,7 @@ from data_prep import checkpoint
 from data_prep.errors import SpinepipeInputError
 from data_prep.scan import Scan, Vertebra, level_id
 from stage1_localize.config import NetworkPlan, Stage1Config
-from stage1_localize.infer import CENTROID_COLUMNS, CUT_FLAG, Localizer, find_peaks, write_centroids_csv
+from stage1_localize.infer import CENTROID_COLUMNS, CUT_FLAG, Localizer, find_peaks, level_probe, write_centroids_csv
 from stage1_localize.model import LocalizerNet
 from stage1_localize.preprocess import prepare
 from stage1_localize.targets import centre_heatmap, level_indices, level_map
@@ -510,3 +510,21 @@ def test_a_spine_tilted_in_the_grid_is_named_again_on_a_detilted_grid(monkeypatc
     box[0] = _tilted_points(base, 15.0)
     Localizer(net=net, config=cfg).localize(scan)
     assert len(seen) == 1
+
+
+def test_level_probe_reads_the_level_map_at_a_world_point_in_any_geometry():
+    """The caudal check's probe: log of the 3x3x3 mean around the nearest voxel, None outside the grid."""
+    grid = Scan(np.zeros((6, 5, 4), np.float32), SPACING, ORIGIN, DIRECTION)
+    rng = np.random.default_rng(3)
+    p = rng.random((3, 6, 5, 4)) + 0.01
+    p /= p.sum(0, keepdims=True)
+    probe = level_probe(p.astype(np.float32), grid)
+    ijk = np.array([2, 3, 1])
+    world = grid.voxel_to_world(ijk[None].astype(float)).coords[0] + np.array([0.1, -0.2, 0.3])  # off-centre
+    expected = np.log(p[:, 1:4, 2:5, 0:3].reshape(3, -1).mean(1))
+    assert np.allclose(probe(world), expected, atol=1e-6)
+    corner = grid.voxel_to_world(np.array([[0.0, 0.0, 0.0]])).coords[0]  # neighbourhood clipped at the edge
+    assert np.allclose(probe(corner), np.log(p[:, 0:2, 0:2, 0:2].reshape(3, -1).mean(1)), atol=1e-6)
+    outside = grid.voxel_to_world(np.array([[-1.0, 0.0, 0.0]])).coords[0]
+    assert probe(outside) is None
+    assert probe(grid.voxel_to_world(np.array([[5.0, 4.0, 4.0]])).coords[0]) is None  # k = 4 is past the last voxel

@@ -443,3 +443,78 @@ def test_scan_spacing_prior_follows_the_size_of_the_spine(spacing):
     res = assign_levels(pos[keep], sc[keep], lp[keep], LEVELS)
     assert _labels(res) == ["T12", "L1", "L3", "L4", "L5"]
     assert res.spacing_scale == pytest.approx(spacing / 36.0, rel=0.05)
+
+
+# --- caudal continuation check (``LabellingConfig.caudal_check_weight``) -----------------------------
+def _vector(**probs: float) -> np.ndarray:
+    """Log-probabilities over ``LEVELS`` with the given level probabilities (rest 1e-4 each)."""
+    p = np.full(len(LEVELS), 1e-4)
+    for name, v in probs.items():
+        p[LEVELS.index(level_id(name))] = v
+    return np.log(p / p.sum())
+
+
+# A real failure (myosegmentum-039, session-37 fold-2 model, rounded): the level head reads the upper
+# bodies one level low, the last (true L5, weak peak) as L5 at 1.00; a T12 is in view above L1.
+_BODIES = np.array([[34.0, 129.5, -19.1], [37.0, 118.5, -48.0], [37.0, 107.0, -72.5],
+                    [40.0, 97.3, -104.0], [37.0, 96.2, -133.9], [37.0, 106.3, -164.6]])
+_TRUE = ["T12", "L1", "L2", "L3", "L4", "L5"]
+_SCORES = np.array([0.67, 0.54, 0.66, 0.84, 0.56, 0.47])
+_READINGS = np.stack([_vector(L1=0.95, L2=0.02, T12=0.02), _vector(L2=0.67, L1=0.33), _vector(L3=0.68, L2=0.32),
+                      _vector(L4=0.57, L3=0.43), _vector(L4=0.84, L5=0.15), _vector(L5=1.0)])
+_SACRUM = np.array([37.0, 116.0, -195.0])
+
+
+def _map_probe(radius_mm: float = 12.0):
+    """A level map known at the bodies (their readings) and at the sacrum (S1); None elsewhere."""
+    points = np.vstack([_BODIES, _SACRUM])
+    readings = np.vstack([_READINGS, _vector(S1=1.0)[None]])
+    calls = []
+
+    def probe(world_mm):
+        calls.append(np.asarray(world_mm))
+        d = np.linalg.norm(points - world_mm, axis=1)
+        return readings[int(np.argmin(d))] if d.min() <= radius_mm else None
+
+    return probe, calls
+
+
+def test_caudal_check_keeps_the_l5_that_a_miscounting_level_head_would_drop():
+    off = assign_levels(_BODIES, _SCORES, _READINGS, LEVELS, LabellingConfig())
+    # without the check: the five upper bodies are named L1-L5 and the true L5 is dropped
+    assert [(a.index, a.level) for a in off.assignments] == list(zip(range(5), ["L1", "L2", "L3", "L4", "L5"]))
+    probe, calls = _map_probe()
+    cfg = LabellingConfig(caudal_check_weight=0.5)
+    on = assign_levels(_BODIES, _SCORES, _READINGS, LEVELS, cfg, level_probe=probe)
+    # below the false L5 the map still says L5; below the true L5 it says S1
+    assert [(a.index, a.level) for a in on.assignments][-5:] == list(zip(range(1, 6), _TRUE[1:]))
+    assert calls, "the probe was never asked"
+    truth = {i: level_id(n) for i, n in enumerate(_TRUE)}
+    assert on.cost <= path_cost(_BODIES, _SCORES, _READINGS, LEVELS, truth, cfg, level_probe=probe) + 1e-9
+    # the check's own cost: 0.5 * log(p_L5 / p_S1) one step below the false L5 (index 4 after index 3)
+    wrong = {i: level_id(n) for i, n in enumerate(["L1", "L2", "L3", "L4", "L5"])}
+    lp5 = _READINGS[5]
+    expected = 0.5 * (max(lp5.max(), np.log(1e-4)) - max(lp5[LEVELS.index(level_id("S1"))], np.log(1e-4)))
+    gap = (path_cost(_BODIES, _SCORES, _READINGS, LEVELS, wrong, cfg, level_probe=probe)
+           - path_cost(_BODIES, _SCORES, _READINGS, LEVELS, wrong, dataclasses.replace(cfg, caudal_check_weight=0.0),
+                       level_probe=probe))
+    assert gap == pytest.approx(expected, rel=1e-9) and gap > 4.0
+
+
+def test_caudal_check_is_silent_off_outside_the_image_and_without_a_next_level():
+    base = assign_levels(_BODIES, _SCORES, _READINGS, LEVELS, LabellingConfig())
+    probe, calls = _map_probe()
+    # weight 0: the probe is never asked
+    res = assign_levels(_BODIES, _SCORES, _READINGS, LEVELS, LabellingConfig(), level_probe=probe)
+    assert not calls and [(a.index, a.label) for a in res.assignments] == [(a.index, a.label) for a in base.assignments]
+    assert res.cost == pytest.approx(base.cost)
+    # a map that is outside the image everywhere costs nothing
+    res = assign_levels(_BODIES, _SCORES, _READINGS, LEVELS, LabellingConfig(caudal_check_weight=0.5),
+                        level_probe=lambda w: None)
+    assert res.cost == pytest.approx(base.cost) and [a.label for a in res.assignments] == [a.label for a in base.assignments]
+    # S1 has no next level in the vocabulary: ending there is never charged
+    one = np.array([[0.0, 0.0, 0.0]])
+    res = assign_levels(one, [0.9], _vector(S1=1.0)[None], LEVELS, LabellingConfig(caudal_check_weight=5.0),
+                        level_probe=lambda w: _vector(L1=1.0))
+    assert [a.level for a in res.assignments] == ["S1"]
+    assert res.cost == pytest.approx(assign_levels(one, [0.9], _vector(S1=1.0)[None], LEVELS, LabellingConfig()).cost)
