@@ -25,7 +25,7 @@ bodies, or a transitional spine (L6 / T13). Here the naming is a **minimum-cost 
 * the first and last kept candidates may be any level, so any contiguous run of levels (partial field
   of view; no sacrum, no thoracic spine) is equally acceptable a priori — the level probabilities anchor
   the run.
-* optionally (``caudal_check_weight``, with a ``level_probe`` onto the level map) the caudal end of the
+* with a ``level_probe`` onto the level map (``caudal_check_weight``, on by default) the caudal end of the
   run is checked against the level map one repeated step further down: below the run's last level the
   map should name the next one (below L5: S1, which the level head learns from pseudo-points placed one
   step below L5). This brings in evidence no candidate carries: the sacrum has no heatmap peak, and a run

@@ -480,11 +480,12 @@ def _map_probe(radius_mm: float = 12.0):
 
 
 def test_caudal_check_keeps_the_l5_that_a_miscounting_level_head_would_drop():
-    off = assign_levels(_BODIES, _SCORES, _READINGS, LEVELS, LabellingConfig())
+    off = assign_levels(_BODIES, _SCORES, _READINGS, LEVELS, LabellingConfig())  # no level map: no check
     # without the check: the five upper bodies are named L1-L5 and the true L5 is dropped
     assert [(a.index, a.level) for a in off.assignments] == list(zip(range(5), ["L1", "L2", "L3", "L4", "L5"]))
     probe, calls = _map_probe()
-    cfg = LabellingConfig(caudal_check_weight=0.5)
+    cfg = LabellingConfig()  # the default weight (0.5)
+    assert cfg.caudal_check_weight == 0.5
     on = assign_levels(_BODIES, _SCORES, _READINGS, LEVELS, cfg, level_probe=probe)
     # below the false L5 the map still says L5; below the true L5 it says S1
     assert [(a.index, a.level) for a in on.assignments][-5:] == list(zip(range(1, 6), _TRUE[1:]))
@@ -505,7 +506,7 @@ def test_caudal_check_is_silent_off_outside_the_image_and_without_a_next_level()
     base = assign_levels(_BODIES, _SCORES, _READINGS, LEVELS, LabellingConfig())
     probe, calls = _map_probe()
     # weight 0: the probe is never asked
-    res = assign_levels(_BODIES, _SCORES, _READINGS, LEVELS, LabellingConfig(), level_probe=probe)
+    res = assign_levels(_BODIES, _SCORES, _READINGS, LEVELS, LabellingConfig(caudal_check_weight=0.0), level_probe=probe)
     assert not calls and [(a.index, a.label) for a in res.assignments] == [(a.index, a.label) for a in base.assignments]
     assert res.cost == pytest.approx(base.cost)
     # a map that is outside the image everywhere costs nothing
