@@ -133,7 +133,7 @@ class LabellingConfig:
     #: 0.924 / 0.868 / 0.840 -> 0.946 / 0.943 / 0.868 / 0.840 (stage1_rot30_pad_5fold_rerun.md ->
     #: stage1_caudal_check_rot30.md); a fresh seed-1 run trained after the weight was chosen 0.924 / 0.924 /
     #: 0.908 / 0.859 -> 0.940 / 0.940 / 0.908 / 0.874 (stage1_seed1_base.md -> stage1_caudal_check_seed1.md);
-    #: three fold-4 models unchanged. 11 scan copies gained, one lost (a bottom-60 % copy whose spurious
+    #: three fold-4 models unchanged. 9 scan copies gained, one lost (a bottom-60 % copy whose spurious
     #: peaks then won). 0.5 was chosen after seeing both first sets: 1.0 gained the same on the default models
     #: but lost three bottom-60 % copies of the 30-deg ones. The probe reads the map where the step lands; moving
     #: it to the heat maximum within 10 mm (a step that lands beside a lordotic L5) was mixed (+10 / -10

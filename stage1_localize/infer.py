@@ -15,7 +15,8 @@ Pipeline per scan:
 4. peak voxel -> world LPS mm through the prepared grid's own geometry (``Scan.voxel_to_world``), which
    is exact for any orientation and spacing of the input;
 5. ``labelling.assign_levels`` names the candidates (anatomical order, spacing prior, transitional
-   flags); with ``labelling.fill_gaps`` / ``extend_ends``, ``labelling.complete_run`` adds the levels the
+   flags; the caudal end checked against the level map through :func:`level_probe`); with
+   ``labelling.fill_gaps`` / ``extend_ends``, ``labelling.complete_run`` adds the levels the
    named run skipped or that continue it where the heatmap supports them (:func:`heat_probe`); centroids
    within ``border_mm`` of the input volume's edge get ``"cut_by_fov"``;
 6. de-tilting (``detilt_min_deg``): when the axis of the named run lies far from the training scans'
@@ -337,7 +338,8 @@ class Localizer:
         """Every vertebra in view, head to foot (see module docstring)."""
         world, scores, logprobs, grid, maps = self._candidates_and_maps(scan)
         lab_cfg = dataclasses.replace(self.config.labelling, score_floor=self.config.peak_threshold)
-        res = assign_levels(world, scores, logprobs, self.config.levels, lab_cfg, level_probe=level_probe(maps["levels"], grid))
+        res = assign_levels(world, scores, logprobs, self.config.levels, lab_cfg,
+                            level_probe=level_probe(maps["levels"], grid))
         ref = self.config.detilt_reference_deg
         if (self.config.detilt_min_deg > 0 and ref is not None
                 and len(res.assignments) >= max(3, self.config.detilt_min_named)):

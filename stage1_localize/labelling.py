@@ -247,7 +247,7 @@ def assign_levels(
     config: costs (:class:`LabellingConfig`).
     superior: world direction pointing to the head (LPS +z by default).
     level_probe: the level map at any world point (:data:`LevelProbe`), for the caudal continuation check
-        (``config.caudal_check_weight``; see :func:`_caudal_end_costs`). None: no check.
+        (``config.caudal_check_weight``; see :class:`_CaudalCheck`). None: no check.
 
     Returns a :class:`LabellingResult`; ``assignments`` are sorted head to foot and reference the input
     rows through ``Assignment.index``. Dropped candidates do not appear.

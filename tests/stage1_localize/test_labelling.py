@@ -506,13 +506,15 @@ def test_caudal_check_is_silent_off_outside_the_image_and_without_a_next_level()
     base = assign_levels(_BODIES, _SCORES, _READINGS, LEVELS, LabellingConfig())
     probe, calls = _map_probe()
     # weight 0: the probe is never asked
-    res = assign_levels(_BODIES, _SCORES, _READINGS, LEVELS, LabellingConfig(caudal_check_weight=0.0), level_probe=probe)
+    res = assign_levels(_BODIES, _SCORES, _READINGS, LEVELS, LabellingConfig(caudal_check_weight=0.0),
+                        level_probe=probe)
     assert not calls and [(a.index, a.label) for a in res.assignments] == [(a.index, a.label) for a in base.assignments]
     assert res.cost == pytest.approx(base.cost)
     # a map that is outside the image everywhere costs nothing
     res = assign_levels(_BODIES, _SCORES, _READINGS, LEVELS, LabellingConfig(caudal_check_weight=0.5),
                         level_probe=lambda w: None)
-    assert res.cost == pytest.approx(base.cost) and [a.label for a in res.assignments] == [a.label for a in base.assignments]
+    assert res.cost == pytest.approx(base.cost)
+    assert [a.label for a in res.assignments] == [a.label for a in base.assignments]
     # S1 has no next level in the vocabulary: ending there is never charged
     one = np.array([[0.0, 0.0, 0.0]])
     res = assign_levels(one, [0.9], _vector(S1=1.0)[None], LEVELS, LabellingConfig(caudal_check_weight=5.0),
