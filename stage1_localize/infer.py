@@ -139,6 +139,13 @@ def _neighbourhood(shape, p):
     return tuple(slice(max(0, int(c) - 1), min(int(s), int(c) + 2)) for c, s in zip(p, shape))
 
 
+def _level_logprobs(levels_map: np.ndarray, ijk: np.ndarray) -> np.ndarray:
+    """``(L,)`` log of the level map ``(L, I, J, K)`` averaged over the 3x3x3 neighbourhood of voxel ``ijk``
+    (integer-valued; clipped at the grid's edge): a candidate's level vector, and the caudal check's."""
+    p = levels_map[(slice(None),) + _neighbourhood(levels_map.shape[1:], ijk)].reshape(len(levels_map), -1).mean(1)
+    return np.log(np.clip(p, 1e-6, 1.0))
+
+
 def _refine(heatmap: np.ndarray, p: np.ndarray) -> np.ndarray:
     box = _neighbourhood(heatmap.shape, p)
     w = np.clip(heatmap[box], 0, None).astype(np.float64)
@@ -327,12 +334,11 @@ class Localizer:
                                      self.config.max_candidates, refine=not use_offset)
         if len(ijk) == 0:
             return np.zeros((0, 3)), np.zeros(0), np.zeros((0, len(self.config.levels)))
-        probs = np.stack([levels[(slice(None),) + _neighbourhood(heat.shape, np.round(p))].reshape(len(levels), -1).mean(1)
-                          for p in ijk])
+        logprobs = np.stack([_level_logprobs(levels, np.round(p)) for p in ijk])
         if use_offset:
             ijk = refine_with_offsets(heat, maps["offset"], grid.spacing, ijk)
         world = grid.voxel_to_world(ijk).coords
-        return world, scores, np.log(np.clip(probs, 1e-6, 1.0))
+        return world, scores, logprobs
 
     def localize(self, scan: Scan) -> list[Vertebra]:
         """Every vertebra in view, head to foot (see module docstring)."""
@@ -412,16 +418,15 @@ def detilt_direction(grid: Scan, world_mm: np.ndarray, reference_deg: float) -> 
 
 def level_probe(levels_map: np.ndarray, grid: Scan) -> LevelProbe:
     """The labeller's view of the level map ``levels_map`` ``(L, I, J, K)`` on ``grid``: world mm (3,) ->
-    log-probabilities ``(L,)`` averaged over the 3x3x3 neighbourhood of the nearest voxel (as for a
-    candidate, :meth:`Localizer._peaks`), None outside the grid."""
+    log-probabilities ``(L,)`` averaged over the 3x3x3 neighbourhood of the nearest voxel (read as a
+    candidate's, :func:`_level_logprobs`), None outside the grid."""
     shape = levels_map.shape[1:]
 
     def probe(world_mm: np.ndarray) -> np.ndarray | None:
         ijk = np.round(grid.world_to_voxel(np.asarray(world_mm, dtype=np.float64).reshape(1, 3)).coords[0])
         if np.any(ijk < 0) or np.any(ijk > np.array(shape) - 1):
             return None
-        p = levels_map[(slice(None),) + _neighbourhood(shape, ijk)].reshape(len(levels_map), -1).mean(1)
-        return np.log(np.clip(p, 1e-6, 1.0))
+        return _level_logprobs(levels_map, ijk)
 
     return probe
 

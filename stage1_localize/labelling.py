@@ -324,10 +324,11 @@ class _CaudalCheck:
         if key not in self._seen:
             step = self.pos[c] - self.pos[a] if a >= 0 else self.down
             lpq = self.probe(self.pos[c] + step)
-            self._seen[key] = None if lpq is None else np.maximum(np.asarray(lpq, dtype=np.float64),
-                                                                  np.log(self.cfg.min_prob))
-        lpq = self._seen[key]
-        return 0.0 if lpq is None else self.cfg.caudal_check_weight * float(lpq.max() - lpq[j])
+            # floored and relative to the best level, as a candidate's node cost
+            self._seen[key] = None if lpq is None else _relative_logprobs(
+                np.asarray(lpq, dtype=np.float64).reshape(1, -1), self.cfg)[0]
+        rel = self._seen[key]
+        return 0.0 if rel is None else -self.cfg.caudal_check_weight * float(rel[j])
 
 
 def _assign_once(pos: np.ndarray, scores: np.ndarray, lp: np.ndarray, levels: Sequence[int], cfg: LabellingConfig,
