@@ -9,6 +9,9 @@ and scores every copy with the VerSe rule (``pipeline.metrics.identification``, 
     python bench/stage1_robustness.py --model WORK/fold4/model --fold 4 [--k 5 --seed 0]
         [--variants original,reorient:RAS,...] [--name stage1_robustness]
         -> bench/results/<name>.json + .md
+    python bench/stage1_robustness.py --merge LABEL=F0.json,F1.json,... [--merge LABEL2=...] --name N
+        -> one table per label over the pooled per-scan records of its files (e.g. the five fold models of
+           one 5-fold run), and identification side by side; runs no model
 
 ``--fold F`` scores the subjects that ``bench_stage1.py`` (same ``--k`` / ``--seed``) held out of fold F, so a
 fold model from that benchmark sees only scans it was not trained on; ``--fold -1`` scores every subject
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -145,12 +149,59 @@ def axis_spread(tilts_by_run: dict[int, list[float]], whole: list[float]) -> lis
     return rows
 
 
+def merge(specs: list[str], out: Path, name: str) -> int:
+    """Pool the per-scan records of result files per label (``LABEL=A.json,B.json``) and write ``<name>``."""
+    from data_prep.io import write_text
+
+    pooled: dict[str, dict[str, list[dict]]] = {}
+    sources: dict[str, list[dict]] = {}
+    for spec in specs:
+        label, _, files = spec.partition("=")
+        paths = [Path(f) for f in files.split(",") if f]
+        if not label or not paths:
+            print(f"error: --merge {spec}: expected LABEL=FILE.json[,FILE.json ...]", file=sys.stderr)
+            return 2
+        pooled[label], sources[label] = {}, []
+        for path in paths:
+            try:
+                d = json.loads(path.read_text())
+                per_scan, meta = d["per_scan"], d["meta"]
+            except (OSError, ValueError, KeyError) as e:
+                print(f"error: {path}: not a stage1_robustness.py result file ({e})", file=sys.stderr)
+                return 2
+            sources[label].append({"file": path.name, "model": meta["model"], "decode": meta["decode"],
+                                   "fold": meta["fold"], "date": meta["date"]})
+            for v, recs in per_scan.items():
+                pooled[label].setdefault(v, []).extend(recs)
+    rows = {label: summarise(pv) for label, pv in pooled.items()}
+    variants = list(dict.fromkeys(v for pv in pooled.values() for v in pv))
+    side = [{"variant": v, **{label: next((r["id_rate"] for r in rows[label] if r["variant"] == v), None)
+                              for label in rows}} for v in variants]
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(json.dumps({"meta": {"merged": sources, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+                           "side_by_side": side, "rows": rows, "per_scan": pooled}, indent=1), out / f"{name}.json")
+    md = ["# Stage 1 on scanner-like perturbations: merged runs", "",
+          f"`python bench/stage1_robustness.py {' '.join('--merge ' + shlex.quote(s.partition('=')[0] + '=...') for s in specs)}` "
+          "pools the per-scan records of each label's files (one file per fold model; real scans each model never "
+          "saw; real data, no lesions; VerSe rule, annotated-run scoring).", "",
+          "Identification rate, side by side:", ""]
+    md += md_table(side)
+    for label in rows:
+        md += ["", f"## {label}", "", "From: " + ", ".join(
+            f"`{s['file']}` ({', '.join(s['model'])}{' ' + ' '.join(s['decode']) if s['decode'] else ''})"
+            for s in sources[label]), ""]
+        md += md_table(rows[label])
+    write_text("\n".join(md) + "\n", out / f"{name}.md")
+    print("\n".join(md_table(side)))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, action="append",
+    ap.add_argument("--model", action="append",
                     help="stage-1 model folder (repeat: an ensemble, as `localize --models`)")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
-    ap.add_argument("--fold", type=int, required=True, help="score bench_stage1.py's held-out subjects of this "
+    ap.add_argument("--fold", type=int, help="score bench_stage1.py's held-out subjects of this "
                     "fold (-1: every subject)")
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
@@ -159,7 +210,14 @@ def main(argv=None) -> int:
                     help="decoding-only override of the saved config (e.g. detilt_min_deg=0)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--name", default="stage1_robustness")
+    ap.add_argument("--merge", action="append", default=[], metavar="LABEL=A.json,B.json",
+                    help="pool the per-scan records of these result files under LABEL (repeat for several "
+                         "labels); runs no model")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out), args.name)
+    if not args.model or args.fold is None:
+        ap.error("--model and --fold are required (or --merge)")
     data = Path(args.data)
     if real_data_missing(data):
         return 2

@@ -3,8 +3,9 @@
 Spatial transforms move the *points* with the image and targets are rebuilt on the patch grid
 (``targets.make_targets``), so no label map is ever interpolated.
 
-* spatial: small rotations about all axes (mostly sagittal tilt), isotropic scaling, **left-right flips
-  only** (axis i after canonical LPS reorientation; levels unchanged). Head-to-foot is never flipped.
+* spatial: rotations about all axes (sagittal tilt up to ``max_rotation_deg``, the others 0.4 of it),
+  isotropic scaling, **left-right flips only** (axis i after canonical LPS reorientation; levels
+  unchanged). Head-to-foot is never flipped.
 * thick-slice simulation: average ``f`` consecutive slices along one axis and stretch back (what a
   0.8 x 0.8 x 4 mm sagittal acquisition looks like on the 3 mm grid).
 * partial field of view: blank a head or foot slab of the patch (points inside are dropped; a vertebra

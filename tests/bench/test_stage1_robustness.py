@@ -118,3 +118,34 @@ def test_main_rejects_unknown_variants_and_bad_models_in_one_line(tmp_path, caps
     assert main(["--model", str(tmp_path / "none"), "--fold", "0", "--data", str(data)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1
+
+
+def _result_file(path, fold, records):
+    import json
+
+    path.write_text(json.dumps({"meta": {"model": [f"m/fold{fold}"], "decode": [], "fold": fold, "date": "d"},
+                                "per_scan": records}))
+    return str(path)
+
+
+def test_merge_pools_the_per_scan_records_of_each_label(tmp_path, capsys):
+    import json
+
+    rec = lambda sid, n, ok: {"id": sid, "cohort": "c", "n_gt": n, "identified": ok, "errors": [1.0] * ok,
+                              "seconds": 1.0, "all_correct": ok == n}
+    a0 = _result_file(tmp_path / "a0.json", 0, {"original": [rec("s1", 5, 5)], "tilt:30": [rec("s1", 5, 0)]})
+    a1 = _result_file(tmp_path / "a1.json", 1, {"original": [rec("s2", 4, 4)], "tilt:30": [rec("s2", 4, 4)]})
+    b0 = _result_file(tmp_path / "b0.json", 0, {"original": [rec("s1", 5, 3)], "tilt:30": [rec("s1", 5, 5)]})
+    assert main(["--merge", f"A={a0},{a1}", "--merge", f"B={b0}", "--out", str(tmp_path), "--name", "m"]) == 0
+    d = json.loads((tmp_path / "m.json").read_text())
+    side = {r["variant"]: r for r in d["side_by_side"]}
+    assert side["original"] == {"variant": "original", "A": 1.0, "B": 0.6}
+    assert side["tilt:30"] == {"variant": "tilt:30", "A": round(4 / 9, 3), "B": 1.0}
+    rows_a = {r["variant"]: r for r in d["rows"]["A"]}
+    assert rows_a["tilt:30"]["scans"] == 2 and rows_a["tilt:30"]["not_all_correct"] == "s1"
+    assert "## B" in (tmp_path / "m.md").read_text()
+    capsys.readouterr()
+    assert main(["--merge", f"A={tmp_path / 'missing.json'}", "--out", str(tmp_path), "--name", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing.json" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.json").exists()
