@@ -158,8 +158,9 @@ def merge(specs: list[str], out: Path, name: str) -> int:
     for spec in specs:
         label, _, files = spec.partition("=")
         paths = [Path(f) for f in files.split(",") if f]
-        if not label or not paths:
-            print(f"error: --merge {spec}: expected LABEL=FILE.json[,FILE.json ...]", file=sys.stderr)
+        if not label or not paths or label in pooled:
+            print(f"error: --merge {spec}: expected LABEL=FILE.json[,FILE.json ...] with a label not used before",
+                  file=sys.stderr)
             return 2
         pooled[label], sources[label] = {}, []
         for path in paths:

@@ -131,8 +131,10 @@ def _result_file(path, fold, records):
 def test_merge_pools_the_per_scan_records_of_each_label(tmp_path, capsys):
     import json
 
-    rec = lambda sid, n, ok: {"id": sid, "cohort": "c", "n_gt": n, "identified": ok, "errors": [1.0] * ok,
-                              "seconds": 1.0, "all_correct": ok == n}
+    def rec(sid, n, ok):
+        return {"id": sid, "cohort": "c", "n_gt": n, "identified": ok, "errors": [1.0] * ok, "seconds": 1.0,
+                "all_correct": ok == n}
+
     a0 = _result_file(tmp_path / "a0.json", 0, {"original": [rec("s1", 5, 5)], "tilt:30": [rec("s1", 5, 0)]})
     a1 = _result_file(tmp_path / "a1.json", 1, {"original": [rec("s2", 4, 4)], "tilt:30": [rec("s2", 4, 4)]})
     b0 = _result_file(tmp_path / "b0.json", 0, {"original": [rec("s1", 5, 3)], "tilt:30": [rec("s1", 5, 5)]})
@@ -149,3 +151,5 @@ def test_merge_pools_the_per_scan_records_of_each_label(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "missing.json" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.json").exists()
+    assert main(["--merge", f"A={a0}", "--merge", f"A={a1}", "--out", str(tmp_path), "--name", "x"]) == 2
+    assert "label not used before" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
