@@ -353,7 +353,9 @@ class Stage1Config:
     #: 0.775 / 0.972 / 0.845 / 1.000 with; the unperturbed scans, their anisotropic and partial-field-of-view
     #: copies unchanged (one bottom-60 % copy resampled; bench/results/stage1_robustness*.md,
     #: stage1_detilt_f4_on/off.md); a second fold-4 model 0.282 / 0.831 / 0.620 / 0.085 without, 0.606 /
-    #: 0.789 / 0.690 / 0.211 with (stage1_robustness_default_f4_tilts*.md): better on average, not at -15. 0: off
+    #: 0.789 / 0.690 / 0.211 with (stage1_robustness_default_f4_tilts*.md): better on average, not at -15.
+    #: Session 39, the 30-deg default (seed-0 models, all 5 folds, stage1_robustness_tilt5fold.md): 0.659 /
+    #: 0.829 / 0.946 / 0.642 without, 0.927 / 0.862 / 0.911 / 0.905 with -- still needed at +-30. 0: off
     detilt_min_deg: float = 12.0
     detilt_min_named: int = 4
     detilt_reference_deg: Optional[float] = None
