@@ -79,6 +79,26 @@ def config_from_dict(cls: type[C], data: dict, *, source: str | os.PathLike = "c
     return cls(**kwargs)
 
 
+def load_config_json(cls: type[C], path: str | os.PathLike) -> C:
+    """Dataclass ``cls`` from a JSON file holding any subset of its fields (nested as in a saved
+    ``config.json``; the rest keep their defaults), checked by ``cls.validate()`` where it has one.
+
+    Raises :class:`SpinepipeInputError` naming ``path`` on unreadable JSON, unknown fields or invalid values.
+    """
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise SpinepipeInputError(p, f"cannot read config JSON: {exc}") from None
+    cfg = config_from_dict(cls, data, source=p)
+    if hasattr(cfg, "validate"):
+        try:
+            cfg.validate()
+        except ValueError as exc:
+            raise SpinepipeInputError(p, str(exc)) from None
+    return cfg
+
+
 def _coerce(tp, value, source):
     if dataclasses.is_dataclass(tp) and isinstance(value, dict):
         return config_from_dict(tp, value, source=source)

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from scipy.spatial.transform import Rotation
 
 from data_prep import synth as synth_mod
+from data_prep import checkpoint
 from data_prep.checkpoint import (
-    config_from_dict,
     config_to_dict,
     ema_state,
     load_ema_state,
@@ -722,19 +722,8 @@ def synthesize_training_data(work_dir: str | Path, n: int = 12, seed: int = 0) -
 
 
 def load_config_json(path: str | Path) -> Stage2Config:
-    import json
-
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SpinepipeInputError(p, f"cannot read config JSON: {exc}") from None
-    cfg = config_from_dict(Stage2Config, data, source=p)
-    try:
-        cfg.validate()
-    except ValueError as exc:
-        raise SpinepipeInputError(p, str(exc)) from None
-    return cfg
+    """:class:`Stage2Config` from a JSON file of any subset of its fields (``checkpoint.load_config_json``)."""
+    return checkpoint.load_config_json(Stage2Config, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,7 +57,10 @@ def localize_cmd(scan: Path, out_dir: Path, model_dirs: tuple[Path, ...], device
 @click.option("--epochs", default=None, type=click.IntRange(min=1), help="Training epochs (default: config).")
 @click.option("--steps", "steps_per_epoch", default=None, type=click.IntRange(min=1), help="Steps per epoch.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/train_state.pt (last finished epoch).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=None, type=int, help="Training seed (default: the config's, 0).")
+@click.option("--config", "config_json", type=click.Path(path_type=Path), default=None,
+              help='Stage1Config JSON with any subset of its fields, nested as in a saved config.json, e.g. '
+                   '{"augment": {"max_rotation_deg": 12}}; --seed / --epochs / --steps override it.')
 @click.option("--members", default=1, show_default=True, type=click.IntRange(min=1),
               help="Train an ensemble of this many models (seeds SEED, SEED+1, ...) into OUT/member<m>/ plus "
                    "OUT/ensemble.json; `localize` / `predict` then average their maps. On a CPU the members "
@@ -67,15 +70,20 @@ def localize_cmd(scan: Path, out_dir: Path, model_dirs: tuple[Path, ...], device
 @click.option("--synth-n", default=16, show_default=True, type=click.IntRange(min=2),
               help="Number of synthetic subjects without --data.")
 def train_stage1_cmd(data_dirs: tuple[Path, ...], out_dir: Path, epochs: int | None, steps_per_epoch: int | None,
-                     resume: bool, seed: int, members: int, work_dir: Path, synth_n: int) -> None:
+                     resume: bool, seed: int | None, config_json: Path | None, members: int, work_dir: Path,
+                     synth_n: int) -> None:
     """Train the stage-1 localiser from points (masks optional); writes OUT/model.safetensors,
     config.json, train_state.pt and train_log.csv (with --members N: those of each member under
     OUT/member<m>/, then OUT/ensemble.json). Works under torchrun (DDP)."""
     import dataclasses
 
+    from data_prep.checkpoint import load_config_json
     from stage1_localize.config import Stage1Config
     from stage1_localize.train import train_stage1, train_stage1_ensemble
 
+    cfg = load_config_json(Stage1Config, config_json) if config_json else Stage1Config()
+    if seed is not None:
+        cfg = dataclasses.replace(cfg, seed=seed)
     data_dir: list[Path] | Path | None = list(data_dirs) or None
     if data_dir is None:
         from data_prep.dataset import discover
@@ -84,9 +92,8 @@ def train_stage1_cmd(data_dirs: tuple[Path, ...], out_dir: Path, epochs: int | N
         have = len(discover(work_dir)) if Path(work_dir).is_dir() else 0
         if have < synth_n:
             click.echo(f"synthesizing {synth_n} subjects into {work_dir}", err=True)
-            write_cohort(work_dir, synth_n, seed=seed)
+            write_cohort(work_dir, synth_n, seed=cfg.seed)
         data_dir = Path(work_dir)
-    cfg = Stage1Config(seed=seed)
     if epochs is not None:
         cfg = dataclasses.replace(cfg, epochs=epochs)
     if steps_per_epoch is not None:

@@ -129,3 +129,31 @@ def test_train_stage1_members_trains_an_ensemble_that_localize_reads_from_the_pa
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(main, ["train-stage1", "--data", str(data), "--members", "0"])
     assert res.exit_code == 2 and "--members" in res.output
+
+
+def test_train_stage1_config_json_reaches_training_and_bad_configs_are_one_line_errors(tmp_path, monkeypatch):
+    """``train-stage1 --config`` fills any subset of Stage1Config (nested), the rest keep their defaults, and
+    ``--seed`` overrides it; an unknown field or unreadable JSON is a one-line error naming the file."""
+    from stage1_localize import train
+
+    seen = []
+    monkeypatch.setattr(train, "train_stage1", lambda data_dir, out_dir, cfg, resume: seen.append(cfg) or out_dir)
+    data = tmp_path / "data"
+    data.mkdir()
+    cfg_path = tmp_path / "s1.json"
+    cfg_path.write_text('{"augment": {"max_rotation_deg": 12}, "seed": 5, "epochs": 7}')
+    res = CliRunner().invoke(main, ["train-stage1", "--data", str(data), "--out", str(tmp_path / "m"),
+                                    "--config", str(cfg_path)])
+    assert res.exit_code == 0, res.output
+    assert seen[-1].augment.max_rotation_deg == 12.0 and seen[-1].seed == 5 and seen[-1].epochs == 7
+    assert seen[-1].augment.p_rotate == Stage1Config().augment.p_rotate  # untouched fields keep their defaults
+    res = CliRunner().invoke(main, ["train-stage1", "--data", str(data), "--out", str(tmp_path / "m"),
+                                    "--config", str(cfg_path), "--seed", "2"])
+    assert res.exit_code == 0 and seen[-1].seed == 2 and seen[-1].epochs == 7
+    for text, expected in (('{"augment": {"max_rotaton_deg": 12}}', "unknown AugmentConfig field"),
+                           ("{not json", "cannot read config JSON")):
+        cfg_path.write_text(text)
+        res = CliRunner().invoke(main, ["train-stage1", "--data", str(data), "--config", str(cfg_path)])
+        lines = res.output.strip().splitlines()
+        assert res.exit_code != 0 and len(lines) == 1 and str(cfg_path) in lines[0] and expected in lines[0], res.output
+    assert len(seen) == 2
