@@ -167,11 +167,11 @@ def merge(specs: list[str], out: Path, name: str) -> int:
             try:
                 d = json.loads(path.read_text())
                 per_scan, meta = d["per_scan"], d["meta"]
-            except (OSError, ValueError, KeyError) as e:
-                print(f"error: {path}: not a stage1_robustness.py result file ({e})", file=sys.stderr)
+                source = {"file": path.name, **{k: meta[k] for k in ("model", "decode", "fold", "date")}}
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                print(f"error: {path}: not a stage1_robustness.py result file ({e!r})", file=sys.stderr)
                 return 2
-            sources[label].append({"file": path.name, "model": meta["model"], "decode": meta["decode"],
-                                   "fold": meta["fold"], "date": meta["date"]})
+            sources[label].append(source)
             for v, recs in per_scan.items():
                 pooled[label].setdefault(v, []).extend(recs)
     rows = {label: summarise(pv) for label, pv in pooled.items()}

@@ -151,5 +151,9 @@ def test_merge_pools_the_per_scan_records_of_each_label(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "missing.json" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.json").exists()
+    (tmp_path / "no_meta.json").write_text('{"per_scan": {}, "meta": {"fold": 0}}')
+    assert main(["--merge", f"A={tmp_path / 'no_meta.json'}", "--out", str(tmp_path), "--name", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "no_meta.json" in err and "'model'" in err and len(err.strip().splitlines()) == 1
     assert main(["--merge", f"A={a0}", "--merge", f"A={a1}", "--out", str(tmp_path), "--name", "x"]) == 2
     assert "label not used before" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
